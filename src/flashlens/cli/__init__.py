@@ -1,0 +1,50 @@
+"""The `flashlens` command line: a thin layer over the library.
+
+Each command lives in its own module and registers itself on `app`. `main()` turns user
+mistakes (FlashlensError) into one line on stderr and a non-zero exit, with no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from ..errors import FlashlensError
+
+app = typer.Typer(
+    name="flashlens",
+    help="Explain every MLP neuron of a language model through its own LM-head.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+# Command modules register on `app` when imported.
+from . import map_cmd as _map_cmd  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = app(args=argv, prog_name="flashlens", standalone_mode=False)
+    except FlashlensError as err:
+        click.secho(f"error: {err}", fg="red", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        return 130
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except click.exceptions.Exit as err:
+        return err.exit_code
+    return result if isinstance(result, int) else 0
+
+
+def run() -> None:  # console-script entry point
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""`flashlens map` and `flashlens show`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..atlas import Atlas
+from ..mapping import map_model
+from . import app
+from .common import console, err_console, parse_neuron, print_json, show_token
+
+
+@app.command("map")
+def map_command(
+    model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Atlas folder to write (or resume)."),
+    matrices: str = typer.Option("up,gate,down", help="Matrices to decode: up, gate, down."),
+    layers: str = typer.Option(None, help="Layers, e.g. 0-5,9 (default: all)."),
+    top_k: int = typer.Option(10, help="Top and bottom tokens kept per neuron."),
+    reverse_n: int = typer.Option(32, help="Neurons kept per token in the reverse index."),
+    norm: str = typer.Option("model", help="Final norm: model (RMSNorm), gain, none."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, bfloat16, float16."),
+    block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
+    compile: str = typer.Option("auto", help="Fuse reductions with torch.compile: auto/on/off."),
+    overwrite: bool = typer.Option(False, help="Replace an atlas made with other settings."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Decode every MLP neuron through the final norm and LM-head into an atlas.
+
+    Example:
+
+        flashlens map meta-llama/Llama-3.1-8B -o atlas/llama31-8b --layers 0-5,9
+
+    Rerunning the same command resumes an interrupted run.
+    """
+    summary = map_model(model, out, matrices=matrices, layers=layers, top_k=top_k, norm=norm,
+                        reverse_n=reverse_n, device=device, dtype=dtype, block=block,
+                        compile=compile, overwrite=overwrite, progress=not json_out)
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    s = summary
+    if s.neurons_mapped == 0:
+        err_console.print(f"[green]{out}[/] is already complete ({s.neurons_skipped:,} neurons).")
+        return
+    resumed = f", {s.neurons_skipped:,} resumed" if s.neurons_skipped else ""
+    err_console.print(
+        f"[green]mapped {s.neurons_mapped:,} neurons[/]{resumed} in {s.seconds:.1f} s "
+        f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}) -> {out}"
+    )
+
+
+@app.command("show")
+def show_command(
+    atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
+    neuron: str = typer.Argument(..., help="LAYER:INDEX, e.g. 12:1234."),
+    matrix: str = typer.Option("up", help="up, gate or down."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Show what one neuron means: its top and bottom tokens with probabilities.
+
+    Example:
+
+        flashlens show atlas/llama31-8b 12:1234 --matrix up
+    """
+    layer, index = parse_neuron(neuron)
+    rec = Atlas.open(atlas).neuron(layer, index, matrix)
+    if json_out:
+        print_json(rec.to_dict())
+        return
+    console.print(
+        f"[bold]{matrix} {layer}:{index}[/]  entropy {rec.entropy:.2f} nats  "
+        f"logsumexp {rec.logsumexp:.2f}  |w| {rec.w_norm:.3f}  "
+        f"skew {rec.logit_skew:.2f}  kurtosis {rec.logit_kurtosis:.2f}"
+    )
+    table = Table(show_edge=False)
+    for col in ("#", "top token", "prob", "logit", "bottom token", "logit "):
+        table.add_column(col, justify="right" if col[0] in "#pl" else "left")
+    for i, (t, b) in enumerate(zip(rec.top, rec.bottom), 1):
+        table.add_row(str(i), show_token(t.text), f"{t.prob:.4f}", f"{t.logit:.2f}",
+                      show_token(b.text), f"{b.logit:.2f}")
+    console.print(table)

@@ -1,0 +1,71 @@
+"""Device, dtype, block-size and compile choices for the engine (see README: dtype policy)."""
+
+from __future__ import annotations
+
+import shutil
+
+import torch
+
+from ..errors import FlashlensError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FlashlensError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FlashlensError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
+
+
+def resolve_dtype(dtype: str, weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """auto: low precision where the weights are low precision and the hardware is fast at it
+    (bf16/fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX); fp32 otherwise."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise FlashlensError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if weight_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if device.type == "cuda":
+        return weight_dtype
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def block_size(d_vocab: int, device: torch.device, requested: int | None) -> int:
+    """Neurons per block: the (block, vocabulary) logits stay near 256 MB (2 GB on GPU)."""
+    if requested:
+        return requested
+    budget = (2 << 30) if device.type == "cuda" else (256 << 20)
+    b = budget // (4 * d_vocab)
+    return int(max(64, min(4096, 1 << max(b, 1).bit_length() - 1)))
+
+
+def use_compile(mode: str, device: torch.device, work: int) -> bool:
+    """Compile the fused reductions when the job is big enough to repay compilation.
+
+    work: logits to compute (neurons x vocabulary)."""
+    if mode in ("on", "off"):
+        return mode == "on"
+    if mode != "auto":
+        raise FlashlensError(f"unknown --compile {mode!r}: use auto, on or off")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+        return False
+    return work > 4_000_000_000

@@ -1,0 +1,7 @@
+"""Architecture families: one declarative entry each, looked up by `family_for(config)`."""
+
+from . import llama as _llama  # noqa: F401  (registers the Llama-style families)
+from .base import MATRICES, Family, Matrix
+from .registry import family_for, register, supported_architectures
+
+__all__ = ["MATRICES", "Family", "Matrix", "family_for", "register", "supported_architectures"]

@@ -1,0 +1,67 @@
+"""What an architecture family is: where its MLP weights, final norm and LM-head live.
+
+A family is data, not code: one `Family` entry per architecture, registered in
+`flashlens.families.registry`. The decode engine only ever reads these fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import UnsupportedModelError
+
+Matrix = Literal["up", "gate", "down"]
+MATRICES: tuple[Matrix, ...] = ("up", "gate", "down")
+
+
+@dataclass(frozen=True)
+class Family:
+    """Declarative description of one architecture family.
+
+    Tensor names are templates with `{layer}`. Shapes as stored by Hugging Face (nn.Linear):
+      W_up, W_gate: (d_mlp, d_model)  - a neuron is a row
+      W_down:       (d_model, d_mlp)  - a neuron is a column
+      W_U:          (d_vocab, d_model)
+      norm weight:  (d_model,)
+    """
+
+    name: str
+    architectures: tuple[str, ...]
+    W_up: str
+    W_gate: str | None
+    W_down: str
+    final_norm: str
+    W_U: str = "lm_head.weight"
+    W_E: str = "model.embed_tokens.weight"  # the tied LM-head when tie_word_embeddings
+    norm_kind: Literal["rms"] = "rms"
+    norm_eps_key: str = "rms_norm_eps"
+    norm_weight_offset: float = 0.0  # Gemma-style norms multiply by (1 + weight)
+    logit_softcap_key: str | None = None  # config key of a tanh soft-cap on logits, if any
+    tie_default: bool = False  # value of tie_word_embeddings when the config omits it
+    # Config keys this family cannot decode faithfully when set (truthy).
+    refuse_keys: tuple[str, ...] = ("quantization_config",)
+
+    def tensor(self, matrix: Matrix, layer: int) -> str:
+        """Checkpoint name of a layer's MLP weight matrix."""
+        template = {"up": self.W_up, "gate": self.W_gate, "down": self.W_down}[matrix]
+        if template is None:
+            raise UnsupportedModelError(
+                f"architecture family {self.name!r} has no {matrix!r} matrix; "
+                f"choose from {', '.join(self.matrices)}"
+            )
+        return template.format(layer=layer)
+
+    @property
+    def matrices(self) -> tuple[Matrix, ...]:
+        return tuple(m for m in MATRICES if m != "gate" or self.W_gate is not None)
+
+    def check_config(self, config: Mapping[str, Any]) -> None:
+        """Refuse config features this family does not decode faithfully."""
+        bad = [k for k in self.refuse_keys if config.get(k)]
+        if bad:
+            raise UnsupportedModelError(
+                f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
+                "flashlens decodes unquantised floating-point checkpoints of the standard layout."
+            )

@@ -1,0 +1,223 @@
+"""`map_model`: decode every MLP neuron of a model through its LM-head into an atlas."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .atlas.atlas import Atlas, parse_layers
+from .atlas.format import AtlasMeta
+from .atlas.tokens import tokens_table
+from .atlas.writer import AtlasWriter, neuron_ref
+from .decode.engine import BlockResult, Decoder
+from .decode.norm import NORM_MODES
+from .decode.policy import block_size, resolve_device, resolve_dtype, use_compile
+from .decode.reverse import ReverseIndex
+from .errors import FlashlensError
+from .families import Matrix
+from .weights import ModelSource
+
+
+@dataclass
+class MapSummary:
+    atlas: Path
+    neurons_mapped: int  # in this run
+    neurons_skipped: int  # already in the atlas (resumed)
+    seconds: float
+    device: str
+    compute_dtype: str
+    block_size: int
+    compiled: bool
+
+    @property
+    def neurons_per_second(self) -> float:
+        return self.neurons_mapped / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "atlas": str(self.atlas),
+            "neurons_mapped": self.neurons_mapped,
+            "neurons_skipped": self.neurons_skipped,
+            "seconds": round(self.seconds, 3),
+            "neurons_per_second": round(self.neurons_per_second, 1),
+            "device": self.device,
+            "compute_dtype": self.compute_dtype,
+            "block_size": self.block_size,
+            "compiled": self.compiled,
+        }
+
+
+def parse_matrices(spec: str | list[str], available: tuple[str, ...]) -> list[Matrix]:
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    bad = [n for n in names if n not in available]
+    if bad or not names:
+        raise FlashlensError(
+            f"unknown matrix {', '.join(bad) or '(none)'}: choose from {', '.join(available)}"
+        )
+    return list(dict.fromkeys(names))  # type: ignore[arg-type]
+
+
+def map_model(
+    model: str | Path,
+    out: str | Path,
+    *,
+    matrices: str | list[str] = "up,gate,down",
+    layers: str | None = None,
+    top_k: int = 10,
+    norm: str = "model",
+    reverse_n: int = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    block: int | None = None,
+    compile: str = "auto",
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MapSummary:
+    """Map neurons of `model` (hub id or folder) into the atlas folder `out`.
+
+    Rerunning the same call resumes an interrupted run; other settings are refused unless
+    `overwrite`. Returns a summary; open the result with `Atlas.open(out)`.
+    """
+    if norm not in NORM_MODES:
+        raise FlashlensError(f"unknown norm mode {norm!r}: choose from {', '.join(NORM_MODES)}")
+    if top_k < 1 or reverse_n < 1:
+        raise FlashlensError("--top-k and --reverse-n must be at least 1")
+    source = ModelSource.open(model)
+    try:
+        return _map(source, Path(out), parse_matrices(matrices, source.family.matrices),
+                    parse_layers(layers, source.n_layers) if layers else
+                    list(range(source.n_layers)),
+                    top_k, norm, reverse_n, device, dtype, block, compile, overwrite, progress)
+    finally:
+        source.close()
+
+
+def _map(source: ModelSource, out: Path, matrices: list[Matrix], layers: list[int], top_k: int,
+         norm: str, reverse_n: int, device_name: str, dtype_name: str, block: int | None,
+         compile_mode: str, overwrite: bool, progress: bool) -> MapSummary:
+    start = time.perf_counter()
+    device = resolve_device(device_name)
+    weight_dtype = source.dtype
+    compute_dtype = resolve_dtype(dtype_name, weight_dtype, device)
+    if top_k > source.d_vocab:
+        raise FlashlensError(f"--top-k {top_k} exceeds the vocabulary size {source.d_vocab}")
+    meta = AtlasMeta(
+        model=source.model,
+        config_hash=source.config_hash,
+        architecture=(source.config.get("architectures") or ["?"])[0],
+        family=source.family.name,
+        d_model=source.d_model,
+        d_mlp=source.d_mlp,
+        n_layers=source.n_layers,
+        d_vocab=source.d_vocab,
+        matrices=list(matrices),
+        layers=layers,
+        norm=norm,
+        top_k=top_k,
+        reverse_n=reverse_n,
+        weight_dtype=str(weight_dtype).removeprefix("torch."),
+        compute_dtype=str(compute_dtype).removeprefix("torch."),
+        flashlens_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    writer = AtlasWriter(out, meta, overwrite=overwrite)
+    B = block_size(source.d_vocab, device, block)
+    jobs = [(m, layer) for m in matrices for layer in layers if not writer.is_done(m, layer)]
+    total = len(matrices) * len(layers) * source.d_mlp
+    todo = len(jobs) * source.d_mlp
+    compiled = use_compile(compile_mode, device, todo * source.d_vocab)
+    summary = MapSummary(out, 0, total - todo, 0.0, str(device),
+                         meta.compute_dtype, B, compiled)
+    if writer.already_complete:
+        summary.neurons_skipped = total
+        summary.seconds = time.perf_counter() - start
+        return summary
+    if not writer.has_tokens():
+        writer.write_tokens(tokens_table(source.folder, source.d_vocab))
+    decoder = Decoder(source.W_U(), source.norm_weight(), source.norm_eps, norm,  # type: ignore[arg-type]
+                      top_k, device, compute_dtype, source.logit_softcap, compile=compiled)
+    reverse = ReverseIndex(source.d_vocab, reverse_n, device)
+    writer.load_reverse(reverse)
+    with _progress(progress, total, total - todo) as advance, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool:
+        load = lambda job: _load(source, job, device)  # noqa: E731
+        pending: Future[torch.Tensor] | None = pool.submit(load, jobs[0]) if jobs else None
+        for i, (matrix, layer) in enumerate(jobs):
+            assert pending is not None
+            W = pending.result()  # (d_mlp, d_model): read while the previous layer computed
+            pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+            base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
+            results: list[BlockResult] = []
+            for lo in range(0, source.d_mlp, B):
+                n = min(B, source.d_mlp - lo)
+                refs = torch.full((B,), -1, dtype=torch.int64)
+                refs[:n] = torch.arange(base + lo, base + lo + n)
+                block_w = W[lo:lo + n]
+                if n < B:  # pad to a fixed block shape (one compiled kernel); padding has ref -1
+                    block_w = torch.cat([block_w, block_w.new_zeros(B - n, block_w.shape[1])])
+                r = decoder.decode(block_w, refs, reverse)
+                results.append(_slice(r, n) if n < B else r)
+                advance(n, f"{matrix} layer {layer}")
+            writer.write_layer(matrix, layer, results)
+            writer.commit_layer(matrix, layer, reverse)
+            summary.neurons_mapped += source.d_mlp
+    summary.seconds = time.perf_counter() - start
+    writer.finish(reverse, summary.seconds)
+    Atlas.open(out)  # the finished atlas must open
+    return summary
+
+
+def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) -> torch.Tensor:
+    W = source.neurons(*job).contiguous()  # materialise from the memory map (disk read here)
+    if device.type == "cuda":
+        W = W.pin_memory().to(device, non_blocking=True)
+    return W
+
+
+def _slice(r: BlockResult, n: int) -> BlockResult:
+    return BlockResult(**{k: v[:n] for k, v in vars(r).items()})
+
+
+@contextmanager
+def _progress(show: bool, total: int, done: int) -> Iterator[Any]:
+    if not show:
+        yield lambda n, what: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        Task,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:,.0f} neurons/s" if speed else "", style="cyan")
+
+    columns = (TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
+               Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    from rich.console import Console
+
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("mapping", total=total, completed=done)
+
+        def advance(n: int, what: str) -> None:
+            bar.update(task, advance=n, description=what)
+
+        yield advance

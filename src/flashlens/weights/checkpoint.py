@@ -1,0 +1,131 @@
+"""Read checkpoint tensors lazily, one at a time, in the checkpoint's own dtype.
+
+Safetensors files (single or sharded through `model.safetensors.index.json`) are memory-mapped;
+`pytorch_model.bin` (single or sharded) is the fallback, loaded with `mmap=True`.
+The transformers model is never built here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..errors import CheckpointError
+
+ST_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+class Checkpoint:
+    """Tensor name -> lazily loaded tensor, over every weight file of a model folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stack = ExitStack()
+        self._where: dict[str, Path] = {}  # tensor name -> file
+        self._st: dict[Path, Any] = {}  # open safetensors handles
+        self._bin: dict[Path, dict[str, torch.Tensor]] = {}  # mmapped .bin state dicts
+        files = self._weight_files()
+        for file in files:
+            if file.suffix == ".safetensors":
+                self._open_safetensors(file)
+        if not self._where:
+            for file in files:
+                self._open_bin(file)
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in (ST_INDEX, BIN_INDEX):
+            index = self.folder / index_name
+            if index.is_file():
+                try:
+                    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+                except (ValueError, KeyError) as err:
+                    raise CheckpointError(f"{index} is not a valid shard index ({err})") from None
+                shards = sorted({self.folder / f for f in weight_map.values()})
+                missing = [s.name for s in shards if not s.is_file()]
+                if missing:
+                    raise CheckpointError(
+                        f"{len(missing)} shard(s) listed in {index.name} are missing from "
+                        f"{self.folder}: {', '.join(missing[:5])}; download them again"
+                    )
+                return shards
+        single = [self.folder / "model.safetensors", self.folder / "pytorch_model.bin"]
+        found = [f for f in single if f.is_file()] or sorted(self.folder.glob("*.safetensors"))
+        if not found:
+            raise CheckpointError(
+                f"no weights in {self.folder}: expected model.safetensors, "
+                f"{ST_INDEX} with its shards, or pytorch_model.bin"
+            )
+        return found[:1] if found[0].name in {f.name for f in single} else found
+
+    def _open_safetensors(self, file: Path) -> None:
+        try:
+            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"cannot read {file.name}: {err}. The file is truncated or corrupt; "
+                "download it again"
+            ) from None
+        self._st[file] = handle
+        for name in handle.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+            self._where[name] = file
+
+    def _open_bin(self, file: Path) -> None:
+        try:
+            state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # torch raises many types for a bad pickle/zip
+            raise CheckpointError(
+                f"cannot read {file.name}: {err}. The file is truncated or corrupt; "
+                "download it again"
+            ) from None
+        self._bin[file] = state
+        for name in state:
+            self._where[name] = file
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file = self._file(name)
+        if file in self._st:
+            return tuple(self._st[file].get_slice(name).get_shape())
+        return tuple(self._bin[file][name].shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype (safetensors: read from the memory map)."""
+        file = self._file(name)
+        try:
+            if file in self._st:
+                return self._st[file].get_tensor(name)
+            return self._bin[file][name]
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
+
+    def _file(self, name: str) -> Path:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise CheckpointError(
+                f"tensor {name!r} is not in the checkpoint at {self.folder}; "
+                "the weights do not match config.json's architecture"
+            ) from None
+
+    def close(self) -> None:
+        self._stack.close()
+        self._st.clear()
+        self._bin.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,54 @@
+"""Turn the MODEL argument (a local folder or a Hugging Face id) into a local folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+# What `map` needs from the hub: never optimizer states, ONNX exports, GGUF, ...
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
+                "special_tokens_map.json", "generation_config.json"]
+HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+def resolve_model(model: str | os.PathLike[str]) -> Path:
+    """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the folder that holds config.json")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"no config.json in {path}; pass a Hugging Face model folder")
+        return path
+    text = str(model)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise CheckpointError(
+            f"model folder {text} does not exist (nor is it a Hugging Face id like org/name)"
+        )
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        patterns = list(HUB_PATTERNS)
+        if not any(f.endswith(".safetensors") for f in files):
+            patterns += HUB_FALLBACK_PATTERNS
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
+        # Offline or blocked: the cache may still hold a complete snapshot.
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS,
+                                          local_files_only=True))
+        except Exception:
+            pass
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}); "
+            "download it elsewhere and pass the local folder instead, "
+            "e.g. `flashlens map ./Llama-3.1-8B -o atlas/llama`"
+        ) from None

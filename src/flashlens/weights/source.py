@@ -1,0 +1,138 @@
+"""A model as flashlens sees it: config + family + lazily read weights, by maths role."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, NeuronError
+from ..families import Family, Matrix, family_for
+from .checkpoint import Checkpoint
+from .resolve import resolve_model
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short, stable fingerprint of config.json (keys sorted)."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class ModelSource:
+    """Everything `map` reads from a model folder, without building the model."""
+
+    model: str  # what the user passed: hub id or path
+    folder: Path
+    config: dict[str, Any]
+    family: Family
+    checkpoint: Checkpoint
+
+    @classmethod
+    def open(cls, model: str | Path) -> ModelSource:
+        folder = resolve_model(model)
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except ValueError as err:
+            raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
+        family = family_for(config)
+        source = cls(str(model), folder, config, family, Checkpoint(folder))
+        source._check_shapes()
+        return source
+
+    # --- sizes -------------------------------------------------------------------------
+    @property
+    def d_model(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.config["intermediate_size"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.config["vocab_size"])
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", self.family.tie_default))
+
+    @property
+    def norm_eps(self) -> float:
+        return float(self.config.get(self.family.norm_eps_key, 1e-6))
+
+    @property
+    def logit_softcap(self) -> float | None:
+        key = self.family.logit_softcap_key
+        value = self.config.get(key) if key else None
+        return float(value) if value else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored dtype of the MLP weights."""
+        return self.checkpoint.get(self.family.tensor("up", 0)).dtype
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    # --- tensors by role ---------------------------------------------------------------
+    @property
+    def W_U_name(self) -> str:
+        f = self.family
+        if not self.tied and f.W_U in self.checkpoint:
+            return f.W_U
+        return f.W_E  # tied (or an untied config whose head was saved as the embedding)
+
+    def W_U(self) -> torch.Tensor:
+        """The LM-head / unembedding, (d_vocab, d_model), stored dtype."""
+        return self.checkpoint.get(self.W_U_name)
+
+    def norm_weight(self) -> torch.Tensor:
+        """The final norm's weight as the model applies it, (d_model,), fp32."""
+        g = self.checkpoint.get(self.family.final_norm).float()
+        return g + self.family.norm_weight_offset
+
+    def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
+        """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
+        self.check_layer(layer)
+        W = self.checkpoint.get(self.family.tensor(matrix, layer))
+        return W.T if matrix == "down" else W  # W_down is (d_model, d_mlp): a neuron is a column
+
+    def check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise NeuronError(f"layer {layer} is out of range: the model has layers 0-{self.n_layers - 1}")
+
+    def _check_shapes(self) -> None:
+        """Fail before any compute if a tensor the map needs is absent or misshapen."""
+        d, m, v = self.d_model, self.d_mlp, self.d_vocab
+        if not self.tied and self.family.W_U not in self.checkpoint:
+            raise CheckpointError(
+                f"config says tie_word_embeddings=false but {self.family.W_U} is not in the "
+                f"checkpoint at {self.folder}; a shard may be missing"
+            )
+        expected = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
+        for layer in range(self.n_layers):
+            for matrix in self.family.matrices:
+                shape = (d, m) if matrix == "down" else (m, d)
+                expected[self.family.tensor(matrix, layer)] = shape
+        for name, shape in expected.items():
+            if name not in self.checkpoint:
+                raise CheckpointError(
+                    f"tensor {name} is missing from the checkpoint at {self.folder}; "
+                    "a shard may be missing or the download incomplete"
+                )
+            got = self.checkpoint.shape(name)
+            if got != shape:
+                raise CheckpointError(f"tensor {name} has shape {got}, config implies {shape}")
+
+    def close(self) -> None:
+        self.checkpoint.close()
