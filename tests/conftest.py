@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from .helpers import STORIES, shared_path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def stories() -> Path:
+    """The real trained tiny Llama in ../shared (fails under CI if missing)."""
+    return shared_path(*STORIES.split("/"))
+
+
+@pytest.fixture(scope="session")
+def stories_atlas(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
+    """An fp32 atlas of stories260K, all matrices and layers (shared by read-only tests)."""
+    from flashlens import map_model
+
+    out = tmp_path_factory.mktemp("atlas") / "stories"
+    map_model(stories, out, compile="off")
+    return out

@@ -1,0 +1,117 @@
+"""Builders for tiny models and the reference decode every test compares against."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = "models/stories260K"
+LLAMA3_TOKENIZER = "tokenizers/llama3"
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared: fails under CI when missing, skips elsewhere."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        msg = f"{path} is missing (../shared must sit beside the checkout)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _classes(family: str) -> tuple[Any, Any]:
+    import transformers as tf
+
+    return {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }[family]
+
+
+def make_model(
+    path: Path,
+    family: str = "llama",
+    *,
+    d_vocab: int = 512,
+    d_model: int = 32,
+    d_mlp: int = 48,
+    n_layers: int = 3,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    shard_size: str | None = None,
+    tokenizer: str | None = STORIES,
+    seed: int = 0,
+    **config: Any,
+) -> Path:
+    """Save a tiny random model of `family` to `path` (safetensors) and return `path`.
+
+    tokenizer: a folder under ../shared whose tokenizer files are copied (its vocabulary
+    size must cover d_vocab), or None for no tokenizer.
+    """
+    config_cls, model_cls = _classes(family)
+    cfg = config_cls(
+        vocab_size=d_vocab, hidden_size=d_model, intermediate_size=d_mlp,
+        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=d_model // 4, max_position_embeddings=128, rms_norm_eps=1e-5,
+        tie_word_embeddings=tie, **config,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(cfg)
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the init, so softmaxes are not flat
+            p.normal_(0, 0.3)
+        model.model.norm.weight.uniform_(0.5, 1.5)  # a non-trivial final-norm gain
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        src = shared_path(*tokenizer.split("/"))
+        for f in src.glob("tokenizer*"):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def reference_probs(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
+    """softmax(lm_head(final_norm(w))) for every neuron of a layer, (d_mlp, d_vocab), fp64,
+    computed with the model's own modules (transformers, upcast to fp32)."""
+    logits = reference_logits(model_dir, matrix, layer, norm)
+    return torch.softmax(logits.double(), dim=-1)
+
+
+_MODELS: dict[Path, Any] = {}
+
+
+def load_reference_model(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if model_dir not in _MODELS:
+        _MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    return _MODELS[model_dir]
+
+
+def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
+    """lm_head(final_norm(w)) for every neuron of a layer, (d_mlp, d_vocab), fp32."""
+    model = load_reference_model(model_dir)
+    mlp = model.model.layers[layer].mlp
+    W = {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight.T}
+    w = W[matrix].detach().float()  # (d_mlp, d_model)
+    with torch.no_grad():
+        if norm == "model":
+            x = model.model.norm(w)
+        elif norm == "gain":
+            x = w * model.model.norm.weight
+        else:
+            x = w
+        return model.lm_head(x).float()
