@@ -1,0 +1,233 @@
+"""`clamp`: PyTorch hooks that set, shift or scale neuron activations while a model runs.
+
+A clamp acts at one of three sites of a layer's gated MLP, down_proj(act_fn(gate) * up):
+
+    up    forward hook on up_proj: its output, (batch, seq, d_mlp)
+    gate  forward hook on gate_proj: its output before act_fn, (batch, seq, d_mlp)
+    act   forward pre-hook on down_proj: its input, the neuron's activation, (batch, seq, d_mlp)
+
+Module paths come from the model's architecture family (flashlens.families), so the hooks land
+exactly on the weights the atlas decoded. Hooks are grouped per module (one hook per layer and
+site whatever the number of neurons) and edit the tensor in place, so a clamp costs one small
+indexed write per hooked module and step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+import torch
+from torch import nn
+
+from ..errors import FlashlensError, NeuronError, UnsupportedModelError
+from ..families import Family, family_for
+from .neuron import SITES, Neuron, Site
+
+Mode = Literal["set", "add", "scale"]
+Positions = Literal["all", "last"]
+MODES: tuple[Mode, ...] = ("set", "add", "scale")
+POSITIONS: tuple[Positions, ...] = ("all", "last")
+
+NeuronsLike = Neuron | str | Iterable[Neuron | str]
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """Where one neuron's clamp lands: a module, whether it is a pre-hook, the neuron's slot."""
+
+    module: nn.Module
+    name: str  # e.g. "model.layers.12.mlp.up_proj"
+    pre: bool  # True: the module's input (site "act"); False: its output
+    width: int  # d_mlp
+
+
+def model_family(model: nn.Module) -> Family:
+    """The flashlens family of a loaded transformers model (refuses unsupported ones)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model "
+                                    "(it has no .config); load it with AutoModelForCausalLM")
+    data = config.to_dict()
+    if not data.get("architectures"):
+        data["architectures"] = [type(model).__name__]
+    return family_for(data)
+
+
+def as_neurons(neurons: NeuronsLike) -> list[Neuron]:
+    """A Neuron, an 'up:12:1234' string or an iterable of them -> list[Neuron]."""
+    if isinstance(neurons, (Neuron, str)):
+        neurons = [neurons]
+    out = [n if isinstance(n, Neuron) else Neuron.parse(n) for n in neurons]
+    if not out:
+        raise NeuronError("no neurons given")
+    return out
+
+
+def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> SiteRef:
+    """The module a clamp of `neuron` hooks; a clear NeuronError when the address is invalid."""
+    site = site or neuron.default_site
+    if site not in SITES:
+        raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
+    family = model_family(model)
+    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    if not 0 <= neuron.layer < n_layers:
+        raise NeuronError(f"neuron {neuron}: layer {neuron.layer} is out of range: the model "
+                          f"has layers 0-{n_layers - 1}")
+    matrix = "down" if site == "act" else site
+    try:
+        name = family.tensor(matrix, neuron.layer).removesuffix(".weight")
+    except UnsupportedModelError:
+        raise NeuronError(f"neuron {neuron}: site {site!r} does not exist in {family.name} models "
+                          f"(no {matrix}_proj); use site {' or '.join(s for s in SITES if s != site)}"
+                          ) from None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise NeuronError(f"neuron {neuron}: site {site!r} does not exist in this model "
+                          f"(no module {name})") from None
+    weight = cast(torch.Tensor, module.weight)
+    width = int(weight.shape[1] if site == "act" else weight.shape[0])
+    if neuron.index >= width:
+        raise NeuronError(f"neuron {neuron}: index {neuron.index} is out of range: layers have "
+                          f"{width} neurons (0-{width - 1})")
+    return SiteRef(module, name, site == "act", width)
+
+
+class _Edit:
+    """The in-place edit one hook makes: h[..., idx] (set|add|scale) values."""
+
+    def __init__(self, index: list[int], values: list[float], mode: Mode, last: bool) -> None:
+        self.index = torch.tensor(index, dtype=torch.long)  # (k,)
+        self.values = torch.tensor(values, dtype=torch.float64)  # (k,)
+        self.mode, self.last = mode, last
+        self._cache: tuple[torch.device, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def _on(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._cache
+        if c is None or c[0] != h.device or c[1] != h.dtype:
+            c = (h.device, h.dtype, self.index.to(h.device), self.values.to(h.device, h.dtype))
+            self._cache = c
+        return c[2], c[3]
+
+    def __call__(self, h: torch.Tensor) -> None:  # h: (batch, seq, d_mlp), edited in place
+        index, values = self._on(h)
+        view = h[..., -1:, :] if self.last else h  # during cached decoding seq == 1: the new token
+        if self.mode == "set":
+            view[..., index] = values
+        elif self.mode == "add":
+            view[..., index] += values
+        else:
+            view[..., index] *= values
+
+
+def _values(value: float | Sequence[float] | torch.Tensor, n: int) -> list[float]:
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise FlashlensError(f"{len(values)} clamp values for {n} neurons: give one value, or "
+                             "one per neuron")
+    return values
+
+
+@contextmanager
+def clamp(
+    model: nn.Module,
+    neurons: NeuronsLike,
+    value: float | Sequence[float] | torch.Tensor,
+    mode: Mode = "set",
+    positions: Positions = "all",
+    site: Site | None = None,
+) -> Iterator[list[Neuron]]:
+    """Clamp neurons while the model runs inside the `with` block; hooks always come off.
+
+        with flashlens.clamp(model, [Neuron(12, 1234, "up")], value=10.0):
+            model.generate(...)
+
+    value: one number for all neurons, or one per neuron. mode: set (h = v), add (h + v),
+    scale (h * v). positions: all, or last (the last position of each forward: the prompt's
+    next-token position, then every newly generated token under KV-cached generation; pad
+    on the left when batching). site: up, gate or act (default: follows each neuron's matrix).
+    """
+    if mode not in MODES:
+        raise FlashlensError(f"unknown clamp mode {mode!r}: use {', '.join(MODES)}")
+    if positions not in POSITIONS:
+        raise FlashlensError(f"unknown positions {positions!r}: use {', '.join(POSITIONS)}")
+    chosen = as_neurons(neurons)
+    values = _values(value, len(chosen))
+    groups: dict[str, tuple[SiteRef, list[int], list[float]]] = {}
+    seen: dict[tuple[str, int], Neuron] = {}
+    for neuron, v in zip(chosen, values):
+        ref = resolve_site(model, neuron, site)
+        if (ref.name, neuron.index) in seen:
+            raise NeuronError(f"neurons {seen[ref.name, neuron.index]} and {neuron} clamp the "
+                              f"same activation ({ref.name}[{neuron.index}]); give it once")
+        seen[ref.name, neuron.index] = neuron
+        group = groups.setdefault(ref.name, (ref, [], []))
+        group[1].append(neuron.index)
+        group[2].append(v)
+    handles: list[Any] = []
+    try:
+        for ref, index, vals in groups.values():
+            edit = _Edit(index, vals, mode, positions == "last")
+            handles.append(_install(ref, edit))
+        yield chosen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _install(ref: SiteRef, edit: Any) -> Any:
+    """Hook `edit(h)` on the site's tensor h; returns the removable handle."""
+    if ref.pre:
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            edit(args[0])
+
+        return ref.module.register_forward_pre_hook(pre_hook)
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        edit(output)
+        return output
+
+    return ref.module.register_forward_hook(hook)
+
+
+@contextmanager
+def record(
+    model: nn.Module, neurons: NeuronsLike, site: Site | None = None
+) -> Iterator[dict[Neuron, list[torch.Tensor]]]:
+    """Record neurons' activations at their site: {neuron: [(batch, seq) fp32 per forward]}.
+
+    Hooks are read-only and always removed on exit.
+    """
+    chosen = as_neurons(neurons)
+    seen: dict[Neuron, list[torch.Tensor]] = {n: [] for n in chosen}
+    by_module: dict[str, tuple[SiteRef, list[Neuron]]] = {}
+    for neuron in seen:
+        ref = resolve_site(model, neuron, site)
+        by_module.setdefault(ref.name, (ref, []))[1].append(neuron)
+    handles: list[Any] = []
+
+    def recorder(group: list[Neuron]) -> Any:
+        index = [n.index for n in group]
+
+        def take(h: torch.Tensor) -> None:  # h: (batch, seq, d_mlp)
+            acts = h[..., index].detach().float().cpu()  # (batch, seq, k)
+            for j, n in enumerate(group):
+                seen[n].append(acts[..., j])
+
+        return take
+
+    try:
+        for ref, group in by_module.values():
+            handles.append(_install(ref, recorder(group)))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()

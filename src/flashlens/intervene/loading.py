@@ -1,0 +1,80 @@
+"""Loading a model to run it: transformers model + tokenizer, device and dtype chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..decode.policy import resolve_device, resolve_dtype
+from ..errors import CheckpointError, FlashlensError
+from ..weights import ModelSource
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the transformers module, its tokenizer and where it came from."""
+
+    name: str  # what the user passed: hub id or path
+    folder: Path
+    config: dict[str, Any]  # config.json as stored
+    config_hash: str
+    model: Any  # a transformers *ForCausalLM, eval mode
+    tokenizer: Any  # a transformers tokenizer, left padding, with a pad token
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Load a local folder or a hub id with transformers.
+
+    device auto: CUDA when available, else CPU. dtype auto: the stored dtype where the hardware
+    is fast at it (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX), else fp32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = ModelSource.open(model)  # resolves, checks the family and the checkpoint
+    try:
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, source.dtype, dev)
+    finally:
+        source.close()
+    try:
+        module = AutoModelForCausalLM.from_pretrained(
+            source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
+        )
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"transformers cannot load {model} ({err})") from None
+    if dev.type == "cpu":
+        module = module.to(dev)
+    module.eval()
+    return LoadedModel(str(model), source.folder, source.config, source.config_hash, module,
+                       load_tokenizer(source.folder))
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, padding on the left (so the last position is real in a batch)."""
+    from transformers import AutoTokenizer
+
+    if not any(folder.glob("tokenizer*")):
+        raise CheckpointError(f"no tokenizer in {folder}; copy the model's tokenizer files "
+                              "(tokenizer.json, tokenizer_config.json) into it")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot load the tokenizer in {folder} ({err})") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise FlashlensError(f"the tokenizer in {folder} has no pad, eos or unk token to pad "
+                             "batches with")
+    return tokenizer

@@ -1,0 +1,67 @@
+"""`Neuron`: a typed address of one MLP neuron, and where a clamp acts on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from ..errors import NeuronError
+from ..families import MATRICES, Matrix
+
+# Where a clamp acts, per layer:
+#   up   - the up_proj output (d_mlp,)          pre-activation of the linear branch
+#   gate - the gate_proj output (d_mlp,)        pre-activation of the gate, before act_fn
+#   act  - the input of down_proj (d_mlp,)      the neuron's activation act_fn(gate) * up
+Site = Literal["up", "gate", "act"]
+SITES: tuple[Site, ...] = ("up", "gate", "act")
+
+# By default a clamp acts where the matrix a neuron was decoded from reads or writes.
+DEFAULT_SITE: dict[Matrix, Site] = {"up": "up", "gate": "gate", "down": "act"}
+
+
+@dataclass(frozen=True, order=True)
+class Neuron:
+    """One MLP neuron: `Neuron(12, 1234, "up")` is row 1234 of layer 12's W_up."""
+
+    layer: int
+    index: int
+    matrix: Matrix = "up"
+
+    def __post_init__(self) -> None:
+        if self.matrix not in MATRICES:
+            raise NeuronError(f"bad matrix {self.matrix!r} for neuron {self.layer}:{self.index}: "
+                              f"use {', '.join(MATRICES)}")
+        if self.layer < 0 or self.index < 0:
+            raise NeuronError(f"bad neuron {self.layer}:{self.index}: layer and index are "
+                              "non-negative")
+
+    @classmethod
+    def parse(cls, spec: str, matrix: str = "up") -> Neuron:
+        """'up:12:1234' or '12:1234' (then `matrix`) -> Neuron."""
+        parts = spec.strip().split(":")
+        if len(parts) == 3:
+            matrix, *parts = parts
+        try:
+            layer, index = (int(p) for p in parts)
+        except ValueError:
+            raise NeuronError(f"bad neuron {spec!r}: write LAYER:INDEX or MATRIX:LAYER:INDEX, "
+                              "e.g. 12:1234 or up:12:1234") from None
+        if matrix not in MATRICES:
+            raise NeuronError(f"bad neuron {spec!r}: matrix {matrix!r} is not one of "
+                              f"{', '.join(MATRICES)}")
+        return cls(layer, index, cast(Matrix, matrix))
+
+    @classmethod
+    def parse_list(cls, spec: str, matrix: str = "up") -> list[Neuron]:
+        """'12:1234,up:3:7' -> [Neuron(12, 1234, matrix), Neuron(3, 7, 'up')]."""
+        neurons = [cls.parse(p, matrix) for p in spec.split(",") if p.strip()]
+        if not neurons:
+            raise NeuronError(f"no neurons in {spec!r}: write e.g. 12:1234,up:3:7")
+        return neurons
+
+    @property
+    def default_site(self) -> Site:
+        return DEFAULT_SITE[self.matrix]
+
+    def __str__(self) -> str:
+        return f"{self.matrix}:{self.layer}:{self.index}"
