@@ -35,18 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     except FlashlensError as err:
         click.secho(f"error: {err}", fg="red", err=True)
         return 2
-    except click.exceptions.Abort:
-        click.echo("interrupted; rerun the same command to resume", err=True)
-        return 130
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume", err=True)
-        return 130
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return _interrupted()
     except click.ClickException as err:
         err.show()
         return err.exit_code
-    except click.exceptions.Exit as err:
-        return err.exit_code
+    except (click.exceptions.Exit, typer.Exit) as err:  # typer turns Ctrl-C into Exit(130)
+        return _interrupted() if err.exit_code == 130 else err.exit_code
     return result if isinstance(result, int) else 0
+
+
+def _interrupted() -> int:
+    click.echo("interrupted; rerun the same command to resume", err=True)
+    return 130
 
 
 def run() -> None:  # console-script entry point

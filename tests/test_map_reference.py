@@ -1,0 +1,135 @@
+"""Every decoded neuron equals softmax(lm_head(final_norm(w))) from the model's own modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashlens import Atlas, map_model
+
+from .helpers import FAMILIES, make_model, reference_logits
+
+MATRICES = ("up", "gate", "down")
+
+
+def layer_rows(atlas: Atlas, matrix: str, layer: int) -> dict[str, torch.Tensor]:
+    t = atlas.layer_table(matrix, layer).to_pydict()
+    return {k: torch.tensor(v) for k, v in t.items() if k != "matrix"}
+
+
+def check_exact(atlas: Atlas, model: Path, matrix: str, layer: int, norm: str) -> None:
+    """fp32 path: every stored number matches the reference (1e-5 relative)."""
+    L = reference_logits(model, matrix, layer, norm).double()  # (d_mlp, V)
+    rows = layer_rows(atlas, matrix, layer)
+    k = atlas.meta.top_k
+    lse = torch.logsumexp(L, 1)
+    p = torch.softmax(L, 1)
+    top = L.topk(k, 1)
+    bot = L.topk(k, 1, largest=False)
+    close = dict(rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows["index"], torch.arange(L.shape[0], dtype=torch.int32))
+    torch.testing.assert_close(rows["top_logits"].double(), top.values, **close)
+    torch.testing.assert_close(rows["top_probs"].double(), p.gather(1, top.indices), **close)
+    torch.testing.assert_close(rows["bottom_logits"].double(), bot.values, **close)
+    # ids: equal wherever the reference has no exact tie at that rank
+    ids = rows["top_ids"].long()
+    torch.testing.assert_close(L.gather(1, ids), top.values, **close)
+    torch.testing.assert_close(L.gather(1, rows["bottom_ids"].long()), bot.values, **close)
+    torch.testing.assert_close(rows["logsumexp"].double(), lse, **close)
+    entropy = -(p * torch.log_softmax(L, 1)).sum(1)
+    torch.testing.assert_close(rows["entropy"].double(), entropy, **close)
+    mu, sd = L.mean(1), L.std(1, correction=0)
+    z = (L - mu[:, None]) / sd[:, None]
+    torch.testing.assert_close(rows["logit_mean"].double(), mu, **close)
+    torch.testing.assert_close(rows["logit_std"].double(), sd, **close)
+    torch.testing.assert_close(rows["logit_skew"].double(), (z**3).mean(1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows["logit_kurtosis"].double(), (z**4).mean(1) - 3,
+                               rtol=1e-4, atol=1e-4)
+
+
+def check_tolerance(atlas: Atlas, model: Path, matrix: str, layer: int, norm: str) -> None:
+    """Low-precision path, against the fp32 reference, with the README's stated tolerances."""
+    L = reference_logits(model, matrix, layer, norm).double()
+    rows = layer_rows(atlas, matrix, layer)
+    k = atlas.meta.top_k
+    top = L.topk(k, 1)
+    p = torch.softmax(L, 1)
+    near_tie = (top.values[:, 0] - top.values[:, 1]) < 1e-3
+    same = rows["top_ids"][:, 0].long() == top.indices[:, 0]
+    assert bool((same | near_tie).all()), "top-1 differs where the fp32 top-2 are not tied"
+    torch.testing.assert_close(rows["top_logits"].double(), top.values, rtol=1e-3, atol=1e-4)
+    ids = rows["top_ids"].long()
+    torch.testing.assert_close(rows["top_probs"].double(), p.gather(1, ids), rtol=1e-2, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_every_family_matrix_and_norm_mode_fp32(tmp_path: Path, family: str, tie: bool) -> None:
+    model = make_model(tmp_path / "m", family, tie=tie, n_layers=2)
+    for norm in ("model", "gain", "none"):
+        out = tmp_path / f"atlas-{norm}"
+        map_model(model, out, norm=norm, compile="off")
+        atlas = Atlas.open(out)
+        assert atlas.meta.compute_dtype == "float32" and atlas.meta.family == family
+        for matrix in MATRICES:
+            for layer in (0, 1):
+                check_exact(atlas, model, matrix, layer, norm)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sharded_checkpoint(tmp_path: Path, family: str) -> None:
+    model = make_model(tmp_path / "m", family, shard_size="40KB", n_layers=3)
+    assert (model / "model.safetensors.index.json").is_file()
+    assert len(list(model.glob("*.safetensors"))) > 2
+    map_model(model, tmp_path / "a", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    for matrix in MATRICES:
+        check_exact(atlas, model, matrix, 2, "model")
+
+
+def test_pytorch_bin_fallback(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m")
+    from safetensors.torch import load_file
+
+    state = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    check_exact(Atlas.open(tmp_path / "a"), model, "up", 1, "model")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
+    model = make_model(tmp_path / "m", family, dtype=torch.bfloat16, d_vocab=512, d_model=64,
+                       d_mlp=64, n_layers=2)
+    for dtype, expect in (("bfloat16", "bfloat16"), ("float32", "float32")):
+        out = tmp_path / f"a-{dtype}"
+        map_model(model, out, dtype=dtype, compile="off")
+        atlas = Atlas.open(out)
+        assert atlas.meta.weight_dtype == "bfloat16" and atlas.meta.compute_dtype == expect
+        for matrix in MATRICES:
+            if dtype == "float32":  # bf16 weights upcast exactly: the fp32 path is exact
+                check_exact(atlas, model, matrix, 1, "model")
+            else:
+                check_tolerance(atlas, model, matrix, 1, "model")
+
+
+def test_low_precision_at_realistic_vocabulary(tmp_path: Path) -> None:
+    """bf16 compute on a wide, realistic-size vocabulary still meets the tolerances."""
+    model = make_model(tmp_path / "m", d_vocab=128256, d_model=128, d_mlp=64, n_layers=1,
+                       dtype=torch.bfloat16, tokenizer="tokenizers/llama3")
+    map_model(model, tmp_path / "a", matrices="up,down", dtype="bfloat16", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    for matrix in ("up", "down"):
+        check_tolerance(atlas, model, matrix, 0, "model")
+
+
+def test_layers_and_matrices_subset(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "m", n_layers=4)
+    map_model(model, tmp_path / "a", matrices="down", layers="1,3", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.layers == [1, 3] and atlas.meta.matrices == ["down"]
+    check_exact(atlas, model, "down", 3, "model")
+    assert not (tmp_path / "a" / "up").exists()

@@ -1,0 +1,128 @@
+"""An interrupted run resumes to the same atlas; partial files never look complete."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flashlens import Atlas, map_model
+from flashlens.errors import AtlasError
+
+from .helpers import make_model
+
+MAP_ARGS = ["--compile", "off", "--block", "64"]
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough layers that a run takes a few seconds: room to interrupt it."""
+    root = tmp_path_factory.mktemp("resume")
+    return make_model(root / "m", d_vocab=4096, d_model=64, d_mlp=256, n_layers=24, tokenizer=None)
+
+
+@pytest.fixture(scope="module")
+def reference_atlas(big_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("resume-ref") / "atlas"
+    map_model(big_model, out, compile="off", block=64)
+    return out
+
+
+def start_map(model: Path, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flashlens", "map", str(model), "-o", str(out), *MAP_ARGS],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def wait_for_layers(out: Path, proc: subprocess.Popen[bytes], n: int) -> None:
+    """Block until the run has committed n layers (its resume state names them)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = list((out / "up").glob("layer_*.parquet")) if (out / "up").exists() else []
+        if len(done) >= n and (out / ".state").exists():
+            return
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.005)
+    pytest.fail("the run never got going")
+
+
+def assert_same_atlas(a: Path, b: Path) -> None:
+    files = sorted(p.relative_to(a) for p in a.rglob("*.parquet"))
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*.parquet"))
+    for rel in files:
+        assert pq.read_table(a / rel).equals(pq.read_table(b / rel)), rel
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_identical_atlas(
+    big_model: Path, reference_atlas: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    out = tmp_path / "atlas"
+    proc = start_map(big_model, out)
+    wait_for_layers(out, proc, 2)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert b"rerun the same command to resume" in err and b"Traceback" not in err
+    meta = json.loads((out / "atlas.json").read_text())
+    assert meta["complete"] is False
+    with pytest.raises(AtlasError, match="incomplete.*resume"):
+        Atlas.open(out)
+    assert not (out / "reverse.parquet").exists()
+    # Rerun the same command: finished layers are skipped, the result equals an uninterrupted run.
+    rerun = subprocess.run(
+        [sys.executable, "-m", "flashlens", "map", str(big_model), "-o", str(out), *MAP_ARGS,
+         "--json"], capture_output=True, check=True,
+    )
+    summary = json.loads(rerun.stdout)
+    assert summary["neurons_skipped"] >= 256  # at least the first committed layer
+    assert summary["neurons_mapped"] + summary["neurons_skipped"] == 3 * 24 * 256
+    assert_same_atlas(out, reference_atlas)
+    assert not (out / ".state").exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_partial_files_never_count_as_done(
+    big_model: Path, reference_atlas: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "atlas"
+    proc = start_map(big_model, out)
+    wait_for_layers(out, proc, 3)
+    proc.kill()
+    proc.wait()
+    done = sorted((out / "up").glob("layer_*.parquet"))
+    # A layer file written after the last commit of the resume state, but cut short, and a
+    # leftover temporary file: neither may be taken as finished.
+    nxt = out / "up" / f"layer_{len(done):03d}.parquet"
+    nxt.write_bytes(b"PAR1 truncated")
+    (out / "up" / f".layer_{len(done) + 1:03d}.parquet.x.tmp").write_bytes(b"junk")
+    map_model(big_model, out, compile="off", block=64)
+    for tmp in out.rglob("*.tmp"):
+        tmp.unlink()  # stray files from the killed process are not the atlas' business
+    assert_same_atlas(out, reference_atlas)
+
+
+def test_complete_rerun_is_a_no_op(big_model: Path, reference_atlas: Path) -> None:
+    before = (reference_atlas / "atlas.json").read_text()
+    summary = map_model(big_model, reference_atlas, compile="off", block=64)
+    assert summary.neurons_mapped == 0 and summary.neurons_skipped == 3 * 24 * 256
+    assert (reference_atlas / "atlas.json").read_text() == before
+
+
+def test_other_settings_refused_unless_overwrite(big_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "atlas"
+    map_model(big_model, out, matrices="up", layers="0-1", compile="off")
+    with pytest.raises(AtlasError, match="other settings.*top_k.*--overwrite"):
+        map_model(big_model, out, matrices="up", layers="0-1", top_k=5, compile="off")
+    map_model(big_model, out, matrices="up", layers="0-1", top_k=5, compile="off", overwrite=True)
+    assert Atlas.open(out).meta.top_k == 5
+    assert len(Atlas.open(out).neuron(0, 3, "up").top) == 5
