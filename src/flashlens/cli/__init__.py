@@ -27,6 +27,7 @@ from . import compare_cmd as _compare_cmd  # noqa: E402,F401
 from . import intervene_cmd as _intervene_cmd  # noqa: E402,F401
 from . import map_cmd as _map_cmd  # noqa: E402,F401
 from . import search_cmd as _search_cmd  # noqa: E402,F401
+from . import serve_cmd as _serve_cmd  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

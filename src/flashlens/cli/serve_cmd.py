@@ -1,0 +1,1 @@
+"""Commands registered on the flashlens app (filled in by its issue)."""
