@@ -1,1 +1,286 @@
-"""Commands registered on the flashlens app (filled in by its issue)."""
+"""`flashlens clamp`, `flashlens generate` and `flashlens validate`: prove what a neuron does."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ..errors import FlashlensError, NeuronError
+from . import app
+from .common import console, err_console, print_json, show_token
+
+_MODES = "set (h = v), add (h + v) or scale (h * v)."
+_POSITIONS = "all, or last (the next-token position and each generated token)."
+_SITES = "up (up_proj output), gate (gate_proj output), act (down_proj input); default: the matrix's."
+
+
+def _floats(spec: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise FlashlensError(f"bad {what} {spec!r}: write numbers separated by commas, "
+                             "e.g. 0,5,10,20") from None
+    if not values:
+        raise FlashlensError(f"no {what} in {spec!r}: write e.g. 0,5,10,20")
+    return values
+
+
+def _plural(variants: str) -> bool:
+    if variants not in ("case", "plural"):
+        raise FlashlensError(f"unknown --variants {variants!r}: choose case or plural")
+    return variants == "plural"
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> Any:
+    if value is not None and value not in allowed:
+        raise FlashlensError(f"unknown {option} {value!r}: choose {', '.join(allowed)}")
+    return value
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
+
+
+def _note(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("clamp")
+def clamp_command(
+    model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
+    neuron: list[str] = typer.Option(..., help="LAYER:INDEX or MATRIX:LAYER:INDEX; repeatable "
+                                     "(all are clamped together)."),
+    concept: str = typer.Option(..., help="The concept whose next-token probability to measure."),
+    matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
+    values: str = typer.Option(None, help="Clamp values, e.g. 0,5,10,20 (default: multiples "
+                               "of the natural max |activation|, both signs)."),
+    mode: str = typer.Option("set", help=_MODES),
+    positions: str = typer.Option("all", help=_POSITIONS),
+    site: str = typer.Option(None, help=_SITES),
+    prompts: Path = typer.Option(None, help="Prompts file, one per line (default: a neutral set)."),
+    chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    variants: str = typer.Option("case", help="Concept tokens: case or plural (see search)."),
+    plot: Path = typer.Option(None, help="Write a PNG of probability against clamp value."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Dose-response: the concept's next-token probability with the neurons clamped.
+
+    Example:
+
+        flashlens clamp meta-llama/Llama-3.1-8B --neuron 12:1234 --matrix up --concept dog
+            --values 0,5,10,20 --plot dose.png
+
+    Reports the probability of the concept's tokens at the next position, averaged over the
+    prompts, unclamped and at each value, with the neurons' natural activation range.
+    """
+    from ..intervene import Neuron
+    from ..intervene.concept import model_concept, variant_ids
+    from ..intervene.dose import dose_response, plot_dose
+    from ..intervene.loading import load_model
+    from ..intervene.progress import progress_bar
+    from ..intervene.prompts import encode, read_prompts
+
+    neurons = [Neuron.parse(n, matrix) for n in neuron]
+    chosen_values = _floats(values, "--values") if values else None
+    texts = read_prompts(prompts)
+    lm = load_model(model, device=device, dtype=dtype)
+    exp = model_concept(concept, lm.folder, int(lm.config["vocab_size"]), _plural(variants))
+    batch = encode(lm.tokenizer, texts, lm.device, chat=chat)
+    n_steps = 1 + (len(chosen_values) if chosen_values else 9)
+    with progress_bar(not json_out, n_steps, "clamping") as advance:
+        dose = dose_response(lm.model, batch, neurons, variant_ids(exp), chosen_values,
+                             _choice(mode, ("set", "add", "scale"), "--mode"),
+                             _choice(positions, ("all", "last"), "--positions"),
+                             _choice(site, ("up", "gate", "act"), "--site"), advance)
+    title = f"{', '.join(dose.neurons)} -> P({exp.concept!r})"
+    if plot:
+        plot_dose(dose, str(plot), title)
+    if json_out:
+        print_json(dose.to_dict() | {"concept": exp.concept, "notes": exp.notes,
+                                     "variants": [v.to_dict() for v in exp.variants],
+                                     "plot": str(plot) if plot else None})
+        return
+    err_console.print("variants: " + ", ".join(show_token(v.text) for v in exp.variants))
+    _note(exp.notes)
+    for name, r in dose.ranges.items():
+        console.print(f"[bold]{name}[/] natural activation on {dose.n_prompts} prompts: "
+                      f"{r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})")
+    console.print(f"[bold]{title}[/] ({dose.mode}, positions {dose.positions})")
+    table = Table(show_edge=False)
+    for col in ("clamp value", "P(concept)", "x baseline"):
+        table.add_column(col, justify="right")
+    table.add_row("unclamped", f"{dose.baseline:.4g}", "1.00")
+    best = dose.best()[0]
+    for v, p, r in zip(dose.values, dose.probs, dose.ratios):
+        style = "bold green" if v == best and r > 1 else None
+        table.add_row(f"{v:.4g}", f"{p:.4g}", _ratio(r), style=style)
+    console.print(table)
+    if plot:
+        err_console.print(f"plot -> {plot}")
+
+
+def _parse_clamp(spec: str, matrix: str) -> tuple[Any, float]:
+    from ..intervene import Neuron
+
+    neuron, sep, value = spec.rpartition("=")
+    if not sep:
+        raise NeuronError(f"bad --clamp {spec!r}: write NEURON=VALUE, e.g. up:12:1234=10")
+    try:
+        return Neuron.parse(neuron, matrix), float(value)
+    except ValueError:
+        raise NeuronError(f"bad --clamp {spec!r}: {value!r} is not a number") from None
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
+    clamp: list[str] = typer.Option(..., "--clamp", help="NEURON=VALUE, e.g. up:12:1234=10; "
+                                    "repeatable."),
+    prompt: list[str] = typer.Option(None, help="A prompt; repeatable."),
+    prompts: Path = typer.Option(None, help="Prompts file, one per line."),
+    chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
+    max_new_tokens: int = typer.Option(40, help="Tokens to generate per continuation."),
+    samples: int = typer.Option(1, help="Continuations per prompt (sampled when > 1)."),
+    temperature: float = typer.Option(None, help="Sampling temperature; 0 is greedy "
+                                      "(default: greedy for 1 sample, else 1.0)."),
+    seed: int = typer.Option(0, help="Random seed (the same for baseline and clamped)."),
+    concept: str = typer.Option(None, help="Report the share of continuations mentioning it."),
+    matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
+    mode: str = typer.Option("set", help=_MODES),
+    positions: str = typer.Option("all", help=_POSITIONS),
+    site: str = typer.Option(None, help=_SITES),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Steer generation: baseline and clamped continuations side by side.
+
+    Example:
+
+        flashlens generate meta-llama/Llama-3.1-8B-Instruct --clamp up:12:1234=10
+            --prompt "What is your favourite animal?" --chat --samples 10 --concept dog
+    """
+    from ..atlas.concepts import ConceptError
+    from ..intervene.concept import model_concept, variant_ids
+    from ..intervene.generate import steer
+    from ..intervene.loading import load_model
+    from ..intervene.prompts import read_prompts
+
+    if max_new_tokens < 1 or samples < 1:
+        raise FlashlensError("--max-new-tokens and --samples must be at least 1")
+    clamps = [_parse_clamp(c, matrix) for c in clamp]
+    texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
+    if not texts:
+        raise FlashlensError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
+    lm = load_model(model, device=device, dtype=dtype)
+    ids: list[int] = []
+    if concept:
+        try:
+            ids = variant_ids(model_concept(concept, lm.folder, int(lm.config["vocab_size"])))
+        except ConceptError:
+            ids = []  # a multi-token concept: counted in the text only
+    with err_console.status("generating", spinner="dots") if not json_out else nullcontext():
+        result = steer(lm.model, lm.tokenizer, texts, [n for n, _ in clamps],
+                       [v for _, v in clamps],
+                       mode=_choice(mode, ("set", "add", "scale"), "--mode"),
+                       positions=_choice(positions, ("all", "last"), "--positions"),
+                       site=_choice(site, ("up", "gate", "act"), "--site"),
+                       max_new_tokens=max_new_tokens, samples=samples, temperature=temperature,
+                       seed=seed, chat=chat, concept=concept, concept_ids=ids)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    how = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
+    console.print(f"[bold]clamp[/] {', '.join(result.clamps)} ({result.mode}, positions "
+                  f"{result.positions}); {how}, seed {result.seed}")
+    for r in result.results:
+        table = Table(title=repr(r.prompt), show_lines=True, expand=True)
+        table.add_column("baseline", ratio=1)
+        table.add_column("clamped", ratio=1, style="green")
+        for b, c in zip(r.baseline, r.clamped):
+            table.add_row(b, c)
+        console.print(table)
+    if result.concept is not None:
+        console.print(f"continuations mentioning {result.concept!r}: baseline "
+                      f"{result.baseline_share:.0%}, clamped {result.clamped_share:.0%} "
+                      f"(of {len(texts) * samples})")
+
+
+@app.command("validate")
+def validate_command(
+    atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
+    concept: str = typer.Argument(..., help="The concept, e.g. dog."),
+    model: str = typer.Option(..., help="The model the atlas was mapped from (folder or id)."),
+    limit: int = typer.Option(20, help="Validate this many top search hits."),
+    neurons: str = typer.Option(None, help="Validate these instead, e.g. 12:1234,up:3:7."),
+    matrix: str = typer.Option(None, help="Search only this matrix (and the matrix of "
+                               "LAYER:INDEX --neurons; default up)."),
+    layers: str = typer.Option(None, help="Search only these layers, e.g. 0-5,9."),
+    factor: float = typer.Option(2.0, help="Validated when the best clamp multiplies "
+                                 "P(concept) by at least this."),
+    multiples: str = typer.Option("-20,-10,-5,-2,0,2,5,10,20", help="Clamp values, in units "
+                                  "of each neuron's natural max |activation|."),
+    mode: str = typer.Option("set", help=_MODES),
+    positions: str = typer.Option("all", help=_POSITIONS),
+    prompts: Path = typer.Option(None, help="Prompts file, one per line (default: a neutral set)."),
+    variants: str = typer.Option("case", help="Concept tokens: case or plural (see search)."),
+    write: bool = typer.Option(True, help="Record the results in ATLAS/validation.parquet."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    dtype: str = typer.Option("auto", help="auto, float32, bfloat16, float16."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Which neurons of a concept are causal: clamp each, keep those that raise P(concept).
+
+    Example:
+
+        flashlens validate atlas/llama31-8b dog --model meta-llama/Llama-3.1-8B --limit 20
+
+    Each neuron is clamped alone at --multiples of its natural max |activation| on the prompts;
+    it is validated when the best value raises the concept's next-token probability (mean over
+    prompts) by at least --factor. Results are merged into ATLAS/validation.parquet, which
+    `flashlens search` shows as its "validated" column.
+    """
+    from ..atlas import Atlas, parse_layers
+    from ..intervene import Neuron
+    from ..intervene.loading import load_model
+    from ..intervene.prompts import read_prompts
+    from ..intervene.validate import validate
+
+    at = Atlas.open(atlas)
+    chosen = Neuron.parse_list(neurons, matrix or "up") if neurons else None
+    texts = read_prompts(prompts)
+    mults = _floats(multiples, "--multiples")
+    layer_list = parse_layers(layers, at.meta.n_layers) if layers else None
+    lm = load_model(model, device=device, dtype=dtype)
+    report = validate(at, concept, lm, neurons=chosen, limit=limit, matrix=matrix,
+                      layers=layer_list, factor=factor, prompts=texts, multiples=mults,
+                      mode=_choice(mode, ("set", "add", "scale"), "--mode"),
+                      positions=_choice(positions, ("all", "last"), "--positions"),
+                      plural=_plural(variants), write=write, progress=not json_out)
+    if json_out:
+        print_json(report.to_dict())
+        return
+    err_console.print("variants: " + ", ".join(show_token(t) for t in report.variants))
+    _note(report.notes)
+    console.print(f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}) on "
+                  f"{report.n_prompts} prompts; P = P(concept) at the next token")
+    table = Table(show_edge=False)
+    for col in ("neuron", "P dec", "max|act|", "value", "P before", "P after", "ratio", "ok"):
+        table.add_column(col, justify="left" if col in ("neuron", "ok") else "right",
+                         no_wrap=True)
+    for r in report.results:
+        decoded = "" if r.concept_prob is None else f"{r.concept_prob:.3f}"
+        table.add_row(str(r.neuron), decoded, f"{r.absmax:.3g}", f"{r.best_value:.3g}",
+                      f"{r.baseline_prob:.2e}", f"{r.clamped_prob:.2e}", _ratio(r.ratio),
+                      "[green]yes[/]" if r.validated else "no")
+    console.print(table)
+    where = f" -> {report.path}" if report.path else ""
+    console.print(f"{report.n_validated} of {len(report.results)} neurons raise "
+                  f"P({report.concept!r}) by at least {report.factor:g}x{where}")

@@ -13,8 +13,10 @@ from .neuron import Neuron, Site
 from .prompts import next_token_probs
 
 # Default clamp values, in units of the neurons' largest natural |activation| on the prompts.
-DEFAULT_MULTIPLES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
-DEFAULT_SCALES = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0)
+# Both signs: in a gated MLP act = act_fn(gate) * up, and act_fn(gate) is often negative, so
+# an up neuron may need a negative clamp to write its decoded direction.
+DEFAULT_MULTIPLES = (-20.0, -10.0, -5.0, -2.0, 0.0, 2.0, 5.0, 10.0, 20.0)
+DEFAULT_SCALES = (-10.0, -5.0, -2.0, 0.0, 2.0, 5.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -82,12 +84,35 @@ def activation_ranges(model: Any, batch: dict[str, torch.Tensor], neurons: Neuro
     return out
 
 
-def default_values(mode: str, ranges: dict[Neuron, ActivationRange]) -> list[float]:
-    """Clamp values scaled to the neurons' natural range (scale mode: plain factors)."""
+def default_values(mode: str, ranges: dict[Neuron, ActivationRange],
+                   multiples: Sequence[float] = DEFAULT_MULTIPLES) -> list[float]:
+    """Clamp values: `multiples` of the neurons' largest natural |activation| (scale mode:
+    plain factors)."""
     if mode == "scale":
         return list(DEFAULT_SCALES)
-    unit = max((r.absmax for r in ranges.values()), default=1.0) or 1.0
-    return [round(m * unit, 4) for m in DEFAULT_MULTIPLES]
+    unit = max((r.absmax for r in ranges.values()), default=1.0) or 1.0  # a dead neuron: 1
+    return [round(m * unit, 4) for m in multiples]
+
+
+def clamped_probs(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    neurons: NeuronsLike,
+    concept_ids: Sequence[int],
+    values: Sequence[float],
+    mode: Mode = "set",
+    positions: Positions = "all",
+    site: Site | None = None,
+    advance: Callable[[], None] | None = None,
+) -> list[float]:
+    """The concept's mean next-token probability with `neurons` clamped at each value."""
+    probs = []
+    for v in values:
+        with clamp(model, neurons, value=v, mode=mode, positions=positions, site=site):
+            probs.append(concept_prob(model, batch, concept_ids))
+        if advance:
+            advance()
+    return probs
 
 
 def dose_response(
@@ -112,12 +137,7 @@ def dose_response(
     baseline = concept_prob(model, batch, concept_ids)
     if advance:
         advance()
-    probs = []
-    for v in values:
-        with clamp(model, chosen, value=v, mode=mode, positions=positions, site=site):
-            probs.append(concept_prob(model, batch, concept_ids))
-        if advance:
-            advance()
+    probs = clamped_probs(model, batch, chosen, concept_ids, values, mode, positions, site, advance)
     return DoseResponse(
         neurons=[str(n) for n in chosen], concept_ids=list(concept_ids), mode=mode,
         positions=positions, n_prompts=int(batch["input_ids"].shape[0]), baseline=baseline,

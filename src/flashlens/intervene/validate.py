@@ -1,0 +1,202 @@
+"""The paper's validation as a batch: which neurons causally raise their concept's probability.
+
+Each neuron is clamped alone at a few values (multiples of its largest natural |activation| on
+the prompts); it is validated when the best ratio P(concept | clamped) / P(concept) of the
+next token, averaged over prompts, reaches `factor`. Results go to ATLAS/validation.parquet
+(one row per concept, neuron and model; rerunning replaces that row), which `flashlens
+search` reads for its "validated" column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..atlas import Atlas
+from ..atlas.concepts import Expansion
+from ..atlas.format import atomic_write
+from ..errors import AtlasError, NeuronError
+from .concept import concept_variants, single_token, variant_ids
+from .dose import DEFAULT_MULTIPLES, activation_ranges, clamped_probs, concept_prob
+from .hooks import Mode, Positions, resolve_site
+from .loading import LoadedModel
+from .neuron import Neuron
+from .progress import progress_bar
+from .prompts import encode
+
+VALIDATION = "validation.parquet"
+VALIDATION_SCHEMA = pa.schema(
+    [
+        ("concept", pa.string()),  # lowercased
+        ("layer", pa.int16()),
+        ("matrix", pa.string()),
+        ("index", pa.int32()),
+        ("baseline_prob", pa.float32()),
+        ("clamped_prob", pa.float32()),  # at best_value
+        ("best_value", pa.float32()),
+        ("ratio", pa.float32()),  # clamped_prob / baseline_prob
+        ("validated", pa.bool_()),  # ratio >= factor
+        ("model", pa.string()),
+        ("created", pa.string()),  # ISO 8601, UTC
+    ]
+)
+KEY = ("concept", "layer", "matrix", "index", "model")
+
+
+@dataclass
+class NeuronValidation:
+    layer: int
+    matrix: str
+    index: int
+    baseline_prob: float
+    clamped_prob: float
+    best_value: float
+    ratio: float
+    validated: bool
+    absmax: float  # largest natural |activation| on the prompts (the unit of the values)
+    values: list[float]
+    probs: list[float]
+    concept_prob: float | None = None  # from search: the probability its decoded vector gives
+
+    @property
+    def neuron(self) -> Neuron:
+        return Neuron(self.layer, self.index, self.matrix)  # type: ignore[arg-type]
+
+
+@dataclass
+class ValidationReport:
+    concept: str
+    variants: list[str]  # decoded texts of the concept's tokens
+    model: str
+    factor: float
+    multiples: list[float]
+    n_prompts: int
+    mode: str
+    positions: str
+    results: list[NeuronValidation]
+    notes: list[str] = field(default_factory=list)
+    path: str | None = None  # the validation.parquet written
+
+    @property
+    def n_validated(self) -> int:
+        return sum(r.validated for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"n_validated": self.n_validated}
+
+
+def check_model_matches(atlas: Atlas, lm: LoadedModel) -> None:
+    """Refuse a model whose config.json is not the one the atlas was mapped from."""
+    if lm.config_hash != atlas.meta.config_hash:
+        raise AtlasError(
+            f"model {lm.name} does not match the atlas at {atlas.root}: its config hash is "
+            f"{lm.config_hash}, the atlas was mapped from {atlas.meta.model} (config hash "
+            f"{atlas.meta.config_hash}); pass the model the atlas was made from"
+        )
+
+
+def validate(
+    atlas: Atlas,
+    concept: str,
+    lm: LoadedModel,
+    *,
+    neurons: Sequence[Neuron] | None = None,
+    limit: int = 20,
+    matrix: str | None = None,
+    layers: list[int] | None = None,
+    factor: float = 2.0,
+    prompts: list[str],
+    multiples: Sequence[float] = DEFAULT_MULTIPLES,
+    mode: Mode = "set",
+    positions: Positions = "all",
+    plural: bool = False,
+    write: bool = True,
+    progress: bool = False,
+) -> ValidationReport:
+    """Validate `neurons` (default: the top `limit` search hits for `concept`)."""
+    check_model_matches(atlas, lm)
+    if factor <= 0:
+        raise NeuronError(f"--factor must be positive (got {factor})")
+    search_probs: dict[Neuron, float] = {}
+    if neurons is None:
+        found = atlas.search(concept, matrix=matrix, layers=layers, limit=limit, plural=plural)
+        expansion = single_token(Expansion(found.concept, found.variants, found.notes))
+        chosen = [Neuron(h.layer, h.index, h.matrix) for h in found.hits]  # type: ignore[arg-type]
+        search_probs = {n: h.concept_prob for n, h in zip(chosen, found.hits)}
+    else:
+        expansion = concept_variants(concept, atlas.tokens, atlas.texts, plural)
+        chosen = list(dict.fromkeys(neurons))
+    for n in chosen:
+        atlas.check_neuron(n.layer, n.index, n.matrix)
+        resolve_site(lm.model, n)
+    ids = variant_ids(expansion)
+    report = ValidationReport(expansion.concept.lower(), [v.text for v in expansion.variants],
+                              lm.name, factor, list(multiples), len(prompts), mode, positions,
+                              [], list(expansion.notes))
+    if not chosen:
+        report.notes.append("no neurons to validate")
+        return report
+    batch = encode(lm.tokenizer, prompts, lm.device)
+    with progress_bar(progress, 2 + len(chosen) * len(multiples), "validating") as advance:
+        baseline = concept_prob(lm.model, batch, ids)
+        advance()
+        ranges = activation_ranges(lm.model, batch, chosen)
+        advance()
+        for n in chosen:
+            unit = ranges[n].absmax or 1.0  # a neuron silent on every prompt: unit 1
+            values = [m * unit for m in multiples]
+            probs = clamped_probs(lm.model, batch, [n], ids, values, mode, positions,
+                                  advance=advance)
+            best = max(range(len(probs)), key=probs.__getitem__)
+            ratio = probs[best] / baseline if baseline > 0 else float("inf")
+            report.results.append(NeuronValidation(
+                n.layer, n.matrix, n.index, baseline, probs[best], values[best], ratio,
+                ratio >= factor, ranges[n].absmax, values, probs, search_probs.get(n)))
+    if write:
+        report.path = str(write_validation(atlas.root, report))
+    return report
+
+
+def write_validation(root: Path, report: ValidationReport) -> Path:
+    """Merge the report's rows into ROOT/validation.parquet (atomically)."""
+    path = Path(root) / VALIDATION
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = [
+        {"concept": report.concept, "layer": r.layer, "matrix": r.matrix, "index": r.index,
+         "baseline_prob": r.baseline_prob, "clamped_prob": r.clamped_prob,
+         "best_value": r.best_value, "ratio": r.ratio, "validated": r.validated,
+         "model": report.model, "created": created}
+        for r in report.results
+    ]
+    new = pa.Table.from_pylist(rows, VALIDATION_SCHEMA)
+    if path.is_file():
+        try:
+            old = pq.read_table(path).select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
+        except (pa.ArrowException, OSError, KeyError) as err:
+            raise AtlasError(f"{path} is unreadable ({err}); delete it to start the validation "
+                             "record afresh") from None
+        replaced = {tuple(r[k] for k in KEY) for r in rows}
+        keep = [tuple(r[k] for k in KEY) not in replaced for r in old.select(KEY).to_pylist()]
+        new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
+    new = new.sort_by([("concept", "ascending"), ("layer", "ascending"),
+                       ("matrix", "ascending"), ("index", "ascending")])
+    atomic_write(path, lambda tmp: pq.write_table(new, tmp))
+    return path
+
+
+def read_validation(root: Path, concept: str | None = None) -> pa.Table:
+    """ROOT/validation.parquet (optionally one concept's rows); empty when never validated."""
+    path = Path(root) / VALIDATION
+    if not path.is_file():
+        return VALIDATION_SCHEMA.empty_table()
+    table = pq.read_table(path)
+    if concept is not None:
+        table = table.filter(pc.equal(table["concept"], concept.strip().lower()))
+    return table
