@@ -1,0 +1,194 @@
+"""The data behind each viewer page, as plain dicts (no web framework here).
+
+Each page's HTML is rendered from exactly the dict its JSON twin returns, so the two can not
+disagree. A request the atlas can not answer raises `ViewError` with an HTTP status and a
+message that says what was wrong and what would work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..atlas import Atlas, parse_layers
+from ..errors import FlashlensError, NeuronError
+
+N_NEURON_TOKENS = 5  # top tokens shown beside each neuron on the token page
+
+
+class ViewError(Exception):
+    """A request the viewer refuses: `status` is the HTTP status, `message` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def neuron_path(matrix: str, layer: int, index: int) -> str:
+    return f"/neuron/{matrix}/{layer}/{index}"
+
+
+def token_path(token_id: int) -> str:
+    return f"/token/{token_id}"
+
+
+def _int(value: str, what: str, example: str, status: int = 404) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ViewError(status, f"{what} {value!r} is not a whole number, e.g. {example}") from None
+    if number < 0:
+        raise ViewError(status, f"{what} {number} is negative")
+    return number
+
+
+# --- / -------------------------------------------------------------------------------------
+def overview(atlas: Atlas) -> dict[str, Any]:
+    """The atlas' metadata and a link to the first neuron of every (matrix, layer)."""
+    m = atlas.meta
+    return {
+        "meta": m.to_dict(),
+        "links": {
+            "neurons": {
+                mat: {str(layer): neuron_path(mat, layer, 0) for layer in m.layers}
+                for mat in m.matrices
+            },
+        },
+    }
+
+
+# --- /neuron/{matrix}/{layer}/{index} --------------------------------------------------------
+def neuron(atlas: Atlas, matrix: str, layer: str, index: str) -> dict[str, Any]:
+    """One neuron's record plus links to its neighbours and its twins in other matrices."""
+    layer_n = _int(layer, "layer", "/neuron/up/2/7")
+    index_n = _int(index, "neuron index", "/neuron/up/2/7")
+    try:
+        rec = atlas.neuron(layer_n, index_n, matrix)
+    except NeuronError as err:
+        raise ViewError(404, str(err)) from None
+    m = atlas.meta
+    pos = m.layers.index(layer_n)
+    prev = next_ = None
+    if index_n > 0:
+        prev = neuron_path(matrix, layer_n, index_n - 1)
+    elif pos > 0:
+        prev = neuron_path(matrix, m.layers[pos - 1], m.d_mlp - 1)
+    if index_n < m.d_mlp - 1:
+        next_ = neuron_path(matrix, layer_n, index_n + 1)
+    elif pos < len(m.layers) - 1:
+        next_ = neuron_path(matrix, m.layers[pos + 1], 0)
+    return {
+        **rec.to_dict(),
+        "model": m.model,
+        "links": {
+            "prev": prev,
+            "next": next_,
+            "matrices": {mat: neuron_path(mat, layer_n, index_n) for mat in m.matrices},
+        },
+    }
+
+
+# --- /token/{token_id} -----------------------------------------------------------------------
+def token(atlas: Atlas, token_id: str) -> dict[str, Any]:
+    """The neurons that give a token most probability (from reverse.parquet), best first."""
+    from ..atlas.atlas import read_parquet
+
+    tid = _int(token_id, "token id", "/token/42")
+    n_vocab = len(atlas.tokens)
+    if tid >= n_vocab:
+        raise ViewError(
+            404,
+            f"token id {tid} is out of range: the vocabulary has {n_vocab} "
+            f"tokens (0-{n_vocab - 1})",
+        )
+    table = read_parquet(atlas.reverse_path, filters=[("token_id", "=", tid)])
+    rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
+    tops = _top_texts(atlas, [(r["matrix"], r["layer"], r["index"]) for r in rows])
+    neurons = [
+        {
+            "rank": r["rank"],
+            "layer": r["layer"],
+            "matrix": r["matrix"],
+            "index": r["index"],
+            "prob": r["prob"],
+            "logit": r["logit"],
+            "top_tokens": tops[(r["matrix"], r["layer"], r["index"])],
+        }
+        for r in rows
+    ]
+    return {
+        "token_id": tid,
+        "token": atlas.tokens[tid],
+        "text": atlas.texts[tid],
+        "reverse_n": atlas.meta.reverse_n,
+        "neurons": neurons,
+    }
+
+
+def _top_texts(
+    atlas: Atlas, keys: list[tuple[str, int, int]]
+) -> dict[tuple[str, int, int], list[str]]:
+    """Decoded texts of the top tokens of each (matrix, layer, index), one read per file."""
+    from ..atlas.atlas import read_parquet
+
+    by_file: dict[tuple[str, int], set[int]] = {}
+    for mat, layer, index in keys:
+        by_file.setdefault((mat, layer), set()).add(index)
+    out: dict[tuple[str, int, int], list[str]] = {}
+    texts = atlas.texts
+    for (mat, layer), indices in by_file.items():
+        table = read_parquet(
+            atlas.layer_path(mat, layer),
+            columns=["index", "top_ids"],
+            filters=[("index", "in", sorted(indices))],
+        )
+        for index, ids in zip(
+            table.column("index").to_pylist(), table.column("top_ids").to_pylist(), strict=True
+        ):
+            out[(mat, layer, index)] = [texts[i] for i in ids[:N_NEURON_TOKENS]]
+    return out
+
+
+# --- /search?q= ------------------------------------------------------------------------------
+_ADDRESS = re.compile(r"^\s*(?:([A-Za-z_]+)\s*[ /:]\s*)?(\d+)\s*:\s*(\d+)\s*$")
+
+
+def neuron_address(q: str, atlas: Atlas) -> str | None:
+    """'2:7', 'up 2:7' or 'gate/2:7' -> the neuron's path (default matrix: the atlas' first)."""
+    match = _ADDRESS.match(q)
+    if not match:
+        return None
+    matrix = match.group(1) or atlas.meta.matrices[0]
+    return neuron_path(matrix, int(match.group(2)), int(match.group(3)))
+
+
+def search(
+    atlas: Atlas,
+    q: str,
+    *,
+    matrix: str | None = None,
+    layers: str | None = None,
+    limit: str | None = None,
+    top1: bool = False,
+    plural: bool = False,
+) -> dict[str, Any]:
+    """`Atlas.search` for the page's query, with the query echoed back."""
+    matrix = matrix or None
+    layers = (layers or "").strip() or None
+    limit_n = _int(limit, "limit", "20", 400) if limit else 20
+    query = {
+        "q": q,
+        "matrix": matrix,
+        "layers": layers,
+        "limit": limit_n,
+        "top1": top1,
+        "plural": plural,
+    }
+    try:
+        chosen = parse_layers(layers, atlas.meta.n_layers) if layers else None
+        result = atlas.search(
+            q, matrix=matrix, layers=chosen, limit=limit_n, top1=top1, plural=plural
+        )
+    except FlashlensError as err:
+        raise ViewError(400, str(err)) from None
+    return {"query": query, **result.to_dict()}
