@@ -44,6 +44,7 @@ td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
        background:var(--soft); border:1px solid var(--line); border-radius:4px;
        padding:0 .3rem; }
 .tok .ws { color:#98a2b3; }
+.tok.byte { font-style:italic; color:var(--muted); }
 .bar { width:12rem; height:.8rem; background:var(--soft); border-radius:3px; overflow:hidden; }
 .bar span { display:block; height:100%; background:var(--bar); }
 .grid { display:flex; gap:2.5rem; flex-wrap:wrap; align-items:flex-start; }
@@ -85,13 +86,17 @@ def visible(text: str) -> str:
 
 def token_cell(text: str, token: str | None = None, token_id: int | None = None) -> str:
     """A monospace token box; whitespace markers dimmed; links to the token's page."""
-    shown = visible(text)
+    if "\ufffd" in text and token and token != text:  # a byte token: its own form says more
+        shown, extra = token, " byte"
+    else:
+        shown, extra = visible(text), ""
     inner = "".join(f'<span class="ws">{esc(c)}</span>' if c in "␣↵⇥␍∅" else esc(c) for c in shown)
     title = repr(text) + (f" = {token}" if token is not None and token != text else "")
     if token_id is not None:
         title += f" (id {token_id})"
-        return f'<a class="tok" href="{esc(token_path(token_id))}" title="{esc(title)}">{inner}</a>'
-    return f'<span class="tok" title="{esc(title)}">{inner}</span>'
+        href = esc(token_path(token_id))
+        return f'<a class="tok{extra}" href="{href}" title="{esc(title)}">{inner}</a>'
+    return f'<span class="tok{extra}" title="{esc(title)}">{inner}</span>'
 
 
 def prob(p: float) -> str:

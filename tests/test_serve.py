@@ -1,0 +1,350 @@
+"""The web viewer in-process: every page against its JSON twin and against the atlas itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient
+
+from flashlens.atlas import Atlas
+from flashlens.cli import main
+from flashlens.serve import ServeError, bind, make_app
+from flashlens.serve.pages import visible
+
+# Tags the viewer writes; a token or query that leaked unescaped would add others (<s>, <script>).
+ALLOWED_TAGS = {
+    "html", "head", "meta", "title", "link", "body", "header", "form", "input", "button", "main",
+    "h1", "h2", "p", "div", "section", "span", "a", "table", "thead", "tbody", "tr", "th", "td",
+    "dl", "dt", "dd", "code", "small", "select", "option", "label",
+}  # fmt: skip
+
+
+class Page(HTMLParser):
+    """Tags, text, links and token cells of a rendered page."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: set[str] = set()
+        self.links: list[str] = []
+        self.tokens: list[str] = []  # visible text of each .tok cell, in page order
+        self.titles: list[str] = []  # title attribute of each .tok cell
+        self.text: list[str] = []
+        self._tok_depth = 0
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        a = dict(attrs)
+        if tag == "a" and a.get("href"):
+            self.links.append(str(a["href"]))
+        if self._tok_depth:
+            self._tok_depth += 1
+        elif "tok" in (a.get("class") or "").split():
+            self._tok_depth = 1
+            self.tokens.append("")
+            self.titles.append(a.get("title") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if self._tok_depth:
+            self._tok_depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+        if self._tok_depth:
+            self.tokens[-1] += data
+
+
+@pytest.fixture(scope="module")
+def atlas(stories_atlas: Path) -> Atlas:
+    return Atlas.open(stories_atlas)
+
+
+@pytest.fixture(scope="module")
+def client(atlas: Atlas) -> TestClient:
+    return TestClient(make_app(atlas))
+
+
+def get_both(client: TestClient, path: str) -> tuple[Page, dict[str, Any]]:
+    """The page and its JSON twin; both twin spellings must agree."""
+    html = client.get(path)
+    assert html.status_code == 200, html.text
+    assert html.headers["content-type"].startswith("text/html")
+    route, _, query = path.partition("?")
+    suffixed = client.get(
+        f"{'/index' if route == '/' else route}.json" + (f"?{query}" * bool(query))
+    )
+    flagged = client.get(path + ("&" if query else "?") + "format=json")
+    assert suffixed.status_code == flagged.status_code == 200
+    assert suffixed.headers["content-type"] == "application/json"
+    assert suffixed.json() == flagged.json()
+    page = Page(html.text)
+    assert page.tags <= ALLOWED_TAGS, page.tags - ALLOWED_TAGS
+    assert "/search" in html.text and 'name="q"' in html.text  # the search box is on every page
+    return page, suffixed.json()
+
+
+def shown_prob(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+# --- overview --------------------------------------------------------------------------------
+def test_overview_shows_the_atlas_meta(client: TestClient, atlas: Atlas) -> None:
+    page, data = get_both(client, "/")
+    assert data["meta"] == atlas.meta.to_dict()
+    assert client.get("/.json").json() == data
+    text = " ".join(page.text)
+    m = atlas.meta
+    for value in (m.model, m.architecture, m.norm, m.config_hash, f"{m.d_mlp}", f"{m.d_vocab}"):
+        assert value in text
+    expected = {f"/neuron/{mat}/{layer}/0" for mat in m.matrices for layer in m.layers}
+    assert expected <= set(page.links)
+
+
+def test_every_link_on_the_main_pages_resolves(client: TestClient) -> None:
+    seen: set[str] = set()
+    for start in ("/", "/neuron/gate/1/0", "/token/400", "/search?q=dog"):
+        page, _ = get_both(client, start)
+        for href in page.links:
+            if href.startswith("/") and href not in seen:
+                seen.add(href)
+                assert client.get(href).status_code == 200, href
+    assert len(seen) > 30
+
+
+# --- neuron ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("matrix", "layer", "index"), [("up", 2, 7), ("gate", 0, 171), ("down", 4, 0)]
+)
+def test_neuron_page_matches_the_atlas(
+    client: TestClient, atlas: Atlas, matrix: str, layer: int, index: int
+) -> None:
+    page, data = get_both(client, f"/neuron/{matrix}/{layer}/{index}")
+    rec = atlas.neuron(layer, index, matrix)
+    assert {k: data[k] for k in rec.to_dict()} == rec.to_dict()
+    # the probabilities really are softmax(logits) under the stored logsumexp, most promoted first
+    probs = [t["prob"] for t in data["top"]]
+    assert probs == sorted(probs, reverse=True)
+    for t in data["top"] + data["bottom"]:
+        assert t["prob"] == pytest.approx(math.exp(t["logit"] - data["logsumexp"]), rel=1e-6)
+    # the HTML shows the same tokens in the same order, whitespace made visible
+    expected = [
+        visible(t.text) if "\ufffd" not in t.text else t.token for t in rec.top + rec.bottom
+    ]
+    assert page.tokens == expected
+    text = page.text
+    for t in rec.top:
+        assert shown_prob(t.prob) in text
+    assert f"{rec.entropy:.3f} nats" in text
+    assert f"{rec.logsumexp:.3f}" in text
+    for t in rec.top + rec.bottom:
+        assert f"/token/{t.token_id}" in page.links
+
+
+def test_neuron_neighbours_cross_layers(client: TestClient, atlas: Atlas) -> None:
+    d_mlp, layers = atlas.meta.d_mlp, atlas.meta.layers
+    links = client.get("/neuron/up/1/0.json").json()["links"]
+    assert links["prev"] == f"/neuron/up/0/{d_mlp - 1}"
+    assert links["next"] == "/neuron/up/1/1"
+    assert client.get(f"/neuron/up/1/{d_mlp - 1}.json").json()["links"]["next"] == "/neuron/up/2/0"
+    assert client.get("/neuron/down/0/0.json").json()["links"]["prev"] is None
+    last = f"/neuron/down/{layers[-1]}/{d_mlp - 1}.json"
+    assert client.get(last).json()["links"]["next"] is None
+    assert client.get("/neuron/gate/3/5.json").json()["links"]["matrices"] == {
+        m: f"/neuron/{m}/3/5" for m in atlas.meta.matrices
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/neuron/up/2/172", "neuron index 172 is out of range: layers have 172 neurons (0-171)"),
+        ("/neuron/up/9/0", "layer 9 is not in this atlas; it has layers 0-4"),
+        ("/neuron/mlp/2/7", "matrix 'mlp' is not in this atlas; it has up, gate, down"),
+        ("/neuron/up/two/7", "layer 'two' is not a whole number"),
+        ("/neuron/up/2/-1", "neuron index -1 is negative"),
+        ("/token/512", "token id 512 is out of range: the vocabulary has 512 tokens (0-511)"),
+        ("/nothing/here", "no page at /nothing/here"),
+    ],
+)
+def test_bad_addresses_are_404_with_the_reason(client: TestClient, path: str, message: str) -> None:
+    html = client.get(path)
+    assert html.status_code == 404
+    assert message in " ".join(Page(html.text).text)
+    assert 'name="q"' in html.text  # the search box is there to recover
+    for twin in (client.get(path + ".json"), client.get(path + "?format=json")):
+        assert twin.status_code == 404
+        assert twin.json()["status"] == 404
+        assert message in twin.json()["error"]
+
+
+# --- token -----------------------------------------------------------------------------------
+def test_token_page_is_the_reverse_index(client: TestClient, atlas: Atlas) -> None:
+    tid = atlas.texts.index(" dog") if " dog" in atlas.texts else 400
+    page, data = get_both(client, f"/token/{tid}")
+    rows = [r for r in pq.read_table(atlas.reverse_path).to_pylist() if r["token_id"] == tid]
+    rows.sort(key=lambda r: r["rank"])
+    assert len(rows) == atlas.meta.reverse_n
+    assert (data["token_id"], data["token"], data["text"]) == (
+        tid,
+        atlas.tokens[tid],
+        atlas.texts[tid],
+    )
+    got = [
+        {k: n[k] for k in ("rank", "layer", "matrix", "index", "prob", "logit")}
+        for n in data["neurons"]
+    ]
+    assert got == [{k: r[k] for k in got[0]} for r in rows]
+    for n in data["neurons"]:
+        rec = atlas.neuron(n["layer"], n["index"], n["matrix"])
+        assert n["top_tokens"] == [t.text for t in rec.top[:5]]
+        if tid in [t.token_id for t in rec.top]:  # the two tables agree where both store it
+            stored = next(t for t in rec.top if t.token_id == tid)
+            assert n["prob"] == pytest.approx(stored.prob, rel=1e-5)
+    neuron_links = [h for h in page.links if h.startswith("/neuron/")]
+    assert neuron_links == [f"/neuron/{r['matrix']}/{r['layer']}/{r['index']}" for r in rows]
+
+
+# --- search ----------------------------------------------------------------------------------
+def test_search_page_is_atlas_search(client: TestClient, atlas: Atlas) -> None:
+    page, data = get_both(client, "/search?q=the&matrix=up&layers=1-3&limit=7&plural=1")
+    expected = atlas.search("the", matrix="up", layers=[1, 2, 3], limit=7, plural=True).to_dict()
+    assert {k: data[k] for k in expected} == expected
+    assert data["query"] == {
+        "q": "the",
+        "matrix": "up",
+        "layers": "1-3",
+        "limit": 7,
+        "top1": False,
+        "plural": True,
+    }
+    assert 0 < len(data["hits"]) <= 7
+    assert all(h["matrix"] == "up" and 1 <= h["layer"] <= 3 for h in data["hits"])
+    hits = [h for h in page.links if h.startswith("/neuron/")]
+    assert hits == [f"/neuron/up/{h['layer']}/{h['index']}" for h in data["hits"]]
+    for v in data["variants"]:
+        assert f"/token/{v['token_id']}" in page.links
+
+
+def test_search_top1_and_notes(client: TestClient, atlas: Atlas) -> None:
+    page, data = get_both(client, "/search?q=dog&top1=1")
+    expected = atlas.search("dog", top1=True).to_dict()
+    assert {k: data[k] for k in expected} == expected
+    text = " ".join(page.text)
+    for note in data["notes"]:
+        assert note in text
+
+
+def test_a_neuron_address_in_the_search_box_jumps_to_it(client: TestClient) -> None:
+    for q, target in [
+        ("up 2:7", "/neuron/up/2/7"),
+        ("gate/3:10", "/neuron/gate/3/10"),
+        ("4:5", "/neuron/up/4/5"),
+    ]:
+        r = client.get("/search", params={"q": q}, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == target
+        r = client.get("/search.json", params={"q": q}, follow_redirects=False)
+        assert r.headers["location"] == target + ".json"
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("", "the concept is empty"),
+        ("q=the&layers=2-9", "layer range '2-9' is out of range"),
+        ("q=the&matrix=mlp", "matrix 'mlp' is not in this atlas"),
+        ("q=the&limit=many", "limit 'many' is not a whole number"),
+    ],
+)
+def test_bad_searches_are_400(client: TestClient, query: str, message: str) -> None:
+    html = client.get(f"/search?{query}")
+    assert html.status_code == 400
+    assert message in " ".join(Page(html.text).text)
+    twin = client.get(f"/search.json?{query}")
+    assert twin.status_code == 400 and message in twin.json()["error"]
+
+
+# --- escaping --------------------------------------------------------------------------------
+def test_markup_in_tokens_and_queries_is_escaped(client: TestClient, atlas: Atlas) -> None:
+    marked = [i for i, t in enumerate(atlas.texts) if set(t) & set("<>&\"'")]
+    assert marked, "the vocabulary has tokens with markup characters"
+    for tid in marked:
+        page, data = get_both(client, f"/token/{tid}")
+        assert page.tokens[0] == visible(data["text"])  # the heading shows the token itself
+    # a neuron that shows one of them among its top or bottom tokens
+    layer, index = next(
+        (r["layer"], r["index"])
+        for layer in atlas.meta.layers
+        for r in atlas.layer_table("up", layer).to_pylist()
+        if set(r["top_ids"] + r["bottom_ids"]) & set(marked)
+    )
+    page, data = get_both(client, f"/neuron/up/{layer}/{index}")
+    shown = data["top"] + data["bottom"]
+    assert any(t["token_id"] in marked for t in shown)
+    assert len(page.titles) == len(shown)
+    for title, t in zip(page.titles, shown, strict=True):
+        assert title.startswith(repr(t["text"]))
+    evil = '<script>alert("x")</script> & \''
+    r = client.get("/search", params={"q": evil})
+    assert "<script>" not in r.text
+    assert Page(r.text).tags <= ALLOWED_TAGS
+    assert 'value="&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; &#x27;"' in r.text
+
+
+def test_visible_whitespace() -> None:
+    assert visible(" dog") == "␣dog"
+    assert visible("\n\n") == "↵↵"
+    assert visible("\t x") == "⇥␣x"
+    assert visible("") == "∅"
+    assert visible("a\x01") == "a\\x01"
+
+
+# --- the command -----------------------------------------------------------------------------
+def test_serve_get_prints_one_response(
+    stories_atlas: Path, atlas: Atlas, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(stories_atlas), "--get", "/neuron/up/2/7.json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    rec = atlas.neuron(2, 7, "up").to_dict()
+    assert {k: data[k] for k in rec} == rec
+    assert main(["serve", str(stories_atlas), "--get", "/search?q=up%202:7&format=json"]) == 0
+    assert json.loads(capsys.readouterr().out)["index"] == 7  # the redirect is followed
+    assert main(["serve", str(stories_atlas), "--get", "/"]) == 0
+    assert capsys.readouterr().out.startswith("<!doctype html>")
+
+
+def test_serve_get_errors(
+    stories_atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", str(stories_atlas), "--get", "/neuron/up/2/999.json"]) == 1
+    out = capsys.readouterr()
+    assert "out of range" in json.loads(out.out)["error"]
+    assert main(["serve", str(stories_atlas), "--get", "neuron/up/2/7"]) == 2
+    err = capsys.readouterr().err
+    assert "starts with /" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert main(["serve", str(tmp_path / "nope"), "--get", "/"]) == 2
+    assert "no atlas at" in capsys.readouterr().err
+
+
+def test_busy_port_is_a_clear_error() -> None:
+    sock = bind("127.0.0.1", 0)
+    try:
+        port = sock.getsockname()[1]
+        with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is in use"):
+            bind("127.0.0.1", port)
+    finally:
+        sock.close()
+    free = bind("127.0.0.1", 0)
+    assert free.family == socket.AF_INET and free.getsockname()[0] == "127.0.0.1"
+    free.close()
