@@ -22,29 +22,39 @@ class BlockStats(NamedTuple):
     m4: Tensor
     chunk_max: Tensor  # (B, V // CHUNK) max of each full chunk of CHUNK tokens
     chunk_min: Tensor  # (B, V // CHUNK)
-    reverse_mask: Tensor  # (B, V) bool: logit - lse > threshold[token]
+    col_best: Tensor  # (V,) best log-probability of each token over the block's valid rows
 
 
-def block_stats(L: Tensor, mu: Tensor, threshold: Tensor) -> BlockStats:
+def block_stats(L: Tensor, mu: Tensor, valid: Tensor) -> BlockStats:
     """Reductions of logits L (B, V; any float dtype) computed in fp32.
 
     mu (B,): the exact mean logit of each row (x . mean(W_U)), so moments are central.
-    threshold (V,): per-token log-probability a neuron must beat to enter the reverse index.
+    valid (B,) bool: rows that are real neurons (False = padding); only they enter col_best.
+
+    Written so that inductor fuses it into one parallel loop nest that reads L twice: the row
+    max comes from the chunk maxima (no separate max pass), and the reverse index gets a (V,)
+    column maximum instead of a (B, V) mask, so nothing of the block's size is written.
     """
-    L = L.float()
-    B, V = L.shape
-    m = L.amax(1, keepdim=True)  # (B, 1)
-    e = torch.exp(L - m)
+    Lf = L.float()
+    B, V = Lf.shape
+    n_chunks = V // CHUNK  # a tail of V % CHUNK tokens is handled by the caller
+    chunks = Lf[:, : n_chunks * CHUNK].reshape(B, n_chunks, CHUNK)
+    chunk_max, chunk_min = chunks.amax(2), chunks.amin(2)  # (B, n_chunks)
+    if n_chunks == 0:
+        m = Lf.amax(1)
+    else:
+        m = chunk_max.amax(1)  # (B,)
+        if n_chunks * CHUNK < V:
+            m = torch.maximum(m, Lf[:, n_chunks * CHUNK :].amax(1))
+    e = torch.exp(Lf - m[:, None])
     s = e.sum(1)
-    lse = m.squeeze(1) + torch.log(s)
-    entropy = lse - (e * L).sum(1) / s
-    c = L - mu[:, None]
+    lse = m + torch.log(s)
+    entropy = lse - (e * Lf).sum(1) / s
+    c = Lf - mu[:, None]
     c2 = c * c
     m2, m3, m4 = c2.mean(1), (c2 * c).mean(1), (c2 * c2).mean(1)
-    n_chunks = V // CHUNK  # a tail of V % CHUNK tokens is handled by the caller
-    chunks = L[:, : n_chunks * CHUNK].reshape(B, n_chunks, CHUNK)
-    mask = (L - lse[:, None]) > threshold[None, :]
-    return BlockStats(lse, entropy, m2, m3, m4, chunks.amax(2), chunks.amin(2), mask)
+    logp = torch.where(valid[:, None], Lf - lse[:, None], float("-inf"))
+    return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min, logp.amax(0))
 
 
 _COMPILED: dict[str, object] = {}
