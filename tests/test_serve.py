@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from flashlens.atlas import Atlas
 from flashlens.cli import main
 from flashlens.serve import ServeError, bind, make_app
-from flashlens.serve.pages import visible
+from flashlens.serve.pages import display, visible
 
 # Tags the viewer writes; a token or query that leaked unescaped would add others (<s>, <script>).
 ALLOWED_TAGS = {
@@ -125,7 +125,7 @@ def test_every_link_on_the_main_pages_resolves(client: TestClient) -> None:
 
 # --- neuron ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("matrix", "layer", "index"), [("up", 2, 7), ("gate", 0, 171), ("down", 4, 0)]
+    ("matrix", "layer", "index"), [("up", 2, 7), ("gate", 0, 171), ("down", 4, 0), ("down", 4, 144)]
 )
 def test_neuron_page_matches_the_atlas(
     client: TestClient, atlas: Atlas, matrix: str, layer: int, index: int
@@ -139,9 +139,7 @@ def test_neuron_page_matches_the_atlas(
     for t in data["top"] + data["bottom"]:
         assert t["prob"] == pytest.approx(math.exp(t["logit"] - data["logsumexp"]), rel=1e-6)
     # the HTML shows the same tokens in the same order, whitespace made visible
-    expected = [
-        visible(t.text) if "\ufffd" not in t.text else t.token for t in rec.top + rec.bottom
-    ]
+    expected = [display(t.text, t.token) for t in rec.top + rec.bottom]
     assert page.tokens == expected
     text = page.text
     for t in rec.top:
@@ -308,6 +306,8 @@ def test_visible_whitespace() -> None:
     assert visible("\t x") == "⇥␣x"
     assert visible("") == "∅"
     assert visible("a\x01") == "a\\x01"
+    assert display(" dog", "▁dog") == "␣dog"
+    assert display("\ufffd", "<0xE2>") == "<0xE2>"  # a byte token shows its own form
 
 
 # --- the command -----------------------------------------------------------------------------

@@ -84,12 +84,18 @@ def visible(text: str) -> str:
     return "".join(out)
 
 
+def display(text: str, token: str | None = None) -> str:
+    """What a token cell shows: the visible text, or for a byte token (decoding to U+FFFD)
+    the tokenizer's own form, e.g. <0xE2>."""
+    if "\ufffd" in text and token and token != text:
+        return token
+    return visible(text)
+
+
 def token_cell(text: str, token: str | None = None, token_id: int | None = None) -> str:
     """A monospace token box; whitespace markers dimmed; links to the token's page."""
-    if "\ufffd" in text and token and token != text:  # a byte token: its own form says more
-        shown, extra = token, " byte"
-    else:
-        shown, extra = visible(text), ""
+    shown = display(text, token)
+    extra = " byte" if shown != visible(text) else ""
     inner = "".join(f'<span class="ws">{esc(c)}</span>' if c in "␣↵⇥␍∅" else esc(c) for c in shown)
     title = repr(text) + (f" = {token}" if token is not None and token != text else "")
     if token_id is not None:

@@ -1,0 +1,138 @@
+"""The viewer as a user meets it: `flashlens serve` in a subprocess, driven in real Chromium.
+
+Needs /usr/bin/chromium and Playwright for Python (`playwright install` is not used: the
+system browser is launched directly). Under CI=true a missing browser fails; elsewhere it skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flashlens.atlas import Atlas
+from flashlens.serve.pages import display
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+def _missing(msg: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.is_file():
+        _missing(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("Playwright for Python is missing: pip install playwright")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def server(stories_atlas: Path) -> Iterator[str]:
+    """`flashlens serve ATLAS --port 0` in a subprocess; its URL (read from its first line)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashlens", "serve", str(stories_atlas), "--port", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    first: list[str] = []
+    reader = threading.Thread(target=lambda: first.append(proc.stderr.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    try:
+        match = re.search(r"http://127\.0\.0\.1:\d+/", first[0] if first else "")
+        assert match, f"no URL from `flashlens serve`: {first}"
+        yield match.group(0)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_search_click_through_and_back(
+    browser: Any, server: str, stories_atlas: Path, tmp_path: Path
+) -> None:
+    atlas = Atlas.open(stories_atlas)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    shots: list[Path] = []
+
+    def shot(name: str) -> None:
+        shots.append(tmp_path / f"{name}.png")
+        page.screenshot(path=str(shots[-1]), full_page=True)
+
+    # the overview, styled by the viewer's stylesheet
+    assert page.goto(server).status == 200
+    assert page.locator("h1").inner_text() == atlas.meta.model
+    assert page.locator("header form input[name=q]").is_visible()
+    shot("overview")
+
+    # search from the header box; the hits are Atlas.search's, in its order
+    page.locator("header input[name=q]").fill("dog")
+    page.locator("header input[name=q]").press("Enter")
+    page.wait_for_url(re.compile(r"/search\?q=dog"))
+    expected = atlas.search("dog").hits
+    links = page.locator("main table tbody tr td:first-child a")
+    assert links.count() == len(expected)
+    assert links.all_inner_texts() == [f"{h.matrix} {h.layer}:{h.index}" for h in expected]
+    shot("search")
+
+    # click through to the best neuron: its tokens, whitespace visible, in a monospace font
+    best = expected[0]
+    links.first.click()
+    page.wait_for_url(re.compile(rf"/neuron/{best.matrix}/{best.layer}/{best.index}$"))
+    assert page.locator("h1").inner_text() == f"Neuron {best.matrix} {best.layer}:{best.index}"
+    rec = atlas.neuron(best.layer, best.index, best.matrix)
+    cells = page.locator("main table").first.locator(".tok")
+    assert cells.all_inner_texts() == [display(t.text, t.token) for t in rec.top]
+    font = cells.first.evaluate("e => getComputedStyle(e).fontFamily")
+    assert "mono" in font.lower()
+    shot("neuron")
+
+    # next neuron, then a token's reverse index
+    page.get_by_text("next →").click()
+    page.wait_for_url(re.compile(rf"/neuron/{best.matrix}/{best.layer}/{best.index + 1}$"))
+    nxt = atlas.neuron(best.layer, best.index + 1, best.matrix)
+    page.locator("main table").first.locator("a.tok").first.click()
+    page.wait_for_url(re.compile(rf"/token/{nxt.top[0].token_id}$"))
+    rows = page.locator("main table tbody tr")
+    assert rows.count() == atlas.meta.reverse_n
+    assert f"id {nxt.top[0].token_id}" in page.locator("h1").inner_text()
+    shot("token")
+
+    # a neuron address in the search box jumps to it; a bad one is a readable 404
+    page.locator("header input[name=q]").fill("gate 3:10")
+    page.locator("header input[name=q]").press("Enter")
+    page.wait_for_url(re.compile(r"/neuron/gate/3/10$"))
+    response = page.goto(server + "neuron/up/2/999")
+    assert response.status == 404
+    assert "neuron index 999 is out of range" in page.locator(".error").inner_text()
+    shot("error")
+    page.close()
+
+    for path in shots:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
