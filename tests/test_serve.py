@@ -348,3 +348,18 @@ def test_busy_port_is_a_clear_error() -> None:
     free = bind("127.0.0.1", 0)
     assert free.family == socket.AF_INET and free.getsockname()[0] == "127.0.0.1"
     free.close()
+
+
+def test_a_damaged_atlas_is_a_500_that_says_so(stories_atlas: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(stories_atlas, tmp_path / "atlas"))
+    (copy / "up" / "layer_002.parquet").unlink()
+    client = TestClient(make_app(Atlas.open(copy)))
+    for path in ("/neuron/up/2/7", "/search?q=the&matrix=up"):
+        r = client.get(path)
+        assert r.status_code == 500
+        assert "layer_002.parquet" in r.text and "map it again with --overwrite" in r.text
+        twin = client.get(path + ("&" if "?" in path else "?") + "format=json")
+        assert twin.status_code == 500 and "damaged" in twin.json()["error"]
+    assert client.get("/neuron/up/1/7").status_code == 200  # the rest still serves

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from ..atlas import Atlas, parse_layers
-from ..errors import FlashlensError, NeuronError
+from ..errors import AtlasError, FlashlensError, NeuronError
 
 N_NEURON_TOKENS = 5  # top tokens shown beside each neuron on the token page
 
@@ -189,6 +189,8 @@ def search(
         result = atlas.search(
             q, matrix=matrix, layers=chosen, limit=limit_n, top1=top1, plural=plural
         )
+    except AtlasError:
+        raise  # a damaged atlas is the server's problem, not the query's
     except FlashlensError as err:
         raise ViewError(400, str(err)) from None
     return {"query": query, **result.to_dict()}
