@@ -1,1 +1,202 @@
-"""Commands registered on the flashlens app (filled in by its issue)."""
+"""`flashlens search`, `flashlens stats` and `flashlens prob`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..atlas import Atlas, parse_layers
+from ..errors import FlashlensError
+from . import app
+from .common import console, err_console, parse_neuron, print_json, show_token
+
+
+def _layers(atlas: Atlas, spec: str | None) -> list[int] | None:
+    return parse_layers(spec, atlas.meta.n_layers) if spec else None
+
+
+@app.command("search")
+def search_command(
+    atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
+    concept: str = typer.Argument(..., help='A word or phrase, e.g. dog or "New York".'),
+    matrix: str = typer.Option(None, help="Only this matrix: up, gate or down (default: all)."),
+    layers: str = typer.Option(None, help="Only these layers, e.g. 0-5,9 (default: all)."),
+    limit: int = typer.Option(20, help="Neurons to show."),
+    top1: bool = typer.Option(False, "--top-1", help="Only neurons whose top token is a variant."),
+    variants: str = typer.Option(
+        "case", help="case (space/lower/Title/UPPER) or plural (also plural forms)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    csv_out: bool = typer.Option(False, "--csv", help="Print the hits as CSV."),
+) -> None:
+    """Find the neurons of a concept: ranked by the probability they give its tokens.
+
+    Example:
+
+        flashlens search atlas/llama31-8b dog --matrix up --top-1
+
+    The concept expands to its token variants (" dog", "dog", " Dog", ...; --variants plural
+    adds " dogs", ...). A neuron's concept probability sums what it gives those tokens.
+    """
+    if variants not in ("case", "plural"):
+        raise FlashlensError(f"unknown --variants {variants!r}: choose case or plural")
+    at = Atlas.open(atlas)
+    res = at.search(
+        concept,
+        matrix=matrix,
+        layers=_layers(at, layers),
+        limit=limit,
+        top1=top1,
+        plural=variants == "plural",
+    )
+    validated = (
+        any(h.validated is not None for h in res.hits) or (at.root / "validation.parquet").is_file()
+    )
+    if json_out:
+        print_json(res.to_dict())
+        return
+    if csv_out:
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        cols = ["layer", "matrix", "index", "concept_prob", "concept_rank", "top_tokens"]
+        out.writerow(cols + (["validated"] if validated else []))
+        for h in res.hits:
+            cells = [
+                h.layer,
+                h.matrix,
+                h.index,
+                f"{h.concept_prob:.6g}",
+                "" if h.concept_rank is None else h.concept_rank,
+                json.dumps(h.top_tokens, ensure_ascii=False),
+            ]
+            out.writerow(cells + ([_yes(h.validated)] if validated else []))
+        for note in res.notes:
+            err_console.print(f"[yellow]note:[/] {note}")
+        return
+    err_console.print("variants: " + ", ".join(show_token(v.text) for v in res.variants))
+    for note in res.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    if not res.hits:
+        return
+    table = Table(show_edge=False)
+    for col in ("#", "neuron", "matrix", "concept prob", "rank", "top tokens"):
+        table.add_column(col, justify="right" if col in ("#", "concept prob", "rank") else "left")
+    if validated:
+        table.add_column("validated")
+    for i, h in enumerate(res.hits, 1):
+        row: list[str] = [
+            str(i),
+            f"{h.layer}:{h.index}",
+            h.matrix,
+            f"{h.concept_prob:.4f}",
+            "-" if h.concept_rank is None else str(h.concept_rank),
+            " ".join(show_token(t) for t in h.top_tokens),
+        ]
+        table.add_row(*row, *([_yes(h.validated)] if validated else []))
+    console.print(table)
+
+
+def _yes(v: bool | None) -> str:
+    return "" if v is None else ("yes" if v else "no")
+
+
+@app.command("stats")
+def stats_command(
+    atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
+    matrix: str = typer.Option(None, help="Only this matrix: up, gate or down (default: all)."),
+    layers: str = typer.Option(None, help="Only these layers, e.g. 0-5,9 (default: all)."),
+    plot: Path = typer.Option(None, help="Write a PNG plot to this file."),
+    kurtosis: float = typer.Option(10.0, help="Prediction/suppression: excess kurtosis above."),
+    skew: float = typer.Option(1.0, help="Prediction: skew above; suppression: below minus it."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The whole model per layer: top-1 probability, entropy, top-token kinds, and the
+    prediction/suppression neurons of Gurnee et al. 2024.
+
+    Example:
+
+        flashlens stats atlas/llama31-8b --plot stats.png
+    """
+    at = Atlas.open(atlas)
+    st = at.stats(matrix=matrix, layers=_layers(at, layers), kurtosis=kurtosis, skew=skew)
+    if plot is not None:
+        if plot.suffix.lower() != ".png":
+            raise FlashlensError(f"--plot {plot}: give a .png file name")
+        from ..atlas.stats import plot_stats
+
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_stats(st, str(plot))
+        err_console.print(f"plot written to [green]{plot}[/]")
+    if json_out:
+        print_json(st.to_dict())
+        return
+    table = Table(show_edge=False, title=f"{at.meta.model}: per layer (p10/median/p90)")
+    for col in (
+        "matrix",
+        "layer",
+        "neurons",
+        "top-1 prob",
+        "entropy (nats)",
+        "word",
+        "subword",
+        "punct",
+        "byte",
+        "prediction",
+        "suppression",
+    ):
+        table.add_column(col, justify="left" if col == "matrix" else "right")
+    for r in st.rows:
+        p, e = r.top1_prob_q, r.entropy_q
+        table.add_row(
+            r.matrix,
+            str(r.layer),
+            f"{r.neurons:,}",
+            f"{p[0]:.2f}/{p[2]:.2f}/{p[4]:.2f}",
+            f"{e[0]:.2f}/{e[2]:.2f}/{e[4]:.2f}",
+            *(f"{r.kinds[k]:,}" for k in ("word", "subword", "punctuation", "byte")),
+            f"{r.prediction:,}",
+            f"{r.suppression:,}",
+        )
+    console.print(table)
+    console.print(
+        f"prediction: excess kurtosis > {st.kurtosis:g} and skew > {st.skew:g}; "
+        f"suppression: excess kurtosis > {st.kurtosis:g} and skew < -{st.skew:g}"
+    )
+
+
+@app.command("prob")
+def prob_command(
+    atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
+    neuron: str = typer.Argument(..., help="LAYER:INDEX, e.g. 12:1234."),
+    token: str = typer.Argument(None, help='The token\'s text, e.g. " puppy" (one token).'),
+    token_id: int = typer.Option(None, "--token-id", help="The token by vocabulary id instead."),
+    matrix: str = typer.Option("up", help="up, gate or down."),
+    model: str = typer.Option(None, help="Model (id or folder) for the exact value of any token."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The probability one neuron gives one token.
+
+    Example:
+
+        flashlens prob atlas/llama31-8b 12:1234 " puppy" --model meta-llama/Llama-3.1-8B
+
+    With --model it is exact for any token (one dot product with the token's LM-head row and
+    the stored logsumexp); without, the atlas answers when it stores the token for the neuron.
+    """
+    if token is None and token_id is None:
+        raise FlashlensError('give the token\'s text (e.g. " puppy") or --token-id N')
+    layer, index = parse_neuron(neuron)
+    r = Atlas.open(atlas).prob(layer, index, token, matrix=matrix, token_id=token_id, model=model)
+    if json_out:
+        print_json(r.to_dict())
+        return
+    rank = f", rank {r.rank} in its top-k" if r.rank else ""
+    console.print(
+        f"{matrix} {layer}:{index}  p({show_token(r.text)}) = [bold]{r.prob:.6g}[/]  "
+        f"(logit {r.logit:.4f}, logsumexp {r.logsumexp:.4f}{rank}; from the "
+        f"{r.source})"
+    )

@@ -1,0 +1,206 @@
+"""From a concept (a word or phrase) to the vocabulary tokens that write it.
+
+A concept expands to its surface forms (with and without a leading space; as written, lower,
+Title and UPPER case; optionally plural) and each form to the token whose decoded text is
+exactly that form. A concept no form of which is one token is searched by its first token:
+the longest vocabulary token the concept's text starts with.
+"""
+
+from __future__ import annotations
+
+import difflib
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+from ..errors import FlashlensError
+
+
+class ConceptError(FlashlensError):
+    """A concept or token that this vocabulary cannot write."""
+
+
+@dataclass(frozen=True)
+class TokenVariant:
+    token_id: int
+    token: str  # as the tokenizer shows it (e.g. "Ġdog")
+    text: str  # decoded text (e.g. " dog")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Expansion:
+    """The token variants of a concept and what the user should know about them."""
+
+    concept: str
+    variants: list[TokenVariant]
+    notes: list[str]
+
+
+_IRREGULAR = {
+    "child": "children",
+    "man": "men",
+    "woman": "women",
+    "person": "people",
+    "mouse": "mice",
+    "goose": "geese",
+    "foot": "feet",
+    "tooth": "teeth",
+    "ox": "oxen",
+    "wolf": "wolves",
+    "knife": "knives",
+    "leaf": "leaves",
+    "life": "lives",
+    "wife": "wives",
+    "half": "halves",
+    "calf": "calves",
+}
+
+
+def plural(word: str) -> str:
+    """English plural of the last word of `word` (a heuristic: rules plus common irregulars)."""
+    head, _, last = word.rpartition(" ")
+    lower = last.lower()
+    if lower in _IRREGULAR:
+        p = _IRREGULAR[lower]
+        p = (
+            p.upper()
+            if last.isupper() and len(last) > 1
+            else (p.title() if last[:1].isupper() else p)
+        )
+    elif lower.endswith(("s", "x", "z", "ch", "sh")):
+        p = last + ("ES" if last.isupper() and len(last) > 1 else "es")
+    elif len(lower) > 1 and lower.endswith("y") and lower[-2] not in "aeiou":
+        p = last[:-1] + ("IES" if last.isupper() else "ies")
+    else:
+        p = last + ("S" if last.isupper() and len(last) > 1 else "s")
+    return f"{head} {p}" if head else p
+
+
+def surface_forms(concept: str, with_plural: bool = False) -> list[str]:
+    """Distinct forms, most natural first: ' dog', 'dog', ' Dog', 'Dog', ' DOG', 'DOG', ..."""
+    base = concept.strip()
+    cases = [base, base.lower(), _title(base), base.upper()]
+    if with_plural:
+        cases += [plural(c) for c in cases]
+    forms: list[str] = []
+    for c in cases:
+        forms += [" " + c, c]
+    return list(dict.fromkeys(forms))
+
+
+def _title(text: str) -> str:
+    return text[:1].upper() + text[1:].lower() if " " not in text else text.title()
+
+
+class Vocab:
+    """Token ids by decoded text, over the atlas' tokens table."""
+
+    def __init__(self, tokens: Sequence[str], texts: Sequence[str], tokenizer: Any = None) -> None:
+        self.tokens, self.texts = tokens, texts
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer` of the model, when at hand
+
+    @cached_property
+    def by_text(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i, t in enumerate(self.texts):
+            out.setdefault(t, []).append(i)
+        return out
+
+    @cached_property
+    def by_token(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
+    @cached_property
+    def _max_len(self) -> int:
+        return max((len(t) for t in self.by_text), default=0)
+
+    def variant(self, token_id: int) -> TokenVariant:
+        return TokenVariant(token_id, self.tokens[token_id], self.texts[token_id])
+
+    def ids(self, text: str) -> list[int]:
+        """Ids whose decoded text is exactly `text` (byte-fallback twins included)."""
+        return self.by_text.get(text, [])
+
+    def first_token(self, text: str) -> int | None:
+        """The longest token that `text` starts with and that writes real characters."""
+        for n in range(min(len(text), self._max_len), 0, -1):
+            ids = [i for i in self.ids(text[:n]) if not _is_byte_or_special(self.tokens[i])]
+            if ids and "\ufffd" not in text[:n]:
+                return ids[0]
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        """How the model's tokenizer splits `text` (greedy longest match without one)."""
+        if self.tokenizer is not None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if ids and all(0 <= i < len(self.texts) for i in ids) and self.texts[ids[0]].strip():
+                return list(ids)
+        return self.segment(text)
+
+    def segment(self, text: str) -> list[int]:
+        """Greedy longest-match split of `text` into token ids (an approximation of BPE)."""
+        out: list[int] = []
+        while text:
+            i = self.first_token(text)
+            if i is None:
+                break
+            out.append(i)
+            text = text[len(self.texts[i]) :]
+        return out
+
+    def nearest(self, text: str, n: int = 5) -> list[str]:
+        """The n vocabulary texts closest to `text` (difflib ratio, case- and space-blind)."""
+        key = text.strip().lower()
+        pool = {
+            t.strip().lower(): t
+            for t in self.by_text
+            if t.strip() and "\ufffd" not in t and t.isprintable()
+        }
+        close = difflib.get_close_matches(key, list(pool), n=n, cutoff=0.5)
+        return [pool[c] for c in close]
+
+
+def _is_byte_or_special(token: str) -> bool:
+    return (token.startswith("<0x") and token.endswith(">")) or (
+        token.startswith("<") and token.endswith(">") and len(token) > 2
+    )
+
+
+def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
+    """A concept's token variants; a ConceptError when the vocabulary cannot write it."""
+    base = unicodedata.normalize("NFC", concept).strip()
+    if not base:
+        raise ConceptError("the concept is empty: give a word or phrase, e.g. `dog`")
+    forms = surface_forms(base, with_plural)
+    ids = list(dict.fromkeys(i for f in forms for i in vocab.ids(f)))
+    notes: list[str] = []
+    if ids:
+        missing = [f for f in forms if not vocab.ids(f)]
+        if missing:
+            notes.append("not single tokens here, left out: " + ", ".join(map(repr, missing)))
+        return Expansion(base, [vocab.variant(i) for i in ids], notes)
+    # No form is one token: search by the first token of the concept as written.
+    firsts: dict[int, tuple[str, list[int]]] = {}
+    for form in (" " + base, base):
+        seg = vocab.encode(form)
+        first = seg[0] if seg else None
+        if first is not None and vocab.texts[first].strip() and "\ufffd" not in vocab.texts[first]:
+            firsts.setdefault(first, (form, seg))
+    if not firsts:
+        near = vocab.nearest(base)
+        hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
+        raise ConceptError(f"{base!r} has no token in this vocabulary{hint}")
+    splits = "; ".join(
+        f"{form!r} -> " + " + ".join(repr(vocab.texts[i]) for i in seg)
+        for form, seg in firsts.values()
+    )
+    notes.append(f"{base!r} is several tokens long ({splits}); searching by its first token")
+    near = vocab.nearest(base)
+    if near:
+        notes.append("nearest single tokens: " + ", ".join(map(repr, near)))
+    return Expansion(base, [vocab.variant(i) for i in firsts], notes)

@@ -1,0 +1,192 @@
+"""The probability one neuron gives one token: `Atlas.prob(...)`.
+
+With the model: p = exp(W_U[t] . final_norm(w) - logsumexp(w)), one dot product against the
+stored logsumexp (no full decode). Without it: the atlas answers when it stores the pair, in
+the neuron's top-k or in the token's reverse-index entry; otherwise the model is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import AtlasError, FlashlensError
+from .concepts import ConceptError
+from .query import AtlasDB
+
+if TYPE_CHECKING:
+    from .atlas import Atlas, NeuronRecord
+
+
+@dataclass
+class TokenProb:
+    layer: int
+    matrix: str
+    index: int
+    token_id: int
+    token: str
+    text: str
+    prob: float
+    logit: float
+    logsumexp: float
+    rank: int | None  # 1-based rank in the neuron's stored top-k, None when outside it
+    source: str  # "model", "top-k" or "reverse index"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def resolve_token(
+    atlas: Atlas, token: str | None, token_id: int | None, model_folder: Path | None = None
+) -> int:
+    """The one vocabulary id meant by a text like ' puppy' (or a raw token like 'Ġpuppy')."""
+    vocab = AtlasDB.of(atlas).vocab
+    if token_id is not None:
+        if token is not None:
+            raise FlashlensError("give a token text or --token-id, not both")
+        if not 0 <= token_id < atlas.meta.d_vocab:
+            raise ConceptError(
+                f"token id {token_id} is out of range: the vocabulary has ids "
+                f"0-{atlas.meta.d_vocab - 1}"
+            )
+        return token_id
+    if not token:
+        raise ConceptError("the token is empty: give its text, e.g. ' puppy', or --token-id N")
+    ids = vocab.ids(token)
+    if len(ids) == 1:
+        return ids[0]
+    if len(ids) > 1:
+        listed = ", ".join(f"{i} ({vocab.tokens[i]!r})" for i in ids)
+        raise ConceptError(
+            f"{token!r} is written by several tokens: {listed}; choose one with --token-id"
+        )
+    if token in vocab.by_token:
+        return vocab.by_token[token]
+    pieces = _tokenize(token, model_folder) or [vocab.texts[i] for i in vocab.encode(token)]
+    near = vocab.nearest(token)
+    hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
+    raise ConceptError(
+        f"{token!r} is not one token: it tokenizes as "
+        f"{' + '.join(map(repr, pieces)) or '(nothing)'}{hint}"
+    )
+
+
+def _tokenize(text: str, folder: Path | None) -> list[str]:
+    """Texts of the real tokenizer's split of `text`, or [] without a tokenizer."""
+    if folder is None:
+        return []
+    from .tokens import load_tokenizer
+
+    tok = load_tokenizer(folder)
+    if tok is None:
+        return []
+    ids = tok.encode(text, add_special_tokens=False).ids
+    return [tok.decode([i]) for i in ids]
+
+
+def token_prob(
+    atlas: Atlas,
+    layer: int,
+    index: int,
+    token: str | None = None,
+    *,
+    matrix: str = "up",
+    token_id: int | None = None,
+    model: str | Path | None = None,
+) -> TokenProb:
+    atlas.check_neuron(layer, index, matrix)
+    rec = atlas.neuron(layer, index, matrix)
+    if model is not None:
+        return _from_model(atlas, rec, token, token_id, model)
+    tid = resolve_token(atlas, token, token_id)
+    vocab = AtlasDB.of(atlas).vocab
+    top = {s.token_id: (r, s) for r, s in enumerate(rec.top, 1)}
+    base: dict[str, Any] = dict(
+        layer=layer,
+        matrix=matrix,
+        index=index,
+        token_id=tid,
+        token=vocab.tokens[tid],
+        text=vocab.texts[tid],
+        logsumexp=rec.logsumexp,
+    )
+    if tid in top:
+        r, s = top[tid]
+        return TokenProb(**base, prob=s.prob, logit=s.logit, rank=r, source="top-k")
+    db = AtlasDB.of(atlas)
+    rows = db.rows(
+        'SELECT prob, logit, "rank" FROM read_parquet(?) WHERE token_id = ? '
+        'AND layer = ? AND matrix = ? AND "index" = ?',
+        [db.reverse_file, tid, layer, matrix, index],
+    )
+    if rows:
+        return TokenProb(
+            **base,
+            prob=float(rows[0][0]),
+            logit=float(rows[0][1]),
+            rank=None,
+            source="reverse index",
+        )
+    bound = _upper_bound(db, tid, rec.top[-1].prob if rec.top else 1.0)
+    raise FlashlensError(
+        f"the atlas does not store {vocab.texts[tid]!r} for {matrix} {layer}:{index} (it is "
+        f"below {bound:.3g}: outside the neuron's top-{len(rec.top)} and the token's top "
+        f"neurons); pass --model MODEL to compute it exactly"
+    )
+
+
+def _upper_bound(db: AtlasDB, token_id: int, kth: float) -> float:
+    """A stored-pair miss is below the neuron's k-th prob and the token's N-th neuron prob."""
+    rows = db.rows(
+        "SELECT min(prob), count(*) FROM read_parquet(?) WHERE token_id = ?",
+        [db.reverse_file, token_id],
+    )
+    nth, n = rows[0]
+    full = n >= db.atlas.meta.reverse_n
+    return min(kth, float(nth)) if full and nth is not None else kth
+
+
+def _from_model(
+    atlas: Atlas, rec: NeuronRecord, token: str | None, token_id: int | None, model: str | Path
+) -> TokenProb:
+    import torch
+
+    from ..decode.norm import apply_final_norm
+    from ..weights import ModelSource
+
+    layer, index, matrix, lse = rec.layer, rec.index, rec.matrix, rec.logsumexp
+    source = ModelSource.open(model)
+    try:
+        if source.config_hash != atlas.meta.config_hash:
+            raise AtlasError(
+                f"{model} is not the model this atlas was made from "
+                f"({atlas.meta.model}, config {atlas.meta.config_hash}; this one "
+                f"has config {source.config_hash})"
+            )
+        tid = resolve_token(atlas, token, token_id, source.folder)
+        w = source.neurons(matrix, layer)[index].float()  # type: ignore[arg-type]  # (d_model,)
+        x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
+        u = source.W_U()[tid].float()  # (d_model,): one row of the LM-head
+        logit = float(torch.dot(u, x))
+        cap = source.logit_softcap
+        if cap:
+            logit = math.tanh(logit / cap) * cap
+    finally:
+        source.close()
+    rank = next((r for r, s in enumerate(rec.top, 1) if s.token_id == tid), None)
+    vocab = AtlasDB.of(atlas).vocab
+    return TokenProb(
+        layer,
+        matrix,
+        index,
+        tid,
+        vocab.tokens[tid],
+        vocab.texts[tid],
+        math.exp(logit - lse),
+        logit,
+        lse,
+        rank,
+        "model",
+    )

@@ -1,0 +1,112 @@
+"""`flashlens prob`: the exact probability of any token for any neuron."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashlens import Atlas, FlashlensError
+from flashlens.cli import main
+
+from .helpers import make_model, reference_probs
+
+
+def test_prob_with_model_equals_full_softmax(stories: Path, stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    meta = atlas.meta
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(24):
+        m = meta.matrices[int(torch.randint(len(meta.matrices), (1,), generator=gen))]
+        layer = int(torch.randint(meta.n_layers, (1,), generator=gen))
+        index = int(torch.randint(meta.d_mlp, (1,), generator=gen))
+        token_id = int(torch.randint(meta.d_vocab, (1,), generator=gen))
+        r = atlas.prob(layer, index, matrix=m, token_id=token_id, model=stories)
+        expected = float(reference_probs(stories, m, layer, meta.norm)[index, token_id])
+        assert r.source == "model" and r.token_id == token_id
+        assert r.prob == pytest.approx(expected, rel=1e-4)
+
+
+def test_prob_by_text_and_rank(stories: Path, stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    rec = atlas.neuron(3, 40, "down")
+    best = rec.top[0]
+    r = atlas.prob(3, 40, best.text, matrix="down", model=stories)
+    assert r.token_id == best.token_id and r.rank == 1
+    assert r.prob == pytest.approx(best.prob, rel=1e-5)
+    P = reference_probs(stories, "down", 3)
+    assert r.prob == pytest.approx(float(P[40, best.token_id]), rel=1e-4)
+
+
+def test_prob_from_the_atlas(stories: Path, stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    meta = atlas.meta
+    P = reference_probs(stories, "up", 1, meta.norm)  # (d_mlp, d_vocab)
+    rec = atlas.neuron(1, 5, "up")
+    # In the neuron's top-k.
+    r = atlas.prob(1, 5, token_id=rec.top[3].token_id)
+    assert r.source == "top-k" and r.rank == 4
+    assert r.prob == pytest.approx(float(P[5, rec.top[3].token_id]), rel=1e-4)
+    # In the reverse index but not the top-k: the token's best neuron overall, if it is
+    # in up layer 1 and does not list the token among its own top-k.
+    import pyarrow.parquet as pq
+
+    rev = pq.read_table(stories_atlas / "reverse.parquet").to_pandas()
+    rows = rev[(rev.layer == 1) & (rev.matrix == "up")]
+    for row in rows.itertuples():
+        listed = {s.token_id for s in atlas.neuron(1, int(row.index), "up").top}
+        if int(row.token_id) not in listed:
+            r = atlas.prob(1, int(row.index), token_id=int(row.token_id))
+            assert r.source == "reverse index" and r.rank is None
+            assert r.prob == pytest.approx(float(P[int(row.index), int(row.token_id)]), rel=1e-4)
+            break
+    else:
+        pytest.fail("no reverse-index entry outside a top-k in up layer 1")
+    # In neither: the atlas cannot say; the message bounds it and asks for --model.
+    stored = set(rows[rows["index"] == 5].token_id.tolist()) | {s.token_id for s in rec.top}
+    missing = int(P[5].argsort()[0])  # the neuron's least likely token
+    assert missing not in stored
+    with pytest.raises(FlashlensError, match="--model"):
+        atlas.prob(1, 5, token_id=missing)
+
+
+def test_token_text_must_be_one_token(stories: Path, stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    with pytest.raises(FlashlensError, match="not one token: it tokenizes as"):
+        atlas.prob(0, 0, " puppydog", model=stories)
+    with pytest.raises(FlashlensError, match="empty"):
+        atlas.prob(0, 0, "")
+    with pytest.raises(FlashlensError, match="out of range"):
+        atlas.prob(0, 0, token_id=atlas.meta.d_vocab)
+    with pytest.raises(FlashlensError, match="out of range"):
+        atlas.prob(0, atlas.meta.d_mlp, token_id=5)
+    with pytest.raises(FlashlensError, match="layer 9"):
+        atlas.prob(9, 0, token_id=5)
+    with pytest.raises(FlashlensError, match="not both"):
+        atlas.prob(0, 0, " the", token_id=5, model=stories)
+
+
+def test_model_must_match_the_atlas(stories_atlas: Path, tmp_path: Path) -> None:
+    other = make_model(tmp_path / "other", d_vocab=512, d_model=64, d_mlp=172, n_layers=5)
+    with pytest.raises(FlashlensError, match="not the model this atlas was made from"):
+        Atlas.open(stories_atlas).prob(0, 0, token_id=3, model=other)
+
+
+def test_cli(stories: Path, stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    atlas = str(stories_atlas)
+    assert main(["prob", atlas, "2:7", " the", "--model", str(stories), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    P = reference_probs(stories, "up", 2)
+    assert data["text"] == " the"
+    assert data["prob"] == pytest.approx(float(P[7, data["token_id"]]), rel=1e-4)
+    assert (
+        main(["prob", atlas, "2:7", "--token-id", str(data["token_id"]), "--model", str(stories)])
+        == 0
+    )
+    assert "p(' the')" in capsys.readouterr().out
+    assert main(["prob", atlas, "2:999", " the"]) == 2
+    assert main(["prob", atlas, "2:7"]) == 2
+    err = capsys.readouterr().err
+    assert "out of range" in err and "Traceback" not in err

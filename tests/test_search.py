@@ -1,0 +1,211 @@
+"""`flashlens search`: planted concepts, agreement with a brute-force scan, bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flashlens import Atlas, FlashlensError, map_model
+from flashlens.cli import main
+
+from .helpers import LLAMA3_TOKENIZER, make_model, reference_probs
+
+DOG = (2, 7)  # up_proj neuron planted along " dog"
+CALIFORNIA = [(0, 3), (1, 20), (2, 30)]  # up_proj neurons planted along " California"
+
+
+def plant(model_dir: Path, tokens: dict[tuple[int, int], int]) -> None:
+    """Point up_proj rows at LM-head rows: w = W_U[t] / g, so final_norm(w) is along W_U[t]."""
+    path = model_dir / "model.safetensors"
+    state = load_file(str(path))
+    W_U, g = state["lm_head.weight"], state["model.norm.weight"]  # (d_vocab, d_model), (d_model,)
+    for (layer, index), token_id in tokens.items():
+        state[f"model.layers.{layer}.mlp.up_proj.weight"][index] = W_U[token_id] / g
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random Llama with the real Llama 3 tokenizer and planted neurons, and its atlas.
+
+    d_model is 64 (not 32) so that, among 128,256 random LM-head rows, the planted token is
+    clearly the nearest to its own row.
+    """
+    root = tmp_path_factory.mktemp("planted")
+    model = make_model(
+        root / "model", d_vocab=128256, d_model=64, d_mlp=48, n_layers=3, tokenizer=LLAMA3_TOKENIZER
+    )
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    dog, cal = tok.token_to_id("Ġdog"), tok.token_to_id("ĠCalifornia")
+    plant(model, {DOG: dog, **{n: cal for n in CALIFORNIA}})
+    map_model(model, root / "atlas", matrices="up", compile="off")  # up only: fast enough
+    return model, root / "atlas"
+
+
+def test_planted_dog_is_first(planted: tuple[Path, Path]) -> None:
+    res = Atlas.open(planted[1]).search("dog")
+    first = res.hits[0]
+    assert (first.layer, first.index, first.matrix) == (*DOG, "up")
+    assert first.concept_rank == 1 and first.top_tokens[0] == " dog"
+    assert first.concept_prob > 0.5
+    texts = [v.text for v in res.variants]
+    assert {" dog", "dog", " Dog", "Dog", "DOG"} <= set(texts)
+    assert " dogs" not in texts
+    assert any("' DOG'" in n for n in res.notes)  # ' DOG' is two tokens: said, left out
+    probs = [h.concept_prob for h in res.hits]
+    assert probs == sorted(probs, reverse=True)
+
+
+def test_plural_variants(planted: tuple[Path, Path]) -> None:
+    texts = [v.text for v in Atlas.open(planted[1]).search("dog", plural=True).variants]
+    assert {" dog", "dog", " Dog", " dogs", "dogs", " Dogs"} <= set(texts)
+
+
+def test_top1_finds_exactly_the_planted(planted: tuple[Path, Path]) -> None:
+    model, atlas_dir = planted
+    atlas = Atlas.open(atlas_dir)
+    res = atlas.search("California", top1=True, limit=100)
+    found = {(h.layer, h.matrix, h.index) for h in res.hits}
+    assert found == {(layer, "up", i) for layer, i in CALIFORNIA}
+    assert all(h.concept_rank == 1 for h in res.hits)
+    # Brute force: exactly the neurons whose full-softmax argmax is a variant.
+    ids = torch.tensor([v.token_id for v in res.variants])
+    brute = set()
+    for layer in range(3):
+        top = reference_probs(model, "up", layer).argmax(1)
+        brute |= {(layer, "up", int(i)) for i in torch.nonzero(torch.isin(top, ids)).flatten()}
+    assert found == brute
+    dog = atlas.search("dog", top1=True, matrix="up", layers=[2])
+    assert [(h.layer, h.index) for h in dog.hits] == [DOG]
+
+
+def test_validated_column(planted: tuple[Path, Path], tmp_path: Path) -> None:
+    atlas_dir = tmp_path / "atlas"
+    shutil.copytree(planted[1], atlas_dir)
+    rows = [
+        ("Dog", 2, "up", 7, True, "2026-11-20T00:00:00"),
+        ("dog", 2, "up", 7, False, "2026-11-19T00:00:00"),  # older row: superseded
+        ("cat", 0, "up", 1, False, "2026-11-20T00:00:00"),
+    ]
+    n = len(rows)
+    table = pa.table(
+        {
+            "concept": pa.array([r[0].lower() for r in rows]),
+            "layer": pa.array([r[1] for r in rows], pa.int16()),
+            "matrix": pa.array([r[2] for r in rows]),
+            "index": pa.array([r[3] for r in rows], pa.int32()),
+            "baseline_prob": pa.array([0.1] * n, pa.float32()),
+            "clamped_prob": pa.array([0.5] * n, pa.float32()),
+            "best_value": pa.array([8.0] * n, pa.float32()),
+            "ratio": pa.array([5.0] * n, pa.float32()),
+            "validated": pa.array([r[4] for r in rows]),
+            "model": pa.array(["m"] * n),
+            "created": pa.array([r[5] for r in rows]),
+        }
+    )
+    pq.write_table(table, atlas_dir / "validation.parquet")
+    res = Atlas.open(atlas_dir).search("DOG", limit=5)
+    assert res.hits[0].validated is True
+    assert all(h.validated is None for h in res.hits[1:])
+    assert Atlas.open(planted[1]).search("dog").hits[0].validated is None
+    assert main(["search", str(atlas_dir), "dog", "--limit", "3"]) == 0
+    assert main(["search", str(atlas_dir), "dog", "--limit", "3", "--csv"]) == 0
+
+
+def test_cli_json_and_csv(planted: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    atlas = str(planted[1])
+    assert main(["search", atlas, "California", "--matrix", "up", "--top-1", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {(h["layer"], h["index"]) for h in data["hits"]} == set(CALIFORNIA)
+    assert data["variants"][0]["text"] == " California"
+    assert main(["search", atlas, "dog", "--limit", "4", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 4 and (rows[0]["layer"], rows[0]["index"]) == ("2", "7")
+    assert main(["search", atlas, "dog", "--variants", "plural"]) == 0
+    out = capsys.readouterr()
+    assert "' dogs'" in out.err and "2:7" in out.out
+
+
+def test_multi_token_concept(planted: tuple[Path, Path]) -> None:
+    res = Atlas.open(planted[1]).search("Schwarzenegger", limit=3)
+    assert [v.text for v in res.variants][:1] == [" Schwar"]
+    assert "several tokens" in res.notes[0] and "' Schwar' + 'zen'" in res.notes[0]
+    assert res.hits
+
+
+def test_bad_input(
+    planted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    atlas = Atlas.open(planted[1])
+    with pytest.raises(FlashlensError, match="empty"):
+        atlas.search("  ")
+    with pytest.raises(FlashlensError, match="no token in this vocabulary"):
+        atlas.search("\U00013000")  # an Egyptian hieroglyph: only byte pieces
+    with pytest.raises(FlashlensError, match="layer 7 is not in this atlas"):
+        atlas.search("dog", layers=[7])
+    with pytest.raises(FlashlensError, match="matrix 'gate' is not in this atlas"):
+        atlas.search("dog", matrix="gate")
+    with pytest.raises(FlashlensError, match="at least 1"):
+        atlas.search("dog", limit=0)
+    # Nothing found: said, with the nearest tokens.
+    res = atlas.search("dog", top1=True, layers=[0])
+    assert not res.hits and any("nothing found" in n for n in res.notes)
+    # A corrupt atlas: one line, exit code 2, no traceback.
+    broken = tmp_path / "broken"
+    shutil.copytree(planted[1], broken)
+    (broken / "up" / "layer_001.parquet").write_bytes(b"not parquet")
+    assert main(["search", str(broken), "dog"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged" in err and "Traceback" not in err
+    (broken / "reverse.parquet").unlink()
+    with pytest.raises(FlashlensError, match=r"reverse\.parquet is missing"):
+        Atlas.open(broken).search("dog", layers=[0])
+    assert main(["search", str(broken), ""]) == 2
+
+
+def test_stories_search_matches_brute_force(stories: Path, stories_atlas: Path) -> None:
+    """Every stored (neuron, variant) probability, and only those, as a full scan finds them."""
+    atlas = Atlas.open(stories_atlas)
+    meta = atlas.meta
+    res = atlas.search("the", limit=10_000)
+    ids = [v.token_id for v in res.variants]
+    assert [v.text for v in res.variants] == [" the", " The"]
+    keys, P = [], []
+    for m in meta.matrices:
+        for layer in meta.layers:
+            P.append(reference_probs(stories, m, layer, meta.norm))  # (d_mlp, d_vocab)
+            keys += [(layer, m, i) for i in range(meta.d_mlp)]
+    probs = torch.cat(P)  # (n_neurons, d_vocab), fp64
+    top_k = probs.topk(meta.top_k, dim=1).indices  # (n, k)
+    stored = torch.zeros(len(keys), len(ids), dtype=torch.bool)
+    for j, t in enumerate(ids):
+        stored[:, j] |= (top_k == t).any(1)
+        stored[probs[:, t].topk(meta.reverse_n).indices, j] = True  # the token's top-N neurons
+    expected = {
+        keys[n]: float((probs[n, ids] * stored[n]).sum())
+        for n in torch.nonzero(stored.any(1)).flatten().tolist()
+    }
+    got = {(h.layer, h.matrix, h.index): h for h in res.hits}
+    assert set(got) == set(expected)
+    for key, h in got.items():
+        assert h.concept_prob == pytest.approx(expected[key], rel=1e-4, abs=1e-7)
+    # The best neuron by the full distributions is the first hit, with its exact rank and top 5.
+    full = probs[:, ids].sum(1)
+    best = int(full.argmax())
+    first = res.hits[0]
+    assert (first.layer, first.matrix, first.index) == keys[best]
+    assert first.concept_prob == pytest.approx(float(full[best]), rel=1e-4)
+    order = probs[best].argsort(descending=True)
+    assert first.concept_rank == min(int((order == t).nonzero()) for t in ids) + 1
+    assert first.top_tokens == [atlas.texts[int(i)] for i in order[:5]]

@@ -1,0 +1,101 @@
+"""`flashlens stats`: per-layer figures against a direct computation, the plot, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flashlens import Atlas, FlashlensError
+from flashlens.atlas.stats import KINDS, QUANTILES, token_kind
+from flashlens.cli import main
+
+from .helpers import reference_logits
+
+
+@pytest.mark.parametrize(
+    ("token", "text", "kind"),
+    [
+        ("Ġdog", " dog", "word"),
+        ("▁a", " a", "word"),
+        ("▁t", " t", "subword"),
+        ("ing", "ing", "subword"),
+        ("Ġ2024", " 2024", "number"),
+        ("Ġ...", " ...", "punctuation"),
+        ("Ċ", "\n", "whitespace"),
+        ("<0x0A>", "\n", "byte"),
+        ("<|eot_id|>", "<|eot_id|>", "byte"),
+        ("ðŁ", "\ufffd", "byte"),
+        ("'s", "'s", "other"),
+    ],
+)
+def test_token_kind(token: str, text: str, kind: str) -> None:
+    assert token_kind(token, text) == kind
+
+
+def test_stats_match_a_direct_computation(stories: Path, stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    kurt, skew = 2.0, 0.5  # low thresholds so the tiny model has some of each
+    st = atlas.stats(kurtosis=kurt, skew=skew)
+    meta = atlas.meta
+    assert [(r.matrix, r.layer) for r in st.rows] == [
+        (m, layer) for m in meta.matrices for layer in meta.layers
+    ]
+    total_pred = total_supp = 0
+    for r in st.rows:
+        t = pq.read_table(atlas.layer_path(r.matrix, r.layer)).to_pydict()
+        top1 = np.array([p[0] for p in t["top_probs"]], dtype=np.float64)
+        ent = np.array(t["entropy"], dtype=np.float64)
+        assert r.neurons == meta.d_mlp
+        assert r.top1_prob_q == pytest.approx(np.quantile(top1, QUANTILES).tolist(), rel=1e-5)
+        assert r.entropy_q == pytest.approx(np.quantile(ent, QUANTILES).tolist(), rel=1e-5)
+        assert r.top1_prob_mean == pytest.approx(top1.mean(), rel=1e-5)
+        kinds = [token_kind(atlas.tokens[i[0]], atlas.texts[i[0]]) for i in t["top_ids"]]
+        assert r.kinds == {k: kinds.count(k) for k in KINDS}
+        # Prediction/suppression from the model's own logits over the vocabulary.
+        L = reference_logits(stories, r.matrix, r.layer, meta.norm).double()  # (d_mlp, d_vocab)
+        c = L - L.mean(1, keepdim=True)
+        var = c.pow(2).mean(1)
+        g1 = c.pow(3).mean(1) / var**1.5
+        g2 = c.pow(4).mean(1) / var**2 - 3
+        assert r.prediction == int(((g2 > kurt) & (g1 > skew)).sum())
+        assert r.suppression == int(((g2 > kurt) & (g1 < -skew)).sum())
+        total_pred += r.prediction
+        total_supp += r.suppression
+    assert total_pred + total_supp > 0  # the test is not vacuous
+
+
+def test_filters_and_defaults(stories_atlas: Path) -> None:
+    atlas = Atlas.open(stories_atlas)
+    st = atlas.stats(matrix="down", layers=[1, 3])
+    assert [(r.matrix, r.layer) for r in st.rows] == [("down", 1), ("down", 3)]
+    assert (st.kurtosis, st.skew) == (10.0, 1.0)
+    d = st.to_dict()
+    assert "excess kurtosis > 10.0 and skew > 1.0" in d["thresholds"]["prediction"]
+    with pytest.raises(FlashlensError, match="matrix 'mlp'"):
+        atlas.stats(matrix="mlp")
+    with pytest.raises(FlashlensError, match="layer 8"):
+        atlas.stats(layers=[8])
+
+
+def test_plot_and_cli(
+    stories_atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "out" / "stats.png"
+    assert main(["stats", str(stories_atlas), "--plot", str(png), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["rows"]) == 15 and data["quantiles"] == list(QUANTILES)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)  # (H, W, 4)
+    assert img.shape[0] > 500 and img.shape[1] > 800
+    assert float(np.asarray(img)[..., :3].std()) > 0.05  # not a blank canvas
+    assert main(["stats", str(stories_atlas), "--layers", "0-1", "--matrix", "up"]) == 0
+    out = capsys.readouterr().out
+    assert "prediction" in out and "suppression" in out
+    assert main(["stats", str(stories_atlas), "--plot", str(tmp_path / "x.jpg")]) == 2
+    assert "png" in capsys.readouterr().err
