@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from ..errors import FlashlensError
@@ -31,23 +30,22 @@ from . import serve_cmd as _serve_cmd  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; return the exit code (0 ok, 2 user error, 130 interrupted)."""
     try:
-        result = app(args=argv, prog_name="flashlens", standalone_mode=False)
+        app(args=argv, prog_name="flashlens")  # standalone: usage errors print themselves
     except FlashlensError as err:
-        click.secho(f"error: {err}", fg="red", err=True)
+        typer.secho(f"error: {err}", fg="red", err=True)
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except KeyboardInterrupt:
         return _interrupted()
-    except click.ClickException as err:
-        err.show()
-        return err.exit_code
-    except (click.exceptions.Exit, typer.Exit) as err:  # typer turns Ctrl-C into Exit(130)
-        return _interrupted() if err.exit_code == 130 else err.exit_code
-    return result if isinstance(result, int) else 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        return _interrupted() if code == 130 else code  # typer turns Ctrl-C into exit 130
+    return 0
 
 
 def _interrupted() -> int:
-    click.echo("interrupted; rerun the same command to resume", err=True)
+    typer.echo("interrupted; rerun the same command to resume", err=True)
     return 130
 
 

@@ -32,16 +32,17 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
 
 def _download(repo_id: str) -> Path:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        files = HfApi().list_repo_files(repo_id)
+        files = [f.rfilename for f in HfApi().model_info(repo_id).siblings or []]
         patterns = list(HUB_PATTERNS)
         if not any(f.endswith(".safetensors") for f in files):
             patterns += HUB_FALLBACK_PATTERNS
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
-        # Offline or blocked: the cache may still hold a complete snapshot.
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # offline, DNS, HTTP 401/404, ...: the hub's errors vary by version
+        # The cache may still hold a complete snapshot.
         try:
             return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS,
                                           local_files_only=True))

@@ -1,0 +1,49 @@
+"""The CLI: JSON output shapes, and an example in every command's help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import typer
+
+from flashlens.cli import app, main
+
+
+def test_every_command_has_an_example_in_its_help() -> None:
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert {"map", "show"} <= set(commands)
+    for name, command in commands.items():
+        help_text = command.help or ""
+        assert "Example" in help_text and "flashlens " + name in help_text, name
+
+
+def test_show_json_keys(stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["show", str(stories_atlas), "2:7", "--matrix", "up", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"layer", "matrix", "index", "top", "bottom", "logsumexp", "entropy"} <= set(data)
+    assert (data["layer"], data["matrix"], data["index"]) == (2, "up", 7)
+    assert {"token_id", "token", "prob", "logit"} <= set(data["top"][0])
+    probs = [t["prob"] for t in data["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
+
+
+def test_show_prints_table(stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flashlens import Atlas
+
+    assert main(["show", str(stories_atlas), "0:3", "--matrix", "down"]) == 0
+    out = capsys.readouterr().out
+    top = Atlas.open(stories_atlas).neuron(0, 3, "down").top[0]
+    assert repr(top.text) in out and f"{top.prob:.4f}" in out
+
+
+def test_map_json_summary(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["map", str(stories), "-o", str(tmp_path / "a"), "--layers", "1", "--matrices", "up",
+            "--compile", "off", "--json"]
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["neurons_mapped"] == 172 and s["neurons_skipped"] == 0 and s["neurons_per_second"] > 0
+    assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["neurons_mapped"] == 0 and s["neurons_skipped"] == 172
