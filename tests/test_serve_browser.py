@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -49,14 +50,13 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture(scope="module")
-def server(stories_atlas: Path) -> Iterator[str]:
-    """`flashlens serve ATLAS --port 0` in a subprocess; its URL (read from its first line)."""
+@pytest.fixture
+def server(stories_atlas: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`flashlens serve ATLAS --port 0` in a subprocess and its URL (read from its first line)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashlens", "serve", str(stories_atlas), "--port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert proc.stderr is not None
     first: list[str] = []
     reader = threading.Thread(target=lambda: first.append(proc.stderr.readline()), daemon=True)
     reader.start()
@@ -64,19 +64,17 @@ def server(stories_atlas: Path) -> Iterator[str]:
     try:
         match = re.search(r"http://127\.0\.0\.1:\d+/", first[0] if first else "")
         assert match, f"no URL from `flashlens serve`: {first}"
-        yield match.group(0)
+        yield proc, match.group(0)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
 def test_search_click_through_and_back(
-    browser: Any, server: str, stories_atlas: Path, tmp_path: Path
+    browser: Any, server: tuple[subprocess.Popen[str], str], stories_atlas: Path, tmp_path: Path
 ) -> None:
+    proc, url = server
     atlas = Atlas.open(stories_atlas)
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     shots: list[Path] = []
@@ -86,7 +84,7 @@ def test_search_click_through_and_back(
         page.screenshot(path=str(shots[-1]), full_page=True)
 
     # the overview, styled by the viewer's stylesheet
-    assert page.goto(server).status == 200
+    assert page.goto(url).status == 200
     assert page.locator("h1").inner_text() == atlas.meta.model
     assert page.locator("header form input[name=q]").is_visible()
     shot("overview")
@@ -128,7 +126,7 @@ def test_search_click_through_and_back(
     page.locator("header input[name=q]").fill("gate 3:10")
     page.locator("header input[name=q]").press("Enter")
     page.wait_for_url(re.compile(r"/neuron/gate/3/10$"))
-    response = page.goto(server + "neuron/up/2/999")
+    response = page.goto(url + "neuron/up/2/999")
     assert response.status == 404
     assert "neuron index 999 is out of range" in page.locator(".error").inner_text()
     shot("error")
@@ -136,3 +134,8 @@ def test_search_click_through_and_back(
 
     for path in shots:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+    # Ctrl-C stops the server cleanly
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None and "stopped" in proc.stderr.read()

@@ -59,3 +59,4 @@ def serve_command(
         )
     click.echo(f"flashlens: serving {atlas} at {url(sock)} (Ctrl-C to stop)", err=True)
     run(viewer, sock)
+    click.echo("flashlens: stopped", err=True)

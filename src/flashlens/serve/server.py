@@ -96,8 +96,13 @@ def url(sock: socket.socket) -> str:
 
 
 def run(app: Any, sock: socket.socket) -> None:
-    """Serve `app` on the bound socket until Ctrl-C."""
+    """Serve `app` on the bound socket until Ctrl-C (or SIGTERM); then return."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown: that is the
+        pass  # normal way to stop a viewer, not an interruption to resume
+    finally:
+        sock.close()
