@@ -1,0 +1,227 @@
+"""clamp/record hooks against weight surgery and plain runs; dose-response; stories260K."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flashlens import Atlas
+from flashlens.errors import FlashlensError, NeuronError
+from flashlens.intervene import Neuron, activation_ranges, clamp, dose_response, record
+from flashlens.intervene.dose import concept_prob
+from flashlens.intervene.loading import load_tokenizer
+from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
+
+from .helpers import load_reference_model, make_model
+
+PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, object]:
+    path = make_model(tmp_path_factory.mktemp("tiny") / "m", n_layers=3, d_mlp=48)
+    return load_reference_model(path), load_tokenizer(path)
+
+
+def _batch(tok: object, prompts: list[str] = PROMPTS) -> dict[str, torch.Tensor]:
+    return encode(tok, prompts, torch.device("cpu"))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch, use_cache=False).logits
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+# --- Neuron ----------------------------------------------------------------------------------
+def test_neuron_parse() -> None:
+    assert Neuron.parse("up:12:1234") == Neuron(12, 1234, "up")
+    assert Neuron.parse("12:1234", matrix="down") == Neuron(12, 1234, "down")
+    assert Neuron.parse_list("12:1234, gate:3:7") == [Neuron(12, 1234), Neuron(3, 7, "gate")]
+    assert str(Neuron(3, 7, "gate")) == "gate:3:7"
+    for bad in ("12", "x:1:2", "up:a:2", "1:2:3:4", "-1:3"):
+        with pytest.raises(NeuronError):
+            Neuron.parse(bad)
+    with pytest.raises(NeuronError):
+        Neuron(1, 2, "proj")  # type: ignore[arg-type]
+
+
+# --- hooks vs the model itself -----------------------------------------------------------------
+def test_clamp_to_natural_value_leaves_logits_unchanged(tiny: tuple[nn.Module, object]) -> None:
+    model, tok = tiny
+    batch = _batch(tok, ["Once upon a time, there was"])
+    base = _logits(model, batch)
+    neurons = [Neuron(0, 3, "up"), Neuron(1, 40, "gate"), Neuron(2, 7, "down"), Neuron(2, 9)]
+    with torch.no_grad(), record(model, neurons) as seen:
+        model(**batch, use_cache=False)
+    natural = [float(seen[n][0][0, -1]) for n in neurons]  # last position, per neuron
+    with clamp(model, neurons, value=natural, positions="last"):
+        same = _logits(model, batch)
+    torch.testing.assert_close(same, base, rtol=0, atol=1e-6)
+    for mode, neutral in (("add", 0.0), ("scale", 1.0)):
+        with clamp(model, neurons, value=neutral, mode=mode):  # type: ignore[arg-type]
+            torch.testing.assert_close(_logits(model, batch), base, rtol=0, atol=1e-6)
+    # and a real clamp does change them (the hooks are live)
+    with clamp(model, neurons, value=[v + 5 for v in natural], positions="last"):
+        assert (_logits(model, batch) - base).abs().max() > 1e-3
+
+
+def test_exit_restores_model_even_on_error(tiny: tuple[nn.Module, object]) -> None:
+    model, tok = tiny
+    batch = _batch(tok)
+    base = _logits(model, batch)
+    assert _hooks(model) == 0
+    with pytest.raises(RuntimeError, match="boom"), clamp(model, ["up:1:5", "down:2:3"],
+                                                          value=50.0):
+        assert _hooks(model) == 2
+        raise RuntimeError("boom")
+    assert _hooks(model) == 0
+    assert torch.equal(_logits(model, batch), base)
+    with clamp(model, [Neuron(0, 1), Neuron(0, 2), Neuron(1, 1, "gate")], value=9.0):
+        assert _hooks(model) == 2  # one hook per hooked module, whatever the number of neurons
+    assert _hooks(model) == 0 and torch.equal(_logits(model, batch), base)
+
+
+def _surgery(model: nn.Module, layer: int, index: int, site: str, mode: str,
+             value: float) -> nn.Module:
+    """The clamp written into the weights: a reference that uses no hooks."""
+    ref = copy.deepcopy(model)
+    mlp = ref.model.layers[layer].mlp
+    with torch.no_grad():
+        if site == "act":  # act_i -> v: drop column i of W_down, add v * W_down[:, i] as a bias
+            col = mlp.down_proj.weight[:, index].clone()
+            mlp.down_proj.weight[:, index] = 0
+            mlp.down_proj.bias = nn.Parameter(value * col)
+            return ref
+        lin = mlp.up_proj if site == "up" else mlp.gate_proj
+        bias = torch.zeros(lin.out_features)
+        if mode == "set":  # h_i = v: zero row i, bias v
+            lin.weight[index] = 0
+            bias[index] = value
+        elif mode == "add":  # h_i + v: bias v
+            bias[index] = value
+        else:  # h_i * v: row i times v
+            lin.weight[index] *= value
+        lin.bias = nn.Parameter(bias)
+    return ref
+
+
+@pytest.mark.parametrize(("site", "mode"), [("up", "set"), ("gate", "set"), ("act", "set"),
+                                            ("up", "add"), ("gate", "scale")])
+def test_clamp_equals_weight_surgery(tiny: tuple[nn.Module, object], site: str,
+                                     mode: str) -> None:
+    model, tok = tiny
+    batch = _batch(tok)  # left-padded batch
+    layer, index, value = 1, 17, 3.5
+    matrix = {"up": "up", "gate": "gate", "act": "down"}[site]
+    with clamp(model, Neuron(layer, index, matrix), value=value, mode=mode):  # type: ignore[arg-type]
+        hooked = _logits(model, batch)
+    ref = _logits(_surgery(model, layer, index, site, mode, value), batch)
+    torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-5)
+    assert (hooked - _logits(model, batch)).abs().max() > 1e-3
+
+
+def test_explicit_site_and_last_position(tiny: tuple[nn.Module, object]) -> None:
+    model, tok = tiny
+    batch = _batch(tok)
+    base = _logits(model, batch)
+    n = Neuron(1, 17, "up")
+    with clamp(model, n, value=3.5, site="act"):  # an up neuron clamped at its activation
+        hooked = _logits(model, batch)
+    torch.testing.assert_close(hooked, _logits(_surgery(model, 1, 17, "act", "set", 3.5), batch),
+                               rtol=1e-5, atol=1e-5)
+    with clamp(model, n, value=30.0, positions="last"):
+        last = _logits(model, batch)
+    assert torch.equal(last[:, :-1], base[:, :-1])  # causal: earlier positions untouched
+    assert (last[:, -1] - base[:, -1]).abs().min() > 0
+
+
+def test_neuron_errors(tiny: tuple[nn.Module, object]) -> None:
+    model, _ = tiny
+    cases = [
+        (Neuron(3, 0), "layer 3 is out of range: the model has layers 0-2"),
+        (Neuron(0, 48, "down"), "index 48 is out of range: layers have 48 neurons"),
+    ]
+    for neuron, message in cases:
+        with pytest.raises(NeuronError, match=message), clamp(model, neuron, value=1.0):
+            pass
+    with pytest.raises(NeuronError, match="unknown site"), clamp(model, "1:1", 1.0, site="mlp"):  # type: ignore[arg-type]
+        pass
+    with pytest.raises(NeuronError, match="same activation"), clamp(model, ["1:1", "up:1:1"], 1):
+        pass
+    with pytest.raises(FlashlensError, match="2 clamp values for 3 neurons"), clamp(
+            model, ["1:1", "1:2", "1:3"], value=[1.0, 2.0]):
+        pass
+    with pytest.raises(FlashlensError, match="unknown clamp mode"), clamp(model, "1:1", 1.0,
+                                                                          mode="mul"):  # type: ignore[arg-type]
+        pass
+    assert _hooks(model) == 0
+    # a site this model does not have
+    bare = copy.deepcopy(model)
+    del bare.model.layers[0].mlp.gate_proj
+    with pytest.raises(NeuronError, match="site 'gate' does not exist"), clamp(
+            bare, "gate:0:1", 1.0):
+        pass
+
+
+# --- batching and measurement ----------------------------------------------------------------
+def test_padded_batch_matches_single_prompts(tiny: tuple[nn.Module, object]) -> None:
+    model, tok = tiny
+    neurons = [Neuron(0, 5), Neuron(2, 30, "down")]
+    batch = _batch(tok)
+    assert int(batch["attention_mask"].sum(-1).min()) < batch["input_ids"].shape[1]  # padded
+    ranges = activation_ranges(model, batch, neurons)
+    singles = [activation_ranges(model, _batch(tok, [p]), neurons) for p in PROMPTS]
+    for n in neurons:
+        assert ranges[n].min == pytest.approx(min(s[n].min for s in singles), abs=1e-5)
+        assert ranges[n].max == pytest.approx(max(s[n].max for s in singles), abs=1e-5)
+        assert ranges[n].absmax == pytest.approx(max(abs(ranges[n].min), ranges[n].max))
+    ids = [5, 77]
+    with clamp(model, neurons, value=4.0):
+        p_batch = concept_prob(model, batch, ids)
+        p_single = [concept_prob(model, _batch(tok, [p]), ids) for p in PROMPTS]
+    assert p_batch == pytest.approx(sum(p_single) / len(p_single), rel=1e-5)
+
+
+def test_planted_neuron_raises_its_token_monotonically(tmp_path: Path) -> None:
+    path = make_model(tmp_path / "m", n_layers=2, d_mlp=32)
+    model = load_reference_model(path)
+    tok = load_tokenizer(path)
+    token, layer, index = 300, 1, 11
+    with torch.no_grad():  # plant: neuron 11's output direction is the LM-head row of `token`
+        W_U = model.lm_head.weight  # (d_vocab, d_model)
+        W_down = model.model.layers[layer].mlp.down_proj.weight  # (d_model, d_mlp)
+        W_down[:, index] = W_U[token] / W_U[token].norm()
+    batch = _batch(tok)
+    values = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    dose = dose_response(model, batch, Neuron(layer, index, "down"), [token], values)
+    assert all(b > a for a, b in zip(dose.probs, dose.probs[1:])), dose.probs
+    assert dose.probs[-1] > 0.5 > 10 * dose.baseline
+    assert dose.best()[0] == 32.0
+
+
+# --- stories260K: a real trained model -------------------------------------------------------
+def _top_up_neuron(atlas: Path, piece: str) -> tuple[Neuron, list[int]]:
+    found = Atlas.open(atlas).search(piece, matrix="up", limit=1)
+    hit = found.hits[0]
+    return Neuron(hit.layer, hit.index, "up"), [v.token_id for v in found.variants]
+
+
+def test_stories_top_up_neuron_raises_its_piece(stories: Path, stories_atlas: Path) -> None:
+    from flashlens.intervene.generate import steer
+
+    model, tok = load_reference_model(stories), load_tokenizer(stories)
+    neuron, ids = _top_up_neuron(stories_atlas, "s")
+    dose = dose_response(model, encode(tok, DEFAULT_PROMPTS, torch.device("cpu")), neuron, ids)
+    value, prob, ratio = dose.best()
+    assert prob > dose.baseline and ratio > 2
+    steering = steer(model, tok, ["Once upon a time", "One day", "The little girl"], [neuron],
+                     value, max_new_tokens=16, samples=4, concept="s", concept_ids=ids)
+    assert steering.clamped_concept_tokens > 2 * steering.baseline_concept_tokens  # type: ignore[operator]
