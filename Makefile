@@ -2,8 +2,11 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-MODEL   ?= ../shared/models/stories260K
-ATLAS   ?= atlas/demo
+# A small public Hugging Face model; where ../shared holds the real stories260K (offline
+# machines), that local folder is the default instead. Override: make demo MODEL=path/or/id
+HUB_DEMO := HuggingFaceTB/SmolLM2-135M
+MODEL   ?= $(if $(wildcard ../shared/models/stories260K/config.json),../shared/models/stories260K,$(HUB_DEMO))
+ATLAS   ?= atlas/$(notdir $(MODEL))
 TORCH   := torch==2.13.0
 STAMP   := $(VENV)/.installed
 
@@ -22,7 +25,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 demo: $(STAMP)
 	$(BIN)/flashlens map $(MODEL) -o $(ATLAS)
+	$(BIN)/flashlens show $(ATLAS) 2:7 --matrix up
 	$(BIN)/flashlens stats $(ATLAS) --plot $(ATLAS)/stats.png
+	@echo "atlas in $(ATLAS); per-layer plot in $(ATLAS)/stats.png; browse: $(BIN)/flashlens serve $(ATLAS)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
