@@ -1,0 +1,195 @@
+"""Steered generation: KV-cached batched generation with a clamp vs a cache-free reference;
+the generate and clamp commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flashlens.cli import main
+from flashlens.intervene import Neuron, clamp
+from flashlens.intervene.generate import generate_ids
+from flashlens.intervene.loading import load_tokenizer
+
+from .helpers import load_reference_model, make_model
+
+PROMPTS = ["Once upon a time", "The little dog ran to the", "Tom"]  # lengths differ: left padding
+NEURONS = [Neuron(2, 40, "up"), Neuron(3, 100, "down")]
+VALUES = [6.0, -4.0]
+N_NEW = 10
+
+
+@torch.no_grad()
+def _reference(model: nn.Module, tok: object, prompt: str, last_from: bool) -> list[int]:
+    """Greedy, one prompt, no padding, no KV cache: the whole sequence recomputed every step.
+
+    last_from: clamp only positions from the prompt's last one on (what positions="last" does
+    under KV-cached generation), with hooks written here, not the library's."""
+    ids = tok(prompt, return_tensors="pt")["input_ids"]  # type: ignore[operator]
+    start = ids.shape[1] - 1
+    mlp2, mlp3 = model.model.layers[2].mlp, model.model.layers[3].mlp
+
+    def set_up(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[:, start if last_from else 0 :, 40] = VALUES[0]
+        return out
+
+    def set_act(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+        h = args[0].clone()
+        h[:, start if last_from else 0 :, 100] = VALUES[1]
+        return (h,)
+
+    handles = [
+        mlp2.up_proj.register_forward_hook(set_up),
+        mlp3.down_proj.register_forward_pre_hook(set_act),
+    ]
+    try:
+        for _ in range(N_NEW):
+            logits = model(ids, use_cache=False).logits[:, -1]
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return ids[0, -N_NEW:].tolist()
+
+
+@pytest.mark.parametrize("positions", ["all", "last"])
+def test_cached_batched_generation_clamps_every_step(stories: Path, positions: str) -> None:
+    model, tok = load_reference_model(stories), load_tokenizer(stories)
+    with clamp(model, NEURONS, value=VALUES, positions=positions):  # type: ignore[arg-type]
+        got = generate_ids(model, tok, PROMPTS, max_new_tokens=N_NEW)  # KV cache, left padding
+    plain = generate_ids(model, tok, PROMPTS, max_new_tokens=N_NEW)
+    for row, prompt in enumerate(PROMPTS):
+        want = _reference(model, tok, prompt, last_from=positions == "last")
+        assert got[row].tolist() == want, prompt
+    assert not torch.equal(got, plain)  # the clamp matters for this test to mean anything
+
+
+def test_generate_command_json(stories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "generate",
+        str(stories),
+        "--clamp",
+        "up:2:40=6",
+        "--clamp",
+        "down:3:100=-4",
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--max-new-tokens",
+        "6",
+        "--samples",
+        "2",
+        "--concept",
+        "Lily",
+        "--json",
+    ]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clamps"] == ["up:2:40=6", "down:3:100=-4"] and out["temperature"] == 1.0
+    assert [r["prompt"] for r in out["results"]] == PROMPTS[:2]
+    assert all(len(r["baseline"]) == 2 and len(r["clamped"]) == 2 for r in out["results"])
+    texts = [t for r in out["results"] for t in r["baseline"]]
+    assert out["baseline_share"] == sum("lily" in t.lower() for t in texts) / 4
+
+
+def _chat_model(tmp_path: Path) -> Path:
+    path = make_model(tmp_path / "chat", n_layers=2)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = (
+        "{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}\n"
+        "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def test_generate_chat_template(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flashlens.intervene.prompts import encode
+
+    path = _chat_model(tmp_path)
+    tok = load_tokenizer(path)
+    batch = encode(tok, ["hi there"], torch.device("cpu"), chat=True)
+    text = tok.decode(batch["input_ids"][0])
+    assert text.startswith("<s>") and "[user] hi there" in text and text.endswith("[assistant]")
+    assert (
+        main(
+            [
+                "generate",
+                str(path),
+                "--clamp",
+                "1:3=5",
+                "--prompt",
+                "hi",
+                "--chat",
+                "--max-new-tokens",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["chat"] is True
+    plain = tmp_path / "plain"
+    shutil.copytree(path, plain)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert main(["generate", str(plain), "--clamp", "1:3=5", "--prompt", "hi", "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+
+
+def test_clamp_command(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "dose.png"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n\nOne day, Lily\n")
+    assert (
+        main(
+            [
+                "clamp",
+                str(stories),
+                "--neuron",
+                "up:4:38",
+                "--concept",
+                "Lily",
+                "--values=-5,0,5,20,40",
+                "--prompts",
+                str(prompts),
+                "--plot",
+                str(png),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_prompts"] == 2 and out["values"] == [-5, 0, 5, 20, 40]
+    assert [v["text"] for v in out["variants"]] == [" Lily"]
+    assert out["best"]["ratio"] == max(out["ratios"]) and out["best"]["ratio"] > 1
+    r = out["ranges"]["up:4:38"]
+    assert r["min"] <= r["next_mean"] <= r["max"] and r["absmax"] == max(-r["min"], r["max"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--neuron", "9:1", "--concept", "Lily"], "layer 9 is out of range"),
+        (["--neuron", "1:172", "--concept", "Lily"], "index 172 is out of range"),
+        (["--neuron", "1:1", "--concept", "elephant"], "unknown concept 'elephant'"),
+        (["--neuron", "1:1", "--concept", "Lily", "--values", "a,b"], "bad --values"),
+        (["--neuron", "1:1", "--concept", "Lily", "--mode", "mul"], "unknown --mode 'mul'"),
+    ],
+)
+def test_clamp_command_errors(
+    stories: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(["clamp", str(stories), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
