@@ -84,9 +84,6 @@ def build_checkpoint(folder: Path, n_layers: int, seed: int = 0) -> Path:
         )
         weight_map.update(dict.fromkeys(tensors, shard))
 
-    def randn(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).bfloat16()
-
     # Rows of unequal norm (as real heads have), so some tokens are easier to reach than others.
     row_scale = torch.exp(0.25 * torch.randn(D_VOCAB, 1, generator=g))
     W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02 * row_scale).bfloat16()
@@ -97,27 +94,32 @@ def build_checkpoint(folder: Path, n_layers: int, seed: int = 0) -> Path:
         },
         "head.safetensors",
     )
-    save({"model.embed_tokens.weight": randn(D_VOCAB, D_MODEL, std=0.02)}, "embed.safetensors")
+    # Tensors the map never reads are cheap stand-ins of the right shape (the benchmark's
+    # transformers baseline loads them, so they must exist): this keeps the build fast.
+    save({"model.embed_tokens.weight": W_U.roll(1, 0)}, "embed.safetensors")
+    zeros = torch.zeros  # attention weights: only their size matters here
     for layer in range(n_layers):
         p = f"model.layers.{layer}."
-        t: dict[str, torch.Tensor] = {}
-        for m in ("up", "gate"):
-            # Noise plus, for a quarter of the neurons, a token direction: peaked readings.
-            W = torch.randn(D_MLP, D_MODEL, generator=g) * 0.015
-            sel = torch.randperm(D_MLP, generator=g)[: D_MLP // 4]
-            toks = torch.randint(0, D_VOCAB, (sel.numel(),), generator=g)
-            W[sel] += 0.6 * W_U[toks].float()
-            t[p + f"mlp.{m}_proj.weight"] = W.bfloat16()
-            del W
-        t[p + "mlp.down_proj.weight"] = randn(D_MODEL, D_MLP, std=0.015)
-        t[p + "self_attn.q_proj.weight"] = randn(D_MODEL, D_MODEL, std=0.02)
-        t[p + "self_attn.k_proj.weight"] = randn(N_KV * 128, D_MODEL, std=0.02)
-        t[p + "self_attn.v_proj.weight"] = randn(N_KV * 128, D_MODEL, std=0.02)
-        t[p + "self_attn.o_proj.weight"] = randn(D_MODEL, D_MODEL, std=0.02)
-        t[p + "input_layernorm.weight"] = torch.ones(D_MODEL, dtype=torch.bfloat16)
-        t[p + "post_attention_layernorm.weight"] = torch.ones(D_MODEL, dtype=torch.bfloat16)
+        # Noise plus, for a quarter of the neurons, a token direction: peaked readings.
+        W = torch.randn(D_MLP, D_MODEL, generator=g) * 0.015
+        sel = torch.randperm(D_MLP, generator=g)[: D_MLP // 4]
+        toks = torch.randint(0, D_VOCAB, (sel.numel(),), generator=g)
+        W[sel] += 0.6 * W_U[toks].float()
+        up = W.bfloat16()
+        del W
+        t = {
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.gate_proj.weight": up.roll(1, 1),
+            p + "mlp.down_proj.weight": up.T.contiguous(),
+            p + "self_attn.q_proj.weight": zeros(D_MODEL, D_MODEL, dtype=torch.bfloat16),
+            p + "self_attn.k_proj.weight": zeros(N_KV * 128, D_MODEL, dtype=torch.bfloat16),
+            p + "self_attn.v_proj.weight": zeros(N_KV * 128, D_MODEL, dtype=torch.bfloat16),
+            p + "self_attn.o_proj.weight": zeros(D_MODEL, D_MODEL, dtype=torch.bfloat16),
+            p + "input_layernorm.weight": torch.ones(D_MODEL, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(D_MODEL, dtype=torch.bfloat16),
+        }
         save(t, f"layer_{layer:03d}.safetensors")
-        del t
+        del t, up
     index = {"metadata": {}, "weight_map": weight_map}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     tmp.rename(folder)
