@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from ..compare import Comparison, Distance, Figures, compare
+from ..comparison import Comparison, Distance, Figures, compare
 from ..errors import FlashlensError
 from . import app
 from .common import console, err_console, print_json, show_token
@@ -45,6 +46,7 @@ def compare_command(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (mapping, exact distance)."),
     dtype: str = typer.Option("auto", help="Compute dtype when mapping models."),
+    block: int = typer.Option(None, help="Neurons per block when mapping models."),
     compile: str = typer.Option("auto", help="torch.compile when mapping models: auto/on/off."),
 ) -> None:
     """Compare two models of the same shape neuron by neuron.
@@ -79,6 +81,7 @@ def compare_command(
         device=device,
         dtype=dtype,
         compile=compile,
+        block=block,
         progress=not quiet,
     )
     neurons = None
@@ -86,7 +89,7 @@ def compare_command(
         rank = result.changed if changed else result.unchanged
         neurons = rank(limit or None)
     if plot is not None:
-        from ..compare.plot import plot_agreement
+        from ..comparison.plot import plot_agreement
 
         plot_agreement(result, plot)
     if json_out:
@@ -110,7 +113,7 @@ def _print(result: Comparison, neurons: list[dict[str, Any]] | None, title: str)
         else "TV: total-variation bounds [lo, hi] from the atlases' top-k "
         "lists (no weights: the exact distance needs both models)"
     )
-    console.print(f"distance  {dist}")
+    console.print(f"distance  {escape(dist)}")
     for note in result.notes:
         err_console.print(f"[yellow]note[/] {note}")
     if neurons is not None:
@@ -123,7 +126,7 @@ def _print(result: Comparison, neurons: list[dict[str, Any]] | None, title: str)
         "neurons",
         "same top-1",
         f"top-{result.top_k} Jaccard",
-        "JSD" if result.exact else "TV [lo, hi]",
+        "JSD" if result.exact else escape("TV [lo, hi]"),
     ):
         table.add_column(col, justify="left" if col == "matrix" else "right")
     for m in result.matrices:
@@ -137,7 +140,7 @@ def _print(result: Comparison, neurons: list[dict[str, Any]] | None, title: str)
 
 
 def _cells(result: Comparison, f: Figures) -> list[str]:
-    dist = f"{f.jsd:.4f}" if f.jsd is not None else f"[{f.tv_lo:.3f}, {f.tv_hi:.3f}]"
+    dist = f"{f.jsd:.4f}" if f.jsd is not None else escape(f"[{f.tv_lo:.3f}, {f.tv_hi:.3f}]")
     return [f"{f.neurons:,}", f"{100 * f.same_top1:.1f}%", f"{f.jaccard:.3f}", dist]
 
 
@@ -164,4 +167,4 @@ def _print_neurons(result: Comparison, neurons: list[dict[str, Any]], title: str
 
 
 def _tops(tokens: list[dict[str, Any]], n: int = 4) -> str:
-    return " ".join(f"{show_token(t['text'])} {t['prob']:.2f}" for t in tokens[:n])
+    return escape(" ".join(f"{show_token(t['text'])} {t['prob']:.2f}" for t in tokens[:n]))

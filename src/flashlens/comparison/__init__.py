@@ -47,6 +47,7 @@ def compare(
     device: str = "auto",
     dtype: str = "auto",
     compile: str = "auto",
+    block: int | None = None,
     progress: bool = False,
 ) -> Comparison:
     """Compare model A with model B neuron by neuron.
@@ -54,12 +55,14 @@ def compare(
     a, b: atlas folders, or models (folder or hub id) that are first mapped with the same
     settings into `out`/<name> (an atlas already there is reused). matrices/layers restrict the
     comparison (and the mapping); top_k/norm are mapping settings (default: the other atlas'
-    or 10/model). distance: "exact" reads both models' weights for the exact JSD/TV, "atlas"
-    uses the atlases alone, "auto" is exact when both models' weights are on this machine.
+    or 10/model); device/dtype/compile/block are passed to `map_model` (device also places
+    the exact decode). distance: "exact" reads both models' weights for the exact JSD/TV,
+    "atlas" uses the atlases alone, "auto" is exact when both models' weights are on this
+    machine. progress: a progress bar on stderr.
     """
     if distance not in ("auto", "exact", "atlas"):
         raise FlashlensError(f"unknown distance {distance!r}: use auto, exact or atlas")
-    req = Request(matrices, layers, top_k, norm, device, dtype, compile, progress)
+    req = Request(matrices, layers, top_k, norm, device, dtype, compile, block, progress)
     A, B = open_pair(a, b, out, req)
     check_compatible(A, B)
     ms, ls, notes = common_scope(A, B, matrices, layers)

@@ -21,7 +21,11 @@ def plot_agreement(result: Comparison, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise FlashlensError(f"--plot {path}: give a .png file name")
-    dist_label = "mean JSD (bits, exact)" if result.exact else "mean TV bounds (from top-k)"
+    dist_label = (
+        "mean JSD (bits, exact)"
+        if result.exact
+        else "mean TV from top-k:\nlower bound (line) to upper (band)"
+    )
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, constrained_layout=True)
     for m in result.matrices:
         figs = [result.figures(m, layer) for layer in result.layers]
@@ -48,9 +52,12 @@ def plot_agreement(result: Comparison, path: str | Path) -> Path:
     axes[2].set_ylabel(dist_label)
     axes[2].set_ylim(bottom=0)
     axes[2].set_xlabel("layer")
+    from matplotlib.ticker import MaxNLocator
+
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(title="matrix", fontsize=8, loc="best")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(title="matrix", fontsize=8, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,7 @@ class Request:
     device: str = "auto"
     dtype: str = "auto"
     compile: str = "auto"
+    block: int | None = None
     progress: bool = False
 
 
@@ -153,6 +154,7 @@ def map_side(model: str | Path, target: Path, req: Request, template: AtlasMeta 
         device=req.device,
         dtype=req.dtype,
         compile=req.compile,
+        block=req.block,
         progress=req.progress,
     )
     return Atlas.open(target)
