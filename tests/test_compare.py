@@ -351,3 +351,6 @@ def test_cli_plot_and_errors(
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
     assert main(["compare", str(stories_atlas), str(tuned_atlas), "--changed", "--unchanged"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["compare", str(stories_atlas), str(tuned_atlas), "--plot", "x.jpg"]) == 2
+    assert ".png" in capsys.readouterr().err

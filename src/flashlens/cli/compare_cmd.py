@@ -68,6 +68,8 @@ def compare_command(
         raise FlashlensError("pass --json or --csv, not both")
     if limit < 0:
         raise FlashlensError("--limit must be 0 (all) or more")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise FlashlensError(f"--plot {plot}: give a .png file name")
     quiet = json_out or csv_out
     result = compare(
         a,

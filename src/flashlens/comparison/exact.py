@@ -29,7 +29,7 @@ from ..families import Matrix
 from ..weights import ModelSource
 
 LN2 = math.log(2.0)
-ARRAYS_PER_ROW = 8  # (block, d_vocab) fp32 arrays alive at once while a block is scored
+ARRAYS_PER_ROW = 16  # (block, d_vocab) fp32-sized temporaries alive at once while a block is scored
 
 
 @dataclass
