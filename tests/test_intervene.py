@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -78,8 +79,10 @@ def test_exit_restores_model_even_on_error(tiny: tuple[nn.Module, object]) -> No
     batch = _batch(tok)
     base = _logits(model, batch)
     assert _hooks(model) == 0
-    with pytest.raises(RuntimeError, match="boom"), clamp(model, ["up:1:5", "down:2:3"],
-                                                          value=50.0):
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        clamp(model, ["up:1:5", "down:2:3"], value=50.0),
+    ):
         assert _hooks(model) == 2
         raise RuntimeError("boom")
     assert _hooks(model) == 0
@@ -89,8 +92,9 @@ def test_exit_restores_model_even_on_error(tiny: tuple[nn.Module, object]) -> No
     assert _hooks(model) == 0 and torch.equal(_logits(model, batch), base)
 
 
-def _surgery(model: nn.Module, layer: int, index: int, site: str, mode: str,
-             value: float) -> nn.Module:
+def _surgery(
+    model: nn.Module, layer: int, index: int, site: str, mode: str, value: float
+) -> nn.Module:
     """The clamp written into the weights: a reference that uses no hooks."""
     ref = copy.deepcopy(model)
     mlp = ref.model.layers[layer].mlp
@@ -113,10 +117,11 @@ def _surgery(model: nn.Module, layer: int, index: int, site: str, mode: str,
     return ref
 
 
-@pytest.mark.parametrize(("site", "mode"), [("up", "set"), ("gate", "set"), ("act", "set"),
-                                            ("up", "add"), ("gate", "scale")])
-def test_clamp_equals_weight_surgery(tiny: tuple[nn.Module, object], site: str,
-                                     mode: str) -> None:
+@pytest.mark.parametrize(
+    ("site", "mode"),
+    [("up", "set"), ("gate", "set"), ("act", "set"), ("up", "add"), ("gate", "scale")],
+)
+def test_clamp_equals_weight_surgery(tiny: tuple[nn.Module, object], site: str, mode: str) -> None:
     model, tok = tiny
     batch = _batch(tok)  # left-padded batch
     layer, index, value = 1, 17, 3.5
@@ -135,8 +140,9 @@ def test_explicit_site_and_last_position(tiny: tuple[nn.Module, object]) -> None
     n = Neuron(1, 17, "up")
     with clamp(model, n, value=3.5, site="act"):  # an up neuron clamped at its activation
         hooked = _logits(model, batch)
-    torch.testing.assert_close(hooked, _logits(_surgery(model, 1, 17, "act", "set", 3.5), batch),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        hooked, _logits(_surgery(model, 1, 17, "act", "set", 3.5), batch), rtol=1e-5, atol=1e-5
+    )
     with clamp(model, n, value=30.0, positions="last"):
         last = _logits(model, batch)
     assert torch.equal(last[:, :-1], base[:, :-1])  # causal: earlier positions untouched
@@ -156,18 +162,24 @@ def test_neuron_errors(tiny: tuple[nn.Module, object]) -> None:
         pass
     with pytest.raises(NeuronError, match="same activation"), clamp(model, ["1:1", "up:1:1"], 1):
         pass
-    with pytest.raises(FlashlensError, match="2 clamp values for 3 neurons"), clamp(
-            model, ["1:1", "1:2", "1:3"], value=[1.0, 2.0]):
+    with (
+        pytest.raises(FlashlensError, match="2 clamp values for 3 neurons"),
+        clamp(model, ["1:1", "1:2", "1:3"], value=[1.0, 2.0]),
+    ):
         pass
-    with pytest.raises(FlashlensError, match="unknown clamp mode"), clamp(model, "1:1", 1.0,
-                                                                          mode="mul"):  # type: ignore[arg-type]
+    with (
+        pytest.raises(FlashlensError, match="unknown clamp mode"),
+        clamp(model, "1:1", 1.0, mode="mul"),
+    ):  # type: ignore[arg-type]
         pass
     assert _hooks(model) == 0
     # a site this model does not have
     bare = copy.deepcopy(model)
     del bare.model.layers[0].mlp.gate_proj
-    with pytest.raises(NeuronError, match="site 'gate' does not exist"), clamp(
-            bare, "gate:0:1", 1.0):
+    with (
+        pytest.raises(NeuronError, match="site 'gate' does not exist"),
+        clamp(bare, "gate:0:1", 1.0),
+    ):
         pass
 
 
@@ -202,7 +214,7 @@ def test_planted_neuron_raises_its_token_monotonically(tmp_path: Path) -> None:
     batch = _batch(tok)
     values = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     dose = dose_response(model, batch, Neuron(layer, index, "down"), [token], values)
-    assert all(b > a for a, b in zip(dose.probs, dose.probs[1:])), dose.probs
+    assert all(b > a for a, b in pairwise(dose.probs)), dose.probs
     assert dose.probs[-1] > 0.5 > 10 * dose.baseline
     assert dose.best()[0] == 32.0
 
@@ -222,6 +234,15 @@ def test_stories_top_up_neuron_raises_its_piece(stories: Path, stories_atlas: Pa
     dose = dose_response(model, encode(tok, DEFAULT_PROMPTS, torch.device("cpu")), neuron, ids)
     value, prob, ratio = dose.best()
     assert prob > dose.baseline and ratio > 2
-    steering = steer(model, tok, ["Once upon a time", "One day", "The little girl"], [neuron],
-                     value, max_new_tokens=16, samples=4, concept="s", concept_ids=ids)
+    steering = steer(
+        model,
+        tok,
+        ["Once upon a time", "One day", "The little girl"],
+        [neuron],
+        value,
+        max_new_tokens=16,
+        samples=4,
+        concept="s",
+        concept_ids=ids,
+    )
     assert steering.clamped_concept_tokens > 2 * steering.baseline_concept_tokens  # type: ignore[operator]

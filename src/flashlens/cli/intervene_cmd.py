@@ -15,15 +15,16 @@ from .common import console, err_console, print_json, show_token
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
-_SITES = "up (up_proj output), gate (gate_proj output), act (down_proj input); default: the matrix's."
+_SITES = "up (up_proj output), gate (gate_proj output), act (down_proj input); default: by matrix."
 
 
 def _floats(spec: str, what: str) -> list[float]:
     try:
         values = [float(v) for v in spec.split(",") if v.strip()]
     except ValueError:
-        raise FlashlensError(f"bad {what} {spec!r}: write numbers separated by commas, "
-                             "e.g. 0,5,10,20") from None
+        raise FlashlensError(
+            f"bad {what} {spec!r}: write numbers separated by commas, e.g. 0,5,10,20"
+        ) from None
     if not values:
         raise FlashlensError(f"no {what} in {spec!r}: write e.g. 0,5,10,20")
     return values
@@ -53,12 +54,16 @@ def _note(notes: list[str]) -> None:
 @app.command("clamp")
 def clamp_command(
     model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
-    neuron: list[str] = typer.Option(..., help="LAYER:INDEX or MATRIX:LAYER:INDEX; repeatable "
-                                     "(all are clamped together)."),
+    neuron: list[str] = typer.Option(
+        ..., help="LAYER:INDEX or MATRIX:LAYER:INDEX; repeatable (all are clamped together)."
+    ),
     concept: str = typer.Option(..., help="The concept whose next-token probability to measure."),
     matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
-    values: str = typer.Option(None, help="Clamp values, e.g. 0,5,10,20 (default: multiples "
-                               "of the natural max |activation|, both signs)."),
+    values: str = typer.Option(
+        None,
+        help="Clamp values, e.g. 0,5,10,20 (default: multiples "
+        "of the natural max |activation|, both signs).",
+    ),
     mode: str = typer.Option("set", help=_MODES),
     positions: str = typer.Option("all", help=_POSITIONS),
     site: str = typer.Option(None, help=_SITES),
@@ -95,32 +100,47 @@ def clamp_command(
     batch = encode(lm.tokenizer, texts, lm.device, chat=chat)
     n_steps = 1 + (len(chosen_values) if chosen_values else 9)
     with progress_bar(not json_out, n_steps, "clamping") as advance:
-        dose = dose_response(lm.model, batch, neurons, variant_ids(exp), chosen_values,
-                             _choice(mode, ("set", "add", "scale"), "--mode"),
-                             _choice(positions, ("all", "last"), "--positions"),
-                             _choice(site, ("up", "gate", "act"), "--site"), advance)
+        dose = dose_response(
+            lm.model,
+            batch,
+            neurons,
+            variant_ids(exp),
+            chosen_values,
+            _choice(mode, ("set", "add", "scale"), "--mode"),
+            _choice(positions, ("all", "last"), "--positions"),
+            _choice(site, ("up", "gate", "act"), "--site"),
+            advance,
+        )
     title = f"{', '.join(dose.neurons)} -> P({exp.concept!r})"
     if plot:
         plot_dose(dose, str(plot), title)
     if json_out:
-        print_json(dose.to_dict() | {"concept": exp.concept, "notes": exp.notes,
-                                     "variants": [v.to_dict() for v in exp.variants],
-                                     "plot": str(plot) if plot else None})
+        print_json(
+            dose.to_dict()
+            | {
+                "concept": exp.concept,
+                "notes": exp.notes,
+                "variants": [v.to_dict() for v in exp.variants],
+                "plot": str(plot) if plot else None,
+            }
+        )
         return
     err_console.print("variants: " + ", ".join(show_token(v.text) for v in exp.variants))
     _note(exp.notes)
     for name, r in dose.ranges.items():
-        console.print(f"[bold]{name}[/] natural activation on {dose.n_prompts} prompts: "
-                      f"{r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})")
+        console.print(
+            f"[bold]{name}[/] natural activation on {dose.n_prompts} prompts: "
+            f"{r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})"
+        )
     console.print(f"[bold]{title}[/] ({dose.mode}, positions {dose.positions})")
     table = Table(show_edge=False)
     for col in ("clamp value", "P(concept)", "x baseline"):
         table.add_column(col, justify="right")
     table.add_row("unclamped", f"{dose.baseline:.4g}", "1.00")
     best = dose.best()[0]
-    for v, p, r in zip(dose.values, dose.probs, dose.ratios):
-        style = "bold green" if v == best and r > 1 else None
-        table.add_row(f"{v:.4g}", f"{p:.4g}", _ratio(r), style=style)
+    for v, p, x in zip(dose.values, dose.probs, dose.ratios, strict=True):
+        style = "bold green" if v == best and x > 1 else None
+        table.add_row(f"{v:.4g}", f"{p:.4g}", _ratio(x), style=style)
     console.print(table)
     if plot:
         err_console.print(f"plot -> {plot}")
@@ -141,15 +161,17 @@ def _parse_clamp(spec: str, matrix: str) -> tuple[Any, float]:
 @app.command("generate")
 def generate_command(
     model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
-    clamp: list[str] = typer.Option(..., "--clamp", help="NEURON=VALUE, e.g. up:12:1234=10; "
-                                    "repeatable."),
+    clamp: list[str] = typer.Option(
+        ..., "--clamp", help="NEURON=VALUE, e.g. up:12:1234=10; repeatable."
+    ),
     prompt: list[str] = typer.Option(None, help="A prompt; repeatable."),
     prompts: Path = typer.Option(None, help="Prompts file, one per line."),
     chat: bool = typer.Option(False, help="Wrap prompts in the tokenizer's chat template."),
     max_new_tokens: int = typer.Option(40, help="Tokens to generate per continuation."),
     samples: int = typer.Option(1, help="Continuations per prompt (sampled when > 1)."),
-    temperature: float = typer.Option(None, help="Sampling temperature; 0 is greedy "
-                                      "(default: greedy for 1 sample, else 1.0)."),
+    temperature: float = typer.Option(
+        None, help="Sampling temperature; 0 is greedy (default: greedy for 1 sample, else 1.0)."
+    ),
     seed: int = typer.Option(0, help="Random seed (the same for baseline and clamped)."),
     concept: str = typer.Option(None, help="Report the share of continuations mentioning it."),
     matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
@@ -187,30 +209,44 @@ def generate_command(
         except ConceptError:
             ids = []  # a multi-token concept: counted in the text only
     with err_console.status("generating", spinner="dots") if not json_out else nullcontext():
-        result = steer(lm.model, lm.tokenizer, texts, [n for n, _ in clamps],
-                       [v for _, v in clamps],
-                       mode=_choice(mode, ("set", "add", "scale"), "--mode"),
-                       positions=_choice(positions, ("all", "last"), "--positions"),
-                       site=_choice(site, ("up", "gate", "act"), "--site"),
-                       max_new_tokens=max_new_tokens, samples=samples, temperature=temperature,
-                       seed=seed, chat=chat, concept=concept, concept_ids=ids)
+        result = steer(
+            lm.model,
+            lm.tokenizer,
+            texts,
+            [n for n, _ in clamps],
+            [v for _, v in clamps],
+            mode=_choice(mode, ("set", "add", "scale"), "--mode"),
+            positions=_choice(positions, ("all", "last"), "--positions"),
+            site=_choice(site, ("up", "gate", "act"), "--site"),
+            max_new_tokens=max_new_tokens,
+            samples=samples,
+            temperature=temperature,
+            seed=seed,
+            chat=chat,
+            concept=concept,
+            concept_ids=ids,
+        )
     if json_out:
         print_json(result.to_dict())
         return
     how = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
-    console.print(f"[bold]clamp[/] {', '.join(result.clamps)} ({result.mode}, positions "
-                  f"{result.positions}); {how}, seed {result.seed}")
+    console.print(
+        f"[bold]clamp[/] {', '.join(result.clamps)} ({result.mode}, positions "
+        f"{result.positions}); {how}, seed {result.seed}"
+    )
     for r in result.results:
         table = Table(title=repr(r.prompt), show_lines=True, expand=True)
         table.add_column("baseline", ratio=1)
         table.add_column("clamped", ratio=1, style="green")
-        for b, c in zip(r.baseline, r.clamped):
+        for b, c in zip(r.baseline, r.clamped, strict=True):
             table.add_row(b, c)
         console.print(table)
     if result.concept is not None:
-        console.print(f"continuations mentioning {result.concept!r}: baseline "
-                      f"{result.baseline_share:.0%}, clamped {result.clamped_share:.0%} "
-                      f"(of {len(texts) * samples})")
+        console.print(
+            f"continuations mentioning {result.concept!r}: baseline "
+            f"{result.baseline_share:.0%}, clamped {result.clamped_share:.0%} "
+            f"(of {len(texts) * samples})"
+        )
 
 
 @app.command("validate")
@@ -220,13 +256,17 @@ def validate_command(
     model: str = typer.Option(..., help="The model the atlas was mapped from (folder or id)."),
     limit: int = typer.Option(20, help="Validate this many top search hits."),
     neurons: str = typer.Option(None, help="Validate these instead, e.g. 12:1234,up:3:7."),
-    matrix: str = typer.Option(None, help="Search only this matrix (and the matrix of "
-                               "LAYER:INDEX --neurons; default up)."),
+    matrix: str = typer.Option(
+        None, help="Search only this matrix (and the matrix of LAYER:INDEX --neurons; default up)."
+    ),
     layers: str = typer.Option(None, help="Search only these layers, e.g. 0-5,9."),
-    factor: float = typer.Option(2.0, help="Validated when the best clamp multiplies "
-                                 "P(concept) by at least this."),
-    multiples: str = typer.Option("-20,-10,-5,-2,0,2,5,10,20", help="Clamp values, in units "
-                                  "of each neuron's natural max |activation|."),
+    factor: float = typer.Option(
+        2.0, help="Validated when the best clamp multiplies P(concept) by at least this."
+    ),
+    multiples: str = typer.Option(
+        "-20,-10,-5,-2,0,2,5,10,20",
+        help="Clamp values, in units of each neuron's natural max |activation|.",
+    ),
     mode: str = typer.Option("set", help=_MODES),
     positions: str = typer.Option("all", help=_POSITIONS),
     prompts: Path = typer.Option(None, help="Prompts file, one per line (default: a neutral set)."),
@@ -259,28 +299,50 @@ def validate_command(
     mults = _floats(multiples, "--multiples")
     layer_list = parse_layers(layers, at.meta.n_layers) if layers else None
     lm = load_model(model, device=device, dtype=dtype)
-    report = validate(at, concept, lm, neurons=chosen, limit=limit, matrix=matrix,
-                      layers=layer_list, factor=factor, prompts=texts, multiples=mults,
-                      mode=_choice(mode, ("set", "add", "scale"), "--mode"),
-                      positions=_choice(positions, ("all", "last"), "--positions"),
-                      plural=_plural(variants), write=write, progress=not json_out)
+    report = validate(
+        at,
+        concept,
+        lm,
+        neurons=chosen,
+        limit=limit,
+        matrix=matrix,
+        layers=layer_list,
+        factor=factor,
+        prompts=texts,
+        multiples=mults,
+        mode=_choice(mode, ("set", "add", "scale"), "--mode"),
+        positions=_choice(positions, ("all", "last"), "--positions"),
+        plural=_plural(variants),
+        write=write,
+        progress=not json_out,
+    )
     if json_out:
         print_json(report.to_dict())
         return
     err_console.print("variants: " + ", ".join(show_token(t) for t in report.variants))
     _note(report.notes)
-    console.print(f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}) on "
-                  f"{report.n_prompts} prompts; P = P(concept) at the next token")
+    console.print(
+        f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}) on "
+        f"{report.n_prompts} prompts; P = P(concept) at the next token"
+    )
     table = Table(show_edge=False)
     for col in ("neuron", "P dec", "max|act|", "value", "P before", "P after", "ratio", "ok"):
-        table.add_column(col, justify="left" if col in ("neuron", "ok") else "right",
-                         no_wrap=True)
+        table.add_column(col, justify="left" if col in ("neuron", "ok") else "right", no_wrap=True)
     for r in report.results:
         decoded = "" if r.concept_prob is None else f"{r.concept_prob:.3f}"
-        table.add_row(str(r.neuron), decoded, f"{r.absmax:.3g}", f"{r.best_value:.3g}",
-                      f"{r.baseline_prob:.2e}", f"{r.clamped_prob:.2e}", _ratio(r.ratio),
-                      "[green]yes[/]" if r.validated else "no")
+        table.add_row(
+            str(r.neuron),
+            decoded,
+            f"{r.absmax:.3g}",
+            f"{r.best_value:.3g}",
+            f"{r.baseline_prob:.2e}",
+            f"{r.clamped_prob:.2e}",
+            _ratio(r.ratio),
+            "[green]yes[/]" if r.validated else "no",
+        )
     console.print(table)
     where = f" -> {report.path}" if report.path else ""
-    console.print(f"{report.n_validated} of {len(report.results)} neurons raise "
-                  f"P({report.concept!r}) by at least {report.factor:g}x{where}")
+    console.print(
+        f"{report.n_validated} of {len(report.results)} neurons raise "
+        f"P({report.concept!r}) by at least {report.factor:g}x{where}"
+    )

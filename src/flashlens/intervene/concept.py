@@ -14,8 +14,9 @@ from pathlib import Path
 from ..atlas.concepts import ConceptError, Expansion, Vocab, expand
 
 
-def concept_variants(concept: str, tokens: Sequence[str], texts: Sequence[str],
-                     plural: bool = False) -> Expansion:
+def concept_variants(
+    concept: str, tokens: Sequence[str], texts: Sequence[str], plural: bool = False
+) -> Expansion:
     """The concept's single-token variants over a vocabulary (tokens and texts by id)."""
     return single_token(expand(concept, Vocab(tokens, texts), plural))
 
@@ -26,9 +27,11 @@ def single_token(expansion: Expansion) -> Expansion:
     if any(v.text.strip().lower().startswith(key) for v in expansion.variants):
         return expansion
     why = "; ".join(n.removesuffix("; searching by its first token") for n in expansion.notes)
-    raise ConceptError(f"unknown concept {expansion.concept!r}: no single token writes it ({why}); "
-                       "clamp and validate measure one next token: pass a piece, e.g. "
-                       f"{expansion.variants[0].text.strip()!r}")
+    raise ConceptError(
+        f"unknown concept {expansion.concept!r}: no single token writes it ({why}); "
+        "clamp and validate measure one next token: pass a piece, e.g. "
+        f"{expansion.variants[0].text.strip()!r}"
+    )
 
 
 def model_concept(concept: str, folder: Path, d_vocab: int, plural: bool = False) -> Expansion:
@@ -36,8 +39,9 @@ def model_concept(concept: str, folder: Path, d_vocab: int, plural: bool = False
     from ..atlas.tokens import tokens_table
 
     table = tokens_table(folder, d_vocab)  # (d_vocab,) token_id, token, text
-    return concept_variants(concept, table.column("token").to_pylist(),
-                            table.column("text").to_pylist(), plural)
+    return concept_variants(
+        concept, table.column("token").to_pylist(), table.column("text").to_pylist(), plural
+    )
 
 
 def variant_ids(expansion: Expansion) -> list[int]:

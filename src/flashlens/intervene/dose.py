@@ -68,8 +68,9 @@ def concept_prob(model: Any, batch: dict[str, torch.Tensor], concept_ids: Sequen
 
 
 @torch.no_grad()
-def activation_ranges(model: Any, batch: dict[str, torch.Tensor], neurons: NeuronsLike,
-                      site: Site | None = None) -> dict[Neuron, ActivationRange]:
+def activation_ranges(
+    model: Any, batch: dict[str, torch.Tensor], neurons: NeuronsLike, site: Site | None = None
+) -> dict[Neuron, ActivationRange]:
     """Each neuron's natural activation range on the batch (padding excluded)."""
     chosen = as_neurons(neurons)
     with record(model, chosen, site) as seen:
@@ -79,13 +80,15 @@ def activation_ranges(model: Any, batch: dict[str, torch.Tensor], neurons: Neuro
     for n in chosen:
         acts = seen[n][0]  # (batch, seq)
         vals = acts[real]
-        out[n] = ActivationRange(float(vals.min()), float(vals.max()), float(vals.abs().max()),
-                                 float(acts[:, -1].mean()))
+        out[n] = ActivationRange(
+            float(vals.min()), float(vals.max()), float(vals.abs().max()), float(acts[:, -1].mean())
+        )
     return out
 
 
-def default_values(mode: str, ranges: dict[Neuron, ActivationRange],
-                   multiples: Sequence[float] = DEFAULT_MULTIPLES) -> list[float]:
+def default_values(
+    mode: str, ranges: dict[Neuron, ActivationRange], multiples: Sequence[float] = DEFAULT_MULTIPLES
+) -> list[float]:
     """Clamp values: `multiples` of the neurons' largest natural |activation| (scale mode:
     plain factors)."""
     if mode == "scale":
@@ -139,9 +142,14 @@ def dose_response(
         advance()
     probs = clamped_probs(model, batch, chosen, concept_ids, values, mode, positions, site, advance)
     return DoseResponse(
-        neurons=[str(n) for n in chosen], concept_ids=list(concept_ids), mode=mode,
-        positions=positions, n_prompts=int(batch["input_ids"].shape[0]), baseline=baseline,
-        values=[float(v) for v in values], probs=probs,
+        neurons=[str(n) for n in chosen],
+        concept_ids=list(concept_ids),
+        mode=mode,
+        positions=positions,
+        n_prompts=int(batch["input_ids"].shape[0]),
+        baseline=baseline,
+        values=[float(v) for v in values],
+        probs=probs,
         ranges={str(n): r for n, r in ranges.items()},
     )
 
@@ -155,8 +163,12 @@ def plot_dose(dose: DoseResponse, path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     order = sorted(range(len(dose.values)), key=dose.values.__getitem__)
-    ax.plot([dose.values[i] for i in order], [dose.probs[i] for i in order], "o-",
-            label=f"clamped ({dose.mode})")
+    ax.plot(
+        [dose.values[i] for i in order],
+        [dose.probs[i] for i in order],
+        "o-",
+        label=f"clamped ({dose.mode})",
+    )
     ax.axhline(dose.baseline, color="grey", linestyle="--", label="unclamped")
     for r in dose.ranges.values() if dose.mode != "scale" else ():
         ax.axvspan(r.min, r.max, color="tab:green", alpha=0.12)

@@ -45,8 +45,14 @@ class Steering:
 
 @torch.no_grad()
 def generate_ids(
-    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40, samples: int = 1,
-    temperature: float = 0.0, seed: int = 0, chat: bool = False,
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 40,
+    samples: int = 1,
+    temperature: float = 0.0,
+    seed: int = 0,
+    chat: bool = False,
 ) -> torch.Tensor:
     """New token ids, (len(prompts) * samples, max_new_tokens), padded after EOS; the
     samples of a prompt are consecutive rows. KV-cached, batched with left padding."""
@@ -56,14 +62,20 @@ def generate_ids(
     mask = batch["attention_mask"].repeat_interleave(samples, dim=0)
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": None}
-        if temperature > 0 else {"do_sample": False, "temperature": None, "top_k": None,
-                                 "top_p": None}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_k": None, "top_p": None}
     )
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                         min_new_tokens=0, pad_token_id=tokenizer.pad_token_id, use_cache=True,
-                         **sampling)
-    new = out[:, ids.shape[1]:]
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    new = out[:, ids.shape[1] :]
     if new.shape[1] < max_new_tokens:  # every row stopped early
         pad = new.new_full((new.shape[0], max_new_tokens - new.shape[1]), tokenizer.pad_token_id)
         new = torch.cat([new, pad], dim=1)
@@ -96,18 +108,33 @@ def steer(
     chosen = as_neurons(neurons)
     per_neuron = [float(values)] * len(chosen) if isinstance(values, (int, float)) else list(values)
     temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
-    kw = dict(max_new_tokens=max_new_tokens, samples=samples, temperature=temp, seed=seed,
-              chat=chat)
+    kw = dict(
+        max_new_tokens=max_new_tokens, samples=samples, temperature=temp, seed=seed, chat=chat
+    )
     base_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
     with clamp(model, chosen, value=per_neuron, mode=mode, positions=positions, site=site):
         clamped_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
     base_txt = tokenizer.batch_decode(base_ids, skip_special_tokens=True)
     clamped_txt = tokenizer.batch_decode(clamped_ids, skip_special_tokens=True)
-    results = [Continuations(p, base_txt[i * samples:(i + 1) * samples],
-                             clamped_txt[i * samples:(i + 1) * samples])
-               for i, p in enumerate(prompts)]
-    steering = Steering([f"{n}={v:g}" for n, v in zip(chosen, per_neuron)], mode, positions,
-                        max_new_tokens, samples, temp, seed, chat, results)
+    results = [
+        Continuations(
+            p,
+            base_txt[i * samples : (i + 1) * samples],
+            clamped_txt[i * samples : (i + 1) * samples],
+        )
+        for i, p in enumerate(prompts)
+    ]
+    steering = Steering(
+        [f"{n}={v:g}" for n, v in zip(chosen, per_neuron, strict=True)],
+        mode,
+        positions,
+        max_new_tokens,
+        samples,
+        temp,
+        seed,
+        chat,
+        results,
+    )
     if concept:
         key = concept.strip().lower()
         steering.concept = key

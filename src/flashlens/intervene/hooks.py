@@ -48,8 +48,10 @@ def model_family(model: nn.Module) -> Family:
     """The flashlens family of a loaded transformers model (refuses unsupported ones)."""
     config = getattr(model, "config", None)
     if config is None:
-        raise UnsupportedModelError(f"{type(model).__name__} is not a transformers model "
-                                    "(it has no .config); load it with AutoModelForCausalLM")
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a transformers model "
+            "(it has no .config); load it with AutoModelForCausalLM"
+        )
     data = config.to_dict()
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
@@ -72,27 +74,34 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
     if site not in SITES:
         raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
     family = model_family(model)
-    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    n_layers = int(cast(Any, model).config.num_hidden_layers)
     if not 0 <= neuron.layer < n_layers:
-        raise NeuronError(f"neuron {neuron}: layer {neuron.layer} is out of range: the model "
-                          f"has layers 0-{n_layers - 1}")
+        raise NeuronError(
+            f"neuron {neuron}: layer {neuron.layer} is out of range: the model "
+            f"has layers 0-{n_layers - 1}"
+        )
     matrix = "down" if site == "act" else site
     try:
         name = family.tensor(matrix, neuron.layer).removesuffix(".weight")
     except UnsupportedModelError:
-        raise NeuronError(f"neuron {neuron}: site {site!r} does not exist in {family.name} models "
-                          f"(no {matrix}_proj); use site {' or '.join(s for s in SITES if s != site)}"
-                          ) from None
+        others = " or ".join(s for s in SITES if s != site)
+        raise NeuronError(
+            f"neuron {neuron}: site {site!r} does not exist in {family.name} "
+            f"models (no {matrix}_proj); use site {others}"
+        ) from None
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        raise NeuronError(f"neuron {neuron}: site {site!r} does not exist in this model "
-                          f"(no module {name})") from None
+        raise NeuronError(
+            f"neuron {neuron}: site {site!r} does not exist in this model (no module {name})"
+        ) from None
     weight = cast(torch.Tensor, module.weight)
     width = int(weight.shape[1] if site == "act" else weight.shape[0])
     if neuron.index >= width:
-        raise NeuronError(f"neuron {neuron}: index {neuron.index} is out of range: layers have "
-                          f"{width} neurons (0-{width - 1})")
+        raise NeuronError(
+            f"neuron {neuron}: index {neuron.index} is out of range: layers have "
+            f"{width} neurons (0-{width - 1})"
+        )
     return SiteRef(module, name, site == "act", width)
 
 
@@ -130,8 +139,9 @@ def _values(value: float | Sequence[float] | torch.Tensor, n: int) -> list[float
         return [float(value)] * n
     values = [float(v) for v in value]
     if len(values) != n:
-        raise FlashlensError(f"{len(values)} clamp values for {n} neurons: give one value, or "
-                             "one per neuron")
+        raise FlashlensError(
+            f"{len(values)} clamp values for {n} neurons: give one value, or one per neuron"
+        )
     return values
 
 
@@ -162,11 +172,13 @@ def clamp(
     values = _values(value, len(chosen))
     groups: dict[str, tuple[SiteRef, list[int], list[float]]] = {}
     seen: dict[tuple[str, int], Neuron] = {}
-    for neuron, v in zip(chosen, values):
+    for neuron, v in zip(chosen, values, strict=True):
         ref = resolve_site(model, neuron, site)
         if (ref.name, neuron.index) in seen:
-            raise NeuronError(f"neurons {seen[ref.name, neuron.index]} and {neuron} clamp the "
-                              f"same activation ({ref.name}[{neuron.index}]); give it once")
+            raise NeuronError(
+                f"neurons {seen[ref.name, neuron.index]} and {neuron} clamp the "
+                f"same activation ({ref.name}[{neuron.index}]); give it once"
+            )
         seen[ref.name, neuron.index] = neuron
         group = groups.setdefault(ref.name, (ref, [], []))
         group[1].append(neuron.index)

@@ -48,7 +48,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     finally:
         source.close()
     try:
-        module = AutoModelForCausalLM.from_pretrained(
+        module: Any = AutoModelForCausalLM.from_pretrained(
             source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
         )
     except (OSError, ValueError) as err:
@@ -56,8 +56,14 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     if dev.type == "cpu":
         module = module.to(dev)
     module.eval()
-    return LoadedModel(str(model), source.folder, source.config, source.config_hash, module,
-                       load_tokenizer(source.folder))
+    return LoadedModel(
+        str(model),
+        source.folder,
+        source.config,
+        source.config_hash,
+        module,
+        load_tokenizer(source.folder),
+    )
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -65,8 +71,10 @@ def load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     if not any(folder.glob("tokenizer*")):
-        raise CheckpointError(f"no tokenizer in {folder}; copy the model's tokenizer files "
-                              "(tokenizer.json, tokenizer_config.json) into it")
+        raise CheckpointError(
+            f"no tokenizer in {folder}; copy the model's tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into it"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as err:
@@ -75,6 +83,7 @@ def load_tokenizer(folder: Path) -> Any:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
-        raise FlashlensError(f"the tokenizer in {folder} has no pad, eos or unk token to pad "
-                             "batches with")
+        raise FlashlensError(
+            f"the tokenizer in {folder} has no pad, eos or unk token to pad batches with"
+        )
     return tokenizer

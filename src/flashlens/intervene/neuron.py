@@ -29,11 +29,14 @@ class Neuron:
 
     def __post_init__(self) -> None:
         if self.matrix not in MATRICES:
-            raise NeuronError(f"bad matrix {self.matrix!r} for neuron {self.layer}:{self.index}: "
-                              f"use {', '.join(MATRICES)}")
+            raise NeuronError(
+                f"bad matrix {self.matrix!r} for neuron {self.layer}:{self.index}: "
+                f"use {', '.join(MATRICES)}"
+            )
         if self.layer < 0 or self.index < 0:
-            raise NeuronError(f"bad neuron {self.layer}:{self.index}: layer and index are "
-                              "non-negative")
+            raise NeuronError(
+                f"bad neuron {self.layer}:{self.index}: layer and index are non-negative"
+            )
 
     @classmethod
     def parse(cls, spec: str, matrix: str = "up") -> Neuron:
@@ -44,11 +47,14 @@ class Neuron:
         try:
             layer, index = (int(p) for p in parts)
         except ValueError:
-            raise NeuronError(f"bad neuron {spec!r}: write LAYER:INDEX or MATRIX:LAYER:INDEX, "
-                              "e.g. 12:1234 or up:12:1234") from None
+            raise NeuronError(
+                f"bad neuron {spec!r}: write LAYER:INDEX or MATRIX:LAYER:INDEX, "
+                "e.g. 12:1234 or up:12:1234"
+            ) from None
         if matrix not in MATRICES:
-            raise NeuronError(f"bad neuron {spec!r}: matrix {matrix!r} is not one of "
-                              f"{', '.join(MATRICES)}")
+            raise NeuronError(
+                f"bad neuron {spec!r}: matrix {matrix!r} is not one of {', '.join(MATRICES)}"
+            )
         return cls(layer, index, cast(Matrix, matrix))
 
     @classmethod

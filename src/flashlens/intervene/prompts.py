@@ -40,15 +40,22 @@ def read_prompts(path: Path | None) -> list[str]:
 def apply_chat(tokenizer: Any, prompts: list[str]) -> list[str]:
     """Each prompt as a user turn in the tokenizer's chat template, ready for the reply."""
     if not getattr(tokenizer, "chat_template", None):
-        raise FlashlensError("--chat: this model's tokenizer has no chat template "
-                             "(tokenizer_config.json has no chat_template); drop --chat or use "
-                             "an instruction-tuned model")
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
+        raise FlashlensError(
+            "--chat: this model's tokenizer has no chat template "
+            "(tokenizer_config.json has no chat_template); drop --chat or use "
+            "an instruction-tuned model"
+        )
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
 
 
-def encode(tokenizer: Any, prompts: list[str], device: torch.device,
-           chat: bool = False) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer: Any, prompts: list[str], device: torch.device, chat: bool = False
+) -> dict[str, torch.Tensor]:
     """A left-padded batch: input_ids, attention_mask (batch, seq) and the matching
     position_ids (real tokens count from 0 whatever the padding)."""
     if chat:
@@ -60,8 +67,11 @@ def encode(tokenizer: Any, prompts: list[str], device: torch.device,
     if bool((mask.sum(-1) == 0).any()):
         raise FlashlensError("an empty prompt: every prompt needs at least one token")
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": batch["input_ids"].to(device), "attention_mask": mask.to(device),
-            "position_ids": position_ids.to(device)}
+    return {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
 
 
 @torch.no_grad()

@@ -129,7 +129,7 @@ def validate(
         found = atlas.search(concept, matrix=matrix, layers=layers, limit=limit, plural=plural)
         expansion = single_token(Expansion(found.concept, found.variants, found.notes))
         chosen = [Neuron(h.layer, h.index, h.matrix) for h in found.hits]  # type: ignore[arg-type]
-        search_probs = {n: h.concept_prob for n, h in zip(chosen, found.hits)}
+        search_probs = {n: h.concept_prob for n, h in zip(chosen, found.hits, strict=True)}
     else:
         expansion = concept_variants(concept, atlas.tokens, atlas.texts, plural)
         chosen = list(dict.fromkeys(neurons))
@@ -137,9 +137,18 @@ def validate(
         atlas.check_neuron(n.layer, n.index, n.matrix)
         resolve_site(lm.model, n)
     ids = variant_ids(expansion)
-    report = ValidationReport(expansion.concept.lower(), [v.text for v in expansion.variants],
-                              lm.name, factor, list(multiples), len(prompts), mode, positions,
-                              [], list(expansion.notes))
+    report = ValidationReport(
+        expansion.concept.lower(),
+        [v.text for v in expansion.variants],
+        lm.name,
+        factor,
+        list(multiples),
+        len(prompts),
+        mode,
+        positions,
+        [],
+        list(expansion.notes),
+    )
     if not chosen:
         report.notes.append("no neurons to validate")
         return report
@@ -152,13 +161,27 @@ def validate(
         for n in chosen:
             unit = ranges[n].absmax or 1.0  # a neuron silent on every prompt: unit 1
             values = [m * unit for m in multiples]
-            probs = clamped_probs(lm.model, batch, [n], ids, values, mode, positions,
-                                  advance=advance)
+            probs = clamped_probs(
+                lm.model, batch, [n], ids, values, mode, positions, advance=advance
+            )
             best = max(range(len(probs)), key=probs.__getitem__)
             ratio = probs[best] / baseline if baseline > 0 else float("inf")
-            report.results.append(NeuronValidation(
-                n.layer, n.matrix, n.index, baseline, probs[best], values[best], ratio,
-                ratio >= factor, ranges[n].absmax, values, probs, search_probs.get(n)))
+            report.results.append(
+                NeuronValidation(
+                    n.layer,
+                    n.matrix,
+                    n.index,
+                    baseline,
+                    probs[best],
+                    values[best],
+                    ratio,
+                    ratio >= factor,
+                    ranges[n].absmax,
+                    values,
+                    probs,
+                    search_probs.get(n),
+                )
+            )
     if write:
         report.path = str(write_validation(atlas.root, report))
     return report
@@ -169,10 +192,19 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
     path = Path(root) / VALIDATION
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = [
-        {"concept": report.concept, "layer": r.layer, "matrix": r.matrix, "index": r.index,
-         "baseline_prob": r.baseline_prob, "clamped_prob": r.clamped_prob,
-         "best_value": r.best_value, "ratio": r.ratio, "validated": r.validated,
-         "model": report.model, "created": created}
+        {
+            "concept": report.concept,
+            "layer": r.layer,
+            "matrix": r.matrix,
+            "index": r.index,
+            "baseline_prob": r.baseline_prob,
+            "clamped_prob": r.clamped_prob,
+            "best_value": r.best_value,
+            "ratio": r.ratio,
+            "validated": r.validated,
+            "model": report.model,
+            "created": created,
+        }
         for r in report.results
     ]
     new = pa.Table.from_pylist(rows, VALIDATION_SCHEMA)
@@ -180,13 +212,20 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
         try:
             old = pq.read_table(path).select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
         except (pa.ArrowException, OSError, KeyError) as err:
-            raise AtlasError(f"{path} is unreadable ({err}); delete it to start the validation "
-                             "record afresh") from None
+            raise AtlasError(
+                f"{path} is unreadable ({err}); delete it to start the validation record afresh"
+            ) from None
         replaced = {tuple(r[k] for k in KEY) for r in rows}
         keep = [tuple(r[k] for k in KEY) not in replaced for r in old.select(KEY).to_pylist()]
         new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
-    new = new.sort_by([("concept", "ascending"), ("layer", "ascending"),
-                       ("matrix", "ascending"), ("index", "ascending")])
+    new = new.sort_by(
+        [
+            ("concept", "ascending"),
+            ("layer", "ascending"),
+            ("matrix", "ascending"),
+            ("index", "ascending"),
+        ]
+    )
     atomic_write(path, lambda tmp: pq.write_table(new, tmp))
     return path
 
