@@ -12,6 +12,7 @@ concepts (median of repeats, after one warm-up query each).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -232,7 +233,8 @@ def write_results(
         [
             head,
             "",
-            "Date: 2026-11-21. Machine: 2-core x86-64 CPU (AVX512-BF16), 24 GiB.",
+            "Date: 2026-11-21. Machine: 2-core x86-64 CPU (AVX512-BF16), 24 GiB "
+        f"(1-min load average {os.getloadavg()[0]:.1f} during the run: other jobs shared it).",
             "",
             f"Synthetic atlas, up matrix: {N_LAYERS} layers x {D_MLP:,} neurons "
             f"({N_LAYERS * D_MLP:,}), top-{TOP_K} over the real {D_VOCAB:,}-token Llama 3 "

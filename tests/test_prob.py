@@ -53,19 +53,19 @@ def test_prob_from_the_atlas(stories: Path, stories_atlas: Path) -> None:
     # in up layer 1 and does not list the token among its own top-k.
     import pyarrow.parquet as pq
 
-    rev = pq.read_table(stories_atlas / "reverse.parquet").to_pandas()
-    rows = rev[(rev.layer == 1) & (rev.matrix == "up")]
-    for row in rows.itertuples():
-        listed = {s.token_id for s in atlas.neuron(1, int(row.index), "up").top}
-        if int(row.token_id) not in listed:
-            r = atlas.prob(1, int(row.index), token_id=int(row.token_id))
+    rev = pq.read_table(stories_atlas / "reverse.parquet").to_pylist()
+    rows = [r for r in rev if r["layer"] == 1 and r["matrix"] == "up"]
+    for row in rows:
+        listed = {s.token_id for s in atlas.neuron(1, row["index"], "up").top}
+        if row["token_id"] not in listed:
+            r = atlas.prob(1, row["index"], token_id=row["token_id"])
             assert r.source == "reverse index" and r.rank is None
-            assert r.prob == pytest.approx(float(P[int(row.index), int(row.token_id)]), rel=1e-4)
+            assert r.prob == pytest.approx(float(P[row["index"], row["token_id"]]), rel=1e-4)
             break
     else:
         pytest.fail("no reverse-index entry outside a top-k in up layer 1")
     # In neither: the atlas cannot say; the message bounds it and asks for --model.
-    stored = set(rows[rows["index"] == 5].token_id.tolist()) | {s.token_id for s in rec.top}
+    stored = {r["token_id"] for r in rows if r["index"] == 5} | {s.token_id for s in rec.top}
     missing = int(P[5].argsort()[0])  # the neuron's least likely token
     assert missing not in stored
     with pytest.raises(FlashlensError, match="--model"):

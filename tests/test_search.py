@@ -49,7 +49,8 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     dog, cal = tok.token_to_id("Ġdog"), tok.token_to_id("ĠCalifornia")
     plant(model, {DOG: dog, **{n: cal for n in CALIFORNIA}})
-    map_model(model, root / "atlas", matrices="up", compile="off")  # up only: fast enough
+    # up only and a short reverse index: quick to map and to load for 128,256 tokens.
+    map_model(model, root / "atlas", matrices="up", reverse_n=4, compile="off")
     return model, root / "atlas"
 
 
@@ -168,9 +169,11 @@ def test_bad_input(
     assert main(["search", str(broken), "dog"]) == 2
     err = capsys.readouterr().err
     assert "damaged" in err and "Traceback" not in err
-    (broken / "reverse.parquet").unlink()
+    no_reverse = tmp_path / "no_reverse"
+    shutil.copytree(planted[1], no_reverse)
+    (no_reverse / "reverse.parquet").unlink()
     with pytest.raises(FlashlensError, match=r"reverse\.parquet is missing"):
-        Atlas.open(broken).search("dog", layers=[0])
+        Atlas.open(no_reverse).search("dog")
     assert main(["search", str(broken), ""]) == 2
 
 

@@ -153,14 +153,23 @@ class Vocab:
             text = text[len(self.texts[i]) :]
         return out
 
+    @cached_property
+    def _pool(self) -> dict[str, dict[str, str]]:
+        """Printable token texts by first letter: key (lowercased, stripped) -> text."""
+        pool: dict[str, dict[str, str]] = {}
+        for t in self.by_text:
+            key = t.strip().lower()
+            if key and "\ufffd" not in t and t.isprintable():
+                pool.setdefault(key[0], {}).setdefault(key, t)
+        return pool
+
     def nearest(self, text: str, n: int = 5) -> list[str]:
-        """The n vocabulary texts closest to `text` (difflib ratio, case- and space-blind)."""
+        """The n vocabulary texts closest to `text` (difflib ratio, case- and space-blind),
+        among those with the same first letter (all, when none has it)."""
         key = text.strip().lower()
-        pool = {
-            t.strip().lower(): t
-            for t in self.by_text
-            if t.strip() and "\ufffd" not in t and t.isprintable()
-        }
+        if not key:
+            return []
+        pool = self._pool.get(key[0]) or {k: v for d in self._pool.values() for k, v in d.items()}
         close = difflib.get_close_matches(key, list(pool), n=n, cutoff=0.5)
         return [pool[c] for c in close]
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .atlas import Atlas
 
 VALIDATION = "validation.parquet"
+MATRICES = ("up", "gate", "down")
 N_TOP_TOKENS = 5
 
 
@@ -74,6 +75,7 @@ class AtlasDB:
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET enable_object_cache = true")  # Parquet metadata stays cached
         self.vocab = Vocab(atlas.tokens, atlas.texts, _tokenizer(atlas.meta.model))
+        self._tables: set[str] = set()
 
     @classmethod
     def of(cls, atlas: Atlas) -> AtlasDB:
@@ -105,6 +107,41 @@ class AtlasDB:
                     f"{f} is missing; the atlas is damaged: map it again with --overwrite"
                 )
         return [str(f) for f in files]
+
+    def table(self, kind: str, matrix: str = "") -> str:
+        """Name of an in-memory table, loaded from the Parquet files on first use.
+
+        fwd_M:  token_id, layer, index, pos, prob: every neuron's top-k, one row per entry,
+                sorted by token (so `token_id = ?` touches one stretch of it)
+        top5_M: layer, index, top5: each neuron's 5 best token ids, sorted by neuron
+        rev:    reverse.parquet, sorted by token
+        """
+        if matrix and matrix not in MATRICES:
+            raise NeuronError(f"unknown matrix {matrix!r}: choose from {', '.join(MATRICES)}")
+        name = f"{kind}_{matrix}" if matrix else kind
+        if name in self._tables:
+            return name
+        if kind == "fwd":
+            sql = (
+                f"CREATE TABLE {name} AS SELECT * FROM (SELECT unnest(top_ids) AS token_id, "
+                'layer, "index", unnest(range(1, len(top_ids) + 1)) AS pos, '
+                "unnest(top_probs) AS prob FROM read_parquet(?)) ORDER BY token_id"
+            )
+        elif kind == "top5":
+            sql = (
+                f'CREATE TABLE {name} AS SELECT layer, "index", top_ids[1:{N_TOP_TOKENS}] '
+                'AS top5 FROM read_parquet(?) ORDER BY layer, "index"'
+            )
+        else:
+            sql = f"CREATE TABLE {name} AS SELECT * FROM read_parquet(?) ORDER BY token_id"
+        files = (
+            self.layer_files([matrix], list(self.atlas.meta.layers))
+            if matrix
+            else self.reverse_file
+        )
+        self.rows(sql, [files])
+        self._tables.add(name)
+        return name
 
     @property
     def reverse_file(self) -> str:
@@ -146,10 +183,6 @@ def select(
 
 
 # --- search --------------------------------------------------------------------------------
-def _marks(n: int) -> str:
-    return ", ".join("?" * n)
-
-
 def search(
     atlas: Atlas,
     concept: str,
@@ -168,50 +201,44 @@ def search(
     exp = expand(concept, db.vocab, plural)
     result = SearchResult(exp.concept, exp.variants, list(exp.notes))
     ids = [v.token_id for v in exp.variants]
-    files = db.layer_files(matrices, chosen)
     # fwd: (neuron, variant) pairs from the neurons' own top-k lists, with the rank there.
     # rev: (neuron, variant) pairs from each variant's top-N neurons.
+    # One `token_id = ?` branch per variant and matrix: each reads one stretch of a sorted table.
+    fwd_parts, params = [], []
+    for m in matrices:
+        fwd = db.table("fwd", m)
+        for t in ids:
+            fwd_parts.append(
+                f'SELECT layer, ? AS matrix, "index", token_id, prob, pos FROM {fwd} '
+                "WHERE token_id = ?"
+            )
+            params += [m, t]
+    rev = db.table("rev")
+    rev_parts = [
+        f'SELECT layer, matrix, "index", token_id, prob, NULL AS pos FROM {rev} WHERE token_id = ?'
+    ] * len(ids)
+    params += ids
     sql = f"""
-    WITH fwd_rows AS (
-        SELECT layer, matrix, "index", top_ids, top_probs
-        FROM read_parquet(?) WHERE list_has_any(top_ids, ?::INTEGER[])
-          {"AND list_contains(?::INTEGER[], top_ids[1])" if top1 else ""}
-    ), fwd AS (
-        SELECT * FROM (
-            SELECT layer, matrix, "index", unnest(top_ids) AS token_id,
-                   unnest(top_probs) AS prob, unnest(range(1, len(top_ids) + 1)) AS pos
-            FROM fwd_rows)
-        WHERE list_contains(?::INTEGER[], token_id)
-    ), rev AS (
-        SELECT layer, matrix, "index", token_id, prob, NULL::BIGINT AS pos
-        FROM read_parquet(?)
-        WHERE token_id IN ({_marks(len(ids))}) AND matrix IN ({_marks(len(matrices))})
-          AND layer IN ({_marks(len(chosen))})
+    WITH pairs AS (
+        SELECT * FROM ({" UNION ALL ".join(fwd_parts + rev_parts)})
+        WHERE list_contains(?::VARCHAR[], matrix) AND list_contains(?::INTEGER[], layer)
     ), known AS (
         SELECT layer, matrix, "index", token_id, arg_max(prob, pos IS NOT NULL) AS prob,
                min(pos) AS pos
-        FROM (SELECT * FROM fwd UNION ALL SELECT * FROM rev)
-        GROUP BY ALL
-    ), neurons AS (
-        SELECT layer, matrix, "index", sum(prob) AS concept_prob, min(pos) AS concept_rank
-        FROM known GROUP BY ALL
+        FROM pairs GROUP BY ALL
     )
-    SELECT n.layer, n.matrix, n."index", n.concept_prob, n.concept_rank,
-           f.top_ids[1:{N_TOP_TOKENS}] AS top_ids
-    FROM neurons n LEFT JOIN fwd_rows f USING (layer, matrix, "index")
-    {"WHERE f.top_ids IS NOT NULL" if top1 else ""}
-    ORDER BY n.concept_prob DESC, n.layer, n.matrix, n."index"
+    SELECT layer, matrix, "index", sum(prob) AS concept_prob, min(pos) AS concept_rank
+    FROM known GROUP BY ALL
+    {"HAVING min(pos) = 1" if top1 else ""}
+    ORDER BY concept_prob DESC, layer, matrix, "index"
     LIMIT ?
     """
-    params: list[Any] = [files, ids]
-    if top1:
-        params.append(ids)
-    params += [ids, db.reverse_file, *ids, *matrices, *chosen, limit]
+    params += [matrices, chosen, limit]
     rows = db.rows(sql, params)
-    tops = _top_ids(db, [(r[0], r[1], r[2]) for r in rows if r[5] is None])
+    tops = _top_ids(db, [(int(r[0]), str(r[1]), int(r[2])) for r in rows])
     texts = db.vocab.texts
-    for layer, mat, index, prob, rank, top in rows:
-        top = top if top is not None else tops[(layer, mat, index)]
+    for layer, mat, index, prob, rank in rows:
+        top = tops[(int(layer), str(mat), int(index))]
         result.hits.append(
             SearchHit(
                 int(layer),
@@ -235,25 +262,24 @@ def search(
 def _top_ids(
     db: AtlasDB, keys: list[tuple[int, str, int]]
 ) -> dict[tuple[int, str, int], list[int]]:
-    """Top token ids of neurons found only through the reverse index."""
-    out: dict[tuple[int, str, int], list[int]] = {}
-    by_file: dict[tuple[str, int], list[int]] = {}
+    """The top token ids of these neurons (layer, matrix, index)."""
+    if not keys:
+        return {}
+    parts, params = [], []
     for layer, mat, index in keys:
-        by_file.setdefault((mat, layer), []).append(index)
-    for (mat, layer), indices in by_file.items():
-        path = db.layer_files([mat], [layer])
-        rows = db.rows(
-            f'SELECT "index", top_ids[1:{N_TOP_TOKENS}] FROM read_parquet(?) '
-            f'WHERE "index" IN ({_marks(len(indices))})',
-            [path, *indices],
+        parts.append(
+            f'SELECT layer, ? AS matrix, "index", top5 FROM {db.table("top5", mat)} '
+            'WHERE layer = ? AND "index" = ?'
         )
-        out.update({(layer, mat, int(i)): list(t) for i, t in rows})
-        for i in indices:
-            if (layer, mat, i) not in out:
-                raise AtlasError(
-                    f"{path[0]} has no row for neuron {i}; the atlas is damaged: "
-                    "map it again with --overwrite"
-                )
+        params += [mat, layer, index]
+    rows = db.rows(" UNION ALL ".join(parts), params)
+    out = {(int(la), str(m), int(i)): list(t) for la, m, i, t in rows}
+    for key in keys:
+        if key not in out:
+            raise AtlasError(
+                f"the atlas at {db.atlas.root} has no row for {key[1]} neuron "
+                f"{key[0]}:{key[2]}; it is damaged: map it again with --overwrite"
+            )
     return out
 
 
