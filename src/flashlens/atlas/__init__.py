@@ -1,0 +1,6 @@
+"""The atlas: on-disk format (atlas.json + Parquet), writer, reader and queries."""
+
+from .atlas import Atlas, NeuronRecord, TokenScore, format_layers, parse_layers
+from .format import AtlasMeta
+
+__all__ = ["Atlas", "AtlasMeta", "NeuronRecord", "TokenScore", "format_layers", "parse_layers"]

@@ -1,0 +1,262 @@
+"""Reading an atlas: `Atlas.open(path)` and `atlas.neuron(layer, index, matrix)`."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import AtlasError, NeuronError
+from .format import FORMAT_VERSION, META, REVERSE, TOKENS, AtlasMeta, layer_file
+
+if TYPE_CHECKING:
+    from .prob import TokenProb
+    from .query import SearchResult
+    from .stats import AtlasStats
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    token_id: int
+    token: str  # as the tokenizer shows it (e.g. "Ġdog")
+    text: str  # decoded text (e.g. " dog")
+    prob: float
+    logit: float
+
+
+@dataclass(frozen=True)
+class NeuronRecord:
+    layer: int
+    matrix: str
+    index: int
+    top: list[TokenScore]  # most promoted first
+    bottom: list[TokenScore]  # most suppressed first
+    logsumexp: float
+    entropy: float
+    w_norm: float
+    logit_mean: float
+    logit_std: float
+    logit_skew: float
+    logit_kurtosis: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_parquet(path: Path, **kwargs: Any) -> pa.Table:
+    """Read a table of the atlas; a missing or damaged file is an AtlasError."""
+    if not path.is_file():
+        raise AtlasError(f"{path} is missing; the atlas is damaged: map it again with --overwrite")
+    try:
+        return pq.read_table(path, **kwargs)
+    except (pa.ArrowException, OSError) as err:
+        raise AtlasError(
+            f"{path} is unreadable ({err}); the atlas is damaged: map it again with --overwrite"
+        ) from None
+
+
+class Atlas:
+    """A finished neuron atlas on disk."""
+
+    def __init__(self, root: Path, meta: AtlasMeta) -> None:
+        self.root, self.meta = root, meta
+
+    @classmethod
+    def open(cls, path: str | Path) -> Atlas:
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise AtlasError(
+                f"no atlas at {root}: the folder does not exist; make one with "
+                f"`flashlens map MODEL -o {root}`"
+            )
+        meta_path = root / META
+        if not meta_path.is_file():
+            raise AtlasError(
+                f"{root} is not an atlas (no {META}); make one with `flashlens map MODEL -o {root}`"
+            )
+        try:
+            meta = AtlasMeta.from_dict(json.loads(meta_path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise AtlasError(
+                f"{meta_path} is unreadable ({err}); map the model again with --overwrite"
+            ) from None
+        if meta.format_version > FORMAT_VERSION:
+            raise AtlasError(
+                f"{root} was written by a newer flashlens (format "
+                f"{meta.format_version}); upgrade flashlens to read it"
+            )
+        if not meta.complete:
+            raise AtlasError(
+                f"the atlas at {root} is incomplete (its mapping was interrupted); "
+                "rerun the same `flashlens map` command to resume it"
+            )
+        return cls(root, meta)
+
+    # --- tokens ------------------------------------------------------------------------
+    @cached_property
+    def tokens(self) -> list[str]:
+        return self._tokens.column("token").to_pylist()
+
+    @cached_property
+    def texts(self) -> list[str]:
+        return self._tokens.column("text").to_pylist()
+
+    @cached_property
+    def _tokens(self) -> pa.Table:
+        return read_parquet(self.root / TOKENS)
+
+    # --- neurons -----------------------------------------------------------------------
+    def check_neuron(self, layer: int, index: int, matrix: str) -> None:
+        m = self.meta
+        if matrix not in m.matrices:
+            raise NeuronError(
+                f"matrix {matrix!r} is not in this atlas; it has {', '.join(m.matrices)}"
+            )
+        if layer not in m.layers:
+            raise NeuronError(
+                f"layer {layer} is not in this atlas; it has layers {format_layers(m.layers)}"
+            )
+        if not 0 <= index < m.d_mlp:
+            raise NeuronError(
+                f"neuron index {index} is out of range: layers have "
+                f"{m.d_mlp} neurons (0-{m.d_mlp - 1})"
+            )
+
+    def layer_path(self, matrix: str, layer: int) -> Path:
+        return layer_file(self.root, matrix, layer)
+
+    def layer_table(self, matrix: str, layer: int) -> pa.Table:
+        return read_parquet(self.layer_path(matrix, layer))
+
+    def neuron(self, layer: int, index: int, matrix: str = "up") -> NeuronRecord:
+        self.check_neuron(layer, index, matrix)
+        table = read_parquet(self.layer_path(matrix, layer), filters=[("index", "=", index)])
+        if table.num_rows != 1:
+            raise AtlasError(
+                f"{self.layer_path(matrix, layer)} has no row for neuron {index}; "
+                "the atlas is damaged: map it again with --overwrite"
+            )
+        row = {k: v[0] for k, v in table.to_pydict().items()}
+        lse = row["logsumexp"]
+        return NeuronRecord(
+            layer=layer,
+            matrix=matrix,
+            index=index,
+            top=self._scores(row["top_ids"], row["top_logits"], lse),
+            bottom=self._scores(row["bottom_ids"], row["bottom_logits"], lse),
+            logsumexp=lse,
+            entropy=row["entropy"],
+            w_norm=row["w_norm"],
+            logit_mean=row["logit_mean"],
+            logit_std=row["logit_std"],
+            logit_skew=row["logit_skew"],
+            logit_kurtosis=row["logit_kurtosis"],
+        )
+
+    def _scores(self, ids: list[int], logits: list[float], lse: float) -> list[TokenScore]:
+        return [
+            TokenScore(i, self.tokens[i], self.texts[i], math.exp(lg - lse), lg)
+            for i, lg in zip(ids, logits)
+        ]
+
+    @property
+    def reverse_path(self) -> Path:
+        return self.root / REVERSE
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (
+            f"Atlas({str(self.root)!r}, model={m.model!r}, layers={len(m.layers)}, "
+            f"d_mlp={m.d_mlp}, matrices={m.matrices})"
+        )
+
+    # --- queries (atlas/query.py, atlas/stats.py, atlas/prob.py) ---------------------------
+    def search(
+        self,
+        concept: str,
+        *,
+        matrix: str | None = None,
+        layers: list[int] | None = None,
+        limit: int = 20,
+        top1: bool = False,
+        plural: bool = False,
+    ) -> SearchResult:
+        """Neurons ranked by the probability they give `concept`'s token variants."""
+        from .query import search
+
+        return search(
+            self, concept, matrix=matrix, layers=layers, limit=limit, top1=top1, plural=plural
+        )
+
+    def stats(
+        self,
+        *,
+        matrix: str | None = None,
+        layers: list[int] | None = None,
+        kurtosis: float | None = None,
+        skew: float | None = None,
+    ) -> AtlasStats:
+        """Per layer and matrix: top-1 probability, entropy, top-token kinds, prediction and
+        suppression neurons (excess kurtosis > `kurtosis` and skew > `skew` or < -`skew`;
+        defaults in atlas/stats.py)."""
+        from .stats import atlas_stats
+
+        return atlas_stats(self, matrix=matrix, layers=layers, kurtosis=kurtosis, skew=skew)
+
+    def prob(
+        self,
+        layer: int,
+        index: int,
+        token: str | None = None,
+        *,
+        matrix: str = "up",
+        token_id: int | None = None,
+        model: str | Path | None = None,
+    ) -> TokenProb:
+        """The probability neuron (layer, index) gives one token: exact with `model`, else
+        from the atlas when it stores it."""
+        from .prob import token_prob
+
+        return token_prob(self, layer, index, token, matrix=matrix, token_id=token_id, model=model)
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
+    out: list[str] = []
+    for x in sorted(layers):
+        if out and "-" in out[-1] and int(out[-1].split("-")[1]) == x - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{x}"
+        elif out and "-" not in out[-1] and int(out[-1]) == x - 1:
+            out[-1] = f"{out[-1]}-{x}"
+        else:
+            out.append(str(x))
+    return ",".join(out)
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """'0-5,9' -> [0,1,2,3,4,5,9], checked against the model's layer count."""
+    layers: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi) if hi else int(lo)
+        except ValueError:
+            raise NeuronError(f"bad layer range {part!r}: use e.g. 0-5,9") from None
+        if a > b:
+            raise NeuronError(f"bad layer range {part!r}: start is after end")
+        if a < 0 or b >= n_layers:
+            raise NeuronError(
+                f"layer range {part!r} is out of range: the model has layers 0-{n_layers - 1}"
+            )
+        layers.update(range(a, b + 1))
+    if not layers:
+        raise NeuronError(f"no layers in {spec!r}: use e.g. 0-5,9")
+    return sorted(layers)

@@ -1,0 +1,133 @@
+"""The on-disk atlas: `atlas.json` + Parquet tables, written atomically.
+
+    ATLAS/
+      atlas.json                 AtlasMeta; "complete": true only once every table is written
+      tokens.parquet             token_id, token (as the tokenizer shows it), text (decoded)
+      up/layer_012.parquet       one row per neuron (see LAYER_SCHEMA); also gate/, down/
+      reverse.parquet            token_id, rank, layer, matrix, index, prob, logit
+      .state/                    resume state of an unfinished run (removed when complete)
+
+A file is written to a dot-prefixed temporary name in its folder and renamed into place, so a
+half-written file never carries a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+FORMAT_VERSION = 1
+META = "atlas.json"
+TOKENS = "tokens.parquet"
+REVERSE = "reverse.parquet"
+STATE_DIR = ".state"
+
+
+def layer_file(root: Path, matrix: str, layer: int) -> Path:
+    return root / matrix / f"layer_{layer:03d}.parquet"
+
+
+def _list(t: pa.DataType) -> pa.DataType:
+    return pa.list_(t)
+
+
+LAYER_SCHEMA = pa.schema(
+    [
+        ("layer", pa.int16()),
+        ("matrix", pa.string()),
+        ("index", pa.int32()),
+        ("top_ids", _list(pa.int32())),
+        ("top_probs", _list(pa.float32())),
+        ("top_logits", _list(pa.float32())),
+        ("bottom_ids", _list(pa.int32())),
+        ("bottom_logits", _list(pa.float32())),
+        ("logsumexp", pa.float32()),
+        ("entropy", pa.float32()),
+        ("w_norm", pa.float32()),
+        ("logit_mean", pa.float32()),
+        ("logit_std", pa.float32()),
+        ("logit_skew", pa.float32()),
+        ("logit_kurtosis", pa.float32()),
+    ]
+)
+
+REVERSE_SCHEMA = pa.schema(
+    [
+        ("token_id", pa.int32()),
+        ("rank", pa.int16()),
+        ("layer", pa.int16()),
+        ("matrix", pa.string()),
+        ("index", pa.int32()),
+        ("prob", pa.float32()),
+        ("logit", pa.float32()),
+    ]
+)
+
+TOKENS_SCHEMA = pa.schema([("token_id", pa.int32()), ("token", pa.string()), ("text", pa.string())])
+
+
+@dataclass
+class AtlasMeta:
+    """Everything needed to know exactly how an atlas was made."""
+
+    model: str  # hub id or path as given
+    config_hash: str
+    architecture: str
+    family: str
+    d_model: int
+    d_mlp: int
+    n_layers: int
+    d_vocab: int
+    matrices: list[str]
+    layers: list[int]
+    norm: str
+    top_k: int
+    reverse_n: int
+    weight_dtype: str
+    compute_dtype: str
+    flashlens_version: str
+    created: str
+    complete: bool = False
+    format_version: int = FORMAT_VERSION
+    seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Fields that define the result: a rerun must match them to resume.
+    SETTINGS = ("config_hash", "matrices", "layers", "norm", "top_k", "reverse_n", "d_vocab")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AtlasMeta:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.SETTINGS}
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))

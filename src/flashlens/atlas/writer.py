@@ -1,0 +1,210 @@
+"""Writing an atlas layer by layer, resumably.
+
+The resume state (`.state/reverse.safetensors`) holds the reverse index over exactly the layers
+named in its metadata. A layer counts as done only when its Parquet file exists AND the state
+names it, so a run killed between the two writes redoes that layer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..decode.engine import BlockResult
+from ..decode.reverse import ReverseIndex
+from ..errors import AtlasError
+from .format import (
+    LAYER_SCHEMA,
+    META,
+    REVERSE,
+    REVERSE_SCHEMA,
+    STATE_DIR,
+    TOKENS,
+    AtlasMeta,
+    atomic_write,
+    layer_file,
+    write_json,
+)
+
+STATE = "reverse.safetensors"
+
+
+def _key(matrix: str, layer: int) -> str:
+    return f"{matrix}:{layer}"
+
+
+class AtlasWriter:
+    def __init__(self, root: Path, meta: AtlasMeta, overwrite: bool = False) -> None:
+        self.root, self.meta = root, meta
+        self.already_complete = False
+        self.done: set[str] = set()
+        old = self._existing_meta()
+        if old is not None and not overwrite:
+            diff = {
+                k: (v, meta.settings()[k])
+                for k, v in old.settings().items()
+                if v != meta.settings()[k]
+            }
+            if diff:
+                what = "; ".join(
+                    f"{k}: atlas has {a!r}, this run asks {b!r}" for k, (a, b) in diff.items()
+                )
+                raise AtlasError(
+                    f"{root} holds an atlas made with other settings ({what}); "
+                    "pass --overwrite to replace it, or choose another -o folder"
+                )
+            self.already_complete = old.complete
+            if not old.complete:
+                meta.created = old.created
+        if overwrite and old is not None:
+            self._clear()
+        if not self.already_complete:
+            write_json(root / META, meta.to_dict())
+        self.done = self._load_done()
+
+    def _existing_meta(self) -> AtlasMeta | None:
+        if not self.root.exists():
+            return None
+        if not self.root.is_dir():
+            raise AtlasError(f"{self.root} is a file; choose a folder for the atlas")
+        path = self.root / META
+        if not path.is_file():
+            if any(self.root.iterdir()):
+                raise AtlasError(
+                    f"{self.root} is not empty and holds no atlas; choose an empty or new folder"
+                )
+            return None
+        try:
+            return AtlasMeta.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:
+            raise AtlasError(
+                f"{path} is unreadable ({err}); pass --overwrite to map again into {self.root}"
+            ) from None
+
+    def _clear(self) -> None:
+        for name in (META, TOKENS, REVERSE):
+            (self.root / name).unlink(missing_ok=True)
+        for sub in ("up", "gate", "down", STATE_DIR):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
+
+    # --- progress ----------------------------------------------------------------------
+    def _state_path(self) -> Path:
+        return self.root / STATE_DIR / STATE
+
+    def _load_done(self) -> set[str]:
+        path = self._state_path()
+        if not path.is_file():
+            return set()
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            named = set(json.loads((fh.metadata() or {}).get("done", "[]")))
+        return {k for k in named if layer_file(self.root, *_split(k)).is_file()}
+
+    def is_done(self, matrix: str, layer: int) -> bool:
+        return _key(matrix, layer) in self.done
+
+    def load_reverse(self, reverse: ReverseIndex) -> None:
+        if self.done:
+            reverse.load(load_file(str(self._state_path())))
+
+    # --- writing -----------------------------------------------------------------------
+    def has_tokens(self) -> bool:
+        return (self.root / TOKENS).is_file()
+
+    def write_tokens(self, table: pa.Table) -> None:
+        atomic_write(self.root / TOKENS, lambda tmp: pq.write_table(table, tmp))
+
+    def write_layer(self, matrix: str, layer: int, results: list[BlockResult]) -> None:
+        table = layer_table(matrix, layer, results)
+        atomic_write(layer_file(self.root, matrix, layer), lambda tmp: pq.write_table(table, tmp))
+
+    def commit_layer(self, matrix: str, layer: int, reverse: ReverseIndex) -> None:
+        """Record a written layer together with the reverse index that now includes it."""
+        self.done.add(_key(matrix, layer))
+        state = reverse.state()
+        meta = {"done": json.dumps(sorted(self.done))}
+        atomic_write(self._state_path(), lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+    def finish(self, reverse: ReverseIndex, seconds: float) -> None:
+        table = reverse_table(reverse, self.meta)
+        atomic_write(self.root / REVERSE, lambda tmp: pq.write_table(table, tmp))
+        self.meta.complete = True
+        self.meta.seconds = round(seconds, 3)
+        write_json(self.root / META, self.meta.to_dict())
+        shutil.rmtree(self.root / STATE_DIR, ignore_errors=True)
+
+
+def _split(key: str) -> tuple[str, int]:
+    matrix, layer = key.split(":")
+    return matrix, int(layer)
+
+
+def layer_table(matrix: str, layer: int, results: list[BlockResult]) -> pa.Table:
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(r, name) for r in results])
+
+    n = sum(r.logsumexp.shape[0] for r in results)
+    cols: dict[str, object] = {
+        "layer": pa.array([layer] * n, pa.int16()),
+        "matrix": pa.array([matrix] * n, pa.string()),
+        "index": pa.array(range(n), pa.int32()),
+    }
+    for name in ("top_ids", "top_probs", "top_logits", "bottom_ids", "bottom_logits"):
+        values = cat(name)  # (n, k)
+        flat = pa.array(values.reshape(-1).numpy())
+        offsets = pa.array(range(0, values.numel() + 1, values.shape[1]), pa.int32())
+        cols[name] = pa.ListArray.from_arrays(offsets, flat)
+    for name in (
+        "logsumexp",
+        "entropy",
+        "w_norm",
+        "logit_mean",
+        "logit_std",
+        "logit_skew",
+        "logit_kurtosis",
+    ):
+        cols[name] = pa.array(cat(name).numpy())
+    return pa.table(cols, schema=LAYER_SCHEMA)
+
+
+def reverse_table(reverse: ReverseIndex, meta: AtlasMeta) -> pa.Table:
+    state = reverse.state()  # (N, V) each; rows are not sorted
+    logp, logit, ref = state["logp"], state["logit"], state["ref"]
+    order = logp.argsort(dim=0, descending=True)
+    logp, logit, ref = logp.gather(0, order), logit.gather(0, order), ref.gather(0, order)
+    N, V = logp.shape
+    keep = (ref >= 0).T.reshape(-1)  # token-major
+    token = torch.arange(V).repeat_interleave(N)[keep]
+    rank = torch.arange(N).repeat(V)[keep]
+    ref_t = ref.T.reshape(-1)[keep]
+    index = ref_t % meta.d_mlp
+    layer = (ref_t // meta.d_mlp) % meta.n_layers
+    matrix_code = ref_t // (meta.d_mlp * meta.n_layers)
+    names = pa.array(["up", "gate", "down"])
+    return pa.table(
+        {
+            "token_id": pa.array(token.numpy().astype("int32")),
+            "rank": pa.array(rank.numpy().astype("int16")),
+            "layer": pa.array(layer.numpy().astype("int16")),
+            "matrix": names.take(pa.array(matrix_code.numpy())),
+            "index": pa.array(index.numpy().astype("int32")),
+            "prob": pa.array(logp.T.reshape(-1)[keep].exp().numpy()),
+            "logit": pa.array(logit.T.reshape(-1)[keep].numpy()),
+        },
+        schema=REVERSE_SCHEMA,
+    )
+
+
+MATRIX_CODE = {"up": 0, "gate": 1, "down": 2}
+
+
+def neuron_ref(matrix: str, layer: int, n_layers: int, d_mlp: int) -> int:
+    """Global id of a layer's first neuron in the reverse index (add the neuron index)."""
+    return (MATRIX_CODE[matrix] * n_layers + layer) * d_mlp
