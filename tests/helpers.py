@@ -62,10 +62,17 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     cfg = config_cls(
-        vocab_size=d_vocab, hidden_size=d_model, intermediate_size=d_mlp,
-        num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=d_model // 4, max_position_embeddings=128, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie, **config,
+        vocab_size=d_vocab,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=d_model // 4,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+        **config,
     )
     torch.manual_seed(seed)
     model = model_cls(cfg)

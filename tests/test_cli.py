@@ -38,9 +38,22 @@ def test_show_prints_table(stories_atlas: Path, capsys: pytest.CaptureFixture[st
     assert repr(top.text) in out and f"{top.prob:.4f}" in out
 
 
-def test_map_json_summary(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["map", str(stories), "-o", str(tmp_path / "a"), "--layers", "1", "--matrices", "up",
-            "--compile", "off", "--json"]
+def test_map_json_summary(
+    stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "map",
+        str(stories),
+        "-o",
+        str(tmp_path / "a"),
+        "--layers",
+        "1",
+        "--matrices",
+        "up",
+        "--compile",
+        "off",
+        "--json",
+    ]
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["neurons_mapped"] == 172 and s["neurons_skipped"] == 0 and s["neurons_per_second"] > 0

@@ -45,11 +45,13 @@ def cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return err
 
 
-def test_truncated_safetensors(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_safetensors(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = copy_model(model, tmp_path / "m")
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt"):
         map_model(bad, tmp_path / "a")
     assert "download it again" in cli_error(capsys, "map", str(bad), "-o", str(tmp_path / "a"))
     assert not (tmp_path / "a").exists()  # nothing was started
@@ -59,7 +61,7 @@ def test_missing_shard(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m", shard_size="40KB")
     shard = sorted(model.glob("model-*.safetensors"))[1]
     shard.unlink()
-    with pytest.raises(CheckpointError, match=f"missing.*{shard.name}"):
+    with pytest.raises(CheckpointError, match=rf"missing.*{shard.name}"):
         map_model(model, tmp_path / "a")
 
 
@@ -70,20 +72,20 @@ def test_missing_tensor_and_wrong_shape(model: Path, tmp_path: Path) -> None:
     state = load_file(bad / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.weight"]
     save_file(state, bad / "model.safetensors")
-    with pytest.raises(CheckpointError, match="up_proj.*missing"):
+    with pytest.raises(CheckpointError, match=r"up_proj.*missing"):
         map_model(bad, tmp_path / "a")
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "intermediate_size": 49}))
-    with pytest.raises(CheckpointError, match="shape"):
+    with pytest.raises(CheckpointError, match=r"shape"):
         map_model(bad, tmp_path / "a")
 
 
 def test_no_weights_and_no_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config.json"):
         map_model(tmp_path / "empty", tmp_path / "a")
     (tmp_path / "empty" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
-    with pytest.raises(CheckpointError, match="no weights"):
+    with pytest.raises(CheckpointError, match=r"no weights"):
         map_model(tmp_path / "empty", tmp_path / "a")
     assert "does not exist" in cli_error(capsys, "map", "./no/such/model", "-o", str(tmp_path))
 
@@ -92,11 +94,13 @@ def test_unknown_architecture_and_unsupported_config(model: Path, tmp_path: Path
     bad = copy_model(model, tmp_path / "m")
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "architectures": ["FancyForCausalLM"]}))
-    with pytest.raises(UnsupportedModelError, match="FancyForCausalLM.*supports.*LlamaForCausalLM"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"FancyForCausalLM.*supports.*LlamaForCausalLM"
+    ):
         map_model(bad, tmp_path / "a")
     quantised = {**config, "quantization_config": {"quant_method": "gptq"}}
     (bad / "config.json").write_text(json.dumps(quantised))
-    with pytest.raises(UnsupportedModelError, match="quantization_config"):
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config"):
         map_model(bad, tmp_path / "a")
 
 
@@ -105,7 +109,7 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match="cannot fetch.*pass the local folder"):
+    with pytest.raises(CheckpointError, match=r"cannot fetch.*pass the local folder"):
         map_model("nobody-here/no-such-model", tmp_path / "a")
 
 
@@ -121,8 +125,9 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
         (["--top-k", "0"], "at least 1"),
     ],
 )
-def test_bad_map_options(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                         argv: list[str], match: str) -> None:
+def test_bad_map_options(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], match: str
+) -> None:
     err = cli_error(capsys, "map", str(model), "-o", str(tmp_path / "a"), *argv)
     assert match in err
 
@@ -130,18 +135,23 @@ def test_bad_map_options(model: Path, tmp_path: Path, capsys: pytest.CaptureFixt
 def test_not_an_empty_folder_is_not_clobbered(model: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("mine")
-    with pytest.raises(AtlasError, match="not empty"):
+    with pytest.raises(AtlasError, match=r"not empty"):
         map_model(model, tmp_path / "a")
     assert (tmp_path / "a" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
     ("neuron", "matrix", "match"),
-    [("1:48", "up", "out of range"), ("2:0", "up", "layer 2 is not in this atlas"),
-     ("1:x", "up", "bad neuron"), ("1:0", "ffn", "matrix 'ffn'")],
+    [
+        ("1:48", "up", "out of range"),
+        ("2:0", "up", "layer 2 is not in this atlas"),
+        ("1:x", "up", "bad neuron"),
+        ("1:0", "ffn", "matrix 'ffn'"),
+    ],
 )
-def test_bad_neuron(atlas: Path, capsys: pytest.CaptureFixture[str], neuron: str, matrix: str,
-                    match: str) -> None:
+def test_bad_neuron(
+    atlas: Path, capsys: pytest.CaptureFixture[str], neuron: str, matrix: str, match: str
+) -> None:
     assert match in cli_error(capsys, "show", str(atlas), neuron, "--matrix", matrix)
     if neuron[-1].isdigit():
         with pytest.raises(NeuronError, match=match):
@@ -154,12 +164,12 @@ def test_unreadable_atlas(atlas: Path, tmp_path: Path, capsys: pytest.CaptureFix
     bad = tmp_path / "bad"
     shutil.copytree(atlas, bad)
     (bad / "up" / "layer_001.parquet").write_bytes(b"not parquet")
-    with pytest.raises(AtlasError, match="layer_001.parquet is unreadable"):
+    with pytest.raises(AtlasError, match=r"layer_001.parquet is unreadable"):
         Atlas.open(bad).neuron(1, 0, "up")
     Atlas.open(bad).neuron(0, 0, "up")  # the rest of the atlas still reads
     (bad / "atlas.json").write_text("{ truncated")
     assert "unreadable" in cli_error(capsys, "show", str(bad), "0:0")
     (bad / "up" / "layer_000.parquet").unlink()
     (bad / "atlas.json").write_text((atlas / "atlas.json").read_text())
-    with pytest.raises(AtlasError, match="missing"):
+    with pytest.raises(AtlasError, match=r"missing"):
         Atlas.open(bad).neuron(0, 0, "up")

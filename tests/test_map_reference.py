@@ -45,8 +45,9 @@ def check_exact(atlas: Atlas, model: Path, matrix: str, layer: int, norm: str) -
     torch.testing.assert_close(rows["logit_mean"].double(), mu, **close)
     torch.testing.assert_close(rows["logit_std"].double(), sd, **close)
     torch.testing.assert_close(rows["logit_skew"].double(), (z**3).mean(1), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(rows["logit_kurtosis"].double(), (z**4).mean(1) - 3,
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        rows["logit_kurtosis"].double(), (z**4).mean(1) - 3, rtol=1e-4, atol=1e-4
+    )
 
 
 def check_tolerance(atlas: Atlas, model: Path, matrix: str, layer: int, norm: str) -> None:
@@ -102,8 +103,9 @@ def test_pytorch_bin_fallback(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
-    model = make_model(tmp_path / "m", family, dtype=torch.bfloat16, d_vocab=512, d_model=64,
-                       d_mlp=64, n_layers=2)
+    model = make_model(
+        tmp_path / "m", family, dtype=torch.bfloat16, d_vocab=512, d_model=64, d_mlp=64, n_layers=2
+    )
     for dtype, expect in (("bfloat16", "bfloat16"), ("float32", "float32")):
         out = tmp_path / f"a-{dtype}"
         map_model(model, out, dtype=dtype, compile="off")
@@ -118,8 +120,15 @@ def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
 
 def test_low_precision_at_realistic_vocabulary(tmp_path: Path) -> None:
     """bf16 compute on a wide, realistic-size vocabulary still meets the tolerances."""
-    model = make_model(tmp_path / "m", d_vocab=128256, d_model=128, d_mlp=64, n_layers=1,
-                       dtype=torch.bfloat16, tokenizer="tokenizers/llama3")
+    model = make_model(
+        tmp_path / "m",
+        d_vocab=128256,
+        d_model=128,
+        d_mlp=64,
+        n_layers=1,
+        dtype=torch.bfloat16,
+        tokenizer="tokenizers/llama3",
+    )
     map_model(model, tmp_path / "a", matrices="up,down", dtype="bfloat16", compile="off")
     atlas = Atlas.open(tmp_path / "a")
     for matrix in ("up", "down"):

@@ -37,7 +37,8 @@ def reference_atlas(big_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 def start_map(model: Path, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "flashlens", "map", str(model), "-o", str(out), *MAP_ARGS],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 
@@ -75,13 +76,24 @@ def test_interrupted_run_resumes_to_identical_atlas(
         assert b"rerun the same command to resume" in err and b"Traceback" not in err
     meta = json.loads((out / "atlas.json").read_text())
     assert meta["complete"] is False
-    with pytest.raises(AtlasError, match="incomplete.*resume"):
+    with pytest.raises(AtlasError, match=r"incomplete.*resume"):
         Atlas.open(out)
     assert not (out / "reverse.parquet").exists()
     # Rerun the same command: finished layers are skipped, the result equals an uninterrupted run.
     rerun = subprocess.run(
-        [sys.executable, "-m", "flashlens", "map", str(big_model), "-o", str(out), *MAP_ARGS,
-         "--json"], capture_output=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "flashlens",
+            "map",
+            str(big_model),
+            "-o",
+            str(out),
+            *MAP_ARGS,
+            "--json",
+        ],
+        capture_output=True,
+        check=True,
     )
     summary = json.loads(rerun.stdout)
     assert summary["neurons_skipped"] >= 256  # at least the first committed layer
@@ -121,7 +133,7 @@ def test_complete_rerun_is_a_no_op(big_model: Path, reference_atlas: Path) -> No
 def test_other_settings_refused_unless_overwrite(big_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
     map_model(big_model, out, matrices="up", layers="0-1", compile="off")
-    with pytest.raises(AtlasError, match="other settings.*top_k.*--overwrite"):
+    with pytest.raises(AtlasError, match=r"other settings.*top_k.*--overwrite"):
         map_model(big_model, out, matrices="up", layers="0-1", top_k=5, compile="off")
     map_model(big_model, out, matrices="up", layers="0-1", top_k=5, compile="off", overwrite=True)
     assert Atlas.open(out).meta.top_k == 5

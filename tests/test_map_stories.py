@@ -30,7 +30,7 @@ def test_reverse_index_matches_brute_force(stories_atlas: Path, stories: Path) -
     m = atlas.meta
     # Brute force: (neurons, V) probabilities over every layer and matrix.
     probs, refs = [], []
-    for mi, matrix in enumerate(MATRICES):
+    for matrix in MATRICES:
         for layer in range(m.n_layers):
             probs.append(reference_probs(stories, matrix, layer))
             refs += [(layer, matrix, i) for i in range(m.d_mlp)]
@@ -39,15 +39,23 @@ def test_reverse_index_matches_brute_force(stories_atlas: Path, stories: Path) -
     rev = pq.read_table(stories_atlas / "reverse.parquet").to_pydict()
     assert len(rev["token_id"]) == m.reverse_n * m.d_vocab
     got: dict[int, list[tuple[int, str, int, float]]] = {}
-    for t, r, layer, matrix, idx, p in zip(rev["token_id"], rev["rank"], rev["layer"],
-                                            rev["matrix"], rev["index"], rev["prob"]):
+    for t, r, layer, matrix, idx, p in zip(
+        rev["token_id"],
+        rev["rank"],
+        rev["layer"],
+        rev["matrix"],
+        rev["index"],
+        rev["prob"],
+        strict=True,
+    ):
         got.setdefault(t, []).append((r, layer, matrix, idx, p))
     for v in range(m.d_vocab):
         entries = sorted(got[v])
         assert [e[0] for e in entries] == list(range(m.reverse_n))
         want_p = top.values[:, v]
-        torch.testing.assert_close(torch.tensor([e[4] for e in entries], dtype=torch.float64),
-                                   want_p, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            torch.tensor([e[4] for e in entries], dtype=torch.float64), want_p, rtol=1e-4, atol=1e-9
+        )
         # the neurons: identical except where brute-force probabilities tie
         for rank, (_, layer, matrix, idx, _) in enumerate(entries):
             want = refs[int(top.indices[rank, v])]

@@ -1,9 +1,9 @@
 """flashlens: explain every MLP neuron of a language model through its own LM-head.
 
-    import flashlens
-    flashlens.map_model("meta-llama/Llama-3.1-8B", "atlas/llama31-8b")
-    atlas = flashlens.Atlas.open("atlas/llama31-8b")
-    atlas.neuron(12, 1234, matrix="up").top
+import flashlens
+flashlens.map_model("meta-llama/Llama-3.1-8B", "atlas/llama31-8b")
+atlas = flashlens.Atlas.open("atlas/llama31-8b")
+atlas.neuron(12, 1234, matrix="up").top
 """
 
 from __future__ import annotations

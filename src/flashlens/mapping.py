@@ -94,17 +94,40 @@ def map_model(
         raise FlashlensError("--top-k and --reverse-n must be at least 1")
     source = ModelSource.open(model)
     try:
-        return _map(source, Path(out), parse_matrices(matrices, source.family.matrices),
-                    parse_layers(layers, source.n_layers) if layers else
-                    list(range(source.n_layers)),
-                    top_k, norm, reverse_n, device, dtype, block, compile, overwrite, progress)
+        return _map(
+            source,
+            Path(out),
+            parse_matrices(matrices, source.family.matrices),
+            parse_layers(layers, source.n_layers) if layers else list(range(source.n_layers)),
+            top_k,
+            norm,
+            reverse_n,
+            device,
+            dtype,
+            block,
+            compile,
+            overwrite,
+            progress,
+        )
     finally:
         source.close()
 
 
-def _map(source: ModelSource, out: Path, matrices: list[Matrix], layers: list[int], top_k: int,
-         norm: str, reverse_n: int, device_name: str, dtype_name: str, block: int | None,
-         compile_mode: str, overwrite: bool, progress: bool) -> MapSummary:
+def _map(
+    source: ModelSource,
+    out: Path,
+    matrices: list[Matrix],
+    layers: list[int],
+    top_k: int,
+    norm: str,
+    reverse_n: int,
+    device_name: str,
+    dtype_name: str,
+    block: int | None,
+    compile_mode: str,
+    overwrite: bool,
+    progress: bool,
+) -> MapSummary:
     start = time.perf_counter()
     device = resolve_device(device_name)
     weight_dtype = source.dtype
@@ -136,20 +159,30 @@ def _map(source: ModelSource, out: Path, matrices: list[Matrix], layers: list[in
     total = len(matrices) * len(layers) * source.d_mlp
     todo = len(jobs) * source.d_mlp
     compiled = use_compile(compile_mode, device, todo * source.d_vocab)
-    summary = MapSummary(out, 0, total - todo, 0.0, str(device),
-                         meta.compute_dtype, B, compiled)
+    summary = MapSummary(out, 0, total - todo, 0.0, str(device), meta.compute_dtype, B, compiled)
     if writer.already_complete:
         summary.neurons_skipped = total
         summary.seconds = time.perf_counter() - start
         return summary
     if not writer.has_tokens():
         writer.write_tokens(tokens_table(source.folder, source.d_vocab))
-    decoder = Decoder(source.W_U(), source.norm_weight(), source.norm_eps, norm,  # type: ignore[arg-type]
-                      top_k, device, compute_dtype, source.logit_softcap, compile=compiled)
+    decoder = Decoder(
+        source.W_U(),
+        source.norm_weight(),
+        source.norm_eps,
+        norm,  # type: ignore[arg-type]
+        top_k,
+        device,
+        compute_dtype,
+        source.logit_softcap,
+        compile=compiled,
+    )
     reverse = ReverseIndex(source.d_vocab, reverse_n, device)
     writer.load_reverse(reverse)
-    with _progress(progress, total, total - todo) as advance, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool:
+    with (
+        _progress(progress, total, total - todo) as advance,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
+    ):
         load = lambda job: _load(source, job, device)  # noqa: E731
         pending: Future[torch.Tensor] | None = pool.submit(load, jobs[0]) if jobs else None
         for i, (matrix, layer) in enumerate(jobs):
@@ -162,7 +195,7 @@ def _map(source: ModelSource, out: Path, matrices: list[Matrix], layers: list[in
                 n = min(B, source.d_mlp - lo)
                 refs = torch.full((B,), -1, dtype=torch.int64)
                 refs[:n] = torch.arange(base + lo, base + lo + n)
-                block_w = W[lo:lo + n]
+                block_w = W[lo : lo + n]
                 if n < B:  # pad to a fixed block shape (one compiled kernel); padding has ref -1
                     block_w = torch.cat([block_w, block_w.new_zeros(B - n, block_w.shape[1])])
                 r = decoder.decode(block_w, refs, reverse)
@@ -210,8 +243,15 @@ def _progress(show: bool, total: int, done: int) -> Iterator[Any]:
             speed = task.finished_speed or task.speed
             return Text(f"{speed:,.0f} neurons/s" if speed else "", style="cyan")
 
-    columns = (TextColumn("[bold]{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
-               Rate(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     from rich.console import Console
 
     with Progress(*columns, console=Console(stderr=True)) as bar:

@@ -37,9 +37,21 @@ def map_command(
 
     Rerunning the same command resumes an interrupted run.
     """
-    summary = map_model(model, out, matrices=matrices, layers=layers, top_k=top_k, norm=norm,
-                        reverse_n=reverse_n, device=device, dtype=dtype, block=block,
-                        compile=compile, overwrite=overwrite, progress=not json_out)
+    summary = map_model(
+        model,
+        out,
+        matrices=matrices,
+        layers=layers,
+        top_k=top_k,
+        norm=norm,
+        reverse_n=reverse_n,
+        device=device,
+        dtype=dtype,
+        block=block,
+        compile=compile,
+        overwrite=overwrite,
+        progress=not json_out,
+    )
     if json_out:
         print_json(summary.to_dict())
         return
@@ -80,7 +92,13 @@ def show_command(
     table = Table(show_edge=False)
     for col in ("#", "top token", "prob", "logit", "bottom token", "logit "):
         table.add_column(col, justify="right" if col[0] in "#pl" else "left")
-    for i, (t, b) in enumerate(zip(rec.top, rec.bottom), 1):
-        table.add_row(str(i), show_token(t.text), f"{t.prob:.4f}", f"{t.logit:.2f}",
-                      show_token(b.text), f"{b.logit:.2f}")
+    for i, (t, b) in enumerate(zip(rec.top, rec.bottom, strict=True), 1):
+        table.add_row(
+            str(i),
+            show_token(t.text),
+            f"{t.prob:.4f}",
+            f"{t.logit:.2f}",
+            show_token(b.text),
+            f"{b.logit:.2f}",
+        )
     console.print(table)

@@ -8,8 +8,14 @@ from pathlib import Path
 from ..errors import CheckpointError
 
 # What `map` needs from the hub: never optimizer states, ONNX exports, GGUF, ...
-HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-                "special_tokens_map.json", "generation_config.json"]
+HUB_PATTERNS = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "generation_config.json",
+]
 HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
@@ -44,8 +50,9 @@ def _download(repo_id: str) -> Path:
     except Exception as err:  # offline, DNS, HTTP 401/404, ...: the hub's errors vary by version
         # The cache may still hold a complete snapshot.
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS,
-                                          local_files_only=True))
+            return Path(
+                snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True)
+            )
         except Exception:
             pass
         raise CheckpointError(

@@ -109,7 +109,9 @@ class ModelSource:
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
-            raise NeuronError(f"layer {layer} is out of range: the model has layers 0-{self.n_layers - 1}")
+            raise NeuronError(
+                f"layer {layer} is out of range: the model has layers 0-{self.n_layers - 1}"
+            )
 
     def _check_shapes(self) -> None:
         """Fail before any compute if a tensor the map needs is absent or misshapen."""
@@ -119,7 +121,7 @@ class ModelSource:
                 f"config says tie_word_embeddings=false but {self.family.W_U} is not in the "
                 f"checkpoint at {self.folder}; a shard may be missing"
             )
-        expected = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
+        expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
                 shape = (d, m) if matrix == "down" else (m, d)
