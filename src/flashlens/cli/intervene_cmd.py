@@ -36,10 +36,20 @@ def _plural(variants: str) -> bool:
     return variants == "plural"
 
 
-def _choice(value: str | None, allowed: tuple[str, ...], option: str) -> Any:
-    if value is not None and value not in allowed:
-        raise FlashlensError(f"unknown {option} {value!r}: choose {', '.join(allowed)}")
-    return value
+def _how(mode: str, positions: str, site: str | None = None) -> tuple[Any, Any, Any]:
+    # Any: the Literal types of the library, once checked
+    """--mode, --positions and --site checked before the model is loaded."""
+    from ..intervene.hooks import MODES, POSITIONS
+    from ..intervene.neuron import SITES
+
+    for option, value, allowed in (
+        ("--mode", mode, MODES),
+        ("--positions", positions, POSITIONS),
+        ("--site", site, SITES),
+    ):
+        if value is not None and value not in allowed:
+            raise FlashlensError(f"unknown {option} {value!r}: choose {', '.join(allowed)}")
+    return mode, positions, site
 
 
 def _ratio(x: float) -> str:
@@ -79,8 +89,7 @@ def clamp_command(
 
     Example:
 
-        flashlens clamp meta-llama/Llama-3.1-8B --neuron 12:1234 --matrix up --concept dog
-            --values 0,5,10,20 --plot dose.png
+        flashlens clamp ./Llama-3.1-8B --neuron up:12:1234 --concept dog --plot dose.png
 
     Reports the probability of the concept's tokens at the next position, averaged over the
     prompts, unclamped and at each value, with the neurons' natural activation range.
@@ -92,6 +101,7 @@ def clamp_command(
     from ..intervene.progress import progress_bar
     from ..intervene.prompts import encode, read_prompts
 
+    how = _how(mode, positions, site)
     neurons = [Neuron.parse(n, matrix) for n in neuron]
     chosen_values = _floats(values, "--values") if values else None
     texts = read_prompts(prompts)
@@ -106,9 +116,7 @@ def clamp_command(
             neurons,
             variant_ids(exp),
             chosen_values,
-            _choice(mode, ("set", "add", "scale"), "--mode"),
-            _choice(positions, ("all", "last"), "--positions"),
-            _choice(site, ("up", "gate", "act"), "--site"),
+            *how,
             advance,
         )
     title = f"{', '.join(dose.neurons)} -> P({exp.concept!r})"
@@ -186,8 +194,7 @@ def generate_command(
 
     Example:
 
-        flashlens generate meta-llama/Llama-3.1-8B-Instruct --clamp up:12:1234=10
-            --prompt "What is your favourite animal?" --chat --samples 10 --concept dog
+        flashlens generate ./Llama-3.1-8B-Instruct --clamp up:12:1234=10 --prompt "Hi" --chat
     """
     from ..atlas.concepts import ConceptError
     from ..intervene.concept import model_concept, variant_ids
@@ -197,6 +204,7 @@ def generate_command(
 
     if max_new_tokens < 1 or samples < 1:
         raise FlashlensError("--max-new-tokens and --samples must be at least 1")
+    how = _how(mode, positions, site)
     clamps = [_parse_clamp(c, matrix) for c in clamp]
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
@@ -215,9 +223,7 @@ def generate_command(
             texts,
             [n for n, _ in clamps],
             [v for _, v in clamps],
-            mode=_choice(mode, ("set", "add", "scale"), "--mode"),
-            positions=_choice(positions, ("all", "last"), "--positions"),
-            site=_choice(site, ("up", "gate", "act"), "--site"),
+            *how,
             max_new_tokens=max_new_tokens,
             samples=samples,
             temperature=temperature,
@@ -229,10 +235,10 @@ def generate_command(
     if json_out:
         print_json(result.to_dict())
         return
-    how = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
+    decoding = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
     console.print(
         f"[bold]clamp[/] {', '.join(result.clamps)} ({result.mode}, positions "
-        f"{result.positions}); {how}, seed {result.seed}"
+        f"{result.positions}); {decoding}, seed {result.seed}"
     )
     for r in result.results:
         table = Table(title=repr(r.prompt), show_lines=True, expand=True)
@@ -293,6 +299,7 @@ def validate_command(
     from ..intervene.prompts import read_prompts
     from ..intervene.validate import validate
 
+    mode, positions, _ = _how(mode, positions)
     at = Atlas.open(atlas)
     chosen = Neuron.parse_list(neurons, matrix or "up") if neurons else None
     texts = read_prompts(prompts)
@@ -310,8 +317,8 @@ def validate_command(
         factor=factor,
         prompts=texts,
         multiples=mults,
-        mode=_choice(mode, ("set", "add", "scale"), "--mode"),
-        positions=_choice(positions, ("all", "last"), "--positions"),
+        mode=mode,  # type: ignore[arg-type]
+        positions=positions,  # type: ignore[arg-type]
         plural=_plural(variants),
         write=write,
         progress=not json_out,
