@@ -12,13 +12,15 @@ from flashlens.decode.kernels import CHUNK, block_stats, compiled_block_stats
 from flashlens.decode.reverse import ReverseIndex
 
 
-def _brute_stats(L: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+def _brute_stats(
+    L: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor, thr: torch.Tensor
+) -> dict[str, torch.Tensor]:
     L64 = L.double()
     lse = torch.logsumexp(L64, 1)
     p = torch.softmax(L64, 1)
     c = L64 - mu.double()[:, None]
     n = L.shape[1] // CHUNK * CHUNK
-    logp = (L64 - lse[:, None])[valid]
+    hits = ((L64 - lse[:, None]) > thr.double()) & valid[:, None]
     return {
         "lse": lse,
         "entropy": -(p * torch.log(p)).sum(1),
@@ -27,8 +29,14 @@ def _brute_stats(L: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor) -> dict
         "m4": (c**4).mean(1),
         "chunk_max": L64[:, :n].reshape(L.shape[0], -1, CHUNK).amax(2),
         "chunk_min": L64[:, :n].reshape(L.shape[0], -1, CHUNK).amin(2),
-        "col_best": logp.amax(0),
+        "hits": hits.to(torch.uint8),
     }
+
+
+def _stats(L: torch.Tensor, mu: torch.Tensor, valid: torch.Tensor, thr: torch.Tensor, fn=None):  # type: ignore[no-untyped-def]
+    hits = torch.full(L.shape, 7, dtype=torch.uint8)  # stale content must be overwritten
+    st = (fn or block_stats)(L, mu, valid, thr, hits)
+    return st, hits
 
 
 @pytest.mark.parametrize("V", [200, 256, 40])  # tail of 8 tokens; no tail; smaller than a chunk
@@ -38,19 +46,21 @@ def test_block_stats_matches_brute_force(V: int, dtype: torch.dtype) -> None:
     L = (torch.randn(6, V, generator=g) * 3).to(dtype)
     mu = L.double().mean(1).float()
     valid = torch.tensor([True, True, False, True, True, False])  # padding rows excluded
-    st = block_stats(L, mu, valid)
-    ref = _brute_stats(L, mu, valid)
+    thr = torch.linspace(-9.0, -4.0, V)  # hits on some entries of every row
+    st, hits = _stats(L, mu, valid, thr)
+    ref = _brute_stats(L, mu, valid, thr)
+    assert hits.tolist() == ref.pop("hits").tolist()
     for name, want in ref.items():
         got = getattr(st, name).double()
         assert got.shape == want.shape, name
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_block_stats_col_best_ignores_padding() -> None:
+def test_block_stats_hits_ignore_padding() -> None:
     L = torch.zeros(3, 128)
     L[2, 5] = 50.0  # a padding row with a huge logit must not reach the reverse index
-    st = block_stats(L, L.mean(1), torch.tensor([True, True, False]))
-    assert float(st.col_best[5]) == pytest.approx(-torch.log(torch.tensor(128.0)).item())
+    _, hits = _stats(L, L.mean(1), torch.tensor([True, True, False]), torch.full((128,), -5.0))
+    assert hits[2].sum() == 0 and hits[:2].all()  # log(1/128) = -4.85 > -5
 
 
 def test_compiled_block_stats_equals_eager() -> None:
@@ -60,7 +70,10 @@ def test_compiled_block_stats_equals_eager() -> None:
     g = torch.Generator().manual_seed(1)
     L = (torch.randn(8, 200, generator=g) * 4).bfloat16()
     mu, valid = L.float().mean(1), torch.arange(8) < 6
-    got, want = fn(L, mu, valid), block_stats(L, mu, valid)
+    thr = torch.linspace(-8.0, -3.0, 200)
+    (got, got_hits), (want, want_hits) = _stats(L, mu, valid, thr, fn), _stats(L, mu, valid, thr)
+    assert (got_hits != want_hits).sum() <= 2  # fp32 rounding exactly at a threshold
+    assert int(want_hits.sum()) > 20
     for name in want._fields:
         torch.testing.assert_close(
             getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name
@@ -119,50 +132,102 @@ def test_padding_rows_and_buffer_reuse_do_not_leak_between_blocks() -> None:
     assert set(rev.state()["ref"].unique().tolist()) <= {0, 1, 2, 3}  # padding never indexed
 
 
-@pytest.mark.parametrize("n", [1, 4])
-def test_reverse_index_matches_brute_force_across_filter_paths(n: int) -> None:
-    """Blocks offered with the kernel's col_best go through the dense (filling), the dense
-    column (many hits), and the sparse (few hits + compaction) paths; the result must be the
-    exact top-n per token over every valid row seen."""
-    V, B = 300, 16
-    g = torch.Generator().manual_seed(n)
-    rev = ReverseIndex(V, n, torch.device("cpu"))
-    all_logp, all_logit, all_ref = [], [], []
-    for blk in range(24):
-        scale = 1.0 if blk < 12 else 3.0  # later blocks are peakier: fewer, sparser hits
-        L = torch.randn(B, V, generator=g) * scale
-        refs = torch.arange(blk * B, (blk + 1) * B)
-        if blk % 5 == 4:
-            refs[-3:] = -1  # padding rows
-        valid = refs >= 0
-        st = block_stats(L, L.mean(1), valid)
-        rev.update(L, st.lse, refs, st.col_best)
-        all_logp.append((L - st.lse[:, None])[valid])
-        all_logit.append(L[valid])
-        all_ref.append(refs[valid])
-    logp, logit, ref = torch.cat(all_logp), torch.cat(all_logit), torch.cat(all_ref)
-    top, rows = logp.topk(n, dim=0)  # (n, V)
+def _offer(
+    rev: ReverseIndex, L: torch.Tensor, refs: torch.Tensor, slack: torch.Tensor
+) -> torch.Tensor:
+    """Offer a block as the engine does: the kernel's hit mask against its own logsumexp, then
+    a corrected logsumexp lower by `slack` (B,) per row. Returns the corrected logsumexp."""
+    valid = refs >= 0
+    st, hits = _stats(L, L.mean(1), valid, rev.filter_threshold())
+    lse = st.lse - slack
+    rev.update(L, lse, refs, hits, float(slack[valid].max()) if bool(valid.any()) else 0.0)
+    return lse
+
+
+def _assert_brute_force(
+    rev: ReverseIndex, logp: torch.Tensor, logit: torch.Tensor, ref: torch.Tensor
+) -> None:
+    """The table equals the exact top-n per token of every valid row offered: logp (R, V)."""
+    top, rows = logp.topk(rev.n, dim=0)  # (n, V)
     state = rev.state()
+    assert state["logp"].shape == (rev.n, logp.shape[1])
     got = state["logp"].sort(0, descending=True)
     torch.testing.assert_close(got.values, top)
     assert state["ref"].gather(0, got.indices).tolist() == ref[rows].tolist()
     torch.testing.assert_close(state["logit"].gather(0, got.indices), logit.gather(0, rows))
 
 
-def test_reverse_compaction_equals_one_dense_merge() -> None:
+@pytest.mark.parametrize("n", [1, 4, 6])
+def test_reverse_index_matches_brute_force_across_paths(n: int) -> None:
+    """Blocks go through the dense merge (first block, a logsumexp correction beyond the
+    margin), the sparse candidate merge (mask scanned by bytes and by 8-byte words, tokens with
+    at most n and with more than n candidates), padding rows, and a state()/load() round trip
+    in the middle; the result must be the exact top-n per token over every valid row seen."""
+    V, B = 296, 16  # B * V divisible by 8: the word scan applies
+    g = torch.Generator().manual_seed(n)
+    rev = ReverseIndex(V, n, torch.device("cpu"))
+    all_logp, all_logit, all_ref, word_scans = [], [], [], []
+    for blk in range(30):
+        scale = 1.0 if blk < 12 else 3.0  # later blocks are peakier: fewer, sparser hits
+        L = torch.randn(B, V, generator=g) * scale
+        if blk == 7:
+            L[:, 11] += 30.0  # token 11: every row of this block beats the table
+        refs = torch.arange(blk * B, (blk + 1) * B)
+        if blk % 5 == 4:
+            refs[-3:] = -1  # padding rows, with huge logits that must never enter
+            L[-3:] += 40.0
+        slack = torch.rand(B, generator=g) * 0.01
+        if blk == 15:
+            slack[2] = 0.2  # a correction beyond the margin: this block must go dense
+        word_scans.append(rev._sparse_hits)
+        lse = _offer(rev, L, refs, slack)
+        if blk == 15:
+            assert rev.margin > 0.2  # widened for the next blocks
+        if blk == 17:  # resume from a saved state, as the atlas writer does
+            state = rev.state()
+            rev = ReverseIndex(V, n, torch.device("cpu"))
+            rev.load(state)
+        valid = refs >= 0
+        all_logp.append((L - lse[:, None])[valid])
+        all_logit.append(L[valid])
+        all_ref.append(refs[valid])
+    assert any(word_scans) and not all(word_scans)
+    _assert_brute_force(rev, torch.cat(all_logp), torch.cat(all_logit), torch.cat(all_ref))
+
+
+def test_reverse_index_fills_across_blocks_with_few_valid_rows() -> None:
+    """A first block with fewer valid rows than N leaves the table partly empty (threshold
+    -inf); later blocks must still fill it exactly, and empty slots keep ref -1."""
+    V, B, n = 136, 8, 5
+    g = torch.Generator().manual_seed(5)
+    rev = ReverseIndex(V, n, torch.device("cpu"))
+    refs = torch.tensor([0, 1, 2, -1, -1, -1, -1, -1])
+    L = torch.randn(B, V, generator=g)
+    lse = _offer(rev, L, refs, torch.zeros(B))
+    assert (rev.state()["ref"] == -1).sum() == 2 * V  # 3 of 5 slots filled
+    logps, logits, all_refs = [(L - lse[:, None])[:3]], [L[:3]], [refs[:3]]
+    for blk in range(1, 6):
+        L = torch.randn(B, V, generator=g)
+        refs = torch.arange(blk * B, (blk + 1) * B)
+        lse = _offer(rev, L, refs, torch.zeros(B))
+        logps.append(L - lse[:, None])
+        logits.append(L)
+        all_refs.append(refs)
+    assert not rev.filling
+    _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(all_refs))
+
+
+def test_reverse_sparse_merge_equals_one_dense_merge() -> None:
     V, n = 64, 3
     g = torch.Generator().manual_seed(9)
     L = torch.randn(40, V, generator=g)
-    lse = torch.logsumexp(L, 1)
     refs = torch.arange(40)
     dense = ReverseIndex(V, n, torch.device("cpu"))
-    dense.update(L, lse, refs)  # no col_best: one dense merge
+    dense.update(L, torch.logsumexp(L, 1), refs)  # no hit mask: one dense merge
     sparse = ReverseIndex(V, n, torch.device("cpu"))
-    sparse.update(L[:8], lse[:8], refs[:8])  # fills the table
-    for lo in range(8, 40, 4):  # then filtered blocks, pending + compaction
+    for lo in range(0, 40, 4):  # the first block fills the table, then candidate merges
         blk = slice(lo, lo + 4)
-        col_best = (L[blk] - lse[blk, None]).amax(0)
-        sparse.update(L[blk], lse[blk], refs[blk], col_best)
+        _offer(sparse, L[blk], refs[blk], torch.zeros(4))
     a, b = dense.state(), sparse.state()
     sa, sb = a["logp"].sort(0), b["logp"].sort(0)
     torch.testing.assert_close(sa.values, sb.values)

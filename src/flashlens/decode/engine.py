@@ -4,7 +4,7 @@ For a block of neuron vectors W (B, d_model):
     x = final_norm(W)                              (B, d_model) fp32
     L = x @ W_U^T                                  (B, d_vocab) in the compute dtype
     lse, entropy, moments, chunk max/min,          one fused kernel over L (kernels.block_stats)
-    per-token best log-prob of the block
+    reverse-index hit mask (B, d_vocab) uint8      (written into a reused buffer)
     top/bottom-k candidates                        from the best chunks, then rescored exactly
                                                    in fp32 against the gathered W_U rows
 The full neurons x vocabulary matrix is never held: only one block of it, in a buffer that is
@@ -72,6 +72,8 @@ class Decoder:
         n_full = self.d_vocab // CHUNK * CHUNK
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
+        self._hits: Tensor | None = None  # (B, d_vocab) uint8: the reused reverse-index hit mask
+        self._no_threshold = torch.full((self.d_vocab,), float("inf"), device=device)
 
     def logits(self, x: Tensor) -> Tensor:
         """(B, d_model) fp32 normed vectors -> (B, d_vocab) logits in the compute dtype.
@@ -102,7 +104,12 @@ class Decoder:
         else:
             valid = torch.ones(W.shape[0], dtype=torch.bool, device=self.device)
         fn = self._stats if self._stats is not None else block_stats
-        st = fn(L, mu, valid)
+        if self._hits is None or self._hits.shape != L.shape:
+            self._hits = None
+            self._hits = torch.empty(L.shape, dtype=torch.uint8, device=self.device)
+        use_rev = reverse is not None and refs is not None
+        threshold = reverse.filter_threshold() if use_rev else self._no_threshold  # type: ignore[union-attr]
+        st = fn(L, mu, valid, threshold, self._hits)
         lse = st.lse
         top_cand, top_approx0 = self._candidates(L, st.chunk_max, largest=True)
         bot_cand, _ = self._candidates(L, st.chunk_min, largest=False)
@@ -116,10 +123,10 @@ class Decoder:
             delta = torch.exp(top_logits - lse[:, None]) - torch.exp(top_approx - lse[:, None])
             lse = lse + torch.log1p(delta.sum(1).clamp_min(-0.999999))
         if reverse is not None and refs is not None:
-            # col_best used the uncorrected logsumexp: widen it by the largest correction so
-            # the filter stays conservative.
-            slack = (st.lse - lse).clamp_min(0).max()
-            reverse.update(L, lse, refs, st.col_best + slack)
+            # The hit mask used the uncorrected logsumexp: the reverse index checks that the
+            # largest correction stays within its margin (else it merges the block densely).
+            slack = float((st.lse - lse)[valid].clamp_min(0).max()) if bool(valid.any()) else 0.0
+            reverse.update(L, lse, refs, self._hits, slack)
         k = self.top_k
         var = st.m2.clamp_min(1e-30)
         return BlockResult(

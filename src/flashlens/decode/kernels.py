@@ -22,18 +22,22 @@ class BlockStats(NamedTuple):
     m4: Tensor
     chunk_max: Tensor  # (B, V // CHUNK) max of each full chunk of CHUNK tokens
     chunk_min: Tensor  # (B, V // CHUNK)
-    col_best: Tensor  # (V,) best log-probability of each token over the block's valid rows
 
 
-def block_stats(L: Tensor, mu: Tensor, valid: Tensor) -> BlockStats:
+def block_stats(
+    L: Tensor, mu: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor
+) -> BlockStats:
     """Reductions of logits L (B, V; any float dtype) computed in fp32.
 
     mu (B,): the exact mean logit of each row (x . mean(W_U)), so moments are central.
-    valid (B,) bool: rows that are real neurons (False = padding); only they enter col_best.
+    valid (B,) bool: rows that are real neurons (False = padding); they never hit.
+    threshold (V,): the reverse index's per-token bound; hits (B, V) uint8, written in place:
+    1 where a valid row's log-probability L - lse beats the token's threshold, else 0.
 
-    Written so that inductor fuses it into one parallel loop nest that reads L twice: the row
-    max comes from the chunk maxima (no separate max pass), and the reverse index gets a (V,)
-    column maximum instead of a (B, V) mask, so nothing of the block's size is written.
+    Written so that inductor fuses it into one parallel loop nest that reads L three times
+    (chunk extremes; sums; hits) row by row: the row max comes from the chunk maxima, and the
+    hit mask goes into a buffer the caller reuses (a fresh 64 MB output would cost page faults
+    every block). A uint8 mask from `where` vectorises; a bool store or a bit-packed mask does not.
     """
     Lf = L.float()
     B, V = Lf.shape
@@ -53,8 +57,9 @@ def block_stats(L: Tensor, mu: Tensor, valid: Tensor) -> BlockStats:
     c = Lf - mu[:, None]
     c2 = c * c
     m2, m3, m4 = c2.mean(1), (c2 * c).mean(1), (c2 * c2).mean(1)
-    logp = torch.where(valid[:, None], Lf - lse[:, None], float("-inf"))
-    return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min, logp.amax(0))
+    hit = (Lf - lse[:, None] > threshold) & valid[:, None]
+    hits.copy_(torch.where(hit, 1, 0).to(torch.uint8))
+    return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min)
 
 
 _COMPILED: dict[str, object] = {}

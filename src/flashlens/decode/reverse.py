@@ -1,10 +1,17 @@
 """The reverse index: for every vocabulary token, the N neurons that give it the most probability.
 
-Candidates are filtered per block against each token's current N-th best log-probability
-(a stale, hence conservative, threshold): first by token, with the block kernel's per-token best
-log-probability (V,), then by entry, on the few tokens that pass. They wait in a pending list and
-are merged into the dense (N, V) table, on the tokens they touch, when the list grows. Blocks seen
-while the table is still filling are merged densely, in column slices.
+The table is token-major, (V, N) per field, so a token's N entries are contiguous. Each token's
+threshold is its current N-th best log-probability: only entries above it can enter.
+
+Per block (B neurons x V tokens), work is proportional to the block's candidate entries (about
+V * N / t in block t of a run), not to B x V:
+  1. the fused block kernel (kernels.block_stats) writes a (B, V) uint8 hit mask against the
+     threshold lowered by a safety margin (its logsumexp is corrected after the kernel);
+  2. nonzero on the mask gives the candidates; they are re-checked with the exact row
+     logsumexp, sorted by (token, row) with one integer key, packed into a dense (T, K) buffer
+     for the T touched tokens, concatenated with those tokens' table rows, and cut to the top N.
+The first block (every threshold -inf) is merged densely, per token, in vocabulary slices; so is
+a block whose logsumexp correction exceeded the margin (the margin is then widened).
 """
 
 from __future__ import annotations
@@ -12,103 +19,144 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+INITIAL_MARGIN = 1.0 / 32  # nats; widened when a block's logsumexp correction exceeds it
+
 
 class ReverseIndex:
     def __init__(self, d_vocab: int, n: int, device: torch.device) -> None:
         self.n = n
         self.d_vocab = d_vocab
-        self.logp = torch.full((n, d_vocab), float("-inf"), device=device)  # (N, V)
-        self.logit = torch.zeros((n, d_vocab), device=device)  # (N, V)
-        self.ref = torch.full((n, d_vocab), -1, dtype=torch.int64, device=device)  # (N, V)
+        self.device = device
+        self.logp = torch.full((d_vocab, n), float("-inf"), device=device)  # (V, N)
+        self.logit = torch.zeros((d_vocab, n), device=device)  # (V, N)
+        self.ref = torch.full((d_vocab, n), -1, dtype=torch.int64, device=device)  # (V, N)
         self.threshold = torch.full((d_vocab,), float("-inf"), device=device)  # (V,)
-        self._pending: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        self._n_pending = 0
+        self.margin = INITIAL_MARGIN
+        self._sparse_hits = False  # last block had few hits: scan the mask by 8-byte words
 
     @property
     def filling(self) -> bool:
         return bool(torch.isinf(self.threshold).any())
 
-    def update(self, L: Tensor, lse: Tensor, refs: Tensor, col_best: Tensor | None = None) -> None:
-        """Offer a block: logits L (B, V), row logsumexp (B,), neuron refs (B,) (-1 = padding).
+    def filter_threshold(self) -> Tensor:
+        """(V,) the per-token bound the block kernel compares log-probabilities with."""
+        return self.threshold - self.margin
 
-        col_best (V,): an upper bound on each token's best log-probability in the block (from
-        the fused block kernel); only tokens where it beats the threshold are looked at.
-        None, or a table still filling, merges the block densely.
+    def update(
+        self,
+        L: Tensor,
+        lse: Tensor,
+        refs: Tensor,
+        hits: Tensor | None = None,
+        slack: float = 0.0,
+    ) -> None:
+        """Offer a block: logits L (B, V), exact row logsumexp (B,), neuron refs (B,) (-1 =
+        padding).
+
+        hits (B, V) uint8: nonzero where L - lse' > filter_threshold() for valid rows, with lse'
+        the kernel's logsumexp; slack: max(lse' - lse), which must not exceed the margin for
+        the mask to hold every entry that beats its threshold. None merges the block densely.
         """
         valid = refs >= 0
-        if col_best is None or self.filling:
-            self._update_dense(L, lse, refs, valid, torch.arange(self.d_vocab, device=L.device))
+        late = slack >= 0.5 * self.margin  # keep well clear of fp32 rounding at the bound
+        dense = hits is None or late
+        if late:
+            self.margin = max(2 * self.margin, 4 * slack)
+        if dense or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
+            self._update_dense(L, lse, refs, valid)
             return
-        cols = (col_best > self.threshold).nonzero().squeeze(1)  # (h,) tokens with a candidate
-        if cols.numel() == 0:
+        assert hits is not None
+        pos = self._hit_positions(hits)  # (C,) flat b * V + v, ascending
+        B, V = L.shape
+        b, v = pos // V, pos % V
+        logp = L.reshape(-1)[pos].float() - lse[b]
+        keep = logp > self.threshold[v]  # exact check with the corrected logsumexp
+        b, v = b[keep], v[keep]
+        if v.numel() == 0:
             return
-        if cols.numel() > self.d_vocab // 4:  # most tokens hit: a dense merge is cheaper
-            self._update_dense(L, lse, refs, valid, cols)
-            return
-        logit = L[:, cols].float()  # (B, h)
-        logp = logit - lse[:, None]
-        b, j = ((logp > self.threshold[cols]) & valid[:, None]).nonzero(as_tuple=True)
-        self._pending.append((cols[j], logp[b, j], logit[b, j], refs[b]))
-        self._n_pending += b.numel()
-        if self._n_pending > self.n * self.d_vocab // 4:
-            self.compact()
+        key = v * B + b  # sort by token, then row
+        key = key.sort().values if B * V >= 2**31 else key.int().sort().values.long()
+        v, b = key // B, key % B
+        logit = L[b, v].float()
+        self._merge_candidates(v, logit - lse[b], logit, refs[b])
 
-    def _update_dense(
-        self, L: Tensor, lse: Tensor, refs: Tensor, valid: Tensor, cols: Tensor
-    ) -> None:
-        """Merge the block's top-N per token for tokens `cols` (h,), in column slices."""
+    def _hit_positions(self, hits: Tensor) -> Tensor:
+        flat = hits.view(-1)
+        if self._sparse_hits and flat.numel() % 8 == 0 and flat.is_contiguous():
+            words = flat.view(torch.int64)
+            w = words.nonzero().squeeze(1)  # words holding at least one hit
+            r, j = words[w].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
+            pos = w[r] * 8 + j
+        else:
+            pos = flat.nonzero().squeeze(1)
+        self._sparse_hits = pos.numel() * 64 < flat.numel()
+        return pos
+
+    def _merge_candidates(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
+        """Merge candidates sorted by token v (C,) into the table rows of the tokens they touch.
+
+        Candidates are packed into (T, K) buffers, K the largest count of a token, in two
+        groups (at most N per token, and more) so one busy token does not widen every row."""
+        tokens, counts = torch.unique_consecutive(v, return_counts=True)  # (T,)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(v.numel(), device=v.device) - torch.repeat_interleave(starts, counts)
+        row = torch.repeat_interleave(torch.arange(tokens.numel(), device=v.device), counts)
+        few = counts <= self.n
+        groups = [few] if bool(few.all()) else [few, ~few]
+        for g in groups:
+            sel = g.nonzero().squeeze(1)  # rows of `tokens` in this group
+            if sel.numel() == 0:
+                continue
+            K = int(counts[sel].max())
+            index = torch.full((tokens.numel(),), -1, dtype=torch.int64, device=v.device)
+            index[sel] = torch.arange(sel.numel(), device=v.device)
+            in_g = g[row]
+            flat = index[row[in_g]] * K + slot[in_g]
+            shape = (sel.numel(), K)
+            c_logp = torch.full(shape, float("-inf"), device=v.device)
+            c_logp.view(-1)[flat] = logp[in_g]
+            c_logit = torch.zeros(shape, device=v.device)
+            c_logit.view(-1)[flat] = logit[in_g]
+            c_ref = torch.full(shape, -1, dtype=torch.int64, device=v.device)
+            c_ref.view(-1)[flat] = ref[in_g]
+            self._merge_rows(tokens[sel], c_logp, c_logit, c_ref)
+
+    def _update_dense(self, L: Tensor, lse: Tensor, refs: Tensor, valid: Tensor) -> None:
+        """Merge the block's top-N per token for every token, in vocabulary slices."""
         k = min(self.n, int(valid.sum()))
         if k == 0:
             return
-        self.compact()
-        step = max(1, (16 << 20) // (4 * L.shape[0]))  # ~16 MB of fp32 logits per slice
-        for lo in range(0, cols.numel(), step):
-            c = cols[lo : lo + step]
-            logit = L[:, c].float()  # (B, h)
-            logp = logit - lse[:, None]
-            logp[~valid] = float("-inf")
-            top, rows = logp.topk(k, dim=0)  # (k, h)
-            both = torch.cat([self.logp[:, c], top])  # (N + k, h)
-            best, pick = both.topk(self.n, dim=0)
-            new_logit = logit.gather(0, rows)
-            self.logit[:, c] = torch.cat([self.logit[:, c], new_logit]).gather(0, pick)
-            self.ref[:, c] = torch.cat([self.ref[:, c], refs[rows]]).gather(0, pick)
-            self.logp[:, c] = best
-        self.threshold = self.logp.min(0).values
+        B, V = L.shape
+        step = max(1, (16 << 20) // (4 * B))  # ~16 MB of fp32 log-probabilities per slice
+        for lo in range(0, V, step):
+            cols = torch.arange(lo, min(lo + step, V), device=L.device)
+            logpT = (L[:, lo : lo + step].float() - lse[:, None]).T.contiguous()  # (c, B)
+            logpT[:, ~valid] = float("-inf")
+            top, rows = logpT.topk(k, dim=1, sorted=False)  # (c, k)
+            logit = L[rows, cols[:, None]].float()
+            self._merge_rows(cols, top, logit, refs[rows])
 
-    def compact(self) -> None:
-        """Merge pending candidates into the table (exact top-N per token they touch)."""
-        if not self._pending:
-            return
-        V, N = self.d_vocab, self.n
-        v_new = torch.cat([p[0] for p in self._pending])
-        touched = torch.zeros(V, dtype=torch.bool, device=v_new.device)
-        touched[v_new] = True
-        cols = touched.nonzero().squeeze(1)  # (h,)
-        v = torch.cat([cols.expand(N, -1).reshape(-1), v_new])
-        logp = torch.cat([self.logp[:, cols].reshape(-1)] + [p[1] for p in self._pending])
-        logit = torch.cat([self.logit[:, cols].reshape(-1)] + [p[2] for p in self._pending])
-        ref = torch.cat([self.ref[:, cols].reshape(-1)] + [p[3] for p in self._pending])
-        self._pending, self._n_pending = [], 0
-        order = torch.argsort(logp, descending=True, stable=True)
-        order = order[torch.argsort(v[order], stable=True)]  # by token, then logp descending
-        v, logp, logit, ref = v[order], logp[order], logit[order], ref[order]
-        counts = torch.bincount(v, minlength=V)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(v.numel(), device=v.device) - starts[v]
-        keep = rank < N
-        rank, v = rank[keep], v[keep]
-        self.logp[rank, v] = logp[keep]
-        self.logit[rank, v] = logit[keep]
-        self.ref[rank, v] = ref[keep]
-        self.threshold[cols] = self.logp[:, cols].min(0).values
+    def _merge_rows(self, tokens: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
+        """Table rows of `tokens` (T,) := top-N of themselves and candidates (T, K) each."""
+        both = torch.cat([self.logp[tokens], logp], dim=1)  # (T, N + K)
+        best, pick = both.topk(self.n, dim=1, sorted=False)
+        self.logit[tokens] = torch.cat([self.logit[tokens], logit], dim=1).gather(1, pick)
+        self.ref[tokens] = torch.cat([self.ref[tokens], ref], dim=1).gather(1, pick)
+        self.logp[tokens] = best
+        self.threshold[tokens] = best.amin(1)
 
     def state(self) -> dict[str, Tensor]:
-        self.compact()
-        return {"logp": self.logp.cpu(), "logit": self.logit.cpu(), "ref": self.ref.cpu()}
+        """The table as CPU tensors "logp", "logit", "ref", each (N, V); rows are not sorted."""
+        return {
+            "logp": self.logp.T.contiguous().cpu(),
+            "logit": self.logit.T.contiguous().cpu(),
+            "ref": self.ref.T.contiguous().cpu(),
+        }
 
     def load(self, state: dict[str, Tensor]) -> None:
-        dev = self.logp.device
-        self.logp, self.logit = state["logp"].to(dev), state["logit"].to(dev)
-        self.ref = state["ref"].to(dev)
-        self.threshold = self.logp.min(0).values
+        """Restore a table saved by `state()`."""
+        dev = self.device
+        self.logp = state["logp"].to(dev).T.contiguous()
+        self.logit = state["logit"].to(dev).T.contiguous()
+        self.ref = state["ref"].to(dev).T.contiguous()
+        self.threshold = self.logp.amin(1)
