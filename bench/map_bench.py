@@ -303,7 +303,7 @@ def gpu_device_time(ckpt: Path) -> dict[str, Any]:
         src.W_U(), src.norm_weight(), src.norm_eps, "model", 10, dev, torch.bfloat16, compile=True
     )
     layers = [src.neurons("up", i).to(dev) for i in range(src.n_layers)]
-    B = block_size(D_VOCAB, dev, None)
+    B = block_size(D_VOCAB, D_MLP, dev, None)
     rev = ReverseIndex(D_VOCAB, 32, dev)
     refs = torch.arange(B, device=dev)
     dec.decode(layers[0][:B], refs, rev)  # compile + warm-up
@@ -344,7 +344,7 @@ def main() -> None:
 
     dev = torch.device("cpu")
     dtype = resolve_dtype("auto", torch.bfloat16, dev)
-    B = block_size(D_VOCAB, dev, None)
+    B = block_size(D_VOCAB, D_MLP, dev, None)
     peak = gemm_peak(B, dev, dtype)
     res["peak"] = {"dtype": str(dtype), "block": B, "flops": peak}
     print(

@@ -154,7 +154,7 @@ def _map(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     writer = AtlasWriter(out, meta, overwrite=overwrite)
-    B = block_size(source.d_vocab, device, block)
+    B = block_size(source.d_vocab, source.d_mlp, device, block)
     jobs = [(m, layer) for m in matrices for layer in layers if not writer.is_done(m, layer)]
     total = len(matrices) * len(layers) * source.d_mlp
     todo = len(jobs) * source.d_mlp

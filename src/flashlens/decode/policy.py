@@ -44,13 +44,14 @@ def resolve_dtype(dtype: str, weight_dtype: torch.dtype, device: torch.device) -
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def block_size(d_vocab: int, device: torch.device, requested: int | None) -> int:
-    """Neurons per block: the (block, vocabulary) logits stay near 256 MB (2 GB on GPU)."""
+def block_size(d_vocab: int, d_mlp: int, device: torch.device, requested: int | None) -> int:
+    """Neurons per block: the (block, vocabulary) logits stay near 256 MB (2 GB on GPU), and a
+    block is never larger than a layer (padding rows would be wasted work)."""
     if requested:
-        return requested
+        return min(requested, d_mlp)
     budget = (2 << 30) if device.type == "cuda" else (256 << 20)
     b = budget // (4 * d_vocab)
-    return int(max(64, min(4096, 1 << max(b, 1).bit_length() - 1)))
+    return int(min(d_mlp, max(64, min(4096, 1 << max(b, 1).bit_length() - 1))))
 
 
 def use_compile(mode: str, device: torch.device, work: int) -> bool:
