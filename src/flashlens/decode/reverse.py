@@ -67,18 +67,21 @@ class ReverseIndex:
             return
         assert hits is not None
         pos = self._hit_positions(hits)  # (C,) flat b * V + v, ascending
-        B, V = L.shape
-        b, v = pos // V, pos % V
-        logp = L.reshape(-1)[pos].float() - lse[b]
-        keep = logp > self.threshold[v]  # exact check with the corrected logsumexp
-        b, v = b[keep], v[keep]
-        if v.numel() == 0:
+        if pos.numel() == 0:
             return
-        key = v * B + b  # sort by token, then row
+        B, V = L.shape
+        key = (pos % V) * B + pos // V  # token-major: sorted, it groups by token, then row
         key = key.sort().values if B * V >= 2**31 else key.int().sort().values.long()
         v, b = key // B, key % B
-        logit = L[b, v].float()
-        self._merge_candidates(v, logit - lse[b], logit, refs[b])
+        logit = L.reshape(-1)[b * V + v].float()
+        logp = logit - lse[b]
+        ok = logp > self.threshold[v]  # exact check with the corrected logsumexp
+        self._merge_candidates(
+            v,
+            torch.where(ok, logp, float("-inf")),
+            torch.where(ok, logit, 0.0),
+            torch.where(ok, refs[b], -1),
+        )
 
     def _hit_positions(self, hits: Tensor) -> Tensor:
         flat = hits.view(-1)
@@ -95,31 +98,42 @@ class ReverseIndex:
     def _merge_candidates(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
         """Merge candidates sorted by token v (C,) into the table rows of the tokens they touch.
 
-        Candidates are packed into (T, K) buffers, K the largest count of a token, in two
-        groups (at most N per token, and more) so one busy token does not widen every row."""
+        The candidates' log-probabilities are packed next to their tokens' table rows in a
+        (T, N + K) buffer, K the largest count of a token, and cut to the top N; tokens with
+        more than N candidates go in a second buffer so that one busy token does not widen
+        every row."""
+        N, dev = self.n, v.device
         tokens, counts = torch.unique_consecutive(v, return_counts=True)  # (T,)
         starts = torch.cumsum(counts, 0) - counts
-        slot = torch.arange(v.numel(), device=v.device) - torch.repeat_interleave(starts, counts)
-        row = torch.repeat_interleave(torch.arange(tokens.numel(), device=v.device), counts)
-        few = counts <= self.n
-        groups = [few] if bool(few.all()) else [few, ~few]
-        for g in groups:
-            sel = g.nonzero().squeeze(1)  # rows of `tokens` in this group
+        slot = torch.arange(v.numel(), device=dev) - torch.repeat_interleave(starts, counts)
+        row = torch.repeat_interleave(torch.arange(tokens.numel(), device=dev), counts)
+        few = counts <= N
+        if bool(few.all()):
+            groups = [(torch.arange(tokens.numel(), device=dev), row, slot, logp)]
+        else:
+            groups = []
+            for g in (few, ~few):
+                sel = g.nonzero().squeeze(1)  # rows of `tokens` in this group
+                index = torch.full((tokens.numel(),), -1, dtype=torch.int64, device=dev)
+                index[sel] = torch.arange(sel.numel(), device=dev)
+                in_g = g[row]
+                groups.append((sel, index[row[in_g]], slot[in_g], logp[in_g]))
+        for sel, r, sl, lp in groups:
             if sel.numel() == 0:
                 continue
-            K = int(counts[sel].max())
-            index = torch.full((tokens.numel(),), -1, dtype=torch.int64, device=v.device)
-            index[sel] = torch.arange(sel.numel(), device=v.device)
-            in_g = g[row]
-            flat = index[row[in_g]] * K + slot[in_g]
-            shape = (sel.numel(), K)
-            c_logp = torch.full(shape, float("-inf"), device=v.device)
-            c_logp.view(-1)[flat] = logp[in_g]
-            c_logit = torch.zeros(shape, device=v.device)
-            c_logit.view(-1)[flat] = logit[in_g]
-            c_ref = torch.full(shape, -1, dtype=torch.int64, device=v.device)
-            c_ref.view(-1)[flat] = ref[in_g]
-            self._merge_rows(tokens[sel], c_logp, c_logit, c_ref)
+            t, W = tokens[sel], N + int(counts[sel].max())
+            both = torch.full((sel.numel(), W), float("-inf"), device=dev)
+            both[:, :N] = self.logp[t]
+            both.view(-1)[r * W + N + sl] = lp
+            best, pick = both.topk(N, dim=1, sorted=False)  # (T, N)
+            old = pick < N
+            cand = (starts[sel, None] + pick - N).clamp_(0, v.numel() - 1)  # candidate index
+            self.logit[t] = torch.where(
+                old, self.logit[t].gather(1, pick.clamp(max=N - 1)), logit[cand]
+            )
+            self.ref[t] = torch.where(old, self.ref[t].gather(1, pick.clamp(max=N - 1)), ref[cand])
+            self.logp[t] = best
+            self.threshold[t] = best.amin(1)
 
     def _update_dense(self, L: Tensor, lse: Tensor, refs: Tensor, valid: Tensor) -> None:
         """Merge the block's top-N per token for every token, in vocabulary slices."""
@@ -134,6 +148,12 @@ class ReverseIndex:
             logpT[:, ~valid] = float("-inf")
             top, rows = logpT.topk(k, dim=1, sorted=False)  # (c, k)
             logit = L[rows, cols[:, None]].float()
+            if k == self.n and bool((self.ref[lo : lo + step] < 0).all()):
+                # empty rows (the first block): the block's top N is the table
+                self.logp[lo : lo + step], self.logit[lo : lo + step] = top, logit
+                self.ref[lo : lo + step] = refs[rows]
+                self.threshold[lo : lo + step] = top.amin(1)
+                continue
             self._merge_rows(cols, top, logit, refs[rows])
 
     def _merge_rows(self, tokens: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
