@@ -26,7 +26,7 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
 def _classes(family: str) -> tuple[Any, Any]:
@@ -37,6 +37,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
         "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
         "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
     }[family]
 
 
@@ -109,7 +112,8 @@ def load_reference_model(model_dir: Path) -> Any:
 
 
 def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
-    """lm_head(final_norm(w)) for every neuron of a layer, (d_mlp, d_vocab), fp32."""
+    """lm_head(final_norm(w)) for every neuron of a layer, (d_mlp, d_vocab), fp32, soft-capped
+    as the model's forward does when its config has final_logit_softcapping."""
     model = load_reference_model(model_dir)
     mlp = model.model.layers[layer].mlp
     W = {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight.T}
@@ -118,7 +122,13 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
         if norm == "model":
             x = model.model.norm(w)
         elif norm == "gain":
-            x = w * model.model.norm.weight
+            # the gain as the module applies it (Gemma: 1 + weight): rms(ones) = 1
+            ones = torch.ones(1, w.shape[1])
+            norm_module = model.model.norm
+            eps = getattr(norm_module, "variance_epsilon", getattr(norm_module, "eps", 0.0))
+            x = w * norm_module(ones) * (1 + eps) ** 0.5
         else:
             x = w
-        return model.lm_head(x).float()
+        logits = model.lm_head(x).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits

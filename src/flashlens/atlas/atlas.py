@@ -162,7 +162,7 @@ class Atlas:
     def _scores(self, ids: list[int], logits: list[float], lse: float) -> list[TokenScore]:
         return [
             TokenScore(i, self.tokens[i], self.texts[i], math.exp(lg - lse), lg)
-            for i, lg in zip(ids, logits)
+            for i, lg in zip(ids, logits, strict=True)
         ]
 
     @property

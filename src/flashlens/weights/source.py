@@ -124,8 +124,7 @@ class ModelSource:
         expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
-                shape = (d, m) if matrix == "down" else (m, d)
-                expected[self.family.tensor(matrix, layer)] = shape
+                expected[self.family.tensor(matrix, layer)] = (d, m) if matrix == "down" else (m, d)
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
