@@ -234,7 +234,7 @@ def write_results(
             head,
             "",
             "Date: 2026-11-21. Machine: 2-core x86-64 CPU (AVX512-BF16), 24 GiB "
-        f"(1-min load average {os.getloadavg()[0]:.1f} during the run: other jobs shared it).",
+            f"(1-min load average {os.getloadavg()[0]:.1f} during the run: other jobs shared it).",
             "",
             f"Synthetic atlas, up matrix: {N_LAYERS} layers x {D_MLP:,} neurons "
             f"({N_LAYERS * D_MLP:,}), top-{TOP_K} over the real {D_VOCAB:,}-token Llama 3 "
