@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +22,7 @@ from .decode.policy import block_size, resolve_device, resolve_dtype, use_compil
 from .decode.reverse import ReverseIndex
 from .errors import FlashlensError
 from .families import Matrix
+from .progress import progress_bar
 from .weights import ModelSource
 
 
@@ -180,7 +179,7 @@ def _map(
     reverse = ReverseIndex(source.d_vocab, reverse_n, device)
     writer.load_reverse(reverse)
     with (
-        _progress(progress, total, total - todo) as advance,
+        progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
     ):
         load = lambda job: _load(source, job, device)  # noqa: E731
@@ -219,45 +218,3 @@ def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) ->
 
 def _slice(r: BlockResult, n: int) -> BlockResult:
     return BlockResult(**{k: v[:n] for k, v in vars(r).items()})
-
-
-@contextmanager
-def _progress(show: bool, total: int, done: int) -> Iterator[Any]:
-    if not show:
-        yield lambda n, what: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        Task,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:,.0f} neurons/s" if speed else "", style="cyan")
-
-    columns = (
-        TextColumn("[bold]{task.description:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        Rate(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    from rich.console import Console
-
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task("mapping", total=total, completed=done)
-
-        def advance(n: int, what: str) -> None:
-            bar.update(task, advance=n, description=what)
-
-        yield advance

@@ -98,8 +98,8 @@ def clamp_command(
     from ..intervene.concept import model_concept, variant_ids
     from ..intervene.dose import dose_response, plot_dose
     from ..intervene.loading import load_model
-    from ..intervene.progress import progress_bar
     from ..intervene.prompts import encode, read_prompts
+    from ..progress import progress_bar
 
     how = _how(mode, positions, site)
     neurons = [Neuron.parse(n, matrix) for n in neuron]

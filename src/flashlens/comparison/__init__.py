@@ -21,7 +21,7 @@ from ..atlas import Atlas
 from ..decode.policy import resolve_device
 from ..errors import AtlasError, FlashlensError
 from ..families import Matrix
-from ..mapping import _progress
+from ..progress import progress_bar
 from ..weights import ModelSource
 from ..weights.resolve import HUB_PATTERNS
 from .exact import ExactPair
@@ -105,7 +105,9 @@ def _compare_layers(
 ) -> list[NeuronTable]:
     d_mlp = A.meta.d_mlp
     parts: list[NeuronTable] = []
-    with _progress(progress, len(matrices) * len(layers) * d_mlp, 0) as advance:
+    with progress_bar(
+        progress, len(matrices) * len(layers) * d_mlp, "comparing", unit="neurons"
+    ) as advance:
         for matrix in matrices:
             for layer in layers:
                 what = f"{matrix} layer {layer}"

@@ -23,12 +23,12 @@ from ..atlas import Atlas
 from ..atlas.concepts import Expansion
 from ..atlas.format import atomic_write
 from ..errors import AtlasError, NeuronError
+from ..progress import progress_bar
 from .concept import concept_variants, single_token, variant_ids
 from .dose import DEFAULT_MULTIPLES, activation_ranges, clamped_probs, concept_prob
 from .hooks import Mode, Positions, resolve_site
 from .loading import LoadedModel
 from .neuron import Neuron
-from .progress import progress_bar
 from .prompts import encode
 
 VALIDATION = "validation.parquet"
