@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import CHUNK, block_stats, compiled_block_stats
+from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, hit_mask
 from .norm import NormMode, apply_final_norm
 from .reverse import ReverseIndex
 
@@ -69,6 +69,7 @@ class Decoder:
         # Candidates rescored in fp32: generous when the GEMM is low precision.
         self.n_cand = min(self.d_vocab, top_k if self.exact else 2 * top_k + 8)
         self._stats = compiled_block_stats(device.type) if compile else None
+        self._hit_mask = (compiled(hit_mask, device.type) if compile else None) or hit_mask
         n_full = self.d_vocab // CHUNK * CHUNK
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
@@ -107,9 +108,7 @@ class Decoder:
         if self._hits is None or self._hits.shape != L.shape:
             self._hits = None
             self._hits = torch.empty(L.shape, dtype=torch.uint8, device=self.device)
-        use_rev = reverse is not None and refs is not None
-        threshold = reverse.filter_threshold() if use_rev else self._no_threshold  # type: ignore[union-attr]
-        st = fn(L, mu, valid, threshold, self._hits)
+        st = fn(L, mu, valid, self._no_threshold, None)
         lse = st.lse
         top_cand, top_approx0 = self._candidates(L, st.chunk_max, largest=True)
         bot_cand, _ = self._candidates(L, st.chunk_min, largest=False)
@@ -123,10 +122,13 @@ class Decoder:
             delta = torch.exp(top_logits - lse[:, None]) - torch.exp(top_approx - lse[:, None])
             lse = lse + torch.log1p(delta.sum(1).clamp_min(-0.999999))
         if reverse is not None and refs is not None:
-            # The hit mask used the uncorrected logsumexp: the reverse index checks that the
-            # largest correction stays within its margin (else it merges the block densely).
-            slack = float((st.lse - lse)[valid].clamp_min(0).max()) if bool(valid.any()) else 0.0
-            reverse.update(L, lse, refs, self._hits, slack)
+            # The hit mask is made with the corrected logsumexp: exactly the entries that the
+            # reverse index's own check (same values, same fp32 arithmetic) lets through.
+            hits = None
+            if not reverse.filling:
+                self._hit_mask(L, lse, valid, reverse.filter_threshold(), self._hits)
+                hits = self._hits
+            reverse.update(L, lse, refs, hits)
         k = self.top_k
         var = st.m2.clamp_min(1e-30)
         return BlockResult(
@@ -174,6 +176,16 @@ class Decoder:
         for lo in range(0, B, step):
             U = self.W_U[ids[lo : lo + step]].float()  # (b, n, d_model)
             out[lo : lo + step] = torch.bmm(U, x[lo : lo + step, :, None]).squeeze(2)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+    def exact_pair_logits(self, W: Tensor, ids: Tensor, chunk: int = 4096) -> Tensor:
+        """fp32 logits of token ids[i] for neuron vector W[i]: W (C, d_model), ids (C,) -> (C,)."""
+        out = torch.empty(ids.shape[0], dtype=torch.float32, device=self.device)
+        for lo in range(0, ids.shape[0], chunk):
+            x = apply_final_norm(W[lo : lo + chunk].to(self.device), self.gain, self.eps, self.norm)
+            out[lo : lo + chunk] = (self.W_U[ids[lo : lo + chunk]].float() * x).sum(1)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

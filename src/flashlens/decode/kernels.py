@@ -25,7 +25,7 @@ class BlockStats(NamedTuple):
 
 
 def block_stats(
-    L: Tensor, mu: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor
+    L: Tensor, mu: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor | None
 ) -> BlockStats:
     """Reductions of logits L (B, V; any float dtype) computed in fp32.
 
@@ -57,20 +57,33 @@ def block_stats(
     c = Lf - mu[:, None]
     c2 = c * c
     m2, m3, m4 = c2.mean(1), (c2 * c).mean(1), (c2 * c2).mean(1)
-    hit = (Lf - lse[:, None] > threshold) & valid[:, None]
-    hits.copy_(torch.where(hit, 1, 0).to(torch.uint8))
+    if hits is not None:
+        hit_mask(L, lse, valid, threshold, hits)
     return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min)
 
 
-_COMPILED: dict[str, object] = {}
+def hit_mask(L: Tensor, lse: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor) -> None:
+    """hits (B, V) uint8 := 1 where a valid row's log-probability L - lse beats threshold (V,).
+
+    Called with the exact (corrected) logsumexp after rescoring, it marks exactly the entries
+    the reverse index re-checks with the same fp32 arithmetic, so no safety margin is needed."""
+    hit = (L.float() - lse[:, None] > threshold) & valid[:, None]
+    hits.copy_(torch.where(hit, 1, 0).to(torch.uint8))
+
+
+_COMPILED: dict[tuple[str, str], object] = {}
+
+
+def compiled(fn, device_type: str):  # type: ignore[no-untyped-def]
+    """`fn` (block_stats or hit_mask) compiled for a device type, or None if no compiler."""
+    key = (fn.__name__, device_type)
+    if key not in _COMPILED:
+        try:
+            _COMPILED[key] = torch.compile(fn, dynamic=False, fullgraph=True)
+        except Exception:  # no compiler toolchain: eager is correct, only slower
+            _COMPILED[key] = None
+    return _COMPILED[key]
 
 
 def compiled_block_stats(device_type: str):  # type: ignore[no-untyped-def]
-    """`block_stats` compiled for a device type, or None if the compiler is unavailable."""
-    if device_type not in _COMPILED:
-        try:
-            fn = torch.compile(block_stats, dynamic=False, fullgraph=True)
-        except Exception:  # no compiler toolchain: eager is correct, only slower
-            fn = None
-        _COMPILED[device_type] = fn
-    return _COMPILED[device_type]
+    return compiled(block_stats, device_type)
