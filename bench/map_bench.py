@@ -166,7 +166,7 @@ def measured(argv: list[str]) -> tuple[float, float, str]:
     return run_child([sys.executable, "-c", RSS_WRAPPER, *argv])
 
 
-def gemm_peak(block: int, device: torch.device, dtype: torch.dtype, reps: int = 4) -> float:
+def gemm_peak(block: int, device: torch.device, dtype: torch.dtype, reps: int = 6) -> float:
     """FLOP/s of (block, d_model) @ (d_model, V) for the engine's shapes, dtype and out= buffer."""
     g = torch.Generator().manual_seed(1)
     W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02).to(device, dtype)

@@ -67,7 +67,10 @@ class Decoder:
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = compute_dtype == torch.float32 and W_U.dtype == torch.float32
         # Candidates rescored in fp32: generous when the GEMM is low precision.
-        self.n_cand = min(self.d_vocab, top_k if self.exact else 2 * top_k + 8)
+        # In low precision, top candidates also carry the logsumexp correction; the bottom ones
+        # only need their order. The tolerance tests and the benchmark check these margins.
+        self.n_top = min(self.d_vocab, top_k if self.exact else top_k + 8)
+        self.n_bottom = min(self.d_vocab, top_k if self.exact else top_k + 4)
         self._stats = compiled_block_stats(device.type) if compile else None
         self._hit_mask = (compiled(hit_mask, device.type) if compile else None) or hit_mask
         n_full = self.d_vocab // CHUNK * CHUNK
@@ -110,10 +113,10 @@ class Decoder:
             self._hits = torch.empty(L.shape, dtype=torch.uint8, device=self.device)
         st = fn(L, mu, valid, self._no_threshold, None)
         lse = st.lse
-        top_cand, top_approx0 = self._candidates(L, st.chunk_max, largest=True)
-        bot_cand, _ = self._candidates(L, st.chunk_min, largest=False)
+        top_cand, top_approx0 = self._candidates(L, st.chunk_max, self.n_top, largest=True)
+        bot_cand, _ = self._candidates(L, st.chunk_min, self.n_bottom, largest=False)
         n = top_cand.shape[1]
-        exact = self._exact_logits(x, torch.cat([top_cand, bot_cand], dim=1))  # (B, 2n)
+        exact = self._exact_logits(x, torch.cat([top_cand, bot_cand], dim=1))  # (B, n + n_bot)
         top_ids, top_logits, top_approx = _order(top_cand, exact[:, :n], top_approx0, True)
         bot_ids, bot_logits, _ = _order(bot_cand, exact[:, n:], None, False)
         if not self.exact:
@@ -146,12 +149,13 @@ class Decoder:
             logit_kurtosis=(st.m4 / var**2 - 3.0).cpu(),
         )
 
-    def _candidates(self, L: Tensor, chunk_best: Tensor, largest: bool) -> tuple[Tensor, Tensor]:
+    def _candidates(
+        self, L: Tensor, chunk_best: Tensor, n: int, largest: bool
+    ) -> tuple[Tensor, Tensor]:
         """Token ids (B, n) that hold the top (or bottom) n logits, and their approximate logits.
 
         The n best chunks by their max (min) hold the n best tokens, plus the tail past the last
         full chunk; the candidates are then cut to n by their approximate logits."""
-        n = self.n_cand
         B = L.shape[0]
         k_chunks = min(n, chunk_best.shape[1])
         cols = []
@@ -174,7 +178,8 @@ class Decoder:
         out = torch.empty((B, n), dtype=torch.float32, device=x.device)
         step = max(1, (8 << 20) // (4 * n * self.d_model))
         for lo in range(0, B, step):
-            U = self.W_U[ids[lo : lo + step]].float()  # (b, n, d_model)
+            i = ids[lo : lo + step]  # index_select: 2.5x faster than W_U[i] for row gathers
+            U = self.W_U.index_select(0, i.reshape(-1)).view(*i.shape, -1).float()  # (b, n, d)
             out[lo : lo + step] = torch.bmm(U, x[lo : lo + step, :, None]).squeeze(2)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
@@ -185,7 +190,9 @@ class Decoder:
         out = torch.empty(ids.shape[0], dtype=torch.float32, device=self.device)
         for lo in range(0, ids.shape[0], chunk):
             x = apply_final_norm(W[lo : lo + chunk].to(self.device), self.gain, self.eps, self.norm)
-            out[lo : lo + chunk] = (self.W_U[ids[lo : lo + chunk]].float() * x).sum(1)
+            out[lo : lo + chunk] = (self.W_U.index_select(0, ids[lo : lo + chunk]).float() * x).sum(
+                1
+            )
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
