@@ -222,7 +222,7 @@ def _exact_entries(
     decoder: Decoder, W: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
     """fp32 logits of (neuron W[rows[i]], token tokens[i]) pairs."""
-    return decoder.exact_pair_logits(W[rows], tokens)
+    return decoder.exact_pair_logits(W, rows, tokens)
 
 
 def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) -> torch.Tensor:
