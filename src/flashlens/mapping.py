@@ -6,7 +6,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,14 +200,6 @@ def _map(
                 r = decoder.decode(block_w, refs, reverse)
                 results.append(_slice(r, n) if n < B else r)
                 advance(n, f"{matrix} layer {layer}")
-            if not decoder.exact:  # the table's entries of this layer get exact fp32 values
-                lse = torch.cat([r.logsumexp for r in results])
-                reverse.rescore(
-                    base,
-                    source.d_mlp,
-                    partial(_exact_entries, decoder, W),
-                    lse,
-                )
             writer.write_layer(matrix, layer, results)
             writer.commit_layer(matrix, layer, reverse)
             summary.neurons_mapped += source.d_mlp
@@ -216,13 +207,6 @@ def _map(
     writer.finish(reverse, summary.seconds)
     Atlas.open(out)  # the finished atlas must open
     return summary
-
-
-def _exact_entries(
-    decoder: Decoder, W: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
-) -> torch.Tensor:
-    """fp32 logits of (neuron W[rows[i]], token tokens[i]) pairs."""
-    return decoder.exact_pair_logits(W, rows, tokens)
 
 
 def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) -> torch.Tensor:

@@ -185,20 +185,6 @@ class Decoder:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
-    def exact_pair_logits(self, W: Tensor, rows: Tensor, ids: Tensor, chunk: int = 4096) -> Tensor:
-        """fp32 logits of (neuron W[rows[i]], token ids[i]) pairs: W (n, d_model), rows and ids
-        (C,) -> (C,). Gathered in chunks, so memory stays bounded whatever C is."""
-        out = torch.empty(ids.shape[0], dtype=torch.float32, device=self.device)
-        for lo in range(0, ids.shape[0], chunk):
-            w = W.index_select(0, rows[lo : lo + chunk].to(W.device)).to(self.device)
-            x = apply_final_norm(w, self.gain, self.eps, self.norm)  # (c, d_model) fp32
-            out[lo : lo + chunk] = (self.W_U.index_select(0, ids[lo : lo + chunk]).float() * x).sum(
-                1
-            )
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
-
 
 def _order(
     ids: Tensor, exact: Tensor, approx: Tensor | None, largest: bool

@@ -16,8 +16,6 @@ a block whose logsumexp correction exceeded the margin (the margin is then widen
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
@@ -169,24 +167,6 @@ class ReverseIndex:
         self.ref[tokens] = torch.cat([self.ref[tokens], ref], dim=1).gather(1, pick)
         self.logp[tokens] = best
         self.threshold[tokens] = best.amin(1)
-
-    def rescore(
-        self, base: int, count: int, exact_logit: Callable[[Tensor, Tensor], Tensor], lse: Tensor
-    ) -> None:
-        """Give the entries of neurons base..base+count-1 exact values.
-
-        exact_logit(rows, tokens) -> fp32 logits, rows relative to base; lse (count,) the rows'
-        logsumexp. Called when a layer is done, while its weights are still at hand, so the
-        table never keeps a low-precision logit."""
-        v, j = ((self.ref >= base) & (self.ref < base + count)).nonzero(as_tuple=True)
-        if v.numel() == 0:
-            return
-        rows = self.ref[v, j] - base
-        logit = exact_logit(rows, v)
-        self.logit[v, j] = logit
-        self.logp[v, j] = logit - lse.to(logit.device)[rows]
-        touched = torch.unique(v)
-        self.threshold[touched] = self.logp[touched].amin(1)
 
     def state(self) -> dict[str, Tensor]:
         """The table as CPU tensors "logp", "logit", "ref", each (N, V); rows are not sorted."""
