@@ -1,13 +1,18 @@
 """Read checkpoint tensors lazily, one at a time, in the checkpoint's own dtype.
 
-Safetensors files (single or sharded through `model.safetensors.index.json`) are memory-mapped;
-`pytorch_model.bin` (single or sharded) is the fallback, loaded with `mmap=True`.
-The transformers model is never built here.
+Safetensors files (single or sharded through `model.safetensors.index.json`) are validated by
+the safetensors library and read through a memory map of their data: each tensor is copied out
+and its pages are then released from this process (madvise DONTNEED), so resident memory does
+not grow with the number of tensors read. `pytorch_model.bin` (single or sharded) is the
+fallback, loaded with `mmap=True`. The transformers model is never built here.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +23,18 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 
+_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -31,6 +48,8 @@ class Checkpoint:
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._st: dict[Path, Any] = {}  # open safetensors handles
         self._bin: dict[Path, dict[str, torch.Tensor]] = {}  # mmapped .bin state dicts
+        self._maps: dict[Path, mmap.mmap] = {}  # safetensors data, memory-mapped
+        self._layout: dict[Path, tuple[int, dict[str, Any]]] = {}  # data start, header
         files = self._weight_files()
         for file in files:
             if file.suffix == ".safetensors":
@@ -75,6 +94,14 @@ class Checkpoint:
         self._st[file] = handle
         for name in handle.keys():  # noqa: SIM118  (safe_open is not a Mapping)
             self._where[name] = file
+        with open(file, "rb") as fh:  # the header safe_open has just validated
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            self._maps[file] = self._stack.enter_context(
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            )
+        header.pop("__metadata__", None)
+        self._layout[file] = (8 + n, header)
 
     def _open_bin(self, file: Path) -> None:
         try:
@@ -101,14 +128,33 @@ class Checkpoint:
         return tuple(self._bin[file][name].shape)
 
     def get(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype (safetensors: read from the memory map)."""
+        """The tensor in its stored dtype, as a fresh copy (safetensors: out of the memory map)."""
         file = self._file(name)
         try:
-            if file in self._st:
-                return self._st[file].get_tensor(name)
+            if file in self._maps:
+                return self._copy_out(file, name)
             return self._bin[file][name]
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
+
+    def _copy_out(self, file: Path, name: str) -> torch.Tensor:
+        start, header = self._layout[file]
+        info = header[name]
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:  # rare dtypes: let the library convert
+            return self._st[file].get_tensor(name)
+        lo, hi = (start + o for o in info["data_offsets"])
+        if hi == lo:
+            return torch.empty(info["shape"], dtype=dtype)
+        mm = self._maps[file]
+        with warnings.catch_warnings():  # a read-only buffer is fine: the tensor is cloned
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=lo)
+            tensor = view.view(dtype).reshape(info["shape"]).clone()
+        if hasattr(mm, "madvise"):
+            page = mmap.PAGESIZE
+            mm.madvise(mmap.MADV_DONTNEED, lo // page * page, hi - lo // page * page)
+        return tensor
 
     def _file(self, name: str) -> Path:
         try:
@@ -120,6 +166,7 @@ class Checkpoint:
             ) from None
 
     def close(self) -> None:
+        self._maps.clear()
         self._stack.close()
         self._st.clear()
         self._bin.clear()

@@ -1,0 +1,46 @@
+"""Reading checkpoints: the copy out of the memory map equals the safetensors library's read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from flashlens.weights import Checkpoint
+
+from .helpers import make_model
+
+
+def assert_same_as_library(folder: Path) -> None:
+    with Checkpoint(folder) as ckpt:
+        names = list(ckpt)
+        assert names
+        for file in folder.glob("*.safetensors"):
+            with safe_open(str(file), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118
+                    want = fh.get_tensor(name)
+                    got = ckpt.get(name)
+                    assert got.dtype == want.dtype and got.shape == want.shape
+                    assert torch.equal(got, want), name
+                    assert ckpt.shape(name) == tuple(want.shape)
+
+
+def test_every_tensor_equals_the_library_read(tmp_path: Path, stories: Path) -> None:
+    assert_same_as_library(stories)
+    assert_same_as_library(make_model(tmp_path / "bf16", dtype=torch.bfloat16, shard_size="40KB"))
+
+
+def test_odd_dtypes_and_empty_tensors(tmp_path: Path) -> None:
+    tensors = {
+        "a": torch.arange(7, dtype=torch.int64),
+        "b": torch.randn(3, 5).half(),
+        "c": torch.empty(0, 4),
+        "d": torch.tensor([True, False]),
+        "e": torch.randn(2, 3, dtype=torch.float64),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    with Checkpoint(tmp_path) as ckpt:
+        for name, t in tensors.items():
+            assert torch.equal(ckpt.get(name), t), name
