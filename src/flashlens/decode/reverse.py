@@ -5,13 +5,14 @@ threshold is its current N-th best log-probability: only entries above it can en
 
 Per block (B neurons x V tokens), work is proportional to the block's candidate entries (about
 V * N / t in block t of a run), not to B x V:
-  1. the fused block kernel (kernels.block_stats) writes a (B, V) uint8 hit mask against the
-     threshold lowered by a safety margin (its logsumexp is corrected after the kernel);
+  1. the engine's hit-mask kernel (kernels.hit_mask) writes a (B, V) uint8 mask of entries
+     above filter_threshold(), from the corrected row logsumexp;
   2. nonzero on the mask gives the candidates; they are re-checked with the exact row
      logsumexp, sorted by (token, row) with one integer key, packed into a dense (T, K) buffer
      for the T touched tokens, concatenated with those tokens' table rows, and cut to the top N.
-The first block (every threshold -inf) is merged densely, per token, in vocabulary slices; so is
-a block whose logsumexp correction exceeded the margin (the margin is then widened).
+The first block (every threshold -inf) is merged densely, per token, in vocabulary slices. A
+caller whose mask came from a different logsumexp passes the largest difference as `slack`; a
+block whose slack exceeds the margin is merged densely too, and the margin widened.
 """
 
 from __future__ import annotations
