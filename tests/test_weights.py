@@ -25,6 +25,7 @@ def assert_same_as_library(folder: Path) -> None:
                     assert got.dtype == want.dtype and got.shape == want.shape
                     assert torch.equal(got, want), name
                     assert ckpt.shape(name) == tuple(want.shape)
+                    assert ckpt.dtype(name) == want.dtype
 
 
 def test_every_tensor_equals_the_library_read(tmp_path: Path, stories: Path) -> None:

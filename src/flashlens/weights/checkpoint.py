@@ -127,6 +127,15 @@ class Checkpoint:
             return tuple(self._st[file].get_slice(name).get_shape())
         return tuple(self._bin[file][name].shape)
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, from the header where there is one (no data read)."""
+        file = self._file(name)
+        if file in self._layout:
+            code = self._layout[file][1][name]["dtype"]
+            if code in _DTYPES:
+                return _DTYPES[code]
+        return self.get(name).dtype
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor in its stored dtype, as a fresh copy (safetensors: out of the memory map)."""
         file = self._file(name)

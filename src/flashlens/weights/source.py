@@ -78,7 +78,7 @@ class ModelSource:
     @property
     def dtype(self) -> torch.dtype:
         """The stored dtype of the MLP weights."""
-        return self.checkpoint.get(self.family.tensor("up", 0)).dtype
+        return self.checkpoint.dtype(self.family.tensor("up", 0))
 
     @property
     def config_hash(self) -> str:
