@@ -29,6 +29,14 @@ def test_show_json_keys(stories_atlas: Path, capsys: pytest.CaptureFixture[str])
     assert probs == sorted(probs, reverse=True) and 0 < probs[0] <= 1
 
 
+def test_show_takes_matrix_in_the_address(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", str(stories_atlas), "gate:3:17", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["layer"], data["matrix"], data["index"]) == (3, "gate", 17)
+
+
 def test_show_prints_table(stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flashlens import Atlas
 

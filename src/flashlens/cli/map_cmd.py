@@ -8,9 +8,10 @@ import typer
 from rich.table import Table
 
 from ..atlas import Atlas
+from ..intervene.neuron import Neuron
 from ..mapping import map_model
 from . import app
-from .common import console, err_console, parse_neuron, print_json, show_token
+from .common import console, err_console, print_json, show_token
 
 
 @app.command("map")
@@ -69,7 +70,9 @@ def map_command(
 @app.command("show")
 def show_command(
     atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
-    neuron: str = typer.Argument(..., help="LAYER:INDEX, e.g. 12:1234."),
+    neuron: str = typer.Argument(
+        ..., help="LAYER:INDEX (matrix from --matrix) or MATRIX:LAYER:INDEX, e.g. up:12:1234."
+    ),
     matrix: str = typer.Option("up", help="up, gate or down."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -79,7 +82,8 @@ def show_command(
 
         flashlens show atlas/llama31-8b 12:1234 --matrix up
     """
-    layer, index = parse_neuron(neuron)
+    n = Neuron.parse(neuron, matrix)
+    layer, index, matrix = n.layer, n.index, n.matrix
     rec = Atlas.open(atlas).neuron(layer, index, matrix)
     if json_out:
         print_json(rec.to_dict())

@@ -12,8 +12,9 @@ from rich.table import Table
 
 from ..atlas import Atlas, parse_layers
 from ..errors import FlashlensError
+from ..intervene.neuron import Neuron
 from . import app
-from .common import console, err_console, parse_neuron, print_json, show_token
+from .common import console, err_console, print_json, show_token
 
 
 def _layers(atlas: Atlas, spec: str | None) -> list[int] | None:
@@ -171,7 +172,9 @@ def stats_command(
 @app.command("prob")
 def prob_command(
     atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
-    neuron: str = typer.Argument(..., help="LAYER:INDEX, e.g. 12:1234."),
+    neuron: str = typer.Argument(
+        ..., help="LAYER:INDEX (matrix from --matrix) or MATRIX:LAYER:INDEX, e.g. up:12:1234."
+    ),
     token: str = typer.Argument(None, help='The token\'s text, e.g. " puppy" (one token).'),
     token_id: int = typer.Option(None, "--token-id", help="The token by vocabulary id instead."),
     matrix: str = typer.Option("up", help="up, gate or down."),
@@ -189,14 +192,16 @@ def prob_command(
     """
     if token is None and token_id is None:
         raise FlashlensError('give the token\'s text (e.g. " puppy") or --token-id N')
-    layer, index = parse_neuron(neuron)
-    r = Atlas.open(atlas).prob(layer, index, token, matrix=matrix, token_id=token_id, model=model)
+    n = Neuron.parse(neuron, matrix)
+    r = Atlas.open(atlas).prob(
+        n.layer, n.index, token, matrix=n.matrix, token_id=token_id, model=model
+    )
     if json_out:
         print_json(r.to_dict())
         return
     rank = f", rank {r.rank} in its top-k" if r.rank else ""
     console.print(
-        f"{matrix} {layer}:{index}  p({show_token(r.text)}) = [bold]{r.prob:.6g}[/]  "
+        f"{n.matrix} {n.layer}:{n.index}  p({show_token(r.text)}) = [bold]{r.prob:.6g}[/]  "
         f"(logit {r.logit:.4f}, logsumexp {r.logsumexp:.4f}{rank}; from the "
         f"{r.source})"
     )
