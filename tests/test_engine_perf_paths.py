@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashlens.decode.engine import Decoder
+from flashlens.decode.engine import Decoder, warm_up
 from flashlens.decode.kernels import CHUNK, block_stats, compiled_block_stats
 from flashlens.decode.reverse import ReverseIndex
 
@@ -232,3 +232,40 @@ def test_reverse_sparse_merge_equals_one_dense_merge() -> None:
     sa, sb = a["logp"].sort(0), b["logp"].sort(0)
     torch.testing.assert_close(sa.values, sb.values)
     assert a["ref"].gather(0, sa.indices).tolist() == b["ref"].gather(0, sb.indices).tolist()
+
+
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) -> None:
+    """`map` compiles the kernels on placeholders while the head loads: the decoder's first
+    blocks (filling, then hit mask and sparse merge) must then compile nothing new, and the
+    compiled decoder must agree with the eager one."""
+    from torch._dynamo.utils import counters
+
+    if compiled_block_stats("cpu") is None:
+        pytest.skip("no C compiler for inductor")
+    V, d, B, k = 203 + (softcap is not None), 24, 8, 4  # shapes no other test compiles
+    g = torch.Generator().manual_seed(11)
+    W_U = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
+    gain = 1 + torch.rand(d, generator=g)
+    args = (W_U, gain, 1e-6, "model", k, torch.device("cpu"), torch.bfloat16, softcap)
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    warm_up(B, V, d, torch.bfloat16, torch.bfloat16, k, softcap, torch.device("cpu"))
+    assert graphs() >= before + 3  # statistics, hit mask, exact rescoring
+    fast, slow = Decoder(*args, compile=True), Decoder(*args, compile=False)
+    rev_fast = ReverseIndex(V, 3, torch.device("cpu"))
+    rev_slow = ReverseIndex(V, 3, torch.device("cpu"))
+    warmed = graphs()
+    for blk in range(3):
+        W = (torch.randn(B, d, generator=g) * 2).bfloat16()
+        refs = torch.arange(blk * B, (blk + 1) * B)
+        a, b = fast.decode(W, refs, rev_fast), slow.decode(W, refs, rev_slow)
+        assert a.top_ids.tolist() == b.top_ids.tolist()
+        assert a.bottom_ids.tolist() == b.bottom_ids.tolist()
+        torch.testing.assert_close(a.top_logits, b.top_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.logsumexp, b.logsumexp, rtol=1e-4, atol=1e-4)
+    assert graphs() == warmed  # nothing recompiled after the warm-up
+    assert not rev_fast.filling
+    assert rev_fast.state()["ref"].sort(0).values.tolist() == (
+        rev_slow.state()["ref"].sort(0).values.tolist()
+    )

@@ -16,7 +16,7 @@ from .atlas.atlas import Atlas, parse_layers
 from .atlas.format import AtlasMeta
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
-from .decode.engine import BlockResult, Decoder
+from .decode.engine import BlockResult, Decoder, warm_up
 from .decode.norm import NORM_MODES
 from .decode.policy import block_size, resolve_device, resolve_dtype, use_compile
 from .decode.reverse import ReverseIndex
@@ -163,46 +163,69 @@ def _map(
         summary.neurons_skipped = total
         summary.seconds = time.perf_counter() - start
         return summary
-    if not writer.has_tokens():
-        writer.write_tokens(tokens_table(source.folder, source.d_vocab))
-    decoder = Decoder(
-        source.W_U(),
-        source.norm_weight(),
-        source.norm_eps,
-        norm,  # type: ignore[arg-type]
-        top_k,
-        device,
-        compute_dtype,
-        source.logit_softcap,
-        compile=compiled,
-    )
-    reverse = ReverseIndex(source.d_vocab, reverse_n, device)
-    writer.load_reverse(reverse)
+    load = lambda job: _load(source, job, device)  # noqa: E731
     with (
-        progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-head") as head_pool,
     ):
-        load = lambda job: _load(source, job, device)  # noqa: E731
+        # Start-up work overlaps: the first layer and the LM-head (+ its row mean) are read on
+        # threads while this one compiles the kernels for the block shape. The tokens table
+        # (Python-heavy: it would slow the compiler down) is built while the first layer maps.
         pending: Future[torch.Tensor] | None = pool.submit(load, jobs[0]) if jobs else None
-        for i, (matrix, layer) in enumerate(jobs):
-            assert pending is not None
-            W = pending.result()  # (d_mlp, d_model): read while the previous layer computed
-            pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
-            base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
-            results: list[BlockResult] = []
-            for lo in range(0, source.d_mlp, B):
-                n = min(B, source.d_mlp - lo)
-                refs = torch.full((B,), -1, dtype=torch.int64)
-                refs[:n] = torch.arange(base + lo, base + lo + n)
-                block_w = W[lo : lo + n]
-                if n < B:  # pad to a fixed block shape (one compiled kernel); padding has ref -1
-                    block_w = torch.cat([block_w, block_w.new_zeros(B - n, block_w.shape[1])])
-                r = decoder.decode(block_w, refs, reverse)
-                results.append(_slice(r, n) if n < B else r)
-                advance(n, f"{matrix} layer {layer}")
-            writer.write_layer(matrix, layer, results)
-            writer.commit_layer(matrix, layer, reverse)
-            summary.neurons_mapped += source.d_mlp
+        decoder_job = head_pool.submit(
+            lambda: Decoder(
+                source.W_U(),
+                source.norm_weight(),
+                source.norm_eps,
+                norm,  # type: ignore[arg-type]
+                top_k,
+                device,
+                compute_dtype,
+                source.logit_softcap,
+                compile=compiled,
+            )
+        )
+        if compiled:
+            head_dtype = source.checkpoint.dtype(source.W_U_name)
+            warm_up(
+                B,
+                source.d_vocab,
+                source.d_model,
+                head_dtype,
+                compute_dtype,
+                top_k,
+                source.logit_softcap,
+                device,
+            )
+        decoder = decoder_job.result()
+        head_pool.shutdown()
+        tokens_job = None
+        if not writer.has_tokens():
+            tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
+        reverse = ReverseIndex(source.d_vocab, reverse_n, device)
+        writer.load_reverse(reverse)
+        with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
+            for i, (matrix, layer) in enumerate(jobs):
+                assert pending is not None
+                W = pending.result()  # (d_mlp, d_model): read while the previous layer computed
+                pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+                base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
+                results: list[BlockResult] = []
+                for lo in range(0, source.d_mlp, B):
+                    n = min(B, source.d_mlp - lo)
+                    refs = torch.full((B,), -1, dtype=torch.int64)
+                    refs[:n] = torch.arange(base + lo, base + lo + n)
+                    block_w = W[lo : lo + n]
+                    if n < B:  # pad to a fixed block shape (one compiled kernel); padding: -1
+                        block_w = torch.cat([block_w, block_w.new_zeros(B - n, block_w.shape[1])])
+                    r = decoder.decode(block_w, refs, reverse)
+                    results.append(_slice(r, n) if n < B else r)
+                    advance(n, f"{matrix} layer {layer}")
+                writer.write_layer(matrix, layer, results)
+                writer.commit_layer(matrix, layer, reverse)
+                summary.neurons_mapped += source.d_mlp
+        if tokens_job is not None:
+            writer.write_tokens(tokens_job.result())
     summary.seconds = time.perf_counter() - start
     writer.finish(reverse, summary.seconds)
     Atlas.open(out)  # the finished atlas must open

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, hit_mask
+from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, exact_logits, hit_mask
 from .norm import NormMode, apply_final_norm
 from .reverse import ReverseIndex
 
@@ -66,13 +66,10 @@ class Decoder:
         self.d_vocab, self.d_model = W_U.shape
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = compute_dtype == torch.float32 and W_U.dtype == torch.float32
-        # Candidates rescored in fp32: generous when the GEMM is low precision.
-        # In low precision, top candidates also carry the logsumexp correction; the bottom ones
-        # only need their order. The tolerance tests and the benchmark check these margins.
-        self.n_top = min(self.d_vocab, top_k if self.exact else top_k + 8)
-        self.n_bottom = min(self.d_vocab, top_k if self.exact else top_k + 4)
+        self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
         self._stats = compiled_block_stats(device.type) if compile else None
         self._hit_mask = (compiled(hit_mask, device.type) if compile else None) or hit_mask
+        self._exact = compiled(exact_logits, device.type) if compile else None
         n_full = self.d_vocab // CHUNK * CHUNK
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
@@ -173,17 +170,62 @@ class Decoder:
     def _exact_logits(self, x: Tensor, ids: Tensor) -> Tensor:
         """fp32 logits of tokens ids (B, n) for vectors x (B, d_model).
 
-        Done in row slices of ~8 MB of gathered W_U rows, so no block-sized temporary is made."""
-        B, n = ids.shape
-        out = torch.empty((B, n), dtype=torch.float32, device=x.device)
-        step = max(1, (8 << 20) // (4 * n * self.d_model))
-        for lo in range(0, B, step):
-            i = ids[lo : lo + step]  # index_select: 2.5x faster than W_U[i] for row gathers
-            U = self.W_U.index_select(0, i.reshape(-1)).view(*i.shape, -1).float()  # (b, n, d)
-            out[lo : lo + step] = torch.bmm(U, x[lo : lo + step, :, None]).squeeze(2)
+        Compiled: one fused gather-and-dot kernel. Eager: in row slices of ~8 MB of gathered
+        W_U rows, so no block-sized temporary is made."""
+        if self._exact is not None:
+            out = self._exact(self.W_U, ids, x)
+        else:
+            B, n = ids.shape
+            out = torch.empty((B, n), dtype=torch.float32, device=x.device)
+            step = max(1, (8 << 20) // (4 * n * self.d_model))
+            for lo in range(0, B, step):
+                i = ids[lo : lo + step]  # index_select: 2.5x faster than W_U[i] for row gathers
+                U = self.W_U.index_select(0, i.reshape(-1)).view(*i.shape, -1).float()
+                out[lo : lo + step] = torch.bmm(U, x[lo : lo + step, :, None]).squeeze(2)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
+
+
+def candidate_counts(top_k: int, d_vocab: int, exact: bool) -> tuple[int, int]:
+    """Top and bottom candidates rescored in fp32: generous when the GEMM is low precision.
+
+    In low precision, top candidates also carry the logsumexp correction; the bottom ones only
+    need their order. The tolerance tests and the benchmark check these margins."""
+    return min(d_vocab, top_k if exact else top_k + 8), min(d_vocab, top_k if exact else top_k + 4)
+
+
+def warm_up(
+    block: int,
+    d_vocab: int,
+    d_model: int,
+    head_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
+    top_k: int,
+    softcap: float | None,
+    device: torch.device,
+) -> None:
+    """Compile the kernels a `Decoder` with these settings will call on blocks of `block` rows,
+    on placeholder inputs of the same shapes, dtypes and layouts: `map` does this while the
+    LM-head is still being read, so that the first real block finds them compiled."""
+    exact = compute_dtype == torch.float32 and head_dtype == torch.float32
+    n_cand = sum(candidate_counts(top_k, d_vocab, exact))
+    B, V = block, d_vocab
+    L = torch.zeros((B, V), dtype=torch.float32 if softcap else compute_dtype, device=device)
+    vec = torch.zeros(B, device=device)
+    valid = torch.ones(B, dtype=torch.bool, device=device)
+    threshold = torch.full((V,), float("inf"), device=device)
+    stats, mask = compiled_block_stats(device.type), compiled(hit_mask, device.type)
+    exact_fn = compiled(exact_logits, device.type)
+    if stats is not None:
+        stats(L, vec, valid, threshold, None)
+    if mask is not None:
+        mask(L, vec, valid, threshold, torch.empty((B, V), dtype=torch.uint8, device=device))
+    if exact_fn is not None:
+        # Untouched placeholder pages cost nothing: only row 0 is read.
+        W_U = torch.empty((V, d_model), dtype=head_dtype, device=device)
+        ids = torch.zeros((B, n_cand), dtype=torch.int64, device=device)
+        exact_fn(W_U, ids, torch.zeros((B, d_model), device=device))
 
 
 def _order(

@@ -71,11 +71,19 @@ def hit_mask(L: Tensor, lse: Tensor, valid: Tensor, threshold: Tensor, hits: Ten
     hits.copy_(torch.where(hit, 1, 0).to(torch.uint8))
 
 
+def exact_logits(W_U: Tensor, ids: Tensor, x: Tensor) -> Tensor:
+    """fp32 logits (B, n) of tokens ids (B, n) for fp32 vectors x (B, d), W_U (V, d) any dtype.
+
+    Compiled, the row gather, the conversion and the dot products fuse into one loop that reads
+    each gathered W_U row once: no (B, n, d) temporary (eager, callers pass row slices)."""
+    return (W_U[ids].float() * x[:, None, :]).sum(-1)
+
+
 _COMPILED: dict[tuple[str, str], object] = {}
 
 
 def compiled(fn, device_type: str):  # type: ignore[no-untyped-def]
-    """`fn` (block_stats or hit_mask) compiled for a device type, or None if no compiler."""
+    """`fn` (one of this module's kernels) compiled for a device type, or None if no compiler."""
     key = (fn.__name__, device_type)
     if key not in _COMPILED:
         try:
