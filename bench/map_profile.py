@@ -1,0 +1,114 @@
+"""Where `flashlens map` spends its time, step by step (issue 6's profile). Not a test.
+
+    .venv/bin/python bench/map_profile.py [CHECKPOINT] [--layers 0-3] [--json]
+
+Runs `map_model` (matrices up, compile on) on a checkpoint (default: the 8-layer synthetic
+Llama-3.1-8B-shaped one that bench/map_bench.py builds) with timers around the engine's steps,
+and prints the seconds spent in each, per call and as a fraction of the GEMM. The timers wrap
+methods from outside; the engine is unchanged. CPU only (no device synchronisation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flashlens.atlas.writer as writer_mod
+import flashlens.decode.engine as engine_mod
+import flashlens.decode.reverse as reverse_mod
+import flashlens.mapping as mapping_mod
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+SECONDS: dict[str, float] = collections.defaultdict(float)
+CALLS: collections.Counter[str] = collections.Counter()
+
+
+def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            SECONDS[label] += time.perf_counter() - start
+            CALLS[label] += 1
+
+    return wrapper
+
+
+def instrument() -> None:
+    D, R, W = engine_mod.Decoder, reverse_mod.ReverseIndex, writer_mod.AtlasWriter
+    steps = [
+        (D, "decode", "decode (one block, all steps)"),
+        (D, "logits", "GEMM x @ W_U^T"),
+        (D, "_candidates", "top/bottom candidates"),
+        (D, "_exact_logits", "exact fp32 rescoring"),
+        (R, "update", "reverse-index update"),
+        (W, "write_layer", "write layer Parquet"),
+        (W, "commit_layer", "commit (reverse state)"),
+        (W, "finish", "finish (reverse Parquet)"),
+        (mapping_mod, "warm_up", "compile kernels (start-up)"),
+        (mapping_mod, "tokens_table", "tokens table (thread)"),
+        (mapping_mod, "_load", "read a layer (thread)"),
+    ]
+    for owner, name, label in steps:
+        setattr(owner, name, timed(getattr(owner, name), label))
+    init = D.__init__
+
+    def traced_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if self._stats is not None:
+            self._stats = timed(self._stats, "statistics kernel")
+        self._hit_mask = timed(self._hit_mask, "hit-mask kernel")
+
+    D.__init__ = traced_init  # type: ignore[method-assign]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", nargs="?", default=str(CACHE / "llama31-8b-shapes-8L"))
+    ap.add_argument("--layers", default="0-3")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    instrument()
+    out = Path(tempfile.mkdtemp(prefix="flashlens-profile-"))
+    try:
+        start = time.perf_counter()
+        s = mapping_mod.map_model(
+            args.checkpoint, out / "atlas", matrices="up", layers=args.layers, compile="on"
+        )
+        total = time.perf_counter() - start
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    gemm = SECONDS["GEMM x @ W_U^T"]
+    rows = [
+        {
+            "step": k,
+            "seconds": round(v, 3),
+            "calls": CALLS[k],
+            "ms_per_call": round(1e3 * v / CALLS[k], 2),
+            "of_gemm": round(v / gemm, 3) if gemm else None,
+        }
+        for k, v in sorted(SECONDS.items(), key=lambda kv: -kv[1])
+    ]
+    result = {"total_s": round(total, 2), "neurons": s.neurons_mapped, "steps": rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"map_model: {s.neurons_mapped} neurons in {total:.1f} s")
+    print(f"{'step':32s} {'seconds':>8s} {'calls':>6s} {'ms/call':>9s} {'of GEMM':>8s}")
+    for r in rows:
+        print(
+            f"{r['step']:32s} {r['seconds']:8.2f} {r['calls']:6d} {r['ms_per_call']:9.1f} "
+            f"{r['of_gemm'] if r['of_gemm'] is not None else '':>8}"
+        )
+
+
+if __name__ == "__main__":
+    main()
