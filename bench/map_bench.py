@@ -188,10 +188,6 @@ def gemm_rates(
     return flop / min(times), flop / statistics.median(times)
 
 
-def gemm_peak(block: int, device: torch.device, dtype: torch.dtype, reps: int = 6) -> float:
-    return gemm_rates(block, device, dtype, reps)[0]
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -328,7 +324,8 @@ def gpu_device_time(ckpt: Path) -> dict[str, Any]:
     end.record()
     torch.cuda.synchronize()
     s = start.elapsed_time(end) / 1e3
-    return {"device_s_458752_up": s, "block": B, "peak_flops": gemm_peak(B, dev, torch.bfloat16)}
+    peak = gemm_rates(B, dev, torch.bfloat16)[0]
+    return {"device_s_458752_up": s, "block": B, "peak_flops": peak}
 
 
 # --- main --------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ class Decoder:
         self.W_U_c = self.W_U.to(compute_dtype)  # the GEMM operand (same tensor if same dtype)
         self.d_vocab, self.d_model = W_U.shape
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
-        self.exact = compute_dtype == torch.float32 and W_U.dtype == torch.float32
+        self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
         self._stats = compiled_block_stats(device.type) if compile else None
         self._hit_mask = (compiled(hit_mask, device.type) if compile else None) or hit_mask
@@ -187,6 +187,11 @@ class Decoder:
         return out
 
 
+def exact_path(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
+    """The GEMM itself is fp32 and exact: no margin of extra candidates, no logsumexp fix-up."""
+    return compute_dtype == torch.float32 and head_dtype == torch.float32
+
+
 def candidate_counts(top_k: int, d_vocab: int, exact: bool) -> tuple[int, int]:
     """Top and bottom candidates rescored in fp32: generous when the GEMM is low precision.
 
@@ -208,8 +213,7 @@ def warm_up(
     """Compile the kernels a `Decoder` with these settings will call on blocks of `block` rows,
     on placeholder inputs of the same shapes, dtypes and layouts: `map` does this while the
     LM-head is still being read, so that the first real block finds them compiled."""
-    exact = compute_dtype == torch.float32 and head_dtype == torch.float32
-    n_cand = sum(candidate_counts(top_k, d_vocab, exact))
+    n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
     L = torch.zeros((B, V), dtype=torch.float32 if softcap else compute_dtype, device=device)
     vec = torch.zeros(B, device=device)
