@@ -4,8 +4,10 @@
 
 Runs `map_model` (matrices up, compile on) on a checkpoint (default: the 8-layer synthetic
 Llama-3.1-8B-shaped one that bench/map_bench.py builds) with timers around the engine's steps,
-and prints the seconds spent in each, per call and as a fraction of the GEMM. The timers wrap
-methods from outside; the engine is unchanged. CPU only (no device synchronisation).
+and prints the seconds spent in each, per call (overall, and over the run's first and last
+tenth of calls: the reverse index gets cheaper as its table fills) and as a fraction of the
+GEMM. The timers wrap methods from outside; the engine is unchanged. CPU only (no device
+synchronisation).
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ import flashlens.decode.reverse as reverse_mod
 import flashlens.mapping as mapping_mod
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-SECONDS: dict[str, float] = collections.defaultdict(float)
-CALLS: collections.Counter[str] = collections.Counter()
+TIMES: dict[str, list[float]] = collections.defaultdict(list)  # seconds of each call
 
 
 def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
@@ -36,8 +37,7 @@ def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         finally:
-            SECONDS[label] += time.perf_counter() - start
-            CALLS[label] += 1
+            TIMES[label].append(time.perf_counter() - start)
 
     return wrapper
 
@@ -50,6 +50,8 @@ def instrument() -> None:
         (D, "_candidates", "top/bottom candidates"),
         (D, "_exact_logits", "exact fp32 rescoring"),
         (R, "update", "reverse-index update"),
+        (R, "_hits", "  of which: chunk filter + exact check"),
+        (R, "_merge_candidates", "  of which: merge into the table"),
         (W, "write_layer", "write layer Parquet"),
         (W, "commit_layer", "commit (reverse state)"),
         (W, "finish", "finish (reverse Parquet)"),
@@ -65,7 +67,6 @@ def instrument() -> None:
         init(self, *args, **kwargs)
         if self._stats is not None:
             self._stats = timed(self._stats, "statistics kernel")
-        self._hit_mask = timed(self._hit_mask, "hit-mask kernel")
 
     D.__init__ = traced_init  # type: ignore[method-assign]
 
@@ -86,26 +87,34 @@ def main() -> None:
         total = time.perf_counter() - start
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    gemm = SECONDS["GEMM x @ W_U^T"]
-    rows = [
-        {
-            "step": k,
-            "seconds": round(v, 3),
-            "calls": CALLS[k],
-            "ms_per_call": round(1e3 * v / CALLS[k], 2),
-            "of_gemm": round(v / gemm, 3) if gemm else None,
-        }
-        for k, v in sorted(SECONDS.items(), key=lambda kv: -kv[1])
-    ]
+    gemm = sum(TIMES["GEMM x @ W_U^T"])
+    rows = []
+    for k, ts in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):
+        tenth = max(1, len(ts) // 10)  # the run's first and last tenth of calls
+        rows.append(
+            {
+                "step": k,
+                "seconds": round(sum(ts), 3),
+                "calls": len(ts),
+                "ms_per_call": round(1e3 * sum(ts) / len(ts), 2),
+                "ms_first_tenth": round(1e3 * sum(ts[:tenth]) / tenth, 2),
+                "ms_last_tenth": round(1e3 * sum(ts[-tenth:]) / tenth, 2),
+                "of_gemm": round(sum(ts) / gemm, 3) if gemm else None,
+            }
+        )
     result = {"total_s": round(total, 2), "neurons": s.neurons_mapped, "steps": rows}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"map_model: {s.neurons_mapped} neurons in {total:.1f} s")
-    print(f"{'step':32s} {'seconds':>8s} {'calls':>6s} {'ms/call':>9s} {'of GEMM':>8s}")
+    print(
+        f"{'step':40s} {'seconds':>8s} {'calls':>6s} {'ms/call':>9s} {'first 10%':>10s} "
+        f"{'last 10%':>9s} {'of GEMM':>8s}"
+    )
     for r in rows:
         print(
-            f"{r['step']:32s} {r['seconds']:8.2f} {r['calls']:6d} {r['ms_per_call']:9.1f} "
+            f"{r['step']:40s} {r['seconds']:8.2f} {r['calls']:6d} {r['ms_per_call']:9.1f} "
+            f"{r['ms_first_tenth']:10.1f} {r['ms_last_tenth']:9.1f} "
             f"{r['of_gemm'] if r['of_gemm'] is not None else '':>8}"
         )
 

@@ -4,7 +4,7 @@ For a block of neuron vectors W (B, d_model):
     x = final_norm(W)                              (B, d_model) fp32
     L = x @ W_U^T                                  (B, d_vocab) in the compute dtype
     lse, entropy, moments, chunk max/min,          one fused kernel over L (kernels.block_stats)
-    reverse-index hit mask (B, d_vocab) uint8      (written into a reused buffer)
+    chunk max of L - reverse-index threshold       (locates the entries the reverse index takes)
     top/bottom-k candidates                        from the best chunks, then rescored exactly
                                                    in fp32 against the gathered W_U rows
 The full neurons x vocabulary matrix is never held: only one block of it, in a buffer that is
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, exact_logits, hit_mask
+from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, exact_logits
 from .norm import NormMode, apply_final_norm
 from .reverse import ReverseIndex
 
@@ -68,12 +68,10 @@ class Decoder:
         self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
         self._stats = compiled_block_stats(device.type) if compile else None
-        self._hit_mask = (compiled(hit_mask, device.type) if compile else None) or hit_mask
         self._exact = compiled(exact_logits, device.type) if compile else None
         n_full = self.d_vocab // CHUNK * CHUNK
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
-        self._hits: Tensor | None = None  # (B, d_vocab) uint8: the reused reverse-index hit mask
         self._no_threshold = torch.full((self.d_vocab,), float("inf"), device=device)
 
     def logits(self, x: Tensor) -> Tensor:
@@ -99,16 +97,11 @@ class Decoder:
         mu = x @ self.mean_u  # (B,)
         if self.softcap:
             mu = L.float().mean(1)
-        if refs is not None:
-            refs = refs.to(self.device)
-            valid = refs >= 0
-        else:
-            valid = torch.ones(W.shape[0], dtype=torch.bool, device=self.device)
+        threshold = self._no_threshold
+        if reverse is not None and refs is not None:
+            threshold = reverse.filter_threshold()
         fn = self._stats if self._stats is not None else block_stats
-        if self._hits is None or self._hits.shape != L.shape:
-            self._hits = None
-            self._hits = torch.empty(L.shape, dtype=torch.uint8, device=self.device)
-        st = fn(L, mu, valid, self._no_threshold, None)
+        st = fn(L, mu, threshold)
         lse = st.lse
         top_cand, top_approx0 = self._candidates(L, st.chunk_max, self.n_top, largest=True)
         bot_cand, _ = self._candidates(L, st.chunk_min, self.n_bottom, largest=False)
@@ -122,13 +115,10 @@ class Decoder:
             delta = torch.exp(top_logits - lse[:, None]) - torch.exp(top_approx - lse[:, None])
             lse = lse + torch.log1p(delta.sum(1).clamp_min(-0.999999))
         if reverse is not None and refs is not None:
-            # The hit mask is made with the corrected logsumexp: exactly the entries that the
-            # reverse index's own check (same values, same fp32 arithmetic) lets through.
-            hits = None
-            if not reverse.filling:
-                self._hit_mask(L, lse, valid, reverse.filter_threshold(), self._hits)
-                hits = self._hits
-            reverse.update(L, lse, refs, hits)
+            # The chunk gaps were reduced against the table as it stands; the reverse index
+            # compares them with the corrected logsumexp and checks the flagged chunks exactly.
+            gap = None if reverse.filling else st.chunk_gap
+            reverse.update(L, lse, refs.to(self.device), gap)
         k = self.top_k
         var = st.m2.clamp_min(1e-30)
         return BlockResult(
@@ -216,15 +206,9 @@ def warm_up(
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
     L = torch.zeros((B, V), dtype=torch.float32 if softcap else compute_dtype, device=device)
-    vec = torch.zeros(B, device=device)
-    valid = torch.ones(B, dtype=torch.bool, device=device)
-    threshold = torch.full((V,), float("inf"), device=device)
-    stats, mask = compiled_block_stats(device.type), compiled(hit_mask, device.type)
-    exact_fn = compiled(exact_logits, device.type)
+    stats, exact_fn = compiled_block_stats(device.type), compiled(exact_logits, device.type)
     if stats is not None:
-        stats(L, vec, valid, threshold, None)
-    if mask is not None:
-        mask(L, vec, valid, threshold, torch.empty((B, V), dtype=torch.uint8, device=device))
+        stats(L, torch.zeros(B, device=device), torch.full((V,), float("inf"), device=device))
     if exact_fn is not None:
         # Untouched placeholder pages cost nothing: only row 0 is read.
         W_U = torch.empty((V, d_model), dtype=head_dtype, device=device)

@@ -22,34 +22,38 @@ class BlockStats(NamedTuple):
     m4: Tensor
     chunk_max: Tensor  # (B, V // CHUNK) max of each full chunk of CHUNK tokens
     chunk_min: Tensor  # (B, V // CHUNK)
+    chunk_gap: Tensor  # (B, V // CHUNK) max of L - threshold over each full chunk
 
 
-def block_stats(
-    L: Tensor, mu: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor | None
-) -> BlockStats:
+def block_stats(L: Tensor, mu: Tensor, threshold: Tensor) -> BlockStats:
     """Reductions of logits L (B, V; any float dtype) computed in fp32.
 
     mu (B,): the exact mean logit of each row (x . mean(W_U)), so moments are central.
-    valid (B,) bool: rows that are real neurons (False = padding); they never hit.
-    threshold (V,): the reverse index's per-token bound; hits (B, V) uint8, written in place:
-    1 where a valid row's log-probability L - lse beats the token's threshold, else 0.
+    threshold (V,): the reverse index's per-token bound on log-probabilities. An entry can beat
+    it (L - lse > threshold) only in a chunk whose `chunk_gap` exceeds the row's lse, so the
+    reverse index looks at those chunks alone, and no (B, V) hit mask is ever written.
 
-    Written so that inductor fuses it into one parallel loop nest that reads L three times
-    (chunk extremes; sums; hits) row by row: the row max comes from the chunk maxima, and the
-    hit mask goes into a buffer the caller reuses (a fresh 64 MB output would cost page faults
-    every block). A uint8 mask from `where` vectorises; a bool store or a bit-packed mask does not.
+    Written so that inductor fuses it into one parallel loop nest that reads L twice, row by
+    row (chunk reductions; sums): the row max comes from the chunk maxima.
     """
     Lf = L.float()
     B, V = Lf.shape
     n_chunks = V // CHUNK  # a tail of V % CHUNK tokens is handled by the caller
-    chunks = Lf[:, : n_chunks * CHUNK].reshape(B, n_chunks, CHUNK)
-    chunk_max, chunk_min = chunks.amax(2), chunks.amin(2)  # (B, n_chunks)
+    n_full = n_chunks * CHUNK
+    chunks = Lf[:, :n_full].reshape(B, n_chunks, CHUNK)
+    thr = threshold[:n_full].reshape(n_chunks, CHUNK)
+    # An identity that reads the threshold: it gives the three chunk reductions the same loop
+    # nest, so inductor fuses them into one pass over L (without it the extremes' loop is
+    # flattened to (B * n_chunks, CHUNK) and the gap takes a pass of its own, ~25% slower).
+    same = torch.where(thr < float("inf"), chunks, chunks)
+    chunk_max, chunk_min = same.amax(2), same.amin(2)  # (B, n_chunks)
+    chunk_gap = (chunks - thr).amax(2)  # (B, n_chunks)
     if n_chunks == 0:
         m = Lf.amax(1)
     else:
         m = chunk_max.amax(1)  # (B,)
-        if n_chunks * CHUNK < V:
-            m = torch.maximum(m, Lf[:, n_chunks * CHUNK :].amax(1))
+        if n_full < V:
+            m = torch.maximum(m, Lf[:, n_full:].amax(1))
     e = torch.exp(Lf - m[:, None])
     s = e.sum(1)
     lse = m + torch.log(s)
@@ -57,18 +61,7 @@ def block_stats(
     c = Lf - mu[:, None]
     c2 = c * c
     m2, m3, m4 = c2.mean(1), (c2 * c).mean(1), (c2 * c2).mean(1)
-    if hits is not None:
-        hit_mask(L, lse, valid, threshold, hits)
-    return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min)
-
-
-def hit_mask(L: Tensor, lse: Tensor, valid: Tensor, threshold: Tensor, hits: Tensor) -> None:
-    """hits (B, V) uint8 := 1 where a valid row's log-probability L - lse beats threshold (V,).
-
-    Called with the exact (corrected) logsumexp after rescoring, it marks exactly the entries
-    the reverse index re-checks with the same fp32 arithmetic, so no safety margin is needed."""
-    hit = (L.float() - lse[:, None] > threshold) & valid[:, None]
-    hits.copy_(torch.where(hit, 1, 0).to(torch.uint8))
+    return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min, chunk_gap)
 
 
 def exact_logits(W_U: Tensor, ids: Tensor, x: Tensor) -> Tensor:

@@ -5,14 +5,16 @@ threshold is its current N-th best log-probability: only entries above it can en
 
 Per block (B neurons x V tokens), work is proportional to the block's candidate entries (about
 V * N / t in block t of a run), not to B x V:
-  1. the engine's hit-mask kernel (kernels.hit_mask) writes a (B, V) uint8 mask of entries
-     above filter_threshold(), from the corrected row logsumexp;
-  2. nonzero on the mask gives the candidates; they are re-checked with the exact row
-     logsumexp, sorted by (token, row) with one integer key, packed into a dense (T, K) buffer
-     for the T touched tokens, concatenated with those tokens' table rows, and cut to the top N.
-The first block (every threshold -inf) is merged densely, per token, in vocabulary slices. A
-caller whose mask came from a different logsumexp passes the largest difference as `slack`; a
-block whose slack exceeds the margin is merged densely too, and the margin widened.
+  1. the engine's statistics kernel (kernels.block_stats) reduces L - filter_threshold() to
+     its maximum over each vocabulary chunk of CHUNK tokens: (B, V / CHUNK) `chunk_gap`;
+  2. an entry can beat its token's threshold (L - lse > threshold) only in a chunk whose gap
+     exceeds the row's logsumexp; those chunks alone are gathered and checked exactly, and
+     the entries that pass are sorted by (token, row) with one integer key, packed into a
+     dense (T, K) buffer for the T touched tokens, concatenated with those tokens' table rows,
+     and cut to the top N.
+The chunk test uses the logsumexp the caller passes (the exact, corrected one), so no bound on
+how far it moved from the kernel's own is needed. The first block (every threshold -inf) is
+merged densely, per token, in vocabulary slices.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# nats below the threshold that the hit mask also marks. The mask is made from the same logits
-# and logsumexp as the exact check, so this only guards fp32 rounding; it is widened when a
-# caller's mask came from a logsumexp that differs by more (`slack`).
-INITIAL_MARGIN = 1e-4
+from .kernels import CHUNK
+
+# nats below the threshold that the chunk test also lets through: it covers fp32 rounding of
+# L - threshold (summed in the kernel) against L - lse (the exact check), with a relative term
+# for rows whose logsumexp is large.
+MARGIN = 1e-4
+REL_MARGIN = 1e-6
+ROUNDS = 4  # tokens with at most this many candidates in a block take them by insertion
+GATHER = 1 << 22  # entries gathered at once from flagged chunks (16 MB of fp32)
 
 
 class ReverseIndex:
@@ -35,72 +42,107 @@ class ReverseIndex:
         self.logit = torch.zeros((d_vocab, n), device=device)  # (V, N)
         self.ref = torch.full((d_vocab, n), -1, dtype=torch.int64, device=device)  # (V, N)
         self.threshold = torch.full((d_vocab,), float("-inf"), device=device)  # (V,)
-        self.margin = INITIAL_MARGIN
-        self._sparse_hits = False  # last block had few hits: scan the mask by 8-byte words
 
     @property
     def filling(self) -> bool:
         return bool(torch.isinf(self.threshold).any())
 
     def filter_threshold(self) -> Tensor:
-        """(V,) the per-token bound the block kernel compares log-probabilities with."""
-        return self.threshold - self.margin
+        """(V,) the per-token bound the statistics kernel subtracts from the logits."""
+        return self.threshold - MARGIN
 
-    def update(
-        self,
-        L: Tensor,
-        lse: Tensor,
-        refs: Tensor,
-        hits: Tensor | None = None,
-        slack: float = 0.0,
-    ) -> None:
+    def update(self, L: Tensor, lse: Tensor, refs: Tensor, chunk_gap: Tensor | None = None) -> None:
         """Offer a block: logits L (B, V), exact row logsumexp (B,), neuron refs (B,) (-1 =
         padding).
 
-        hits (B, V) uint8: nonzero where L - lse' > filter_threshold() for valid rows, with lse'
-        the kernel's logsumexp; slack: max(lse' - lse), which must not exceed the margin for
-        the mask to hold every entry that beats its threshold. None merges the block densely.
+        chunk_gap (B, V // CHUNK): max of L - filter_threshold() over each full chunk of CHUNK
+        tokens (kernels.block_stats), computed against the table as it is now. None merges the
+        block densely.
         """
-        valid = refs >= 0
-        late = slack >= 0.5 * self.margin  # keep well clear of fp32 rounding at the bound
-        dense = hits is None or late
-        if late:
-            self.margin = max(2 * self.margin, 4 * slack)
-        if dense or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
+        L, valid = L.contiguous(), refs >= 0  # (contiguous: a no-op for the engine's buffer)
+        if chunk_gap is None or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
             self._update_dense(L, lse, refs, valid)
             return
-        assert hits is not None
-        pos = self._hit_positions(hits)  # (C,) flat b * V + v, ascending
-        if pos.numel() == 0:
+        b, v = self._hits(L, lse, valid, chunk_gap)  # (C,) rows and tokens that beat the table
+        if b.numel() == 0:
             return
-        B, V = L.shape
-        key = (pos % V) * B + pos // V  # token-major: sorted, it groups by token, then row
-        key = key.sort().values if B * V >= 2**31 else key.int().sort().values.long()
+        B = L.shape[0]
+        key = v * B + b  # token-major: sorted, it groups by token, then row
+        key = key.sort().values if B * self.d_vocab >= 2**31 else key.int().sort().values.long()
         v, b = key // B, key % B
-        logit = L.reshape(-1)[b * V + v].float()
-        logp = logit - lse[b]
-        ok = logp > self.threshold[v]  # exact check with the corrected logsumexp
-        self._merge_candidates(
-            v,
-            torch.where(ok, logp, float("-inf")),
-            torch.where(ok, logit, 0.0),
-            torch.where(ok, refs[b], -1),
-        )
+        logit = L.view(-1).index_select(0, b * L.shape[1] + v).float()
+        self._merge_candidates(v, logit - lse[b], logit, refs[b])
 
-    def _hit_positions(self, hits: Tensor) -> Tensor:
-        flat = hits.view(-1)
-        if self._sparse_hits and flat.numel() % 8 == 0 and flat.is_contiguous():
-            words = flat.view(torch.int64)
-            w = words.nonzero().squeeze(1)  # words holding at least one hit
-            r, j = words[w].view(torch.uint8).view(-1, 8).nonzero(as_tuple=True)
-            pos = w[r] * 8 + j
-        else:
-            pos = flat.nonzero().squeeze(1)
-        self._sparse_hits = pos.numel() * 64 < flat.numel()
-        return pos
+    def _hits(
+        self, L: Tensor, lse: Tensor, valid: Tensor, chunk_gap: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table."""
+        V = L.shape[1]
+        n_chunks = chunk_gap.shape[1]
+        n_full = n_chunks * CHUNK
+        bound = lse - (MARGIN + REL_MARGIN * lse.abs())  # (B,)
+        flag = (chunk_gap > bound[:, None]) & valid[:, None]  # (B, n_chunks)
+        rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
+        # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
+        # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
+        windows = L.view(-1).as_strided((L.numel() - CHUNK + 1, CHUNK), (1, 1))
+        thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
+        offs = torch.arange(CHUNK, device=L.device)
+        bs, vs = [], []
+        step = max(1, GATHER // CHUNK)
+        for lo in range(0, rows.numel(), step):
+            r, c = rows[lo : lo + step], chunks[lo : lo + step]
+            logit = windows.index_select(0, r * V + c * CHUNK).float()  # (F, CHUNK)
+            ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
+            i, j = ok.nonzero(as_tuple=True)
+            bs.append(r[i])
+            vs.append(c[i] * CHUNK + offs[j])
+        if n_full < V:  # the tail past the last full chunk: checked directly
+            ok = (L[:, n_full:].float() - lse[:, None] > self.threshold[n_full:]) & valid[:, None]
+            i, j = ok.nonzero(as_tuple=True)
+            bs.append(i)
+            vs.append(j + n_full)
+        if not bs:
+            empty = torch.empty(0, dtype=torch.int64, device=L.device)
+            return empty, empty
+        return torch.cat(bs), torch.cat(vs)
 
     def _merge_candidates(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
         """Merge candidates sorted by token v (C,) into the table rows of the tokens they touch.
+
+        Tokens with at most ROUNDS candidates (nearly all of them once the table has filled)
+        take them in rounds of one candidate per token, each replacing its row's minimum if
+        larger; busier tokens go through a top-N over their row and their candidates."""
+        tokens, counts = torch.unique_consecutive(v, return_counts=True)  # (T,)
+        starts = torch.cumsum(counts, 0) - counts
+        few = counts <= ROUNDS
+        sel = few.nonzero().squeeze(1)
+        if sel.numel():
+            self._insert_in_rounds(tokens[sel], starts[sel], counts[sel], logp, logit, ref)
+        if sel.numel() < tokens.numel():
+            busy = torch.repeat_interleave(~few, counts)  # (C,) candidates of busy tokens
+            self._merge_top_n(v[busy], logp[busy], logit[busy], ref[busy])
+
+    def _insert_in_rounds(
+        self, t: Tensor, starts: Tensor, counts: Tensor, logp: Tensor, logit: Tensor, ref: Tensor
+    ) -> None:
+        """Distinct tokens t (T,) whose candidates are logp[starts : starts + counts]: round r
+        offers each token its r-th candidate, which replaces the row's minimum if larger (a
+        top-N by insertion; within a round no token repeats, so the writes never collide)."""
+        for r in range(int(counts.max())):
+            act = counts > r
+            t_r, i_r = (t, starts) if r == 0 else (t[act], starts[act] + r)
+            lp = logp[i_r]
+            low, j = self.logp.index_select(0, t_r).min(1)  # (T_r,) row minima and slots
+            ok = lp > low
+            t_ok, j_ok, i_ok = t_r[ok], j[ok], i_r[ok]
+            self.logp[t_ok, j_ok] = lp[ok]
+            self.logit[t_ok, j_ok] = logit[i_ok]
+            self.ref[t_ok, j_ok] = ref[i_ok]
+        self.threshold[t] = self.logp.index_select(0, t).amin(1)
+
+    def _merge_top_n(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
+        """Merge candidates sorted by token v (C,) by a top-N over rows and candidates.
 
         The candidates' log-probabilities are packed next to their tokens' table rows in a
         (T, N + K) buffer, K the largest count of a token, and cut to the top N; tokens with
@@ -127,15 +169,17 @@ class ReverseIndex:
                 continue
             t, W = tokens[sel], N + int(counts[sel].max())
             both = torch.full((sel.numel(), W), float("-inf"), device=dev)
-            both[:, :N] = self.logp[t]
+            both[:, :N] = self.logp.index_select(0, t)
             both.view(-1)[r * W + N + sl] = lp
             best, pick = both.topk(N, dim=1, sorted=False)  # (T, N)
             old = pick < N
             cand = (starts[sel, None] + pick - N).clamp_(0, v.numel() - 1)  # candidate index
             self.logit[t] = torch.where(
-                old, self.logit[t].gather(1, pick.clamp(max=N - 1)), logit[cand]
+                old, self.logit.index_select(0, t).gather(1, pick.clamp(max=N - 1)), logit[cand]
             )
-            self.ref[t] = torch.where(old, self.ref[t].gather(1, pick.clamp(max=N - 1)), ref[cand])
+            self.ref[t] = torch.where(
+                old, self.ref.index_select(0, t).gather(1, pick.clamp(max=N - 1)), ref[cand]
+            )
             self.logp[t] = best
             self.threshold[t] = best.amin(1)
 
