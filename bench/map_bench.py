@@ -1,6 +1,6 @@
 """Benchmark of `flashlens map` on Llama-3.1-8B shapes (issues 2 and 6). Not a test.
 
-    .venv/bin/python bench/map_bench.py [--quick] [--skip-baselines]
+    .venv/bin/python bench/map_bench.py [--skip-baselines] [--full]
 
 Builds once (cached under bench/.cache/) synthetic bf16 checkpoints with Llama-3.1-8B shapes
 (d_model 4096, d_mlp 14336, vocabulary 128256, untied head, the real Llama 3 tokenizer) with 2
@@ -13,6 +13,8 @@ and 8 layers, then in one run measures:
            458,752 up-projection neurons of Llama 3.1 8B
   (a)      transformers: load the model, then per layer softmax(lm_head(norm(W_up))) and top-k
   (b)      the same one neuron at a time, timed on a sample and extrapolated
+  full     with --full: a 32-layer checkpoint (16 GB, built once) mapped end to end, all 458,752
+           up-projection neurons measured rather than extrapolated (about 15 minutes on 2 cores)
   accuracy a sample of neurons from the atlas against an fp32 reference (issue 2's tolerances)
   gpu      on a CUDA machine: device time for 458,752 up neurons once the weights are on device
 
@@ -333,6 +335,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-baselines", action="store_true")
     ap.add_argument("--sample", type=int, default=24, help="neurons timed for baseline (b)")
+    ap.add_argument(
+        "--full", action="store_true", help="also map all 32 layers of a full-size checkpoint"
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from flashlens.decode.policy import block_size, resolve_dtype
@@ -346,6 +351,7 @@ def main() -> None:
     t = time.perf_counter()
     ck2 = build_checkpoint(CACHE / "llama31-8b-shapes-2L", 2)
     ck8 = build_checkpoint(CACHE / "llama31-8b-shapes-8L", 8, seed=1)
+    ck32 = build_checkpoint(CACHE / "llama31-8b-shapes-32L", 32, seed=2) if args.full else None
     print(f"checkpoints ready ({time.perf_counter() - t:.0f} s)", flush=True)
 
     dev = torch.device("cpu")
@@ -360,6 +366,7 @@ def main() -> None:
 
     m2 = flashlens_map(ck2, CACHE / "atlas-2L", "up", ["--compile", "on"])
     m8 = flashlens_map(ck8, CACHE / "atlas-8L", "up", ["--compile", "on"])
+    m32 = flashlens_map(ck32, CACHE / "atlas-32L", "up", ["--compile", "on"]) if ck32 else None
     # The peak is measured again after the map runs, and the higher best is used: this VM's
     # GEMM rate drifts by several percent over minutes, and a ratio to a low peak would flatter.
     best1, median1 = gemm_rates(B, dev, dtype)
@@ -400,6 +407,19 @@ def main() -> None:
         extrapolated_ratio=LLAMA_UP_NEURONS * FLOP_PER_NEURON / full / peak,
         rss_8L_over_2L=m8["rss_gib"] / m2["rss_gib"],
     )
+    if m32 is not None:
+        rate = m32["neurons_mapped"] / m32["wall_s"]
+        res["map"]["32L"] = m32
+        res["map"].update(
+            full_ratio=rate * FLOP_PER_NEURON / peak, rss_32L_over_2L=m32["rss_gib"] / m2["rss_gib"]
+        )
+        print(
+            f"flashlens map up, all 32 layers ({m32['neurons_mapped']} neurons), measured: "
+            f"{m32['wall_s']:.1f} s wall = {m32['wall_s'] / 60:.1f} min ({rate:.0f} neurons/s = "
+            f"{res['map']['full_ratio']:.2f} of peak end to end), "
+            f"peak RSS {m32['rss_gib']:.2f} GiB",
+            flush=True,
+        )
     print(
         f"  marginal: {marginal:.0f} neurons/s = {ratio:.2f} of peak "
         f"({marginal * FLOP_PER_NEURON / typical:.2f} of the median GEMM); start-up {fixed:.1f} s; "

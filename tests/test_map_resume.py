@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flashlens import Atlas, map_model
+from flashlens.atlas.writer import AtlasWriter
 from flashlens.errors import AtlasError
 
 from .helpers import make_model
@@ -138,3 +139,28 @@ def test_other_settings_refused_unless_overwrite(big_model: Path, tmp_path: Path
     map_model(big_model, out, matrices="up", layers="0-1", top_k=5, compile="off", overwrite=True)
     assert Atlas.open(out).meta.top_k == 5
     assert len(Atlas.open(out).neuron(0, 3, "up").top) == 5
+
+
+def test_a_failed_layer_write_stops_the_run_and_a_rerun_resumes(
+    big_model: Path, reference_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers are written on a thread while the next one maps: a failed write must still stop
+    the run (at the next layer, not at the end), leave the committed layers, and resume."""
+    out = tmp_path / "atlas"
+    real = AtlasWriter.write_layer
+    written: list[int] = []
+
+    def failing_third(self: AtlasWriter, matrix: str, layer: int, results: list) -> None:  # type: ignore[type-arg]
+        written.append(layer)
+        if len(written) == 3:
+            raise OSError("No space left on device (simulated)")
+        real(self, matrix, layer, results)
+
+    monkeypatch.setattr(AtlasWriter, "write_layer", failing_third)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64)
+    assert written == [0, 1, 2]  # the fourth layer's write was never started
+    monkeypatch.undo()
+    summary = map_model(big_model, out, compile="off", block=64)
+    assert summary.neurons_skipped == 2 * 256
+    assert_same_atlas(out, reference_atlas)

@@ -167,6 +167,7 @@ def _map(
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-head") as head_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-write") as write_pool,
     ):
         # Start-up work overlaps: the first layer and the LM-head (+ its row mean) are read on
         # threads while this one compiles the kernels for the block shape. The tokens table
@@ -204,6 +205,9 @@ def _map(
             tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
         reverse = ReverseIndex(source.d_vocab, reverse_n, device)
         writer.load_reverse(reverse)
+        # A layer's Parquet file and resume state are written (and fsynced) on a thread while
+        # the next layer maps; at most one is in flight, and its errors surface at the next.
+        writing: Future[None] | None = None
         with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
             for i, (matrix, layer) in enumerate(jobs):
                 assert pending is not None
@@ -221,9 +225,13 @@ def _map(
                     r = decoder.decode(block_w, refs, reverse)
                     results.append(_slice(r, n) if n < B else r)
                     advance(n, f"{matrix} layer {layer}")
-                writer.write_layer(matrix, layer, results)
-                writer.commit_layer(matrix, layer, reverse)
+                if writing is not None:
+                    writing.result()
+                job = (matrix, layer, results, reverse.state())  # the state as of this layer
+                writing = write_pool.submit(_write_layer, writer, *job)
                 summary.neurons_mapped += source.d_mlp
+        if writing is not None:
+            writing.result()
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
     summary.seconds = time.perf_counter() - start
@@ -237,6 +245,17 @@ def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) ->
     if device.type == "cuda":
         W = W.pin_memory().to(device, non_blocking=True)
     return W
+
+
+def _write_layer(
+    writer: AtlasWriter,
+    matrix: Matrix,
+    layer: int,
+    results: list[BlockResult],
+    state: dict[str, torch.Tensor],
+) -> None:
+    writer.write_layer(matrix, layer, results)
+    writer.commit_layer(matrix, layer, state)
 
 
 def _slice(r: BlockResult, n: int) -> BlockResult:

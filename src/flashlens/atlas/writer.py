@@ -125,10 +125,10 @@ class AtlasWriter:
         table = layer_table(matrix, layer, results)
         atomic_write(layer_file(self.root, matrix, layer), lambda tmp: pq.write_table(table, tmp))
 
-    def commit_layer(self, matrix: str, layer: int, reverse: ReverseIndex) -> None:
-        """Record a written layer together with the reverse index that now includes it."""
+    def commit_layer(self, matrix: str, layer: int, state: dict[str, torch.Tensor]) -> None:
+        """Record a written layer together with the reverse index that now includes it (its
+        `ReverseIndex.state()` taken right after the layer)."""
         self.done.add(_key(matrix, layer))
-        state = reverse.state()
         meta = {"done": json.dumps(sorted(self.done))}
         atomic_write(self._state_path(), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
