@@ -463,6 +463,16 @@ def main() -> None:
             f"{n2} neurons -> flashlens is {b_time / fl_time:.0f}x faster",
             flush=True,
         )
+        if m32 is not None:  # the whole job, 458,752 neurons, against the measured full run
+            full_b = per * m32["neurons_mapped"]
+            res["baseline_b"].update(
+                extrapolated_full_s=full_b, speedup_full=full_b / m32["wall_s"]
+            )
+            print(
+                f"    all 32 layers: {full_b / 3600:.1f} h one at a time vs "
+                f"{m32['wall_s'] / 60:.1f} min -> {full_b / m32['wall_s']:.0f}x",
+                flush=True,
+            )
 
     if torch.cuda.is_available():
         g = gpu_device_time(ck2)
