@@ -254,3 +254,19 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) 
     assert rev_fast.state()["ref"].sort(0).values.tolist() == (
         rev_slow.state()["ref"].sort(0).values.tolist()
     )
+
+
+def test_reverse_index_with_a_vocabulary_smaller_than_a_chunk() -> None:
+    """V < CHUNK and one row per block: there are no chunks, only the tail (B * V < CHUNK too)."""
+    V, n = CHUNK - 24, 2
+    g = torch.Generator().manual_seed(12)
+    rev = ReverseIndex(V, n, torch.device("cpu"))
+    logps, logits, refs = [], [], []
+    for i in range(6):
+        L = torch.randn(1, V, generator=g)
+        ref = torch.tensor([i])
+        lse = _offer(rev, L, ref, torch.zeros(1))
+        logps.append(L - lse[:, None])
+        logits.append(L)
+        refs.append(ref)
+    _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(refs))

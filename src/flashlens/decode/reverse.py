@@ -8,10 +8,11 @@ V * N / t in block t of a run), not to B x V:
   1. the engine's statistics kernel (kernels.block_stats) reduces L - filter_threshold() to
      its maximum over each vocabulary chunk of CHUNK tokens: (B, V / CHUNK) `chunk_gap`;
   2. an entry can beat its token's threshold (L - lse > threshold) only in a chunk whose gap
-     exceeds the row's logsumexp; those chunks alone are gathered and checked exactly, and
-     the entries that pass are sorted by (token, row) with one integer key, packed into a
-     dense (T, K) buffer for the T touched tokens, concatenated with those tokens' table rows,
-     and cut to the top N.
+     exceeds the row's logsumexp; those chunks alone are gathered and checked exactly;
+  3. the entries that pass are sorted by (token, row) with one integer key and merged into
+     the rows of the tokens they touch: by insertion rounds for tokens with at most ROUNDS
+     candidates (nearly all, once the table has filled), otherwise packed next to the
+     token's row in a dense buffer and cut to the top N.
 The chunk test uses the logsumexp the caller passes (the exact, corrected one), so no bound on
 how far it moved from the kernel's own is needed. The first block (every threshold -inf) is
 merged densely, per token, in vocabulary slices.
@@ -83,12 +84,13 @@ class ReverseIndex:
         bound = lse - (MARGIN + REL_MARGIN * lse.abs())  # (B,)
         flag = (chunk_gap > bound[:, None]) & valid[:, None]  # (B, n_chunks)
         rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
-        # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
-        # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
-        windows = L.view(-1).as_strided((L.numel() - CHUNK + 1, CHUNK), (1, 1))
-        thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
-        offs = torch.arange(CHUNK, device=L.device)
         bs, vs = [], []
+        if rows.numel():
+            # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
+            # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
+            windows = L.view(-1).as_strided((L.numel() - CHUNK + 1, CHUNK), (1, 1))
+            thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
+            offs = torch.arange(CHUNK, device=L.device)
         step = max(1, GATHER // CHUNK)
         for lo in range(0, rows.numel(), step):
             r, c = rows[lo : lo + step], chunks[lo : lo + step]
