@@ -6,12 +6,14 @@ becomes one or two fused loops over each row, which is what keeps `map` near the
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 CHUNK = 64  # vocabulary chunk whose max/min locate the top-/bottom-k candidates
+LOG2_E = 1.0 / math.log(2.0)
 
 
 class BlockStats(NamedTuple):
@@ -54,7 +56,10 @@ def block_stats(L: Tensor, mu: Tensor, threshold: Tensor) -> BlockStats:
         m = chunk_max.amax(1)  # (B,)
         if n_full < V:
             m = torch.maximum(m, Lf[:, n_full:].amax(1))
-    e = torch.exp(Lf - m[:, None])
+    # exp(z) as exp2(z * log2(e)): inductor's vectorised exp2 is twice as fast as its exp on
+    # AVX512 (12 vs 25 ms for a 512 x 128256 block); the product's rounding moves each term by
+    # under 1e-5 relative for z > -100, far inside the map's tolerances.
+    e = torch.exp2((Lf - m[:, None]) * LOG2_E)
     s = e.sum(1)
     lse = m + torch.log(s)
     entropy = lse - (e * Lf).sum(1) / s
