@@ -85,20 +85,20 @@ class ReverseIndex:
         flag = (chunk_gap > bound[:, None]) & valid[:, None]  # (B, n_chunks)
         rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
         bs, vs = [], []
-        if rows.numel():
+        if rows.numel():  # (with no flagged chunk, L may be too small for the window view)
             # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
             # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
             windows = L.view(-1).as_strided((L.numel() - CHUNK + 1, CHUNK), (1, 1))
             thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
             offs = torch.arange(CHUNK, device=L.device)
-        step = max(1, GATHER // CHUNK)
-        for lo in range(0, rows.numel(), step):
-            r, c = rows[lo : lo + step], chunks[lo : lo + step]
-            logit = windows.index_select(0, r * V + c * CHUNK).float()  # (F, CHUNK)
-            ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
-            i, j = ok.nonzero(as_tuple=True)
-            bs.append(r[i])
-            vs.append(c[i] * CHUNK + offs[j])
+            step = max(1, GATHER // CHUNK)
+            for lo in range(0, rows.numel(), step):
+                r, c = rows[lo : lo + step], chunks[lo : lo + step]
+                logit = windows.index_select(0, r * V + c * CHUNK).float()  # (F, CHUNK)
+                ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
+                i, j = ok.nonzero(as_tuple=True)
+                bs.append(r[i])
+                vs.append(c[i] * CHUNK + offs[j])
         if n_full < V:  # the tail past the last full chunk: checked directly
             ok = (L[:, n_full:].float() - lse[:, None] > self.threshold[n_full:]) & valid[:, None]
             i, j = ok.nonzero(as_tuple=True)
