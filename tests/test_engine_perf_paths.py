@@ -7,9 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from flashlens.decode import aot
 from flashlens.decode import reverse as reverse_mod
 from flashlens.decode.engine import Decoder, warm_up
-from flashlens.decode.kernels import CHUNK, block_stats, compiled_block_stats
+from flashlens.decode.kernels import (
+    CHUNK,
+    BlockStats,
+    block_stats,
+    compiled,
+    compiled_block_stats,
+    exact_logits,
+)
 from flashlens.decode.reverse import ReverseIndex
 
 
@@ -49,16 +57,25 @@ def test_block_stats_matches_brute_force(V: int, dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_compiled_block_stats_equals_eager() -> None:
+@pytest.mark.parametrize("path", ["package", "jit"])
+def test_compiled_block_stats_equals_eager(path: str) -> None:
+    """Both compiled paths: the ahead-of-time package (for the shapes `prepare` was given; these
+    are the warm-up test's, so the session builds it once) and torch.compile (any other)."""
     fn = compiled_block_stats("cpu")
     if fn is None:
         pytest.skip("no C compiler for inductor")
+    V = 203 if path == "package" else 200
     g = torch.Generator().manual_seed(1)
-    L = (torch.randn(8, 200, generator=g) * 4).bfloat16()
+    L = (torch.randn(8, V, generator=g) * 4).bfloat16()
     mu = L.float().mean(1)
-    thr = torch.linspace(-8.0, -3.0, 200)
+    thr = torch.linspace(-8.0, -3.0, V)
     thr[70] = float("-inf")
+    if path == "package":
+        fn.prepare(L, mu, thr)
+    calls = fn.package_calls
     got, want = fn(L, mu, thr), block_stats(L, mu, thr)
+    assert fn.package_calls == calls + (path == "package")
+    assert isinstance(got, BlockStats)
     for name in want._fields:
         torch.testing.assert_close(
             getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name
@@ -222,11 +239,12 @@ def test_reverse_sparse_merge_equals_one_dense_merge() -> None:
 @pytest.mark.parametrize("softcap", [None, 20.0])
 def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) -> None:
     """`map` compiles the kernels on placeholders while the head loads: the decoder's first
-    blocks (filling, then chunk filter and sparse merge) must then compile nothing new, and the
-    compiled decoder must agree with the eager one."""
+    blocks (filling, then chunk filter and sparse merge) must then run the ahead-of-time
+    packages it prepared and compile nothing new, and agree with the eager decoder."""
     from torch._dynamo.utils import counters
 
-    if compiled_block_stats("cpu") is None:
+    stats, exact = compiled_block_stats("cpu"), compiled(exact_logits, "cpu")
+    if stats is None or exact is None:
         pytest.skip("no C compiler for inductor")
     V, d, B, k = 203 + (softcap is not None), 24, 8, 4  # shapes no other test compiles
     g = torch.Generator().manual_seed(11)
@@ -234,13 +252,12 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) 
     gain = 1 + torch.rand(d, generator=g)
     args = (W_U, gain, 1e-6, "model", k, torch.device("cpu"), torch.bfloat16, softcap)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
-    before = graphs()
     warm_up(B, V, d, torch.bfloat16, torch.bfloat16, k, softcap, torch.device("cpu"))
-    assert graphs() >= before + 2  # statistics, exact rescoring
     fast, slow = Decoder(*args, compile=True), Decoder(*args, compile=False)
     rev_fast = ReverseIndex(V, 3, torch.device("cpu"))
     rev_slow = ReverseIndex(V, 3, torch.device("cpu"))
-    warmed = graphs()
+    warmed, builds = graphs(), len(aot.BUILDS)
+    calls = stats.package_calls, exact.package_calls
     for blk in range(3):
         W = (torch.randn(B, d, generator=g) * 2).bfloat16()
         refs = torch.arange(blk * B, (blk + 1) * B)
@@ -249,7 +266,8 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) 
         assert a.bottom_ids.tolist() == b.bottom_ids.tolist()
         torch.testing.assert_close(a.top_logits, b.top_logits, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a.logsumexp, b.logsumexp, rtol=1e-4, atol=1e-4)
-    assert graphs() == warmed  # nothing recompiled after the warm-up
+    assert graphs() == warmed and len(aot.BUILDS) == builds  # nothing compiled after warm-up
+    assert (stats.package_calls, exact.package_calls) == (calls[0] + 3, calls[1] + 3)
     assert not rev_fast.filling
     assert rev_fast.state()["ref"].sort(0).values.tolist() == (
         rev_slow.state()["ref"].sort(0).values.tolist()

@@ -201,19 +201,22 @@ def warm_up(
     device: torch.device,
 ) -> None:
     """Compile the kernels a `Decoder` with these settings will call on blocks of `block` rows,
-    on placeholder inputs of the same shapes, dtypes and layouts: `map` does this while the
-    LM-head is still being read, so that the first real block finds them compiled."""
+    for placeholder inputs of the same shapes, dtypes and layouts: `map` does this while the
+    LM-head is still being read, so that the first real block finds them compiled. On the CPU
+    they come from the ahead-of-time kernel cache (see `aot`): milliseconds once built."""
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
     L = torch.zeros((B, V), dtype=torch.float32 if softcap else compute_dtype, device=device)
     stats, exact_fn = compiled_block_stats(device.type), compiled(exact_logits, device.type)
     if stats is not None:
-        stats(L, torch.zeros(B, device=device), torch.full((V,), float("inf"), device=device))
+        stats.prepare(
+            L, torch.zeros(B, device=device), torch.full((V,), float("inf"), device=device)
+        )
     if exact_fn is not None:
         # Untouched placeholder pages cost nothing: only row 0 is read.
         W_U = torch.empty((V, d_model), dtype=head_dtype, device=device)
         ids = torch.zeros((B, n_cand), dtype=torch.int64, device=device)
-        exact_fn(W_U, ids, torch.zeros((B, d_model), device=device))
+        exact_fn.prepare(W_U, ids, torch.zeros((B, d_model), device=device))
 
 
 def _order(
