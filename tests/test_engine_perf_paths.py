@@ -134,6 +134,18 @@ def test_padding_rows_and_buffer_reuse_do_not_leak_between_blocks() -> None:
     assert set(rev.state()["ref"].unique().tolist()) <= {0, 1, 2, 3}  # padding never indexed
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[int]:
+    """Count the calls of owner.name (a one-element list, updated in place)."""
+    count, fn = [0], getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        count[0] += 1
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return count
+
+
 def _offer(
     rev: ReverseIndex, L: torch.Tensor, refs: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
@@ -159,9 +171,10 @@ def _assert_brute_force(
     torch.testing.assert_close(state["logit"].gather(0, got.indices), logit.gather(0, rows))
 
 
+@pytest.mark.parametrize("dense_above", [reverse_mod.DENSE_ABOVE, 1.0])  # 1.0: sparse only
 @pytest.mark.parametrize("n", [1, 4, 6])
 def test_reverse_index_matches_brute_force_across_paths(
-    n: int, monkeypatch: pytest.MonkeyPatch
+    n: int, dense_above: float, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Blocks go through the dense merge (first block), the chunk filter (flagged chunks
     gathered in several slices, a vocabulary tail past the last full chunk, logsumexp
@@ -169,6 +182,9 @@ def test_reverse_index_matches_brute_force_across_paths(
     candidates), padding rows, and a state()/load() round trip in the middle; the result must
     be the exact top-n per token over every valid row seen."""
     monkeypatch.setattr(reverse_mod, "GATHER", 3 * CHUNK)  # 3 chunks per gathered slice
+    monkeypatch.setattr(reverse_mod, "DENSE_ABOVE", dense_above)
+    dense = _count_calls(monkeypatch, ReverseIndex, "_update_dense")
+    sparse = _count_calls(monkeypatch, ReverseIndex, "_hits")
     V, B = 296, 16  # 4 full chunks and a tail of 40 tokens
     g = torch.Generator().manual_seed(n)
     rev = ReverseIndex(V, n, torch.device("cpu"))
@@ -195,6 +211,10 @@ def test_reverse_index_matches_brute_force_across_paths(
         all_logit.append(L[valid])
         all_ref.append(refs[valid])
     _assert_brute_force(rev, torch.cat(all_logp), torch.cat(all_logit), torch.cat(all_ref))
+    if dense_above < 1:  # both merges ran: dense for the first and the most flagged blocks
+        assert dense[0] > 1 and sparse[0] > 0 and dense[0] + sparse[0] == 30
+    else:
+        assert (dense[0], sparse[0]) == (1, 29)
 
 
 def test_reverse_index_fills_across_blocks_with_few_valid_rows() -> None:

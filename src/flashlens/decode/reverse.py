@@ -14,8 +14,8 @@ V * N / t in block t of a run), not to B x V:
      candidates (nearly all, once the table has filled), otherwise packed next to the
      token's row in a dense buffer and cut to the top N.
 The chunk test uses the logsumexp the caller passes (the exact, corrected one), so no bound on
-how far it moved from the kernel's own is needed. The first block (every threshold -inf) is
-merged densely, per token, in vocabulary slices.
+how far it moved from the kernel's own is needed. The first block (every threshold -inf), and
+any block where most chunks are flagged, is merged densely, per token, in vocabulary slices.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ MARGIN = 1e-4
 REL_MARGIN = 1e-6
 ROUNDS = 4  # tokens with at most this many candidates in a block take them by insertion
 GATHER = 1 << 22  # entries gathered at once from flagged chunks (16 MB of fp32)
+# Above this fraction of flagged chunks a block is merged densely (a per-token top-N over the
+# block): early in a run, when most chunks hold a hit, that is up to 3x faster than gathering
+# and merging millions of candidates (512 x 128,256 blocks: 0.6 s dense; 2.2 s sparse in the
+# second block, 0.7 s at 71% flagged, 0.25 s at 61%).
+DENSE_ABOVE = 0.66
 
 
 class ReverseIndex:
@@ -64,7 +69,12 @@ class ReverseIndex:
         if chunk_gap is None or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
             self._update_dense(L, lse, refs, valid)
             return
-        b, v = self._hits(L, lse, valid, chunk_gap)  # (C,) rows and tokens that beat the table
+        bound = lse - (MARGIN + REL_MARGIN * lse.abs())  # (B,)
+        flag = (chunk_gap > bound[:, None]) & valid[:, None]  # (B, n_chunks): may hold a hit
+        if flag.numel() and float(flag.float().mean()) > DENSE_ABOVE:
+            self._update_dense(L, lse, refs, valid)  # early in a run: most chunks hold a hit
+            return
+        b, v = self._hits(L, lse, valid, flag)  # (C,) rows and tokens that beat the table
         if b.numel() == 0:
             return
         B = L.shape[0]
@@ -74,15 +84,12 @@ class ReverseIndex:
         logit = L.view(-1).index_select(0, b * L.shape[1] + v).float()
         self._merge_candidates(v, logit - lse[b], logit, refs[b])
 
-    def _hits(
-        self, L: Tensor, lse: Tensor, valid: Tensor, chunk_gap: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table."""
+    def _hits(self, L: Tensor, lse: Tensor, valid: Tensor, flag: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table,
+        given the chunks (B, n_chunks) that may hold one."""
         V = L.shape[1]
-        n_chunks = chunk_gap.shape[1]
+        n_chunks = flag.shape[1]
         n_full = n_chunks * CHUNK
-        bound = lse - (MARGIN + REL_MARGIN * lse.abs())  # (B,)
-        flag = (chunk_gap > bound[:, None]) & valid[:, None]  # (B, n_chunks)
         rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
         bs, vs = [], []
         if rows.numel():  # (with no flagged chunk, L may be too small for the window view)
