@@ -17,6 +17,7 @@ CPU only: on CUDA the engine compiles in-process.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -59,8 +60,8 @@ def load_or_build(fn: Callable[..., object], args: Sequence[Tensor]) -> Runner |
     folder = cache_dir()
     if folder is None or any(a.device.type != "cpu" for a in args):
         return None
-    path = folder / f"{fn.__name__}-{_key(fn, signature(args))}.pt2"
     try:
+        path = folder / f"{fn.__name__}-{_key(fn, signature(args))}.pt2"
         if path.exists():
             runner = _load(path)
             if runner is not None:
@@ -111,7 +112,8 @@ def _load(path: Path) -> Runner | None:
         return lambda flat: loader.run(list(flat))
     except AttributeError:  # this torch build has no such loader: the public API
         try:
-            model = torch._inductor.aoti_load_package(str(path))
+            inductor = importlib.import_module("torch._inductor")
+            model = inductor.aoti_load_package(str(path))
             return lambda flat: list(model.loader.run(list(flat)))
         except Exception:
             return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -123,6 +124,7 @@ def _single(out: list[Tensor]) -> Tensor:
 
 _PACK: dict[str, Callable[[list[Tensor]], Any]] = {"block_stats": lambda out: BlockStats(*out)}
 _COMPILED: dict[tuple[str, str], Kernel | None] = {}
+_LOCK = threading.Lock()
 
 
 def compiled(fn: Callable[..., Any], device_type: str) -> Kernel | None:
@@ -130,10 +132,13 @@ def compiled(fn: Callable[..., Any], device_type: str) -> Kernel | None:
     compiler (eager is correct, only slower). One Kernel per function and device type, shared
     by `warm_up` and every Decoder."""
     key = (fn.__name__, device_type)
-    if key not in _COMPILED:
-        has_cc = device_type != "cpu" or any(shutil.which(c) for c in ("cc", "gcc", "g++", "c++"))
-        _COMPILED[key] = Kernel(fn, device_type) if has_cc else None
-    return _COMPILED[key]
+    with _LOCK:  # `map` asks from two threads at once (warm-up, and the Decoder being built)
+        if key not in _COMPILED:
+            has_cc = device_type != "cpu" or any(
+                shutil.which(c) for c in ("cc", "gcc", "g++", "c++")
+            )
+            _COMPILED[key] = Kernel(fn, device_type) if has_cc else None
+        return _COMPILED[key]
 
 
 def compiled_block_stats(device_type: str) -> Kernel | None:
