@@ -22,7 +22,7 @@ from .decode.policy import block_size, resolve_device, resolve_dtype, use_compil
 from .decode.reverse import ReverseIndex
 from .errors import FlashlensError
 from .families import Matrix
-from .progress import progress_bar
+from .progress import progress_bar, status
 from .weights import ModelSource
 
 
@@ -186,19 +186,21 @@ def _map(
                 compile=compiled,
             )
         )
-        if compiled:
-            head_dtype = source.checkpoint.dtype(source.W_U_name)
-            warm_up(
-                B,
-                source.d_vocab,
-                source.d_model,
-                head_dtype,
-                compute_dtype,
-                top_k,
-                source.logit_softcap,
-                device,
-            )
-        decoder = decoder_job.result()
+        what = "reading the LM-head" + (" and preparing the compiled kernels" if compiled else "")
+        with status(progress, what):
+            if compiled:
+                head_dtype = source.checkpoint.dtype(source.W_U_name)
+                warm_up(
+                    B,
+                    source.d_vocab,
+                    source.d_model,
+                    head_dtype,
+                    compute_dtype,
+                    top_k,
+                    source.logit_softcap,
+                    device,
+                )
+            decoder = decoder_job.result()
         head_pool.shutdown()
         tokens_job = None
         if not writer.has_tokens():

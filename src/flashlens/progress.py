@@ -1,4 +1,5 @@
-"""One progress bar for every long job: rich, on stderr, with rate and ETA; or nothing."""
+"""Progress on stderr (rich): a bar with rate and ETA for long jobs, a spinner for start-up
+steps; or nothing."""
 
 from __future__ import annotations
 
@@ -58,3 +59,15 @@ def progress_bar(
             bar.update(task, advance=n, description=description)
 
         yield advance
+
+
+@contextmanager
+def status(show: bool, text: str) -> Iterator[None]:
+    """A spinner with `text` on stderr while a step of unknown length runs; or nothing."""
+    if not show:
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield

@@ -23,6 +23,7 @@ import logging
 import os
 import platform
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -90,11 +91,13 @@ class _Flat(torch.nn.Module):
 def _build(fn: Callable[..., object], args: Sequence[Tensor], path: Path) -> None:
     import torch._inductor  # the compiler: imported only when a package must be built
 
-    program = torch.export.export(_Flat(fn), tuple(args))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".pt2", dir=path.parent)
     os.close(fd)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        with warnings.catch_warnings():  # torch's own deprecation notices, not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            program = torch.export.export(_Flat(fn), tuple(args))
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
         os.replace(tmp, path)  # atomic: readers see no package or a whole one
     finally:
         if os.path.exists(tmp):
