@@ -89,6 +89,20 @@ def test_a_damaged_package_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monkey
     assert runner is not None and aot.BUILDS[builds:] == [path]
     torch.testing.assert_close(runner(list(args))[0], exact_logits(*args), rtol=1e-5, atol=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    # A torch build whose loader `_load` cannot call as it does: the public API loads it.
+    real, calls = torch._C._aoti.AOTIModelPackageLoader, []
+
+    def changed(*a: object) -> object:
+        calls.append(a)
+        if len(calls) == 1:
+            raise TypeError("incompatible constructor arguments")
+        return real(*a)
+
+    changed.load_metadata_from_package = real.load_metadata_from_package  # type: ignore[attr-defined]
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", changed)
+    public = aot._load(path)
+    assert public is not None and len(calls) == 2
+    torch.testing.assert_close(public(list(args))[0], exact_logits(*args), rtol=1e-5, atol=1e-5)
 
 
 def test_an_unusable_cache_falls_back_to_in_process_compilation(

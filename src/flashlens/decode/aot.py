@@ -109,17 +109,17 @@ def _load(path: Path) -> Runner | None:
     """The package's runner, or None if it cannot be loaded (truncated, another build of torch).
 
     torch's C++ loader directly: the public `aoti_load_package` imports the whole compiler
-    first (~2 s), which is most of what the cache saves."""
+    first (~2 s), which is most of what the cache saves; it is the fallback for torch builds
+    whose private loader differs."""
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         return lambda flat: loader.run(list(flat))
-    except AttributeError:  # this torch build has no such loader: the public API
-        try:
-            inductor = importlib.import_module("torch._inductor")
-            model = inductor.aoti_load_package(str(path))
-            return lambda flat: list(model.loader.run(list(flat)))
-        except Exception:
-            return None
+    except Exception:
+        pass
+    try:
+        inductor = importlib.import_module("torch._inductor")
+        model = inductor.aoti_load_package(str(path))
+        return lambda flat: list(model.loader.run(list(flat)))
     except Exception:
         return None
 
