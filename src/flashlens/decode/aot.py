@@ -8,9 +8,10 @@ and loads it on later runs.
 Cache: `$FLASHLENS_KERNEL_CACHE`, else `$XDG_CACHE_HOME/flashlens/kernels`, else
 `~/.cache/flashlens/kernels`; `FLASHLENS_KERNEL_CACHE=off` turns it off (kernels are then
 compiled in-process at every run). A package's name hashes the kernel's source, the argument
-shapes, strides and dtypes, torch's version and the CPU's instruction sets, so a package is
-never used for anything it was not built for. Packages are written to a temporary file and
-renamed: a half-written one never looks complete; one that fails to load is rebuilt.
+shapes, strides and dtypes, torch's version, the C library and the CPU's instruction sets, so
+a package is never used for anything it was not built for. Packages are written to a
+temporary file and renamed: a half-written one never looks complete; one that fails to load
+is rebuilt.
 CPU only: on CUDA the engine compiles in-process.
 """
 
@@ -131,6 +132,7 @@ def _key(fn: Callable[..., object], sig: Signature) -> str:
         repr(sig),
         torch.__version__,
         platform.machine(),
+        " ".join(platform.libc_ver()),  # the shared library links against the C library
         _cpu_features(),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
