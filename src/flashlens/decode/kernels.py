@@ -7,7 +7,6 @@ becomes one or two fused loops over each row, which is what keeps `map` near the
 from __future__ import annotations
 
 import math
-import shutil
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import aot
+from .policy import has_c_compiler
 
 CHUNK = 64  # vocabulary chunk whose max/min locate the top-/bottom-k candidates
 LOG2_E = 1.0 / math.log(2.0)
@@ -134,10 +134,8 @@ def compiled(fn: Callable[..., Any], device_type: str) -> Kernel | None:
     key = (fn.__name__, device_type)
     with _LOCK:  # `map` asks from two threads at once (warm-up, and the Decoder being built)
         if key not in _COMPILED:
-            has_cc = device_type != "cpu" or any(
-                shutil.which(c) for c in ("cc", "gcc", "g++", "c++")
-            )
-            _COMPILED[key] = Kernel(fn, device_type) if has_cc else None
+            usable = device_type != "cpu" or has_c_compiler()
+            _COMPILED[key] = Kernel(fn, device_type) if usable else None
         return _COMPILED[key]
 
 

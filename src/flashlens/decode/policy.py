@@ -67,6 +67,11 @@ def use_compile(mode: str, device: torch.device, work: int) -> bool:
             import triton  # noqa: F401
         except ImportError:
             return False
-    elif shutil.which("cc") is None and shutil.which("gcc") is None:
+    elif not has_c_compiler():
         return False
     return work > 4_000_000_000
+
+
+def has_c_compiler() -> bool:
+    """Inductor's CPU kernels (compiled in-process or ahead of time) need a C/C++ compiler."""
+    return any(shutil.which(c) for c in ("cc", "gcc", "g++", "c++"))
