@@ -148,7 +148,9 @@ def test_compiled_map_equals_eager_map(tmp_path: Path) -> None:
         tmp_path / "m", dtype=torch.bfloat16, d_vocab=512, d_model=64, d_mlp=80, n_layers=2
     )
     for mode in ("on", "off"):
-        s = map_model(model, tmp_path / mode, matrices="up,down", block=32, compile=mode)
+        s = map_model(
+            model, tmp_path / mode, matrices="up,down", block=32, compile=mode, dtype="bfloat16"
+        )
         assert s.compiled == (mode == "on") and s.compute_dtype == "bfloat16"
     fast, slow = Atlas.open(tmp_path / "on"), Atlas.open(tmp_path / "off")
     for matrix in ("up", "down"):

@@ -39,6 +39,11 @@ def test_auto_dtype_follows_the_weights_on_gpu(monkeypatch: pytest.MonkeyPatch) 
         assert resolve_dtype("auto", torch.bfloat16, CPU) == want
         assert resolve_dtype("auto", torch.float16, CPU) == want
     assert resolve_dtype("float16", torch.float32, CPU) == torch.float16  # explicit wins
+    # small jobs (quick in fp32 anyway) are computed exactly; big ones in low precision
+    small, big = policy.LOW_PRECISION_FLOPS / 2, policy.LOW_PRECISION_FLOPS * 2
+    assert resolve_dtype("auto", torch.bfloat16, CUDA, small) == torch.float32
+    assert resolve_dtype("auto", torch.bfloat16, CUDA, big) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.bfloat16, CUDA, small) == torch.bfloat16
     with pytest.raises(FlashlensError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.bfloat16, CPU)
 

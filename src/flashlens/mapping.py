@@ -16,6 +16,7 @@ from .atlas.atlas import Atlas, parse_layers
 from .atlas.format import AtlasMeta
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
+from .decode.audit import AuditSample, run_audit
 from .decode.engine import BlockResult, Decoder, warm_up
 from .decode.norm import NORM_MODES
 from .decode.policy import block_size, resolve_device, resolve_dtype, use_compile
@@ -36,6 +37,7 @@ class MapSummary:
     compute_dtype: str
     block_size: int
     compiled: bool
+    audit: dict[str, Any] | None = None  # decode.audit.Audit of this run's sample
 
     @property
     def neurons_per_second(self) -> float:
@@ -52,6 +54,7 @@ class MapSummary:
             "compute_dtype": self.compute_dtype,
             "block_size": self.block_size,
             "compiled": self.compiled,
+            "audit": self.audit,
         }
 
 
@@ -81,16 +84,21 @@ def map_model(
     compile: str = "auto",
     overwrite: bool = False,
     progress: bool = False,
+    audit: int = 32,
 ) -> MapSummary:
     """Map neurons of `model` (hub id or folder) into the atlas folder `out`.
 
     Rerunning the same call resumes an interrupted run; other settings are refused unless
-    `overwrite`. Returns a summary; open the result with `Atlas.open(out)`.
+    `overwrite`. `audit` neurons of those mapped, drawn with a fixed seed, are decoded again
+    exactly in fp32 and compared (`summary.audit`, also in atlas.json; 0 skips it). Returns a
+    summary; open the result with `Atlas.open(out)`.
     """
     if norm not in NORM_MODES:
         raise FlashlensError(f"unknown norm mode {norm!r}: choose from {', '.join(NORM_MODES)}")
     if top_k < 1 or reverse_n < 1:
         raise FlashlensError("--top-k and --reverse-n must be at least 1")
+    if audit < 0:
+        raise FlashlensError("--audit must be 0 (off) or a number of neurons to check")
     source = ModelSource.open(model)
     try:
         return _map(
@@ -107,6 +115,7 @@ def map_model(
             compile,
             overwrite,
             progress,
+            audit,
         )
     finally:
         source.close()
@@ -126,13 +135,16 @@ def _map(
     compile_mode: str,
     overwrite: bool,
     progress: bool,
+    audit: int,
 ) -> MapSummary:
     start = time.perf_counter()
     device = resolve_device(device_name)
     weight_dtype = source.dtype
-    compute_dtype = resolve_dtype(dtype_name, weight_dtype, device)
     if top_k > source.d_vocab:
         raise FlashlensError(f"--top-k {top_k} exceeds the vocabulary size {source.d_vocab}")
+    # GEMM work of the whole job (a resumed run decides as the first run did)
+    flops = 2.0 * len(matrices) * len(layers) * source.d_mlp * source.d_vocab * source.d_model
+    compute_dtype = resolve_dtype(dtype_name, weight_dtype, device, flops)
     meta = AtlasMeta(
         model=source.model,
         config_hash=source.config_hash,
@@ -164,6 +176,7 @@ def _map(
         summary.seconds = time.perf_counter() - start
         return summary
     load = lambda job: _load(source, job, device)  # noqa: E731
+    sample = AuditSample(len(jobs), source.d_mlp, audit)
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-head") as head_pool,
@@ -227,6 +240,7 @@ def _map(
                     r = decoder.decode(block_w, refs, reverse)
                     results.append(_slice(r, n) if n < B else r)
                     advance(n, f"{matrix} layer {layer}")
+                _keep_sample(sample, i, W, results)
                 if writing is not None:
                     writing.result()
                 job = (matrix, layer, results, reverse.state())  # the state as of this layer
@@ -236,8 +250,19 @@ def _map(
             writing.result()
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
+        with status(progress, f"checking {len(sample)} neurons against an exact fp32 decode"):
+            checked = run_audit(
+                sample,
+                decoder.W_U,
+                decoder.gain,
+                decoder.eps,
+                decoder.norm,
+                decoder.softcap,
+                meta.compute_dtype,
+            )
+    summary.audit = checked.to_dict() if checked is not None else None
     summary.seconds = time.perf_counter() - start
-    writer.finish(reverse, summary.seconds)
+    writer.finish(reverse, summary.seconds, summary.audit)
     Atlas.open(out)  # the finished atlas must open
     return summary
 
@@ -247,6 +272,22 @@ def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) ->
     if device.type == "cuda":
         W = W.pin_memory().to(device, non_blocking=True)
     return W
+
+
+def _keep_sample(
+    sample: AuditSample, job: int, W: torch.Tensor, results: list[BlockResult]
+) -> None:
+    """Record the audit sample's rows of a job: raw vectors and what the engine gave."""
+    rows = sample.rows(job)
+    if rows.numel() == 0:
+        return
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(r, name) for r in results])[rows]
+
+    sample.add(
+        W[rows.to(W.device)], cat("top_ids"), cat("top_logits"), cat("top_probs"), cat("logsumexp")
+    )
 
 
 def _write_layer(

@@ -97,6 +97,7 @@ class AtlasMeta:
     complete: bool = False
     format_version: int = FORMAT_VERSION
     seconds: float | None = None
+    audit: dict[str, Any] | None = None  # decode.audit: the last run's sample vs exact fp32
     extra: dict[str, Any] = field(default_factory=dict)
 
     # Fields that define the result: a rerun must match them to resume.

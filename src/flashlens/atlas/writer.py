@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -132,11 +133,15 @@ class AtlasWriter:
         meta = {"done": json.dumps(sorted(self.done))}
         atomic_write(self._state_path(), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
-    def finish(self, reverse: ReverseIndex, seconds: float) -> None:
+    def finish(
+        self, reverse: ReverseIndex, seconds: float, audit: dict[str, Any] | None = None
+    ) -> None:
         table = reverse_table(reverse, self.meta)
         atomic_write(self.root / REVERSE, lambda tmp: pq.write_table(table, tmp))
         self.meta.complete = True
         self.meta.seconds = round(seconds, 3)
+        if audit is not None:
+            self.meta.audit = audit
         write_json(self.root / META, self.meta.to_dict())
         shutil.rmtree(self.root / STATE_DIR, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -28,6 +29,9 @@ def map_command(
     block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
     compile: str = typer.Option("auto", help="Fuse reductions with torch.compile: auto/on/off."),
     overwrite: bool = typer.Option(False, help="Replace an atlas made with other settings."),
+    audit: int = typer.Option(
+        32, help="Neurons decoded again exactly in fp32 to check accuracy (0: skip)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode every MLP neuron through the final norm and LM-head into an atlas.
@@ -52,6 +56,7 @@ def map_command(
         compile=compile,
         overwrite=overwrite,
         progress=not json_out,
+        audit=audit,
     )
     if json_out:
         print_json(summary.to_dict())
@@ -64,6 +69,26 @@ def map_command(
     err_console.print(
         f"[green]mapped {s.neurons_mapped:,} neurons[/]{resumed} in {s.seconds:.1f} s "
         f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}) -> {out}"
+    )
+    if s.audit is not None:
+        _print_audit(s.audit)
+
+
+def _print_audit(a: dict[str, Any]) -> None:
+    """One line on the audit; a warning, with the way out, when it is outside tolerance."""
+    checked = f"{a['sample']} neurons checked against an exact fp32 decode"
+    worst = (
+        f"probabilities within {100 * a['max_rel_prob']:.2g}%, "
+        f"logits within {a['max_rel_logit']:.2g} relative"
+    )
+    if a["ok"]:
+        err_console.print(f"accuracy audit: {checked}: {worst} (tolerances 1%, 1e-3)")
+        return
+    err_console.print(
+        f"[yellow]warning:[/] accuracy audit: {a['over_tolerance']} of {checked} are outside "
+        f"the tolerances ({worst}; tolerances 1%, 1e-3, same top-1). The {a['compute_dtype']} "
+        "GEMM is not accurate enough for this model's head: remap with --dtype float32 "
+        "--overwrite for exact results."
     )
 
 

@@ -30,14 +30,25 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str, weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """auto: low precision where the weights are low precision and the hardware is fast at it
-    (bf16/fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX); fp32 otherwise."""
+# Below this many FLOPs a map is quick in fp32, so auto computes exactly rather than fast: low
+# precision only pays on big jobs, and on some heads (e.g. many near-identical rows) it misses
+# the 1% probability tolerance (see decode.audit).
+LOW_PRECISION_FLOPS = 1e12
+
+
+def resolve_dtype(
+    dtype: str, weight_dtype: torch.dtype, device: torch.device, flops: float | None = None
+) -> torch.dtype:
+    """auto: low precision where the weights are low precision, the hardware is fast at it
+    (bf16/fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX) and the job (`flops` of GEMM,
+    when given) is big enough to gain from it; fp32 otherwise."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise FlashlensError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
         return DTYPES[dtype]
     if weight_dtype not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if flops is not None and flops < LOW_PRECISION_FLOPS:
         return torch.float32
     if device.type == "cuda":
         return weight_dtype

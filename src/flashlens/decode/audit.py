@@ -1,0 +1,144 @@
+"""The accuracy audit: a sample of a map's neurons decoded again exactly, and compared.
+
+The engine computes in low precision where that is fast and corrects what it can (exact fp32
+rescoring of the top candidates and of their share of the logsumexp), but the rest of the
+vocabulary stays in the GEMM's precision: how far that moves the probabilities depends on the
+model's head (near-identical rows, such as untrained reserved tokens, round alike and do not
+average out). So every map checks itself on its own model: `map` keeps a seeded sample of the
+neurons it decodes, decodes them again over the whole vocabulary in fp32 (the head in slices,
+so no fp32 copy of it is made), and compares the atlas records with issue 2's tolerances:
+identical top-1 except where the fp32 top-2 logits are within TOP1_TIE, top-k logits within
+REL_LOGIT relative, probabilities within REL_PROB relative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .norm import NormMode, apply_final_norm
+
+TOP1_TIE = 1e-3
+REL_LOGIT = 1e-3
+REL_PROB = 0.01
+LOGIT_FLOOR = 0.1  # |logit| below this: the logit error is taken relative to 0.1 (1e-4 abs.)
+PROB_FLOOR = 1e-5  # likewise for probabilities (1e-7 absolute)
+SLICE = 8192  # head rows converted to fp32 at a time
+
+
+@dataclass
+class Audit:
+    """How a sample of decoded neurons compares with an exact fp32 decode."""
+
+    sample: int  # neurons checked
+    top1_mismatch: int  # top-1 differs where the fp32 top-2 are not tied
+    over_tolerance: int  # neurons outside any of the tolerances
+    max_rel_logit: float  # over the top-k logits of the sample
+    max_rel_prob: float  # over the top-k probabilities
+    max_abs_logsumexp: float
+    compute_dtype: str
+
+    @property
+    def ok(self) -> bool:
+        return self.over_tolerance == 0
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "ok": self.ok, "reference": "fp32"}
+
+
+class AuditSample:
+    """The neurons a map audits: `n` (job, row) pairs drawn with a fixed seed, and what the
+    engine gave for them. Jobs are the map's (matrix, layer) units, mapped in order."""
+
+    def __init__(self, n_jobs: int, d_mlp: int, n: int, seed: int = 0) -> None:
+        total = n_jobs * d_mlp
+        g = torch.Generator().manual_seed(seed)
+        picks = torch.randperm(total, generator=g)[: min(n, total)].sort().values
+        self._rows: dict[int, Tensor] = {}
+        for job in picks.div(d_mlp, rounding_mode="floor").unique().tolist():
+            in_job = picks[picks.div(d_mlp, rounding_mode="floor") == job]
+            self._rows[int(job)] = in_job - job * d_mlp
+        self.w: list[Tensor] = []  # (n_i, d_model) raw weight vectors
+        self.top_ids: list[Tensor] = []  # (n_i, k)
+        self.top_logits: list[Tensor] = []
+        self.top_probs: list[Tensor] = []
+        self.lse: list[Tensor] = []  # (n_i,)
+
+    def rows(self, job: int) -> Tensor:
+        """Rows of job `job` in the sample (possibly none)."""
+        return self._rows.get(job, torch.empty(0, dtype=torch.int64))
+
+    def add(
+        self,
+        w: Tensor,
+        top_ids: Tensor,
+        top_logits: Tensor,
+        top_probs: Tensor,
+        lse: Tensor,
+    ) -> None:
+        """Record sampled neurons: raw vectors w (n_i, d) and the engine's results for them."""
+        self.w.append(w.detach().float().cpu())
+        self.top_ids.append(top_ids.long())
+        self.top_logits.append(top_logits.double())
+        self.top_probs.append(top_probs.double())
+        self.lse.append(lse.double())
+
+    def __len__(self) -> int:
+        return sum(w.shape[0] for w in self.w)
+
+
+def exact_decode(
+    W_U: Tensor,
+    x: Tensor,
+    softcap: float | None = None,
+) -> Tensor:
+    """fp32 logits (n, V) of normed vectors x (n, d) against W_U (V, d) of any dtype, with the
+    head converted to fp32 SLICE rows at a time."""
+    n, V = x.shape[0], W_U.shape[0]
+    x = x.to(W_U.device, torch.float32)
+    out = torch.empty((n, V), dtype=torch.float32, device=W_U.device)
+    for lo in range(0, V, SLICE):
+        out[:, lo : lo + SLICE] = x @ W_U[lo : lo + SLICE].float().T
+    if softcap:
+        out = torch.tanh(out / softcap) * softcap
+    return out
+
+
+def run_audit(
+    sample: AuditSample,
+    W_U: Tensor,  # (V, d_model), stored dtype
+    gain: Tensor,  # (d_model,)
+    eps: float,
+    norm: NormMode,
+    softcap: float | None,
+    compute_dtype: str,
+) -> Audit | None:
+    """Compare the sampled records with an exact fp32 decode; None for an empty sample."""
+    if len(sample) == 0:
+        return None
+    w = torch.cat(sample.w)
+    x = apply_final_norm(w.to(W_U.device), gain.to(W_U.device, torch.float32), eps, norm)
+    ref = exact_decode(W_U, x, softcap).double().cpu()  # (n, V)
+    lse = torch.logsumexp(ref, 1)
+    ids, logits = torch.cat(sample.top_ids), torch.cat(sample.top_logits)
+    probs, got_lse = torch.cat(sample.top_probs), torch.cat(sample.lse)
+    top2 = ref.topk(min(2, ref.shape[1]), dim=1).values  # (n, 2); one column if V == 1
+    tied = (top2[:, 0] - top2[:, -1]) < TOP1_TIE  # (with one column: always tied)
+    mismatch = (ids[:, 0] != ref.argmax(1)) & ~tied
+    ref_logit = ref.gather(1, ids)
+    ref_prob = torch.exp(ref_logit - lse[:, None])
+    # relative errors, with floors that stand for absolute tolerances near zero (as in tests)
+    rel_logit = ((logits - ref_logit).abs() / ref_logit.abs().clamp_min(LOGIT_FLOOR)).amax(1)
+    rel_prob = ((probs - ref_prob).abs() / ref_prob.clamp_min(PROB_FLOOR)).amax(1)
+    bad = mismatch | (rel_logit > REL_LOGIT) | (rel_prob > REL_PROB)
+    return Audit(
+        sample=len(ids),
+        top1_mismatch=int(mismatch.sum()),
+        over_tolerance=int(bad.sum()),
+        max_rel_logit=float(rel_logit.max()),
+        max_rel_prob=float(rel_prob.max()),
+        max_abs_logsumexp=float((got_lse - lse).abs().max()),
+        compute_dtype=compute_dtype,
+    )
