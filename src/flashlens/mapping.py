@@ -250,16 +250,18 @@ def _map(
             writing.result()
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
-        with status(progress, f"checking {len(sample)} neurons against an exact fp32 decode"):
-            checked = run_audit(
-                sample,
-                decoder.W_U,
-                decoder.gain,
-                decoder.eps,
-                decoder.norm,
-                decoder.softcap,
-                meta.compute_dtype,
-            )
+        checked = None
+        if len(sample):
+            with status(progress, f"checking {len(sample)} neurons against an exact fp32 decode"):
+                checked = run_audit(
+                    sample,
+                    decoder.W_U,
+                    decoder.gain,
+                    decoder.eps,
+                    decoder.norm,
+                    decoder.softcap,
+                    meta.compute_dtype,
+                )
     summary.audit = checked.to_dict() if checked is not None else None
     summary.seconds = time.perf_counter() - start
     writer.finish(reverse, summary.seconds, summary.audit)
