@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..atlas import Atlas
+from ..decode.audit import REL_LOGIT, REL_PROB
 from ..intervene.neuron import Neuron
 from ..mapping import map_model
 from . import app
@@ -77,16 +78,17 @@ def map_command(
 def _print_audit(a: dict[str, Any]) -> None:
     """One line on the audit; a warning, with the way out, when it is outside tolerance."""
     checked = f"{a['sample']} neurons checked against an exact fp32 decode"
+    tolerances = f"tolerances {100 * REL_PROB:g}%, {REL_LOGIT:g}"
     worst = (
         f"probabilities within {100 * a['max_rel_prob']:.2g}%, "
         f"logits within {a['max_rel_logit']:.2g} relative"
     )
     if a["ok"]:
-        err_console.print(f"accuracy audit: {checked}: {worst} (tolerances 1%, 1e-3)")
+        err_console.print(f"accuracy audit: {checked}: {worst} ({tolerances})")
         return
     err_console.print(
         f"[yellow]warning:[/] accuracy audit: {a['over_tolerance']} of {checked} are outside "
-        f"the tolerances ({worst}; tolerances 1%, 1e-3, same top-1). The {a['compute_dtype']} "
+        f"the tolerances ({worst}; {tolerances}, same top-1). The {a['compute_dtype']} "
         "GEMM is not accurate enough for this model's head: remap with --dtype float32 "
         "--overwrite for exact results."
     )

@@ -56,10 +56,8 @@ class AuditSample:
         total = n_jobs * d_mlp
         g = torch.Generator().manual_seed(seed)
         picks = torch.randperm(total, generator=g)[: min(n, total)].sort().values
-        self._rows: dict[int, Tensor] = {}
-        for job in picks.div(d_mlp, rounding_mode="floor").unique().tolist():
-            in_job = picks[picks.div(d_mlp, rounding_mode="floor") == job]
-            self._rows[int(job)] = in_job - job * d_mlp
+        job_of = picks.div(d_mlp, rounding_mode="floor")
+        self._rows = {j: picks[job_of == j] - j * d_mlp for j in job_of.unique().tolist()}
         self.w: list[Tensor] = []  # (n_i, d_model) raw weight vectors
         self.top_ids: list[Tensor] = []  # (n_i, k)
         self.top_logits: list[Tensor] = []
