@@ -41,9 +41,11 @@ def map_command(
 
         flashlens map meta-llama/Llama-3.1-8B -o atlas/llama31-8b --layers 0-5,9
 
-    Rerunning the same command resumes an interrupted run. At the end, --audit N neurons
-    (default 32) are decoded again exactly in fp32 and compared: the summary says how close
-    the atlas is, and warns when it is outside tolerance.
+    Rerunning the same command resumes an interrupted run.
+
+    At the end, --audit N neurons (default 32) are decoded again exactly in fp32
+    and compared: the summary says how close the atlas is, with a warning when
+    it is outside tolerance.
     """
     summary = map_model(
         model,
