@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from .helpers import STORIES, shared_path
 
@@ -36,4 +38,17 @@ def stories_atlas(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Pa
 
     out = tmp_path_factory.mktemp("atlas") / "stories"
     map_model(stories, out, compile="off")
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_bf16(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
+    """stories260K with every tensor stored in bf16 (config and tokenizer unchanged)."""
+    out = tmp_path_factory.mktemp("stories-bf16")
+    for f in stories.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(stories / "model.safetensors")
+    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+    save_file(bf16, out / "model.safetensors", metadata={"format": "pt"})
     return out

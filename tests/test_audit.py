@@ -9,39 +9,24 @@ model's own modules sees, and `map` must say so; auto picks fp32 for a job this 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from flashlens import Atlas, map_model
 from flashlens.cli import main
 from flashlens.decode.audit import AuditSample
 
 from .helpers import reference_logits
-from .test_map_reference import MATRICES, layer_rows
-
-
-@pytest.fixture(scope="module")
-def stories_bf16(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
-    """stories260K with every tensor stored in bf16 (config and tokenizer unchanged)."""
-    out = tmp_path_factory.mktemp("stories-bf16")
-    for f in stories.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, out / f.name)
-    tensors = load_file(stories / "model.safetensors")
-    bf16 = {k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}
-    save_file(bf16, out / "model.safetensors", metadata={"format": "pt"})
-    return out
+from .test_map_reference import layer_rows
 
 
 def independent_check(atlas: Atlas, model: Path) -> tuple[int, float]:
     """(neurons outside the tolerances, worst relative probability error) over the whole
     atlas, against logits from the model's own modules (fp32)."""
     bad, worst = 0, 0.0
-    for matrix in MATRICES:
+    for matrix in atlas.meta.matrices:
         for layer in atlas.meta.layers:
             L = reference_logits(model, matrix, layer).double()  # (d_mlp, V)
             rows = layer_rows(atlas, matrix, layer)
@@ -60,7 +45,9 @@ def independent_check(atlas: Atlas, model: Path) -> tuple[int, float]:
 
 def test_audit_sees_what_an_independent_check_sees(tmp_path: Path, stories_bf16: Path) -> None:
     n_all = 3 * 5 * 172
-    s = map_model(stories_bf16, tmp_path / "bf16", dtype="bfloat16", compile="off", audit=10**6)
+    s = map_model(
+        stories_bf16, tmp_path / "bf16", dtype="bfloat16", compile="off", audit=10**6, pilot=0
+    )
     assert s.compute_dtype == "bfloat16" and s.audit is not None
     bad, worst = independent_check(Atlas.open(tmp_path / "bf16"), stories_bf16)
     assert s.audit["sample"] == n_all
@@ -78,7 +65,7 @@ def test_audit_sees_what_an_independent_check_sees(tmp_path: Path, stories_bf16:
 def test_cli_warns_with_the_way_out(
     tmp_path: Path, stories_bf16: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["map", str(stories_bf16), "--matrices", "gate"]
+    args = ["map", str(stories_bf16), "--matrices", "gate", "--pilot", "0"]
     assert main([*args, "-o", str(tmp_path / "a"), "--dtype", "bfloat16", "--audit", "860"]) == 0
     text = " ".join(capsys.readouterr().err.split())
     assert "warning: accuracy audit:" in text and "of 860 neurons checked" in text

@@ -19,6 +19,7 @@ from .atlas.writer import AtlasWriter, neuron_ref
 from .decode.audit import AuditSample, run_audit
 from .decode.engine import BlockResult, Decoder, warm_up
 from .decode.norm import NORM_MODES
+from .decode.pilot import PILOT, run_pilot
 from .decode.policy import block_size, resolve_device, resolve_dtype, use_compile
 from .decode.reverse import ReverseIndex
 from .errors import FlashlensError
@@ -38,6 +39,7 @@ class MapSummary:
     block_size: int
     compiled: bool
     audit: dict[str, Any] | None = None  # decode.audit.Audit of this run's sample
+    pilot: dict[str, Any] | None = None  # decode.pilot.PilotReport (low precision only)
 
     @property
     def neurons_per_second(self) -> float:
@@ -55,6 +57,7 @@ class MapSummary:
             "block_size": self.block_size,
             "compiled": self.compiled,
             "audit": self.audit,
+            "pilot": self.pilot,
         }
 
 
@@ -85,13 +88,16 @@ def map_model(
     overwrite: bool = False,
     progress: bool = False,
     audit: int = 32,
+    pilot: int = PILOT,
 ) -> MapSummary:
     """Map neurons of `model` (hub id or folder) into the atlas folder `out`.
 
     Rerunning the same call resumes an interrupted run; other settings are refused unless
     `overwrite`. `audit` neurons of those mapped, drawn with a fixed seed, are decoded again
-    exactly in fp32 and compared (`summary.audit`, also in atlas.json; 0 skips it). Returns a
-    summary; open the result with `Atlas.open(out)`.
+    exactly in fp32 and compared (`summary.audit`, also in atlas.json; 0 skips it). Before a
+    low-precision map, `pilot` neurons check the GEMM first and decide how to compute
+    (decode.pilot; `summary.pilot`; 0 skips it). Returns a summary; open the result with
+    `Atlas.open(out)`.
     """
     if norm not in NORM_MODES:
         raise FlashlensError(f"unknown norm mode {norm!r}: choose from {', '.join(NORM_MODES)}")
@@ -99,6 +105,8 @@ def map_model(
         raise FlashlensError("--top-k and --reverse-n must be at least 1")
     if audit < 0:
         raise FlashlensError("--audit must be 0 (off) or a number of neurons to check")
+    if pilot < 0:
+        raise FlashlensError("--pilot must be 0 (off) or a number of neurons to check")
     source = ModelSource.open(model)
     try:
         return _map(
@@ -116,6 +124,7 @@ def map_model(
             overwrite,
             progress,
             audit,
+            pilot,
         )
     finally:
         source.close()
@@ -136,6 +145,7 @@ def _map(
     overwrite: bool,
     progress: bool,
     audit: int,
+    pilot: int,
 ) -> MapSummary:
     start = time.perf_counter()
     device = resolve_device(device_name)
@@ -215,6 +225,19 @@ def _map(
                 )
             decoder = decoder_job.result()
         head_pool.shutdown()
+        if compute_dtype != torch.float32 and pilot > 0:
+            every = [(m, layer) for m in matrices for layer in layers]  # as on a first run
+            first, second = (_pilot_rows(source, every, pilot, seed) for seed in (1, 2))
+            what = f"checking the {meta.compute_dtype} GEMM on {len(first)} neurons"
+            with status(progress, what):
+                report = run_pilot(decoder, first, second, B, auto=dtype_name == "auto")
+            summary.pilot = meta.pilot = report.to_dict()
+            if report.decision == "float32":
+                compute_dtype = torch.float32
+                summary.compute_dtype = meta.compute_dtype = "float32"
+                with status(progress, "preparing the float32 decoder"):
+                    decoder = _fp32_decoder(decoder, source, B, top_k, compiled)
+            writer.save_meta()
         tokens_job = None
         if not writer.has_tokens():
             tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
@@ -267,6 +290,47 @@ def _map(
     writer.finish(reverse, summary.seconds, summary.audit)
     Atlas.open(out)  # the finished atlas must open
     return summary
+
+
+def _pilot_rows(
+    source: ModelSource, jobs: list[tuple[Matrix, int]], n: int, seed: int
+) -> torch.Tensor:
+    """(n, d_model) raw vectors of n neurons of `jobs` drawn with `seed`, read row by row."""
+    sample = AuditSample(len(jobs), source.d_mlp, n, seed)
+    rows = [
+        source.neuron_rows(*job, sample.rows(j))
+        for j, job in enumerate(jobs)
+        if sample.rows(j).numel()
+    ]
+    return torch.cat(rows)
+
+
+def _fp32_decoder(
+    decoder: Decoder, source: ModelSource, block: int, top_k: int, compiled: bool
+) -> Decoder:
+    """A decoder like `decoder` that computes its GEMM in fp32 (its kernels prepared)."""
+    if compiled:
+        warm_up(
+            block,
+            source.d_vocab,
+            source.d_model,
+            decoder.W_U.dtype,
+            torch.float32,
+            top_k,
+            decoder.softcap,
+            decoder.device,
+        )
+    return Decoder(
+        decoder.W_U,
+        decoder.gain,
+        decoder.eps,
+        decoder.norm,
+        top_k,
+        decoder.device,
+        torch.float32,
+        decoder.softcap,
+        compile=compiled,
+    )
 
 
 def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) -> torch.Tensor:

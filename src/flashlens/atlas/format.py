@@ -98,6 +98,7 @@ class AtlasMeta:
     format_version: int = FORMAT_VERSION
     seconds: float | None = None
     audit: dict[str, Any] | None = None  # decode.audit: the last run's sample vs exact fp32
+    pilot: dict[str, Any] | None = None  # decode.pilot: how the low-precision GEMM was checked
     extra: dict[str, Any] = field(default_factory=dict)
 
     # Fields that define the result: a rerun must match them to resume.

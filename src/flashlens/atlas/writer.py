@@ -94,6 +94,10 @@ class AtlasWriter:
         for sub in ("up", "gate", "down", STATE_DIR):
             shutil.rmtree(self.root / sub, ignore_errors=True)
 
+    def save_meta(self) -> None:
+        """Rewrite atlas.json after a change to `meta` (the pilot's decision, for example)."""
+        write_json(self.root / META, self.meta.to_dict())
+
     # --- progress ----------------------------------------------------------------------
     def _state_path(self) -> Path:
         return self.root / STATE_DIR / STATE

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..atlas import Atlas
 from ..decode.audit import REL_LOGIT, REL_PROB
+from ..decode.pilot import PILOT
 from ..intervene.neuron import Neuron
 from ..mapping import map_model
 from . import app
@@ -33,6 +34,9 @@ def map_command(
     audit: int = typer.Option(
         32, help="Neurons decoded again exactly in fp32 to check accuracy (0: skip)."
     ),
+    pilot: int = typer.Option(
+        PILOT, help="Neurons that check a low-precision GEMM before the map (0: skip)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Decode every MLP neuron through the final norm and LM-head into an atlas.
@@ -43,9 +47,12 @@ def map_command(
 
     Rerunning the same command resumes an interrupted run.
 
-    At the end, --audit N neurons (default 32) are decoded again exactly in fp32
-    and compared: the summary says how close the atlas is, with a warning when
-    it is outside tolerance.
+    Before a bf16/fp16 map, --pilot N neurons (default 64) are decoded both
+    ways: if the GEMM misses half the tolerances on any, groups of near-identical
+    LM-head rows (untrained tokens, say) are computed exactly in every block, or,
+    under --dtype auto, the map runs in float32. At the end, --audit N neurons
+    (default 32) are decoded again exactly in fp32 and compared: the summary says
+    how close the atlas is, with a warning when it is outside tolerance.
     """
     summary = map_model(
         model,
@@ -62,6 +69,7 @@ def map_command(
         overwrite=overwrite,
         progress=not json_out,
         audit=audit,
+        pilot=pilot,
     )
     if json_out:
         print_json(summary.to_dict())
@@ -75,8 +83,39 @@ def map_command(
         f"[green]mapped {s.neurons_mapped:,} neurons[/]{resumed} in {s.seconds:.1f} s "
         f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}) -> {out}"
     )
+    if s.pilot is not None:
+        _print_pilot(s.pilot)
     if s.audit is not None:
         _print_audit(s.audit)
+
+
+def _print_pilot(p: dict[str, Any]) -> None:
+    """One line on what the pilot found and decided; a warning when it could not fix it."""
+    first = (
+        f"precision pilot: {p['over']} of {p['sample']} neurons outside half the tolerances "
+        f"with the plain low-precision GEMM (worst probability {100 * p['max_rel_prob']:.2g}% off)"
+    )
+    fixed = ""
+    if p["exact_tokens"]:
+        fixed = (
+            f"; with {p['exact_tokens']} near-identical LM-head rows computed exactly, "
+            f"{p['check_over']} of a fresh {p['sample']} (worst "
+            f"{100 * p['check_max_rel_prob']:.2g}%)"
+        )
+    if p["decision"] == "gemm":
+        err_console.print(
+            f"precision pilot: {p['sample']} neurons within half the tolerances "
+            f"(worst probability {100 * p['max_rel_prob']:.2g}% off)"
+        )
+    elif p["decision"] == "exact tokens":
+        err_console.print(f"{first}{fixed}: mapped so")
+    elif p["decision"] == "float32":
+        err_console.print(f"{first}{fixed}: mapped in float32 instead")
+    else:
+        err_console.print(
+            f"[yellow]warning:[/] {first}{fixed}. Kept the --dtype asked for: remap with "
+            "--dtype auto or float32 --overwrite for results within tolerance."
+        )
 
 
 def _print_audit(a: dict[str, Any]) -> None:

@@ -104,6 +104,56 @@ def exact_decode(
     return out
 
 
+@dataclass
+class Errors:
+    """Per-neuron errors of decoded records against exact logits; each (n,)."""
+
+    mismatch: Tensor  # bool: top-1 differs where the exact top-2 are not tied
+    rel_logit: Tensor  # worst over the top-k logits, relative (LOGIT_FLOOR near zero)
+    rel_prob: Tensor  # worst over the top-k probabilities, relative (PROB_FLOOR near zero)
+    abs_lse: Tensor
+
+    def over(self, fraction: float = 1.0) -> Tensor:
+        """bool (n,): neurons outside `fraction` of the tolerances (or with a wrong top-1)."""
+        return (
+            self.mismatch
+            | (self.rel_logit > fraction * REL_LOGIT)
+            | (self.rel_prob > fraction * REL_PROB)
+        )
+
+
+def compare(
+    ref: Tensor,  # (n, V) exact logits, fp64
+    ids: Tensor,  # (n, k) the records' top-k token ids
+    logits: Tensor,  # (n, k)
+    probs: Tensor,  # (n, k)
+    lse: Tensor,  # (n,)
+) -> Errors:
+    """How far decoded records are from exact logits `ref`, neuron by neuron."""
+    ref_lse = torch.logsumexp(ref, 1)
+    ids = ids.long()
+    top2 = ref.topk(min(2, ref.shape[1]), dim=1).values  # (n, 2); one column if V == 1
+    tied = (top2[:, 0] - top2[:, -1]) < TOP1_TIE  # (with one column: always tied)
+    ref_logit = ref.gather(1, ids)
+    ref_prob = torch.exp(ref_logit - ref_lse[:, None])
+    return Errors(
+        mismatch=(ids[:, 0] != ref.argmax(1)) & ~tied,
+        rel_logit=(
+            (logits.double() - ref_logit).abs() / ref_logit.abs().clamp_min(LOGIT_FLOOR)
+        ).amax(1),
+        rel_prob=((probs.double() - ref_prob).abs() / ref_prob.clamp_min(PROB_FLOOR)).amax(1),
+        abs_lse=(lse.double() - ref_lse).abs(),
+    )
+
+
+def exact_reference(
+    w: Tensor, W_U: Tensor, gain: Tensor, eps: float, norm: NormMode, softcap: float | None
+) -> Tensor:
+    """Exact fp64 logits (n, V), on the CPU, of raw neuron vectors w (n, d_model)."""
+    x = apply_final_norm(w.to(W_U.device), gain.to(W_U.device, torch.float32), eps, norm)
+    return exact_decode(W_U, x, softcap).double().cpu()
+
+
 def run_audit(
     sample: AuditSample,
     W_U: Tensor,  # (V, d_model), stored dtype
@@ -116,27 +166,17 @@ def run_audit(
     """Compare the sampled records with an exact fp32 decode; None for an empty sample."""
     if len(sample) == 0:
         return None
-    w = torch.cat(sample.w)
-    x = apply_final_norm(w.to(W_U.device), gain.to(W_U.device, torch.float32), eps, norm)
-    ref = exact_decode(W_U, x, softcap).double().cpu()  # (n, V)
-    lse = torch.logsumexp(ref, 1)
-    ids, logits = torch.cat(sample.top_ids), torch.cat(sample.top_logits)
-    probs, got_lse = torch.cat(sample.top_probs), torch.cat(sample.lse)
-    top2 = ref.topk(min(2, ref.shape[1]), dim=1).values  # (n, 2); one column if V == 1
-    tied = (top2[:, 0] - top2[:, -1]) < TOP1_TIE  # (with one column: always tied)
-    mismatch = (ids[:, 0] != ref.argmax(1)) & ~tied
-    ref_logit = ref.gather(1, ids)
-    ref_prob = torch.exp(ref_logit - lse[:, None])
-    # relative errors, with floors that stand for absolute tolerances near zero (as in tests)
-    rel_logit = ((logits - ref_logit).abs() / ref_logit.abs().clamp_min(LOGIT_FLOOR)).amax(1)
-    rel_prob = ((probs - ref_prob).abs() / ref_prob.clamp_min(PROB_FLOOR)).amax(1)
-    bad = mismatch | (rel_logit > REL_LOGIT) | (rel_prob > REL_PROB)
+    ref = exact_reference(torch.cat(sample.w), W_U, gain, eps, norm, softcap)  # (n, V)
+    ids = torch.cat(sample.top_ids)
+    e = compare(
+        ref, ids, torch.cat(sample.top_logits), torch.cat(sample.top_probs), torch.cat(sample.lse)
+    )
     return Audit(
         sample=len(ids),
-        top1_mismatch=int(mismatch.sum()),
-        over_tolerance=int(bad.sum()),
-        max_rel_logit=float(rel_logit.max()),
-        max_rel_prob=float(rel_prob.max()),
-        max_abs_logsumexp=float((got_lse - lse).abs().max()),
+        top1_mismatch=int(e.mismatch.sum()),
+        over_tolerance=int(e.over().sum()),
+        max_rel_logit=float(e.rel_logit.max()),
+        max_rel_prob=float(e.rel_prob.max()),
+        max_abs_logsumexp=float(e.abs_lse.max()),
         compute_dtype=compute_dtype,
     )

@@ -73,6 +73,17 @@ class Decoder:
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
         self._no_threshold = torch.full((self.d_vocab,), float("inf"), device=device)
+        self.set_exact_tokens(torch.empty(0, dtype=torch.int64))
+
+    def set_exact_tokens(self, ids: Tensor) -> None:
+        """Compute the logits of tokens `ids` (K,) exactly in fp32 in every block, and put
+        their exact mass in the logsumexp, as for the top candidates. For groups of
+        near-identical head rows, whose low-precision rounding errors do not average out
+        (see decode.pilot). No effect on an exact (fp32) GEMM."""
+        self.exact_ids = ids.to(self.device, torch.int64)  # (K,)
+        self._U_exact = self.W_U.index_select(0, self.exact_ids).float()  # (K, d_model)
+        self._exact_pos = torch.full((self.d_vocab,), -1, dtype=torch.int64, device=self.device)
+        self._exact_pos[self.exact_ids] = torch.arange(len(self.exact_ids), device=self.device)
 
     def logits(self, x: Tensor) -> Tensor:
         """(B, d_model) fp32 normed vectors -> (B, d_vocab) logits in the compute dtype.
@@ -107,11 +118,17 @@ class Decoder:
         bot_cand, _ = self._candidates(L, st.chunk_min, self.n_bottom, largest=False)
         n = top_cand.shape[1]
         exact = self._exact_logits(x, torch.cat([top_cand, bot_cand], dim=1))  # (B, n + n_bot)
-        top_ids, top_logits, top_approx = _order(top_cand, exact[:, :n], top_approx0, True)
-        bot_ids, bot_logits, _ = _order(bot_cand, exact[:, n:], None, False)
+        top_exact, bot_exact = exact[:, :n], exact[:, n:]
+        if self.exact_ids.numel() and not self.exact:
+            top_cand, top_exact, top_approx0, bot_cand, bot_exact = self._with_exact_tokens(
+                x, L, top_cand, top_exact, top_approx0, bot_cand, bot_exact
+            )
+        top_ids, top_logits, top_approx = _order(top_cand, top_exact, top_approx0, True)
+        bot_ids, bot_logits, _ = _order(bot_cand, bot_exact, None, False)
         if not self.exact:
             # Replace the approximate mass of the rescored candidates by their exact mass.
             assert top_approx is not None
+            # (The exact tokens are among the candidates here, each token once.)
             delta = torch.exp(top_logits - lse[:, None]) - torch.exp(top_approx - lse[:, None])
             lse = lse + torch.log1p(delta.sum(1).clamp_min(-0.999999))
         if reverse is not None and refs is not None:
@@ -134,6 +151,42 @@ class Decoder:
             logit_std=var.sqrt().cpu(),
             logit_skew=(st.m3 / var**1.5).cpu(),
             logit_kurtosis=(st.m4 / var**2 - 3.0).cpu(),
+        )
+
+    def _with_exact_tokens(
+        self,
+        x: Tensor,
+        L: Tensor,
+        top_cand: Tensor,
+        top_exact: Tensor,
+        top_approx: Tensor,
+        bot_cand: Tensor,
+        bot_exact: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Append the exact tokens (K) to the top (B, n) and bottom (B, m) candidates, with
+        their exact and approximate logits: near-identical rows tie in low precision, so the
+        true extremes among them are only known exactly. A token already a candidate is
+        appended with logits that sort last and carry no mass (-inf top, +inf bottom)."""
+        B, K = L.shape[0], self.exact_ids.numel()
+        ex = x @ self._U_exact.T  # (B, K) fp32
+        if self.softcap:
+            ex = torch.tanh(ex / self.softcap) * self.softcap
+        approx = L.index_select(1, self.exact_ids).float()  # (B, K)
+        ids = self.exact_ids.expand(B, -1)
+
+        def seen(cand: Tensor) -> Tensor:  # (B, K): exact tokens already among `cand`
+            pos = self._exact_pos[cand]  # (B, n): position among the exact tokens, or -1
+            hit = torch.zeros((B, K + 1), dtype=torch.bool, device=L.device)
+            return hit.scatter_(1, pos.masked_fill(pos < 0, K), True)[:, :K]
+
+        in_top, in_bot = seen(top_cand), seen(bot_cand)
+        ninf = torch.tensor(float("-inf"), device=L.device)
+        return (
+            torch.cat([top_cand, ids], 1),
+            torch.cat([top_exact, ex.where(~in_top, ninf)], 1),
+            torch.cat([top_approx, approx.where(~in_top, ninf)], 1),
+            torch.cat([bot_cand, ids], 1),
+            torch.cat([bot_exact, ex.where(~in_bot, -ninf)], 1),
         )
 
     def _candidates(

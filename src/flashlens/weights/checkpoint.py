@@ -146,21 +146,42 @@ class Checkpoint:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
 
-    def _copy_out(self, file: Path, name: str) -> torch.Tensor:
+    def gather(self, name: str, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """Slices `index` of tensor `name` along `dim` (0 or 1 of a matrix), copied out of the
+        memory map without reading the rest of the tensor (other formats: from the whole)."""
+        file = self._file(name)
+        try:
+            view = self._view(file, name) if file in self._maps else None
+            if view is None:
+                view = self.get(name)
+            out = view.index_select(dim, index)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
+        return out
+
+    def _view(self, file: Path, name: str) -> torch.Tensor | None:
+        """A zero-copy, read-only view of tensor `name` in the memory map (None: a dtype this
+        reader does not map, or an empty tensor)."""
         start, header = self._layout[file]
         info = header[name]
         dtype = _DTYPES.get(info["dtype"])
-        if dtype is None:  # rare dtypes: let the library convert
-            return self._st[file].get_tensor(name)
         lo, hi = (start + o for o in info["data_offsets"])
-        if hi == lo:
-            return torch.empty(info["shape"], dtype=dtype)
-        mm = self._maps[file]
-        with warnings.catch_warnings():  # a read-only buffer is fine: the tensor is cloned
+        if dtype is None or hi == lo:
+            return None
+        with warnings.catch_warnings():  # read-only buffer: callers copy out of it
             warnings.simplefilter("ignore", UserWarning)
-            view = torch.frombuffer(mm, dtype=torch.uint8, count=hi - lo, offset=lo)
-            tensor = view.view(dtype).reshape(info["shape"]).clone()
+            view = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=hi - lo, offset=lo)
+        return view.view(dtype).reshape(info["shape"])
+
+    def _copy_out(self, file: Path, name: str) -> torch.Tensor:
+        view = self._view(file, name)
+        if view is None:  # rare dtypes (the library converts) and empty tensors
+            return self._st[file].get_tensor(name)
+        tensor = view.clone()
+        mm = self._maps[file]
         if hasattr(mm, "madvise"):
+            start, header = self._layout[file]
+            lo, hi = (start + o for o in header[name]["data_offsets"])
             page = mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, lo // page * page, hi - lo // page * page)
         return tensor

@@ -107,6 +107,15 @@ class ModelSource:
         W = self.checkpoint.get(self.family.tensor(matrix, layer))
         return W.T if matrix == "down" else W  # W_down is (d_model, d_mlp): a neuron is a column
 
+    def neuron_rows(self, matrix: Matrix, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """Neurons `index` (n,) of one layer as rows, (n, d_model), stored dtype, read without
+        the rest of the layer."""
+        self.check_layer(layer)
+        name = self.family.tensor(matrix, layer)
+        if matrix == "down":
+            return self.checkpoint.gather(name, index, dim=1).T.contiguous()
+        return self.checkpoint.gather(name, index, dim=0)
+
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
             raise NeuronError(

@@ -1,0 +1,106 @@
+"""The pilot: a low-precision map checks its GEMM on the model's own neurons first.
+
+Three heads, three outcomes: the real stories260K in bf16 (near-identical rows for its 256 byte
+tokens) is fixed by computing those rows exactly; a random head passes as it is; a head whose
+logits are large and spread over many tokens cannot be fixed so, and auto maps it in fp32.
+Each atlas is then checked against the model's own modules, neuron by neuron.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flashlens import Atlas, map_model
+from flashlens.decode import pilot, policy
+from flashlens.decode.pilot import twin_tokens
+
+from .helpers import make_model
+from .test_audit import independent_check
+
+
+@pytest.fixture
+def low_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto picks bf16 for these small jobs too, as it does for big ones on bf16 CPUs."""
+    monkeypatch.setattr(policy, "LOW_PRECISION_FLOPS", 0.0)
+    monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda: True)
+
+
+def test_near_identical_rows_are_computed_exactly(tmp_path: Path, stories_bf16: Path) -> None:
+    s = map_model(stories_bf16, tmp_path / "a", dtype="bfloat16", compile="off", audit=0)
+    assert s.pilot is not None and s.compute_dtype == "bfloat16"
+    assert s.pilot["over"] > 0 and s.pilot["max_rel_prob"] > pilot.MARGIN * 0.01
+    assert s.pilot["decision"] == "exact tokens" and s.pilot["check_over"] == 0
+    # without the pilot the same map has 117 neurons outside tolerance (test_audit); with it:
+    atlas = Atlas.open(tmp_path / "a")
+    assert independent_check(atlas, stories_bf16)[0] == 0
+    assert atlas.meta.pilot == s.pilot
+
+
+def test_twin_tokens_finds_the_untrained_byte_tokens(stories_bf16: Path) -> None:
+    from flashlens.decode.norm import apply_final_norm
+    from flashlens.weights import ModelSource
+
+    src = ModelSource.open(stories_bf16)
+    W_U = src.W_U()
+    mean = W_U.float().mean(0)
+    x = apply_final_norm(src.neurons("up", 0), src.norm_weight(), src.norm_eps, "model")
+    found = set(twin_tokens(W_U, mean, (x @ W_U.float().T).double()).tolist())
+    src.close()
+    bytes_ = set(range(3, 259))  # <0x00>..<0xFF>: TinyStories is ASCII, most never occur
+    assert len(found & bytes_) >= 240 and len(found - bytes_) <= 16
+    assert 13 not in found  # <0x0A>, the newline, is trained: its row is not a twin
+
+
+def test_twin_tokens_on_injected_groups() -> None:
+    g = torch.Generator().manual_seed(0)
+    V, d = 3000, 64
+    W_U = torch.randn(V, d, generator=g)
+    groups = [torch.arange(100, 160), torch.arange(2000, 2012)]
+    for ids in groups:  # rows = a shared direction + 10% noise
+        c = torch.randn(d, generator=g) * 2
+        W_U[ids] = c + 0.1 * torch.randn(len(ids), d, generator=g)
+    mean = W_U.mean(0)
+    x = torch.stack([W_U[ids].mean(0) - mean for ids in groups])  # one neuron per group
+    ref = (x @ W_U.T).double()
+    assert twin_tokens(W_U, mean, ref).tolist() == torch.cat(groups).tolist()
+    # random rows only: nothing to compute exactly
+    plain = torch.randn(V, d, generator=g)
+    assert twin_tokens(plain, plain.mean(0), (plain[:4] @ plain.T).double()).numel() == 0
+
+
+def test_random_head_keeps_the_plain_gemm(tmp_path: Path, low_precision_auto: None) -> None:
+    model = make_model(tmp_path / "m", d_vocab=512, d_model=64, d_mlp=96, dtype=torch.bfloat16)
+    s = map_model(model, tmp_path / "a", matrices="up", compile="off", audit=96 * 3)
+    assert s.compute_dtype == "bfloat16" and s.pilot is not None
+    assert s.pilot["decision"] == "gemm" and s.pilot["over"] == 0
+    assert s.pilot["exact_tokens"] == 0 and s.audit is not None and s.audit["ok"]
+
+
+def test_auto_falls_back_to_fp32(tmp_path: Path, low_precision_auto: None) -> None:
+    """Logits around +-100 spread over many tokens: bf16 rounds each by up to 0.25, with no
+    group of near-identical rows to blame, so only an fp32 GEMM is within tolerance."""
+    model = make_model(tmp_path / "m", d_vocab=512, d_model=32, d_mlp=64, dtype=torch.bfloat16)
+    tensors = load_file(model / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(32, generator=g)
+    W_U = 25 * u / u.norm() + 0.05 * torch.randn(512, 32, generator=g)
+    tensors["lm_head.weight"] = W_U.bfloat16()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+    s = map_model(model, tmp_path / "bf16", dtype="bfloat16", compile="off", audit=0)
+    assert s.pilot is not None and s.pilot["decision"] == "kept"  # explicit: kept, warned
+    assert independent_check(Atlas.open(tmp_path / "bf16"), model)[0] > 0
+
+    s = map_model(model, tmp_path / "auto", compile="off", audit=0)
+    assert s.pilot is not None and s.pilot["decision"] == "float32"
+    assert s.pilot["over"] > 0 and s.pilot["exact_tokens"] == 0
+    atlas = Atlas.open(tmp_path / "auto")
+    assert s.compute_dtype == atlas.meta.compute_dtype == "float32"
+    assert independent_check(atlas, model)[0] == 0
+
+    s = map_model(model, tmp_path / "off", compile="off", audit=0, pilot=0)
+    assert s.pilot is None and s.compute_dtype == "bfloat16"
