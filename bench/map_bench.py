@@ -397,6 +397,12 @@ def main() -> None:
             f"{rate * FLOP_PER_NEURON / peak:.2f} of peak), peak RSS {m['rss_gib']:.2f} GiB",
             flush=True,
         )
+        pilot, audit = m.get("pilot") or {}, m.get("audit") or {}
+        print(
+            f"  pilot: {pilot.get('decision')} (worst {pilot.get('max_rel_prob', 0):.1e}); "
+            f"audit: ok {audit.get('ok')} (worst {audit.get('max_rel_prob', 0):.1e})",
+            flush=True,
+        )
     ratio = marginal * FLOP_PER_NEURON / peak
     full = fixed + LLAMA_UP_NEURONS / marginal
     typical = max(median0, median1)

@@ -58,6 +58,8 @@ def instrument() -> None:
         (mapping_mod, "warm_up", "compile kernels (start-up)"),
         (mapping_mod, "tokens_table", "tokens table (thread)"),
         (mapping_mod, "_load", "read a layer (thread)"),
+        (mapping_mod, "run_pilot", "precision pilot (start-up)"),
+        (mapping_mod, "run_audit", "accuracy audit (end)"),
     ]
     for owner, name, label in steps:
         setattr(owner, name, timed(getattr(owner, name), label))
