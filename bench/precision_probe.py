@@ -13,6 +13,9 @@ miss issue 2's 1% tolerance, for
                   so that near-identical head rows do not round alike;
   + mean shift    also the exact mean-direction part of the operand's rounding,
                   (x - bf16(x)) . mean(W_U), added to every logit;
+  + twins exact   bf16, with the head's groups of near-identical rows that the map's pilot
+                  finds (decode.pilot.twin_tokens, from 64 seeded neurons) rescored exactly,
+                  as `map` does when its pilot fails;
   int8            per-row int8 operands (VNNI), same exact rescoring.
 """
 
@@ -26,6 +29,7 @@ import torch
 from torch import Tensor
 
 from flashlens.decode.norm import apply_final_norm
+from flashlens.decode.pilot import PILOT, twin_tokens
 from flashlens.weights import ModelSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,27 +73,42 @@ def recipes(W_U: Tensor, x: Tensor) -> dict[str, Tensor]:
     }
 
 
-def lse_error(L: Tensor, ref: Tensor) -> Tensor:
-    """|logsumexp error| (n,) after the engine's exact rescoring of N_CAND candidates."""
+def lse_error(L: Tensor, ref: Tensor, exact: Tensor | None = None) -> Tensor:
+    """|logsumexp error| (n,) after the engine's exact rescoring of N_CAND candidates (and of
+    the tokens `exact`, if given)."""
     lse = torch.logsumexp(L, 1)
-    cand = L.topk(min(N_CAND, L.shape[1]), 1).indices
-    exact, approx = ref.gather(1, cand), L.gather(1, cand)
-    delta = (torch.exp(exact - lse[:, None]) - torch.exp(approx - lse[:, None])).sum(1)
+    rescored = torch.zeros_like(L, dtype=torch.bool)
+    rescored.scatter_(1, L.topk(min(N_CAND, L.shape[1]), 1).indices, True)
+    if exact is not None:
+        rescored[:, exact] = True
+    delta = torch.exp(ref - lse[:, None]) - torch.exp(L - lse[:, None])
+    delta = delta.where(rescored, torch.zeros_like(delta)).sum(1)
     return (lse + torch.log1p(delta.clamp_min(-0.999999)) - torch.logsumexp(ref, 1)).abs()
+
+
+def twins_of(rows: Callable[[], Iterator[tuple[Tensor, Tensor]]]) -> Tensor:
+    """The near-identical rows the pilot would find: twin_tokens over PILOT seeded neurons."""
+    pairs = list(rows())
+    W_U = pairs[0][0]
+    x = torch.cat([x for _, x in pairs])
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[:PILOT]]
+    return twin_tokens(W_U, W_U.float().mean(0), (x.double() @ W_U.double().T))
 
 
 def probe(name: str, rows: Callable[[], Iterator[tuple[Tensor, Tensor]]]) -> None:
     worst: dict[str, float] = {}
     over: dict[str, int] = {}
     total = 0
+    twins = twins_of(rows)
     for W_U, x in rows():
         ref = x.double() @ W_U.double().T
         total += x.shape[0]
-        for k, L in recipes(W_U, x).items():
-            err = lse_error(L, ref)
+        errors = {k: lse_error(L, ref) for k, L in recipes(W_U, x).items()}
+        errors["bf16 + twins exact"] = lse_error((x.bfloat16() @ W_U.T).double(), ref, twins)
+        for k, err in errors.items():
             worst[k] = max(worst.get(k, 0.0), float(err.max()))
             over[k] = over.get(k, 0) + int((err.expm1() > 0.01).sum())
-    print(f"{name} ({total} neurons)")
+    print(f"{name} ({total} neurons; the pilot's twin rows: {twins.numel()})")
     for k in worst:
         print(f"  {k:28s} worst probability error {worst[k]:.2e}   over 1%: {over[k]}")
 

@@ -8,6 +8,7 @@ Each atlas is then checked against the model's own modules, neuron by neuron.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashlens import Atlas, map_model
+from flashlens.cli import main
 from flashlens.decode import pilot, policy
 from flashlens.decode.pilot import twin_tokens
 
@@ -104,3 +106,18 @@ def test_auto_falls_back_to_fp32(tmp_path: Path, low_precision_auto: None) -> No
 
     s = map_model(model, tmp_path / "off", compile="off", audit=0, pilot=0)
     assert s.pilot is None and s.compute_dtype == "bfloat16"
+
+
+def test_cli_says_what_the_pilot_did(
+    tmp_path: Path, stories_bf16: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["map", str(stories_bf16), "--matrices", "gate", "--audit", "0"]
+    assert main([*args, "-o", str(tmp_path / "a"), "--dtype", "bfloat16"]) == 0
+    text = " ".join(capsys.readouterr().err.split())
+    assert "precision pilot:" in text and "near-identical LM-head rows computed exactly" in text
+    assert "mapped so" in text and "warning" not in text
+    assert main([*args, "-o", str(tmp_path / "b"), "--dtype", "bfloat16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)["pilot"]
+    assert report["decision"] == "exact tokens" and report["exact_tokens"] > 200
+    assert main([*args, "-o", str(tmp_path / "c"), "--pilot", "-1"]) == 2
+    assert "--pilot must be 0" in capsys.readouterr().err

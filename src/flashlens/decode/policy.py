@@ -41,7 +41,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """auto: low precision where the weights are low precision, the hardware is fast at it
     (bf16/fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX) and the job (`flops` of GEMM,
-    when given) is big enough to gain from it; fp32 otherwise."""
+    when given) is big enough to gain from it; fp32 otherwise. `map` then checks a low-precision
+    choice on the model's own neurons before it maps (decode.pilot), and may still pick fp32."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise FlashlensError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
