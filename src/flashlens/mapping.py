@@ -227,7 +227,8 @@ def _map(
         head_pool.shutdown()
         if compute_dtype != torch.float32 and pilot > 0:
             every = [(m, layer) for m in matrices for layer in layers]  # as on a first run
-            first, second = (_pilot_rows(source, every, pilot, seed) for seed in (1, 2))
+            first = _pilot_rows(source, every, pilot, seed=1)
+            second = lambda: _pilot_rows(source, every, pilot, seed=2)  # noqa: E731 (if needed)
             what = f"checking the {meta.compute_dtype} GEMM on {len(first)} neurons"
             with status(progress, what):
                 report = run_pilot(decoder, first, second, B, auto=dtype_name == "auto")
@@ -255,13 +256,8 @@ def _map(
                 results: list[BlockResult] = []
                 for lo in range(0, source.d_mlp, B):
                     n = min(B, source.d_mlp - lo)
-                    refs = torch.full((B,), -1, dtype=torch.int64)
-                    refs[:n] = torch.arange(base + lo, base + lo + n)
-                    block_w = W[lo : lo + n]
-                    if n < B:  # pad to a fixed block shape (one compiled kernel); padding: -1
-                        block_w = torch.cat([block_w, block_w.new_zeros(B - n, block_w.shape[1])])
-                    r = decoder.decode(block_w, refs, reverse)
-                    results.append(_slice(r, n) if n < B else r)
+                    refs = torch.arange(base + lo, base + lo + n)
+                    results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
                     advance(n, f"{matrix} layer {layer}")
                 _keep_sample(sample, i, W, results)
                 if writing is not None:
@@ -347,13 +343,8 @@ def _keep_sample(
     rows = sample.rows(job)
     if rows.numel() == 0:
         return
-
-    def cat(name: str) -> torch.Tensor:
-        return torch.cat([getattr(r, name) for r in results])[rows]
-
-    sample.add(
-        W[rows.to(W.device)], cat("top_ids"), cat("top_logits"), cat("top_probs"), cat("logsumexp")
-    )
+    r = BlockResult.cat(results).rows(rows)
+    sample.add(W[rows.to(W.device)], r.top_ids, r.top_logits, r.top_probs, r.logsumexp)
 
 
 def _write_layer(
@@ -365,7 +356,3 @@ def _write_layer(
 ) -> None:
     writer.write_layer(matrix, layer, results)
     writer.commit_layer(matrix, layer, state)
-
-
-def _slice(r: BlockResult, n: int) -> BlockResult:
-    return BlockResult(**{k: v[:n] for k, v in vars(r).items()})

@@ -156,17 +156,15 @@ def _split(key: str) -> tuple[str, int]:
 
 
 def layer_table(matrix: str, layer: int, results: list[BlockResult]) -> pa.Table:
-    def cat(name: str) -> torch.Tensor:
-        return torch.cat([getattr(r, name) for r in results])
-
-    n = sum(r.logsumexp.shape[0] for r in results)
+    r = BlockResult.cat(results)
+    n = r.logsumexp.shape[0]
     cols: dict[str, object] = {
         "layer": pa.array([layer] * n, pa.int16()),
         "matrix": pa.array([matrix] * n, pa.string()),
         "index": pa.array(range(n), pa.int32()),
     }
     for name in ("top_ids", "top_probs", "top_logits", "bottom_ids", "bottom_logits"):
-        values = cat(name)  # (n, k)
+        values = getattr(r, name)  # (n, k)
         flat = pa.array(values.reshape(-1).numpy())
         offsets = pa.array(range(0, values.numel() + 1, values.shape[1]), pa.int32())
         cols[name] = pa.ListArray.from_arrays(offsets, flat)
@@ -179,7 +177,7 @@ def layer_table(matrix: str, layer: int, results: list[BlockResult]) -> pa.Table
         "logit_skew",
         "logit_kurtosis",
     ):
-        cols[name] = pa.array(cat(name).numpy())
+        cols[name] = pa.array(getattr(r, name).numpy())
     return pa.table(cols, schema=LAYER_SCHEMA)
 
 

@@ -41,6 +41,15 @@ class BlockResult:
     logit_skew: Tensor
     logit_kurtosis: Tensor  # excess kurtosis
 
+    @classmethod
+    def cat(cls, results: list[BlockResult]) -> BlockResult:
+        """The results of consecutive blocks as one (rows in order)."""
+        return cls(**{k: torch.cat([getattr(r, k) for r in results]) for k in vars(results[0])})
+
+    def rows(self, index: Tensor | slice) -> BlockResult:
+        """The results of rows `index` only."""
+        return BlockResult(**{k: v[index] for k, v in vars(self).items()})
+
 
 class Decoder:
     """Holds the LM-head on the device and decodes blocks of neuron vectors."""
@@ -152,6 +161,24 @@ class Decoder:
             logit_skew=(st.m3 / var**1.5).cpu(),
             logit_kurtosis=(st.m4 / var**2 - 3.0).cpu(),
         )
+
+    def decode_padded(
+        self,
+        W: Tensor,
+        block: int,
+        refs: Tensor | None = None,
+        reverse: ReverseIndex | None = None,
+    ) -> BlockResult:
+        """`decode` for up to `block` rows W (n, d_model), zero-padded to `block` rows so that
+        every call has the one shape the kernels were compiled for; padding refs are -1 (no
+        neuron). The result has the n rows of W."""
+        n = W.shape[0]
+        if n < block:
+            W = torch.cat([W, W.new_zeros(block - n, W.shape[1])])
+            if refs is not None:
+                refs = torch.cat([refs, refs.new_full((block - n,), -1)])
+        r = self.decode(W, refs, reverse)
+        return r if n == block else r.rows(slice(0, n))
 
     def _with_exact_tokens(
         self,

@@ -19,13 +19,14 @@ checks the atlas itself.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
 from .audit import Errors, compare, exact_reference
-from .engine import Decoder
+from .engine import BlockResult, Decoder
 
 PILOT = 64  # neurons per pilot sample
 MARGIN = 0.5  # a pilot neuron passes within this fraction of each tolerance
@@ -56,19 +57,11 @@ def pilot_errors(decoder: Decoder, w: Tensor, block: int) -> tuple[Errors, Tenso
     """Errors of the engine on raw neuron vectors w (n, d_model), and the exact logits (n, V).
 
     The rows are decoded in blocks of `block` rows (zero-padded), as the map decodes them."""
-    ids, logits, probs, lse = [], [], [], []
-    for lo in range(0, w.shape[0], block):
-        part = w[lo : lo + block]
-        n = part.shape[0]
-        if n < block:
-            part = torch.cat([part, part.new_zeros(block - n, part.shape[1])])
-        r = decoder.decode(part)
-        ids.append(r.top_ids[:n])
-        logits.append(r.top_logits[:n])
-        probs.append(r.top_probs[:n])
-        lse.append(r.logsumexp[:n])
+    r = BlockResult.cat(
+        [decoder.decode_padded(w[lo : lo + block], block) for lo in range(0, len(w), block)]
+    )
     ref = exact_reference(w, decoder.W_U, decoder.gain, decoder.eps, decoder.norm, decoder.softcap)
-    return compare(ref, torch.cat(ids), torch.cat(logits), torch.cat(probs), torch.cat(lse)), ref
+    return compare(ref, r.top_ids, r.top_logits, r.top_probs, r.logsumexp), ref
 
 
 def twin_tokens(W_U: Tensor, mean: Tensor, ref: Tensor) -> Tensor:
@@ -90,13 +83,13 @@ def twin_tokens(W_U: Tensor, mean: Tensor, ref: Tensor) -> Tensor:
     if not core.any():
         return torch.empty(0, dtype=torch.int64)
     labels = _components(near[core][:, core])
-    members = examined[core.cpu()]
+    members, U_core = examined[core.cpu()], U[core]  # (G,), (G, d)
     found = []
     for g in labels.unique():
         group = (labels == g).nonzero().squeeze(1)
         if group.numel() < MIN_GROUP:
             continue
-        rows = U[core][group.to(U.device)]
+        rows = U_core[group.to(U.device)]
         c = _unit(rows.mean(0, keepdim=True))[0]
         floor = float((rows @ c).min())
         found.append(_near_centroid(W_U, mean, c, floor))
@@ -133,12 +126,12 @@ def _near_centroid(W_U: Tensor, mean: Tensor, c: Tensor, floor: float, rows: int
 
 
 def run_pilot(
-    decoder: Decoder, first: Tensor, second: Tensor, block: int, auto: bool
+    decoder: Decoder, first: Tensor, second: Callable[[], Tensor], block: int, auto: bool
 ) -> PilotReport:
     """Check `decoder` (low precision) on raw neuron vectors `first` (n, d_model); on failure,
-    set its exact tokens and check again on the fresh sample `second`. Decides as the module
-    docstring says; "float32" asks the caller to map in fp32 instead. `auto`: the dtype was
-    chosen by --dtype auto (an explicit one is kept)."""
+    set its exact tokens and check again on the fresh sample that `second()` reads. Decides as
+    the module docstring says; "float32" asks the caller to map in fp32 instead. `auto`: the
+    dtype was chosen by --dtype auto (an explicit one is kept)."""
     errors, ref = pilot_errors(decoder, first, block)
     bad = errors.over(MARGIN)
     report = PilotReport(
@@ -152,7 +145,7 @@ def run_pilot(
     twins = twin_tokens(decoder.W_U, decoder.mean_u, ref[bad])
     if 0 < twins.numel() <= MAX_EXACT:
         decoder.set_exact_tokens(twins)
-        check, _ = pilot_errors(decoder, second, block)
+        check, _ = pilot_errors(decoder, second(), block)
         report.exact_tokens = int(twins.numel())
         report.check_over = int(check.over(MARGIN).sum())
         report.check_max_rel_prob = float(check.rel_prob.max())
