@@ -45,6 +45,8 @@ def map_command(
 
         flashlens map meta-llama/Llama-3.1-8B -o atlas/llama31-8b --layers 0-5,9
 
+        flashlens map ./Qwen3-8B -o atlas/qwen3 --dtype bfloat16 --pilot 256
+
     Rerunning the same command resumes an interrupted run.
 
     Before a bf16/fp16 map, --pilot N neurons (default 64) are decoded both
