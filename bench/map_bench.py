@@ -175,14 +175,21 @@ def gemm_rates(
     """(best, median) FLOP/s of (block, d_model) @ (d_model, V) for the engine's shapes, dtype
     and out= buffer, over `reps` timed products after a warm-up."""
     g = torch.Generator().manual_seed(1)
-    W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02).to(device, dtype)
-    x = torch.randn(block, D_MODEL, generator=g).to(device, dtype)
-    out = torch.empty(block, D_VOCAB, device=device, dtype=dtype)
+    if dtype == torch.int8:  # the engine's int8 GEMM: int8 operands, exact int32 products
+        W_U = torch.randint(-127, 128, (D_VOCAB, D_MODEL), generator=g, dtype=torch.int8)
+        x = torch.randint(-127, 128, (block, D_MODEL), generator=g, dtype=torch.int8)
+        out = torch.empty(block, D_VOCAB, dtype=torch.int32)
+        product = lambda: torch._int_mm(x, W_U.T, out=out)  # noqa: E731
+    else:
+        W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02).to(device, dtype)
+        x = torch.randn(block, D_MODEL, generator=g).to(device, dtype)
+        out = torch.empty(block, D_VOCAB, device=device, dtype=dtype)
+        product = lambda: torch.matmul(x, W_U.T, out=out)  # noqa: E731
     times = []
     for i in range(reps + 1):
         _sync(device)
         t = time.perf_counter()
-        torch.matmul(x, W_U.T, out=out)
+        product()
         _sync(device)
         if i:  # the first is a warm-up
             times.append(time.perf_counter() - t)
@@ -399,7 +406,8 @@ def main() -> None:
         )
         pilot, audit = m.get("pilot") or {}, m.get("audit") or {}
         print(
-            f"  pilot: {pilot.get('decision')} (worst {pilot.get('max_rel_prob', 0):.1e}); "
+            f"  computed in {m['compute_dtype']} (peak measured in {dtype}); "
+            f"pilot: {pilot.get('decision')} (worst {pilot.get('max_rel_prob', 0):.1e}); "
             f"audit: ok {audit.get('ok')} (worst {audit.get('max_rel_prob', 0):.1e})",
             flush=True,
         )

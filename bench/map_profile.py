@@ -46,7 +46,7 @@ def instrument() -> None:
     D, R, W = engine_mod.Decoder, reverse_mod.ReverseIndex, writer_mod.AtlasWriter
     steps = [
         (D, "decode", "decode (one block, all steps)"),
-        (D, "logits", "GEMM x @ W_U^T"),
+        (D, "block_logits", "GEMM x @ W_U^T"),  # (int8: with quantising x)
         (D, "_candidates", "top/bottom candidates"),
         (D, "_exact_logits", "exact fp32 rescoring"),
         (R, "update", "reverse-index update"),
@@ -60,6 +60,7 @@ def instrument() -> None:
         (mapping_mod, "_load", "read a layer (thread)"),
         (mapping_mod, "run_pilot", "precision pilot (start-up)"),
         (mapping_mod, "run_audit", "accuracy audit (end)"),
+        (mapping_mod, "_exact_reverse", "reverse entries made exact (end)"),
     ]
     for owner, name, label in steps:
         setattr(owner, name, timed(getattr(owner, name), label))

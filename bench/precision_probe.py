@@ -105,6 +105,7 @@ def probe(name: str, rows: Callable[[], Iterator[tuple[Tensor, Tensor]]]) -> Non
         total += x.shape[0]
         errors = {k: lse_error(L, ref) for k, L in recipes(W_U, x).items()}
         errors["bf16 + twins exact"] = lse_error((x.bfloat16() @ W_U.T).double(), ref, twins)
+        errors["int8 + twins exact"] = lse_error(recipes(W_U, x)["int8"], ref, twins)
         for k, err in errors.items():
             worst[k] = max(worst.get(k, 0.0), float(err.max()))
             over[k] = over.get(k, 0) + int((err.expm1() > 0.01).sum())

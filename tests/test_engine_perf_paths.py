@@ -14,10 +14,12 @@ from flashlens.decode.kernels import (
     CHUNK,
     BlockStats,
     block_stats,
+    block_stats_int8,
     compiled,
     compiled_block_stats,
     exact_logits,
 )
+from flashlens.decode.logits import Logits
 from flashlens.decode.reverse import ReverseIndex
 
 
@@ -57,6 +59,20 @@ def test_block_stats_matches_brute_force(V: int, dtype: torch.dtype) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_block_stats_int8_is_block_stats_of_the_scaled_products() -> None:
+    """The int8 GEMM's int32 products, scaled per row and per token inside the kernel, give
+    the statistics of the dequantised logits (every field, the tail and chunk gaps included)."""
+    g = torch.Generator().manual_seed(3)
+    B, V = 5, 200
+    Lq = torch.randint(-30000, 30000, (B, V), generator=g, dtype=torch.int32)
+    s_row, s_col = torch.rand(B, generator=g) * 1e-4, 0.5 + torch.rand(V, generator=g)
+    L = Lq.float() * s_row[:, None] * s_col  # (as Logits.at scales them)
+    mu, thr = L.mean(1), torch.linspace(-9.0, -4.0, V)
+    got, want = block_stats_int8(Lq, s_row, s_col, mu, thr), _brute_stats(L, mu, thr)
+    for name, ref in want.items():
+        torch.testing.assert_close(getattr(got, name).double(), ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("path", ["package", "jit"])
 def test_compiled_block_stats_equals_eager(path: str) -> None:
     """Both compiled paths: the ahead-of-time package (for the shapes `prepare` was given; these
@@ -82,12 +98,16 @@ def test_compiled_block_stats_equals_eager(path: str) -> None:
         )
 
 
-def _decoder(V: int, dtype: torch.dtype, seed: int = 0) -> tuple[Decoder, torch.Tensor]:
+def _decoder(
+    V: int, dtype: torch.dtype, seed: int = 0, compute: torch.dtype | None = None
+) -> tuple[Decoder, torch.Tensor]:
+    """A decoder over a random head stored in `dtype`, computing in `compute` (default: the
+    same)."""
     g = torch.Generator().manual_seed(seed)
     d = 32
     W_U = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
     gain = 1 + torch.rand(d, generator=g)
-    dec = Decoder(W_U, gain, 1e-6, "model", 5, torch.device("cpu"), dtype)
+    dec = Decoder(W_U, gain, 1e-6, "model", 5, torch.device("cpu"), compute or dtype)
     return dec, W_U
 
 
@@ -97,10 +117,15 @@ def _reference(dec: Decoder, W_U: torch.Tensor, W: torch.Tensor) -> torch.Tensor
     return x @ W_U.double().T  # (B, V)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoder_finds_extremes_in_the_vocabulary_tail(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "compute"),
+    [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.int8)],
+)
+def test_decoder_finds_extremes_in_the_vocabulary_tail(
+    dtype: torch.dtype, compute: torch.dtype | None
+) -> None:
     V = 3 * CHUNK + 37  # d_vocab % 64 != 0: the last 37 tokens are outside every chunk
-    dec, W_U = _decoder(V, dtype)
+    dec, W_U = _decoder(V, dtype, compute=compute)
     g = torch.Generator().manual_seed(2)
     W = torch.randn(7, 32, generator=g)
     W[0] = W_U[V - 1].float() * 5  # neuron 0 points at the last token: top-1 lives in the tail
@@ -147,15 +172,31 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> lis
 
 
 def _offer(
-    rev: ReverseIndex, L: torch.Tensor, refs: torch.Tensor, shift: torch.Tensor
+    rev: ReverseIndex, L: torch.Tensor | Logits, refs: torch.Tensor, shift: torch.Tensor
 ) -> torch.Tensor:
     """Offer a block as the engine does: chunk gaps from the statistics kernel against the
     table as it stands, then a corrected logsumexp, here the kernel's moved by `shift` (B,) per
     row (the correction may go either way). Returns the corrected logsumexp."""
-    st = block_stats(L, L.mean(1), rev.filter_threshold())
+    if isinstance(L, Logits):  # int32 products and their scales, as the int8 GEMM leaves them
+        assert L.row_scale is not None and L.col_scale is not None
+        dense = L.dense()
+        st = block_stats_int8(
+            L.data, L.row_scale, L.col_scale, dense.mean(1), rev.filter_threshold()
+        )
+    else:
+        st = block_stats(L, L.mean(1), rev.filter_threshold())
     lse = st.lse + shift
     rev.update(L, lse, refs, None if rev.filling else st.chunk_gap)
     return lse
+
+
+def _as_int8_products(L: torch.Tensor, g: torch.Generator) -> tuple[Logits, torch.Tensor]:
+    """L (B, V) moved onto the grid of int32 products with random row and token scales, as
+    Logits, and the logits they stand for (B, V)."""
+    s_row = (1 + torch.rand(L.shape[0], generator=g)) * 2e-4
+    s_col = 0.5 + torch.rand(L.shape[1], generator=g)
+    q = torch.round(L / (s_row[:, None] * s_col)).int()
+    return Logits(q, s_row, s_col), q.float() * s_row[:, None] * s_col
 
 
 def _assert_brute_force(
@@ -171,16 +212,18 @@ def _assert_brute_force(
     torch.testing.assert_close(state["logit"].gather(0, got.indices), logit.gather(0, rows))
 
 
+@pytest.mark.parametrize("int8", [False, True])  # fp32 logits; int32 products with scales
 @pytest.mark.parametrize("dense_above", [reverse_mod.DENSE_ABOVE, 1.0])  # 1.0: sparse only
 @pytest.mark.parametrize("n", [1, 4, 6])
 def test_reverse_index_matches_brute_force_across_paths(
-    n: int, dense_above: float, monkeypatch: pytest.MonkeyPatch
+    n: int, dense_above: float, int8: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Blocks go through the dense merge (first block), the chunk filter (flagged chunks
     gathered in several slices, a vocabulary tail past the last full chunk, logsumexp
     corrections up and down), the candidate merge (tokens with at most n and with more than n
     candidates), padding rows, and a state()/load() round trip in the middle; the result must
-    be the exact top-n per token over every valid row seen."""
+    be the exact top-n per token over every valid row seen. With int8, every path reads the
+    logits through their row and token scales."""
     monkeypatch.setattr(reverse_mod, "GATHER", 3 * CHUNK)  # 3 chunks per gathered slice
     monkeypatch.setattr(reverse_mod, "DENSE_ABOVE", dense_above)
     dense = _count_calls(monkeypatch, ReverseIndex, "_update_dense")
@@ -201,7 +244,11 @@ def test_reverse_index_matches_brute_force_across_paths(
         shift = (torch.rand(B, generator=g) - 0.5) * 0.02
         if blk == 15:
             shift[2], shift[5] = -0.7, 0.7  # large corrections either way
-        lse = _offer(rev, L, refs, shift)
+        if int8:
+            products, L = _as_int8_products(L, g)
+            lse = _offer(rev, products, refs, shift)
+        else:
+            lse = _offer(rev, L, refs, shift)
         if blk == 17:  # resume from a saved state, as the atlas writer does
             state = rev.state()
             rev = ReverseIndex(V, n, torch.device("cpu"))
@@ -256,23 +303,31 @@ def test_reverse_sparse_merge_equals_one_dense_merge() -> None:
     assert a["ref"].gather(0, sa.indices).tolist() == b["ref"].gather(0, sb.indices).tolist()
 
 
-@pytest.mark.parametrize("softcap", [None, 20.0])
-def test_warm_up_compiles_exactly_what_the_decoder_calls(softcap: float | None) -> None:
+@pytest.mark.parametrize(
+    ("compute", "softcap"),
+    [(torch.bfloat16, None), (torch.bfloat16, 20.0), (torch.int8, None), (torch.int8, 20.0)],
+)
+def test_warm_up_compiles_exactly_what_the_decoder_calls(
+    compute: torch.dtype, softcap: float | None
+) -> None:
     """`map` compiles the kernels on placeholders while the head loads: the decoder's first
     blocks (filling, then chunk filter and sparse merge) must then run the ahead-of-time
-    packages it prepared and compile nothing new, and agree with the eager decoder."""
+    packages it prepared and compile nothing new, and agree with the eager decoder. (int8
+    with a softcap: the logits are dequantised before it, so the plain kernel runs.)"""
     from torch._dynamo.utils import counters
 
-    stats, exact = compiled_block_stats("cpu"), compiled(exact_logits, "cpu")
+    scaled = compute == torch.int8 and softcap is None
+    stats, exact = compiled_block_stats("cpu", scaled), compiled(exact_logits, "cpu")
     if stats is None or exact is None:
         pytest.skip("no C compiler for inductor")
-    V, d, B, k = 203 + (softcap is not None), 24, 8, 4  # shapes no other test compiles
+    # shapes no other test compiles
+    V, d, B, k = 203 + (softcap is not None) + 2 * (compute == torch.int8), 24, 8, 4
     g = torch.Generator().manual_seed(11)
     W_U = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
     gain = 1 + torch.rand(d, generator=g)
-    args = (W_U, gain, 1e-6, "model", k, torch.device("cpu"), torch.bfloat16, softcap)
+    args = (W_U, gain, 1e-6, "model", k, torch.device("cpu"), compute, softcap)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
-    warm_up(B, V, d, torch.bfloat16, torch.bfloat16, k, softcap, torch.device("cpu"))
+    warm_up(B, V, d, torch.bfloat16, compute, k, softcap, torch.device("cpu"))
     fast, slow = Decoder(*args, compile=True), Decoder(*args, compile=False)
     rev_fast = ReverseIndex(V, 3, torch.device("cpu"))
     rev_slow = ReverseIndex(V, 3, torch.device("cpu"))
@@ -308,3 +363,13 @@ def test_reverse_index_with_a_vocabulary_smaller_than_a_chunk() -> None:
         logits.append(L)
         refs.append(ref)
     _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(refs))
+
+
+def test_reverse_index_refuses_a_saved_table_of_another_width() -> None:
+    """A resume state from a run that kept another number of entries per token (another N,
+    or a low-precision run's spares) is refused with the way out, not silently misread."""
+    from flashlens.errors import FlashlensError
+
+    saved = ReverseIndex(100, 4, torch.device("cpu")).state()
+    with pytest.raises(FlashlensError, match="rerun with --overwrite"):
+        ReverseIndex(100, 12, torch.device("cpu")).load(saved)

@@ -121,7 +121,7 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
         (["--layers", "x"], "bad layer range"),
         (["--matrices", "up,ffn"], "unknown matrix ffn"),
         (["--norm", "layer"], "unknown norm mode"),
-        (["--dtype", "int8"], "unknown dtype"),
+        (["--dtype", "int4"], "unknown dtype"),
         (["--top-k", "0"], "at least 1"),
     ],
 )

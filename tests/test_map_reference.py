@@ -106,7 +106,7 @@ def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
     model = make_model(
         tmp_path / "m", family, dtype=torch.bfloat16, d_vocab=512, d_model=64, d_mlp=64, n_layers=2
     )
-    for dtype, expect in (("bfloat16", "bfloat16"), ("float32", "float32")):
+    for dtype, expect in (("bfloat16", "bfloat16"), ("int8", "int8"), ("float32", "float32")):
         out = tmp_path / f"a-{dtype}"
         map_model(model, out, dtype=dtype, compile="off")
         atlas = Atlas.open(out)
@@ -118,19 +118,38 @@ def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
                 check_tolerance(atlas, model, matrix, 1, "model")
 
 
-def test_low_precision_at_realistic_vocabulary(tmp_path: Path) -> None:
-    """bf16 compute on a wide, realistic-size vocabulary still meets the tolerances."""
+@pytest.mark.parametrize(
+    ("dtype", "d_model", "expect"),
+    [("bfloat16", 128, "bfloat16"), ("int8", 1024, "int8"), ("auto", 128, "bfloat16")],
+)
+def test_low_precision_at_realistic_vocabulary(
+    tmp_path: Path, dtype: str, d_model: int, expect: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 or int8 compute on a wide, realistic-size vocabulary still meets the tolerances.
+
+    int8 rounds each operand to 1/127 of its row's largest entry: with d_model = 128 the
+    logits move enough (probabilities up to 1.4% off over 128,256 tokens) that auto's pilot
+    steps down to bf16; with 1024 (and real 4096-wide models) int8 is well within them."""
+    from flashlens.decode import policy
+
+    monkeypatch.setattr(policy, "LOW_PRECISION_FLOPS", 0.0)
+    monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: True)
+    monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda: True)
     model = make_model(
         tmp_path / "m",
         d_vocab=128256,
-        d_model=128,
+        d_model=d_model,
         d_mlp=64,
         n_layers=1,
         dtype=torch.bfloat16,
         tokenizer="tokenizers/llama3",
     )
-    map_model(model, tmp_path / "a", matrices="up,down", dtype="bfloat16", compile="off")
+    s = map_model(model, tmp_path / "a", matrices="up,down", dtype=dtype, compile="off")
     atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.compute_dtype == expect and s.pilot is not None
+    if dtype == "auto":  # int8 tried first, and stepped down from
+        assert (s.pilot["dtype"], s.pilot["decision"]) == ("int8", "bfloat16")
+        assert s.pilot["max_rel_prob"] > 0.005 and s.pilot["then"]["decision"] == "gemm"
     for matrix in ("up", "down"):
         check_tolerance(atlas, model, matrix, 0, "model")
     check_reverse_tolerance(atlas, model, ["up", "down"], [0])
@@ -166,9 +185,11 @@ def test_compiled_map_equals_eager_map(tmp_path: Path) -> None:
 def check_reverse_tolerance(
     atlas: Atlas, model: Path, matrices: list[str], layers: list[int]
 ) -> None:
-    """Low-precision reverse index (README: entries carry the bf16 GEMM's rounding): each stored
-    log-probability within 0.1 nat of the fp32 reference, and each stored neuron in its token's
-    brute-force top N up to near-ties within twice that."""
+    """Low-precision reverse index (README): each stored log-probability within 1% (0.01 nat)
+    of the fp32 reference, and each stored neuron in its token's brute-force top N up to ties
+    within that. (The map keeps spare entries per token and makes them exact at the end;
+    without that, int8 at d_model 1024 stored log-probabilities up to 0.66 nat off and
+    neurons up to 0.74 nat short of the top N, bf16 0.18 nat.)"""
     import pyarrow.parquet as pq
 
     L = torch.cat([reference_logits(model, m, layer) for m in matrices for layer in layers])
@@ -182,11 +203,12 @@ def check_reverse_tolerance(
     )
     tok = torch.tensor(rev["token_id"])
     want = logP[rows, tok]
-    tol = 0.1  # nats
+    tol = near_tie = 0.01  # nats
     got = torch.tensor(rev["prob"], dtype=torch.float64).log()
     err = (got - want).abs()
     assert bool((err <= tol).all()), f"worst error {float(err.max()):.4f} nats"
-    assert bool((want >= nth[tok] - 2 * tol).all()), "a stored neuron is not in its token's top-N"
+    short = float((nth[tok] - want).max())
+    assert short <= near_tie, f"a stored neuron is {short:.3f} nats short of its token's top-N"
     assert len(rev["token_id"]) == atlas.meta.reverse_n * atlas.meta.d_vocab
 
 

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from flashlens.decode import policy
-from flashlens.decode.policy import block_size, resolve_device, resolve_dtype, use_compile
+from flashlens.decode.policy import (
+    block_size,
+    fallback_dtype,
+    resolve_device,
+    resolve_dtype,
+    use_compile,
+)
 from flashlens.errors import FlashlensError
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -34,10 +40,19 @@ def test_auto_dtype_follows_the_weights_on_gpu(monkeypatch: pytest.MonkeyPatch) 
     assert resolve_dtype("auto", torch.bfloat16, CUDA) == torch.bfloat16
     assert resolve_dtype("auto", torch.float16, CUDA) == torch.float16
     assert resolve_dtype("auto", torch.float32, CUDA) == torch.float32
+    monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: False)
     for fast, want in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda fast=fast: fast)
         assert resolve_dtype("auto", torch.bfloat16, CPU) == want
         assert resolve_dtype("auto", torch.float16, CPU) == want
+    # VNNI: int8 first on the CPU, never on the GPU (an explicit int8 there is an error)
+    monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: True)
+    assert resolve_dtype("auto", torch.bfloat16, CPU) == torch.int8
+    assert resolve_dtype("auto", torch.float32, CPU) == torch.float32  # fp32 weights: exact
+    assert resolve_dtype("auto", torch.bfloat16, CUDA) == torch.bfloat16
+    assert resolve_dtype("int8", torch.float32, CPU) == torch.int8
+    with pytest.raises(FlashlensError, match="int8 is a CPU path"):
+        resolve_dtype("int8", torch.bfloat16, CUDA)
     assert resolve_dtype("float16", torch.float32, CPU) == torch.float16  # explicit wins
     # small jobs (quick in fp32 anyway) are computed exactly; big ones in low precision
     small, big = policy.LOW_PRECISION_FLOPS / 2, policy.LOW_PRECISION_FLOPS * 2
@@ -46,6 +61,14 @@ def test_auto_dtype_follows_the_weights_on_gpu(monkeypatch: pytest.MonkeyPatch) 
     assert resolve_dtype("bfloat16", torch.bfloat16, CUDA, small) == torch.bfloat16
     with pytest.raises(FlashlensError, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.bfloat16, CPU)
+
+
+def test_auto_steps_down_towards_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    for fast_bf16, after_int8 in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda f=fast_bf16: f)
+        assert fallback_dtype(torch.int8, CPU) == after_int8
+    assert fallback_dtype(torch.bfloat16, CPU) == torch.float32
+    assert fallback_dtype(torch.float16, CUDA) == torch.float32
 
 
 def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:

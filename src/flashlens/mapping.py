@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,8 +21,14 @@ from .decode.audit import AuditSample, run_audit
 from .decode.engine import BlockResult, Decoder, warm_up
 from .decode.norm import NORM_MODES
 from .decode.pilot import PILOT, run_pilot
-from .decode.policy import block_size, resolve_device, resolve_dtype, use_compile
-from .decode.reverse import ReverseIndex
+from .decode.policy import (
+    block_size,
+    fallback_dtype,
+    resolve_device,
+    resolve_dtype,
+    use_compile,
+)
+from .decode.reverse import SPARE, ReverseIndex
 from .errors import FlashlensError
 from .families import Matrix
 from .progress import progress_bar, status
@@ -228,21 +235,31 @@ def _map(
         if compute_dtype != torch.float32 and pilot > 0:
             every = [(m, layer) for m in matrices for layer in layers]  # as on a first run
             first = _pilot_rows(source, every, pilot, seed=1)
-            second = lambda: _pilot_rows(source, every, pilot, seed=2)  # noqa: E731 (if needed)
-            what = f"checking the {meta.compute_dtype} GEMM on {len(first)} neurons"
-            with status(progress, what):
-                report = run_pilot(decoder, first, second, B, auto=dtype_name == "auto")
-            summary.pilot = meta.pilot = report.to_dict()
-            if report.decision == "float32":
-                compute_dtype = torch.float32
-                summary.compute_dtype = meta.compute_dtype = "float32"
-                with status(progress, "preparing the float32 decoder"):
-                    decoder = _fp32_decoder(decoder, source, B, top_k, compiled)
+            second = functools.cache(lambda: _pilot_rows(source, every, pilot, seed=2))
+            reports: list[dict[str, Any]] = []
+            while True:  # auto steps down (int8 -> bf16 -> fp32) until a pilot passes
+                step = fallback_dtype(compute_dtype, device) if dtype_name == "auto" else None
+                what = f"checking the {meta.compute_dtype} GEMM on {len(first)} neurons"
+                with status(progress, what):
+                    fallback = str(step).removeprefix("torch.") if step is not None else None
+                    report = run_pilot(decoder, first, second, B, fallback)
+                reports.append(report.to_dict())
+                if not report.steps_down:
+                    break
+                assert step is not None
+                compute_dtype = step
+                summary.compute_dtype = meta.compute_dtype = report.decision
+                with status(progress, f"preparing the {report.decision} decoder"):
+                    decoder = _decoder_in(compute_dtype, decoder, source, B, top_k, compiled)
+                if compute_dtype == torch.float32:
+                    break
+            summary.pilot = meta.pilot = _chain(reports)
             writer.save_meta()
         tokens_job = None
         if not writer.has_tokens():
             tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
-        reverse = ReverseIndex(source.d_vocab, reverse_n, device)
+        # low precision: spare entries per token, cut to the best reverse_n once made exact
+        reverse = ReverseIndex(source.d_vocab, reverse_n + (0 if decoder.exact else SPARE), device)
         writer.load_reverse(reverse)
         # A layer's Parquet file and resume state are written (and fsynced) on a thread while
         # the next layer maps; at most one is in flight, and its errors surface at the next.
@@ -267,6 +284,12 @@ def _map(
                 summary.neurons_mapped += source.d_mlp
         if writing is not None:
             writing.result()
+        if not decoder.exact:
+            what = "computing the reverse index's entries exactly in fp32"
+            with status(progress, what):
+                _exact_reverse(
+                    reverse, decoder, source, [(m, layer) for m in matrices for layer in layers]
+                )
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
         checked = None
@@ -288,6 +311,23 @@ def _map(
     return summary
 
 
+def _exact_reverse(
+    reverse: ReverseIndex, decoder: Decoder, source: ModelSource, jobs: list[tuple[Matrix, int]]
+) -> None:
+    """Replace the low-precision logits of the reverse index's entries by exact fp32 ones,
+    job by job (every job of the atlas: a resumed run's table holds them all; each layer is
+    read again, the next one while this one computes)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool:
+        pending = pool.submit(_load, source, jobs[0], decoder.device) if jobs else None
+        for i, (matrix, layer) in enumerate(jobs):
+            assert pending is not None
+            W = pending.result()  # (d_mlp, d_model)
+            if i + 1 < len(jobs):
+                pending = pool.submit(_load, source, jobs[i + 1], decoder.device)
+            base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
+            reverse.rescore(base, source.d_mlp, functools.partial(decoder.exact_pairs, W))
+
+
 def _pilot_rows(
     source: ModelSource, jobs: list[tuple[Matrix, int]], n: int, seed: int
 ) -> torch.Tensor:
@@ -301,17 +341,30 @@ def _pilot_rows(
     return torch.cat(rows)
 
 
-def _fp32_decoder(
-    decoder: Decoder, source: ModelSource, block: int, top_k: int, compiled: bool
+def _chain(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The pilots' reports as one: the first, with each later one under "then"."""
+    out = dict(reports[-1])
+    for earlier in reversed(reports[:-1]):
+        out = {**earlier, "then": out}
+    return out
+
+
+def _decoder_in(
+    dtype: torch.dtype,
+    decoder: Decoder,
+    source: ModelSource,
+    block: int,
+    top_k: int,
+    compiled: bool,
 ) -> Decoder:
-    """A decoder like `decoder` that computes its GEMM in fp32 (its kernels prepared)."""
+    """A decoder like `decoder` that computes its GEMM in `dtype` (its kernels prepared)."""
     if compiled:
         warm_up(
             block,
             source.d_vocab,
             source.d_model,
             decoder.W_U.dtype,
-            torch.float32,
+            dtype,
             top_k,
             decoder.softcap,
             decoder.device,
@@ -323,7 +376,7 @@ def _fp32_decoder(
         decoder.norm,
         top_k,
         decoder.device,
-        torch.float32,
+        dtype,
         decoder.softcap,
         compile=compiled,
     )

@@ -182,9 +182,9 @@ def layer_table(matrix: str, layer: int, results: list[BlockResult]) -> pa.Table
 
 
 def reverse_table(reverse: ReverseIndex, meta: AtlasMeta) -> pa.Table:
-    state = reverse.state()  # (N, V) each; rows are not sorted
+    state = reverse.state()  # (N', V) each, N' >= N (a low-precision map keeps spares)
     logp, logit, ref = state["logp"], state["logit"], state["ref"]
-    order = logp.argsort(dim=0, descending=True)
+    order = logp.argsort(dim=0, descending=True)[: meta.reverse_n]  # the best N, best first
     logp, logit, ref = logp.gather(0, order), logit.gather(0, order), ref.gather(0, order)
     N, V = logp.shape
     keep = (ref >= 0).T.reshape(-1)  # token-major

@@ -27,7 +27,9 @@ def map_command(
     reverse_n: int = typer.Option(32, help="Neurons kept per token in the reverse index."),
     norm: str = typer.Option("model", help="Final norm: model (RMSNorm), gain, none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, bfloat16, float16."),
+    dtype: str = typer.Option(
+        "auto", help="Compute dtype: auto, float32, bfloat16, float16, int8 (CPU)."
+    ),
     block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
     compile: str = typer.Option("auto", help="Fuse reductions with torch.compile: auto/on/off."),
     overwrite: bool = typer.Option(False, help="Replace an atlas made with other settings."),
@@ -49,10 +51,11 @@ def map_command(
 
     Rerunning the same command resumes an interrupted run.
 
-    Before a bf16/fp16 map, --pilot N neurons (default 64) are decoded both
+    Before an int8/bf16/fp16 map, --pilot N neurons (default 64) are decoded both
     ways: if the GEMM misses half the tolerances on any, groups of near-identical
     LM-head rows (untrained tokens, say) are computed exactly in every block, or,
-    under --dtype auto, the map runs in float32. At the end, --audit N neurons
+    under --dtype auto, the map steps down to a more precise dtype (int8 ->
+    bfloat16 -> float32) and checks again. At the end, --audit N neurons
     (default 32) are decoded again exactly in fp32 and compared: the summary says
     how close the atlas is, with a warning when it is outside tolerance.
     """
@@ -92,10 +95,10 @@ def map_command(
 
 
 def _print_pilot(p: dict[str, Any]) -> None:
-    """One line on what the pilot found and decided; a warning when it could not fix it."""
+    """One line per pilot on what it found and decided; a warning when it could not fix it."""
     first = (
         f"precision pilot: {p['over']} of {p['sample']} neurons outside half the tolerances "
-        f"with the plain low-precision GEMM (worst probability {100 * p['max_rel_prob']:.2g}% off)"
+        f"with the plain {p['dtype']} GEMM (worst probability {100 * p['max_rel_prob']:.2g}% off)"
     )
     fixed = ""
     if p["exact_tokens"]:
@@ -106,13 +109,15 @@ def _print_pilot(p: dict[str, Any]) -> None:
         )
     if p["decision"] == "gemm":
         err_console.print(
-            f"precision pilot: {p['sample']} neurons within half the tolerances "
-            f"(worst probability {100 * p['max_rel_prob']:.2g}% off)"
+            f"precision pilot: {p['sample']} neurons within half the tolerances with the "
+            f"{p['dtype']} GEMM (worst probability {100 * p['max_rel_prob']:.2g}% off)"
         )
     elif p["decision"] == "exact tokens":
         err_console.print(f"{first}{fixed}: mapped so")
-    elif p["decision"] == "float32":
-        err_console.print(f"{first}{fixed}: mapped in float32 instead")
+    elif p["decision"] != "kept":
+        err_console.print(f"{first}{fixed}: stepping down to {p['decision']}")
+        if p.get("then") is not None:
+            _print_pilot(p["then"])
     else:
         err_console.print(
             f"[yellow]warning:[/] {first}{fixed}. Kept the --dtype asked for: remap with "

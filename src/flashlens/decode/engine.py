@@ -2,7 +2,8 @@
 
 For a block of neuron vectors W (B, d_model):
     x = final_norm(W)                              (B, d_model) fp32
-    L = x @ W_U^T                                  (B, d_vocab) in the compute dtype
+    L = x @ W_U^T                                  (B, d_vocab) in the compute dtype (int8:
+                                                   int32 products and scales, decode.logits)
     lse, entropy, moments, chunk max/min,          one fused kernel over L (kernels.block_stats)
     chunk max of L - reverse-index threshold       (locates the entries the reverse index takes)
     top/bottom-k candidates                        from the best chunks, then rescored exactly
@@ -19,7 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .kernels import CHUNK, block_stats, compiled, compiled_block_stats, exact_logits
+from ..errors import FlashlensError
+from .kernels import (
+    CHUNK,
+    PAIRS,
+    BlockStats,
+    block_stats,
+    block_stats_int8,
+    compiled,
+    compiled_block_stats,
+    exact_logits,
+    pair_logits,
+)
+from .logits import Logits, quantize_head, quantize_rows
 from .norm import NormMode, apply_final_norm
 from .reverse import ReverseIndex
 
@@ -70,14 +83,25 @@ class Decoder:
         self.dtype = compute_dtype
         self.norm, self.eps, self.top_k, self.softcap = norm, norm_eps, top_k, softcap
         self.gain = norm_gain.to(device, torch.float32)
+        if compute_dtype == torch.int8 and device.type != "cpu":
+            raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
         self.W_U = W_U.to(device)  # stored dtype: exact rows for rescoring
-        self.W_U_c = self.W_U.to(compute_dtype)  # the GEMM operand (same tensor if same dtype)
+        # The GEMM operand (the same tensor if the same dtype); int8: per-token scales s_U (V,)
+        self.int8 = compute_dtype == torch.int8
+        self.s_U: Tensor | None = None
+        if self.int8:
+            self.W_U_c, self.s_U = quantize_head(self.W_U)
+        else:
+            self.W_U_c = self.W_U.to(compute_dtype)
         self.d_vocab, self.d_model = W_U.shape
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
-        self._stats = compiled_block_stats(device.type) if compile else None
+        # int8 logits are scaled inside the statistics kernel (after a softcap they are fp32)
+        self._scaled = self.int8 and not softcap
+        self._stats = compiled_block_stats(device.type, self._scaled) if compile else None
         self._exact = compiled(exact_logits, device.type) if compile else None
+        self._pairs = compiled(pair_logits, device.type) if compile else None
         n_full = self.d_vocab // CHUNK * CHUNK
         self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
@@ -95,17 +119,34 @@ class Decoder:
         self._exact_pos[self.exact_ids] = torch.arange(len(self.exact_ids), device=self.device)
 
     def logits(self, x: Tensor) -> Tensor:
-        """(B, d_model) fp32 normed vectors -> (B, d_vocab) logits in the compute dtype.
+        """(B, d_model) fp32 normed vectors -> (B, d_vocab) logits in the compute dtype (fp32
+        for int8). The result may live in a buffer that the next call overwrites."""
+        L = self.block_logits(x)
+        return L.data if L.row_scale is None else L.dense()
 
-        The result lives in a buffer that the next call overwrites."""
+    def block_logits(self, x: Tensor) -> Logits:
+        """(B, d_model) fp32 normed vectors -> the block's logits as the GEMM leaves them, in a
+        buffer that the next call overwrites (int8: int32 products, with their scales)."""
         B = x.shape[0]
         if self._L is None or self._L.shape[0] != B:
             self._L = None  # free the old block before allocating the new one
-            self._L = torch.empty((B, self.d_vocab), dtype=self.dtype, device=self.device)
-        L = torch.matmul(x.to(self.dtype), self.W_U_c.T, out=self._L)
+            out_dtype = torch.int32 if self.int8 else self.dtype
+            self._L = torch.empty((B, self.d_vocab), dtype=out_dtype, device=self.device)
+        if self.int8:
+            q_x, s_x = quantize_rows(x)  # (B, d_model) int8, (B,)
+            L = Logits(torch._int_mm(q_x, self.W_U_c.T, out=self._L), s_x, self.s_U)
+        else:
+            L = Logits(torch.matmul(x.to(self.dtype), self.W_U_c.T, out=self._L))
         if self.softcap:
-            L = torch.tanh(L.float() / self.softcap) * self.softcap
+            L = Logits(torch.tanh(L.dense() / self.softcap) * self.softcap)
         return L
+
+    def _block_stats(self, L: Logits, mu: Tensor, threshold: Tensor) -> BlockStats:
+        if L.row_scale is not None and L.col_scale is not None:
+            fn = self._stats if self._stats is not None else block_stats_int8
+            return fn(L.data, L.row_scale, L.col_scale, mu, threshold)  # type: ignore[no-any-return]
+        fn0 = self._stats if self._stats is not None else block_stats
+        return fn0(L.data, mu, threshold)  # type: ignore[no-any-return]
 
     def decode(
         self, W: Tensor, refs: Tensor | None = None, reverse: ReverseIndex | None = None
@@ -113,15 +154,14 @@ class Decoder:
         """Decode neuron vectors W (B, d_model); offer them to `reverse` under ids `refs`."""
         W = W.to(self.device)
         x = apply_final_norm(W, self.gain, self.eps, self.norm)  # (B, d_model) fp32
-        L = self.logits(x)
+        L = self.block_logits(x)
         mu = x @ self.mean_u  # (B,)
         if self.softcap:
-            mu = L.float().mean(1)
+            mu = L.data.mean(1)  # (fp32 after the softcap)
         threshold = self._no_threshold
         if reverse is not None and refs is not None:
             threshold = reverse.filter_threshold()
-        fn = self._stats if self._stats is not None else block_stats
-        st = fn(L, mu, threshold)
+        st = self._block_stats(L, mu, threshold)
         lse = st.lse
         top_cand, top_approx0 = self._candidates(L, st.chunk_max, self.n_top, largest=True)
         bot_cand, _ = self._candidates(L, st.chunk_min, self.n_bottom, largest=False)
@@ -183,7 +223,7 @@ class Decoder:
     def _with_exact_tokens(
         self,
         x: Tensor,
-        L: Tensor,
+        L: Logits,
         top_cand: Tensor,
         top_exact: Tensor,
         top_approx: Tensor,
@@ -198,16 +238,16 @@ class Decoder:
         ex = x @ self._U_exact.T  # (B, K) fp32
         if self.softcap:
             ex = torch.tanh(ex / self.softcap) * self.softcap
-        approx = L.index_select(1, self.exact_ids).float()  # (B, K)
         ids = self.exact_ids.expand(B, -1)
+        approx = L.gather(ids)  # (B, K)
 
         def seen(cand: Tensor) -> Tensor:  # (B, K): exact tokens already among `cand`
             pos = self._exact_pos[cand]  # (B, n): position among the exact tokens, or -1
-            hit = torch.zeros((B, K + 1), dtype=torch.bool, device=L.device)
+            hit = torch.zeros((B, K + 1), dtype=torch.bool, device=x.device)
             return hit.scatter_(1, pos.masked_fill(pos < 0, K), True)[:, :K]
 
         in_top, in_bot = seen(top_cand), seen(bot_cand)
-        ninf = torch.tensor(float("-inf"), device=L.device)
+        ninf = torch.tensor(float("-inf"), device=x.device)
         return (
             torch.cat([top_cand, ids], 1),
             torch.cat([top_exact, ex.where(~in_top, ninf)], 1),
@@ -217,7 +257,7 @@ class Decoder:
         )
 
     def _candidates(
-        self, L: Tensor, chunk_best: Tensor, n: int, largest: bool
+        self, L: Logits, chunk_best: Tensor, n: int, largest: bool
     ) -> tuple[Tensor, Tensor]:
         """Token ids (B, n) that hold the top (or bottom) n logits, and their approximate logits.
 
@@ -228,14 +268,45 @@ class Decoder:
         cols = []
         if k_chunks:
             best_chunks = chunk_best.topk(k_chunks, dim=1, largest=largest).indices  # (B, kc)
-            offs = torch.arange(CHUNK, device=L.device)
+            offs = torch.arange(CHUNK, device=chunk_best.device)
             cols.append((best_chunks[:, :, None] * CHUNK + offs).reshape(B, -1))
         if self._tail.numel():
             cols.append(self._tail.expand(B, -1))
         cand = torch.cat(cols, dim=1)  # (B, c) token ids that must hold the extremes
-        approx = L.gather(1, cand).float()
+        approx = L.gather(cand)
         pick = approx.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
         return cand.gather(1, pick), approx.gather(1, pick)
+
+    def exact_pairs(self, W: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
+        """Exact fp32 logits (E,) of pairs (neuron W[rows[i]], token tokens[i]) for raw neuron
+        vectors W (n, d_model) (the reverse index's entries are made exact with it at the end
+        of a low-precision map). Compiled: calls of PAIRS pairs, sorted by row so that each
+        neuron's vector stays in cache; eager: slices of ~16 MB of gathered head rows."""
+        x = apply_final_norm(W.to(self.device), self.gain, self.eps, self.norm)  # (n, d) fp32
+        E = rows.shape[0]
+        out = torch.empty(E, dtype=torch.float32, device=self.device)
+        if self._pairs is not None and E:
+            order = rows.argsort(stable=True)
+            pad = -E % PAIRS
+            r = torch.cat([rows[order], rows.new_zeros(pad)])
+            t = torch.cat([tokens[order], tokens.new_zeros(pad)])
+            self._pairs.prepare(self.W_U, x, r[:PAIRS], t[:PAIRS])  # (cached after the first)
+            got = torch.cat(
+                [
+                    self._pairs(self.W_U, x, r[lo : lo + PAIRS], t[lo : lo + PAIRS])
+                    for lo in range(0, E + pad, PAIRS)
+                ]
+            )
+            out[order] = got[:E]
+        else:
+            step = max(1, (16 << 20) // (4 * self.d_model))
+            for lo in range(0, E, step):
+                U = self.W_U.index_select(0, tokens[lo : lo + step]).float()  # (s, d)
+                X = x.index_select(0, rows[lo : lo + step])  # (s, d)
+                out[lo : lo + step] = torch.linalg.vecdot(U, X)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
 
     def _exact_logits(self, x: Tensor, ids: Tensor) -> Tensor:
         """fp32 logits of tokens ids (B, n) for vectors x (B, d_model).
@@ -286,12 +357,17 @@ def warm_up(
     they come from the ahead-of-time kernel cache (see `aot`): milliseconds once built."""
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
-    L = torch.zeros((B, V), dtype=torch.float32 if softcap else compute_dtype, device=device)
-    stats, exact_fn = compiled_block_stats(device.type), compiled(exact_logits, device.type)
+    scaled = compute_dtype == torch.int8 and not softcap  # as Decoder._scaled
+    L_dtype = torch.float32 if softcap else torch.int32 if scaled else compute_dtype
+    L = torch.zeros((B, V), dtype=L_dtype, device=device)
+    stats = compiled_block_stats(device.type, scaled)
+    exact_fn = compiled(exact_logits, device.type)
     if stats is not None:
-        stats.prepare(
-            L, torch.zeros(B, device=device), torch.full((V,), float("inf"), device=device)
-        )
+        mu, thr = torch.zeros(B, device=device), torch.full((V,), float("inf"), device=device)
+        if scaled:
+            stats.prepare(L, torch.ones(B, device=device), torch.ones(V, device=device), mu, thr)
+        else:
+            stats.prepare(L, mu, thr)
     if exact_fn is not None:
         # Untouched placeholder pages cost nothing: only row 0 is read.
         W_U = torch.empty((V, d_model), dtype=head_dtype, device=device)

@@ -74,12 +74,30 @@ def block_stats(L: Tensor, mu: Tensor, threshold: Tensor) -> BlockStats:
     return BlockStats(lse, entropy, m2, m3, m4, chunk_max, chunk_min, chunk_gap)
 
 
+def block_stats_int8(
+    Lq: Tensor, s_row: Tensor, s_col: Tensor, mu: Tensor, threshold: Tensor
+) -> BlockStats:
+    """block_stats of the logits Lq * s_row[:, None] * s_col[None, :]: int32 products of the
+    int8 GEMM (B, V) and their row (B,) and token (V,) scales (see decode.logits). Compiled,
+    the scaling fuses into the reductions' loops: about the cost of block_stats on bf16."""
+    return block_stats(Lq.float() * s_row[:, None] * s_col, mu, threshold)
+
+
 def exact_logits(W_U: Tensor, ids: Tensor, x: Tensor) -> Tensor:
     """fp32 logits (B, n) of tokens ids (B, n) for fp32 vectors x (B, d), W_U (V, d) any dtype.
 
     Compiled, the row gather, the conversion and the dot products fuse into one loop that reads
     each gathered W_U row once: no (B, n, d) temporary (eager, callers pass row slices)."""
     return (W_U[ids].float() * x[:, None, :]).sum(-1)
+
+
+PAIRS = 1 << 16  # pairs per call of pair_logits: its one compiled shape
+
+
+def pair_logits(W_U: Tensor, x: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
+    """fp32 logits (E,) of pairs (x[rows[i]], W_U[tokens[i]]): W_U (V, d) any dtype, x (n, d)
+    fp32. Compiled, both row gathers and the dot fuse into one loop: no (E, d) temporary."""
+    return (W_U[tokens].float() * x[rows]).sum(-1)
 
 
 class Kernel:
@@ -122,7 +140,10 @@ def _single(out: list[Tensor]) -> Tensor:
     return out[0]
 
 
-_PACK: dict[str, Callable[[list[Tensor]], Any]] = {"block_stats": lambda out: BlockStats(*out)}
+_PACK: dict[str, Callable[[list[Tensor]], Any]] = {
+    "block_stats": lambda out: BlockStats(*out),
+    "block_stats_int8": lambda out: BlockStats(*out),
+}
 _COMPILED: dict[tuple[str, str], Kernel | None] = {}
 _LOCK = threading.Lock()
 
@@ -139,5 +160,5 @@ def compiled(fn: Callable[..., Any], device_type: str) -> Kernel | None:
         return _COMPILED[key]
 
 
-def compiled_block_stats(device_type: str) -> Kernel | None:
-    return compiled(block_stats, device_type)
+def compiled_block_stats(device_type: str, int8: bool = False) -> Kernel | None:
+    return compiled(block_stats_int8 if int8 else block_stats, device_type)

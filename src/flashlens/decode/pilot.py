@@ -1,6 +1,7 @@
 """The pilot: before a low-precision map, the engine is checked on the model's own neurons.
 
-A bf16 GEMM moves each logit by up to half a bf16 step. Over most heads these errors average
+A bf16 GEMM moves each logit by up to half a bf16 step (an int8 one, by the rounding of its
+operands). Over most heads these errors average
 out in the logsumexp, but near-identical head rows (untrained or reserved tokens, for example)
 round alike, and when such a group carries probability its error adds up: on the real
 stories260K stored in bf16, probabilities end up to 3% off (see bench/RESULTS.md). So before
@@ -11,7 +12,9 @@ and exactly in fp32, and then:
 2. otherwise the groups of near-identical head rows (`twin_tokens`) among the tokens that
    carry those neurons' probability are computed exactly in every block
    (`Decoder.set_exact_tokens`), and a second, fresh sample must then be within MARGIN;
-3. otherwise `--dtype auto` maps in fp32 (an explicit dtype is kept, and the report says so).
+3. otherwise `--dtype auto` steps down to the next more precise dtype (int8 -> bf16 -> fp32,
+   policy.fallback_dtype), whose own pilot decides again; an explicit dtype is kept, and the
+   report says so.
 
 The report goes in the map's summary and atlas.json (`pilot`); the audit after the map still
 checks the atlas itself.
@@ -41,13 +44,20 @@ MAX_EXACT = 8192  # exact tokens at most (more: the fix would cost too much; fal
 class PilotReport:
     """What the pilot measured and decided."""
 
+    dtype: str  # the compute dtype checked
     sample: int  # neurons in the first sample
     over: int  # of them outside MARGIN of the tolerances with the plain GEMM
     max_rel_prob: float  # worst probability error with the plain GEMM
-    decision: str  # "gemm", "exact tokens", "float32" or "kept" (explicit dtype, failing)
+    # "gemm", "exact tokens", "kept" (explicit dtype, failing), or the dtype auto steps down
+    # to ("bfloat16", "float32")
+    decision: str
     exact_tokens: int = 0  # tokens computed exactly in every block
     check_over: int | None = None  # the second sample, with the exact tokens
     check_max_rel_prob: float | None = None
+
+    @property
+    def steps_down(self) -> bool:
+        return self.decision not in ("gemm", "exact tokens", "kept")
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "margin": MARGIN}
@@ -126,15 +136,21 @@ def _near_centroid(W_U: Tensor, mean: Tensor, c: Tensor, floor: float, rows: int
 
 
 def run_pilot(
-    decoder: Decoder, first: Tensor, second: Callable[[], Tensor], block: int, auto: bool
+    decoder: Decoder,
+    first: Tensor,
+    second: Callable[[], Tensor],
+    block: int,
+    fallback: str | None,
 ) -> PilotReport:
     """Check `decoder` (low precision) on raw neuron vectors `first` (n, d_model); on failure,
     set its exact tokens and check again on the fresh sample that `second()` reads. Decides as
-    the module docstring says; "float32" asks the caller to map in fp32 instead. `auto`: the
-    dtype was chosen by --dtype auto (an explicit one is kept)."""
+    the module docstring says. `fallback`: the dtype --dtype auto would step down to (the
+    decision then names it: the caller maps in it instead); None for an explicit dtype, which
+    is kept."""
     errors, ref = pilot_errors(decoder, first, block)
     bad = errors.over(MARGIN)
     report = PilotReport(
+        dtype=str(decoder.dtype).removeprefix("torch."),
         sample=first.shape[0],
         over=int(bad.sum()),
         max_rel_prob=float(errors.rel_prob.max()),
@@ -152,7 +168,7 @@ def run_pilot(
         if report.check_over == 0:
             report.decision = "exact tokens"
             return report
-    # auto: the caller maps in fp32; an explicit dtype keeps the exact tokens, if any (their
+    # auto: the caller steps down; an explicit dtype keeps the exact tokens, if any (their
     # mass is exact instead of rounded: never further off)
-    report.decision = "float32" if auto else "kept"
+    report.decision = fallback or "kept"
     return report

@@ -8,7 +8,12 @@ import torch
 
 from ..errors import FlashlensError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int8": torch.int8,  # CPU: int8 operands with per-row scales, exact int32 products
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -30,6 +35,14 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cpu_has_fast_int8() -> bool:
+    """VNNI (AVX512-VNNI, AVX-VNNI or AMX): int8 products at about twice the bf16 rate."""
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except Exception:
+        return False
+
+
 # Below this many FLOPs a map is quick in fp32, so auto computes exactly rather than fast: low
 # precision only pays on big jobs, and on some heads (e.g. many near-identical rows) it misses
 # the 1% probability tolerance (see decode.audit).
@@ -39,13 +52,16 @@ LOW_PRECISION_FLOPS = 1e12
 def resolve_dtype(
     dtype: str, weight_dtype: torch.dtype, device: torch.device, flops: float | None = None
 ) -> torch.dtype:
-    """auto: low precision where the weights are low precision, the hardware is fast at it
-    (bf16/fp16 on CUDA; bf16 on CPUs with AVX512-BF16 or AMX) and the job (`flops` of GEMM,
-    when given) is big enough to gain from it; fp32 otherwise. `map` then checks a low-precision
-    choice on the model's own neurons before it maps (decode.pilot), and may still pick fp32."""
+    """auto: the fastest dtype the hardware has, where the weights are low precision and the
+    job (`flops` of GEMM, when given) is big enough to gain from it: bf16/fp16 on CUDA; on
+    the CPU int8 with VNNI, else bf16 with AVX512-BF16 or AMX; fp32 otherwise. `map` then
+    checks a low-precision choice on the model's own neurons before it maps (decode.pilot),
+    and steps down (`fallback_dtype`) when it misses the tolerances."""
     if dtype != "auto":
         if dtype not in DTYPES:
             raise FlashlensError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
+        if dtype == "int8" and device.type != "cpu":
+            raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
         return DTYPES[dtype]
     if weight_dtype not in (torch.bfloat16, torch.float16):
         return torch.float32
@@ -53,7 +69,17 @@ def resolve_dtype(
         return torch.float32
     if device.type == "cuda":
         return weight_dtype
+    if cpu_has_fast_int8():
+        return torch.int8
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def fallback_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The next more precise dtype auto tries when `dtype` misses the tolerances on a model:
+    int8 -> bf16 (where the hardware is fast at it) -> fp32."""
+    if dtype == torch.int8 and (device.type == "cuda" or cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return torch.float32
 
 
 def block_size(d_vocab: int, d_mlp: int, device: torch.device, requested: int | None) -> int:

@@ -20,10 +20,14 @@ any block where most chunks are flagged, is merged densely, per token, in vocabu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from ..errors import FlashlensError
 from .kernels import CHUNK
+from .logits import Logits
 
 # nats below the threshold that the chunk test also lets through: it covers fp32 rounding of
 # L - threshold (summed in the kernel) against L - lse (the exact check), with a relative term
@@ -37,6 +41,10 @@ GATHER = 1 << 22  # entries gathered at once from flagged chunks (16 MB of fp32)
 # and merging millions of candidates (512 x 128,256 blocks: 0.6 s dense; 2.2 s sparse in the
 # second block, 0.7 s at 71% flagged, 0.25 s at 61%).
 DENSE_ABOVE = 0.66
+# Spare entries per token that a low-precision map keeps beyond the N it writes: the GEMM's
+# rounding can swap neurons near the N-th place; the entries are made exact at the end
+# (ReverseIndex.rescore) and the best N written, so a swap needs an error past the spares.
+SPARE = 8
 
 
 class ReverseIndex:
@@ -57,15 +65,19 @@ class ReverseIndex:
         """(V,) the per-token bound the statistics kernel subtracts from the logits."""
         return self.threshold - MARGIN
 
-    def update(self, L: Tensor, lse: Tensor, refs: Tensor, chunk_gap: Tensor | None = None) -> None:
-        """Offer a block: logits L (B, V), exact row logsumexp (B,), neuron refs (B,) (-1 =
-        padding).
+    def update(
+        self, L: Tensor | Logits, lse: Tensor, refs: Tensor, chunk_gap: Tensor | None = None
+    ) -> None:
+        """Offer a block: logits L (B, V) (a tensor, or the engine's Logits), exact row
+        logsumexp (B,), neuron refs (B,) (-1 = padding).
 
         chunk_gap (B, V // CHUNK): max of L - filter_threshold() over each full chunk of CHUNK
         tokens (kernels.block_stats), computed against the table as it is now. None merges the
         block densely.
         """
-        L, valid = L.contiguous(), refs >= 0  # (contiguous: a no-op for the engine's buffer)
+        if isinstance(L, Tensor):
+            L = Logits(L)
+        L.data, valid = L.data.contiguous(), refs >= 0  # (a no-op for the engine's buffer)
         if chunk_gap is None or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
             self._update_dense(L, lse, refs, valid)
             return
@@ -81,10 +93,10 @@ class ReverseIndex:
         key = v * B + b  # token-major: sorted, it groups by token, then row
         key = key.sort().values if B * self.d_vocab >= 2**31 else key.int().sort().values.long()
         v, b = key // B, key % B
-        logit = L.view(-1).index_select(0, b * L.shape[1] + v).float()
+        logit = L.at(L.data.view(-1).index_select(0, b * L.shape[1] + v), b, v)
         self._merge_candidates(v, logit - lse[b], logit, refs[b])
 
-    def _hits(self, L: Tensor, lse: Tensor, valid: Tensor, flag: Tensor) -> tuple[Tensor, Tensor]:
+    def _hits(self, L: Logits, lse: Tensor, valid: Tensor, flag: Tensor) -> tuple[Tensor, Tensor]:
         """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table,
         given the chunks (B, n_chunks) that may hold one."""
         V = L.shape[1]
@@ -95,24 +107,26 @@ class ReverseIndex:
         if rows.numel():  # (with no flagged chunk, L may be too small for the window view)
             # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
             # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
-            windows = L.view(-1).as_strided((L.numel() - CHUNK + 1, CHUNK), (1, 1))
+            flat = L.data.view(-1)
+            windows = flat.as_strided((flat.numel() - CHUNK + 1, CHUNK), (1, 1))
             thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
-            offs = torch.arange(CHUNK, device=L.device)
+            offs = torch.arange(CHUNK, device=flat.device)
             step = max(1, GATHER // CHUNK)
             for lo in range(0, rows.numel(), step):
                 r, c = rows[lo : lo + step], chunks[lo : lo + step]
-                logit = windows.index_select(0, r * V + c * CHUNK).float()  # (F, CHUNK)
+                raw = windows.index_select(0, r * V + c * CHUNK)  # (F, CHUNK)
+                logit = L.at(raw, r[:, None], c[:, None] * CHUNK + offs)
                 ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
                 i, j = ok.nonzero(as_tuple=True)
                 bs.append(r[i])
                 vs.append(c[i] * CHUNK + offs[j])
         if n_full < V:  # the tail past the last full chunk: checked directly
-            ok = (L[:, n_full:].float() - lse[:, None] > self.threshold[n_full:]) & valid[:, None]
+            ok = (L.columns(n_full, V) - lse[:, None] > self.threshold[n_full:]) & valid[:, None]
             i, j = ok.nonzero(as_tuple=True)
             bs.append(i)
             vs.append(j + n_full)
         if not bs:
-            empty = torch.empty(0, dtype=torch.int64, device=L.device)
+            empty = torch.empty(0, dtype=torch.int64, device=lse.device)
             return empty, empty
         return torch.cat(bs), torch.cat(vs)
 
@@ -192,7 +206,7 @@ class ReverseIndex:
             self.logp[t] = best
             self.threshold[t] = best.amin(1)
 
-    def _update_dense(self, L: Tensor, lse: Tensor, refs: Tensor, valid: Tensor) -> None:
+    def _update_dense(self, L: Logits, lse: Tensor, refs: Tensor, valid: Tensor) -> None:
         """Merge the block's top-N per token for every token, in vocabulary slices."""
         k = min(self.n, int(valid.sum()))
         if k == 0:
@@ -200,11 +214,11 @@ class ReverseIndex:
         B, V = L.shape
         step = max(1, (16 << 20) // (4 * B))  # ~16 MB of fp32 log-probabilities per slice
         for lo in range(0, V, step):
-            cols = torch.arange(lo, min(lo + step, V), device=L.device)
-            logpT = (L[:, lo : lo + step].float() - lse[:, None]).T.contiguous()  # (c, B)
+            cols = torch.arange(lo, min(lo + step, V), device=lse.device)
+            logpT = (L.columns(lo, lo + step) - lse[:, None]).T.contiguous()  # (c, B)
             logpT[:, ~valid] = float("-inf")
             top, rows = logpT.topk(k, dim=1, sorted=False)  # (c, k)
-            logit = L[rows, cols[:, None]].float()
+            logit = L.at(L.data[rows, cols[:, None]], rows, cols[:, None])
             if k == self.n and bool((self.ref[lo : lo + step] < 0).all()):
                 # empty rows (the first block): the block's top N is the table
                 self.logp[lo : lo + step], self.logit[lo : lo + step] = top, logit
@@ -222,6 +236,22 @@ class ReverseIndex:
         self.logp[tokens] = best
         self.threshold[tokens] = best.amin(1)
 
+    def rescore(self, base: int, count: int, exact: Callable[[Tensor, Tensor], Tensor]) -> int:
+        """Make the entries of neurons base .. base + count - 1 exact: exact(rows, tokens) gives
+        the fp32 logits (E,) of neuron base + rows[i] for token tokens[i]; each log-probability
+        moves with its logit (the neuron's logsumexp, corrected, is already exact enough).
+        Which neurons a token keeps is not revisited: only near-ties could change. Returns
+        the number of entries rescored."""
+        t, j = ((self.ref >= base) & (self.ref < base + count)).nonzero(as_tuple=True)
+        if t.numel() == 0:
+            return 0
+        new = exact(self.ref[t, j] - base, t)
+        self.logp[t, j] += new - self.logit[t, j]
+        self.logit[t, j] = new
+        touched = t.unique()
+        self.threshold[touched] = self.logp.index_select(0, touched).amin(1)
+        return int(t.numel())
+
     def state(self) -> dict[str, Tensor]:
         """The table as CPU tensors "logp", "logit", "ref", each (N, V); rows are not sorted."""
         return {
@@ -232,6 +262,12 @@ class ReverseIndex:
 
     def load(self, state: dict[str, Tensor]) -> None:
         """Restore a table saved by `state()`."""
+        if state["logp"].shape != (self.n, self.d_vocab):
+            raise FlashlensError(
+                f"the saved reverse index is {tuple(state['logp'].shape)}, this run keeps "
+                f"{(self.n, self.d_vocab)} (N x vocabulary): it was started by another version "
+                "or with other settings; rerun with --overwrite"
+            )
         dev = self.device
         self.logp = state["logp"].to(dev).T.contiguous()
         self.logit = state["logit"].to(dev).T.contiguous()

@@ -1,0 +1,77 @@
+"""A block of logits as the GEMM leaves it, and the int8 quantisation behind the int8 GEMM.
+
+With int8 operands the GEMM's output is exact int32 dot products of the quantised rows:
+    x ~ q_x * s_x[:, None]        (B, d_model) neuron vectors, one scale per row
+    W_U ~ q_U * s_U[:, None]      (d_vocab, d_model) head, one scale per token
+    L = (q_x @ q_U^T) * s_x[:, None] * s_U[None, :]
+The scales are applied where the logits are read (inside the statistics kernel; on the few
+entries gathered for candidates and the reverse index): no fp32 copy of the block is written.
+The output is not rounded (int32 is exact); only the operands are, to 8 bits of their row's
+largest entry. The map's pilot and audit measure what that does on each model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+INT8_MAX = 127
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: x (n, d) -> q (n, d) int8 and scales s (n,) fp32, x ~ q * s.
+
+    An all-zero row gets a tiny scale (and q = 0), never a division by zero."""
+    xf = x.float()
+    s = xf.abs().amax(1).clamp_min(1e-30) / INT8_MAX  # (n,)
+    q = torch.round(xf / s[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, s
+
+
+def quantize_head(W_U: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
+    """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it."""
+    q = torch.empty(W_U.shape, dtype=torch.int8, device=W_U.device)
+    s = torch.empty(W_U.shape[0], dtype=torch.float32, device=W_U.device)
+    for lo in range(0, W_U.shape[0], rows):
+        q[lo : lo + rows], s[lo : lo + rows] = quantize_rows(W_U[lo : lo + rows])
+    return q, s
+
+
+@dataclass
+class Logits:
+    """A (B, V) block of logits: `data` in the GEMM's dtype, or, from the int8 GEMM, int32
+    products whose logits are data * row_scale[:, None] * col_scale[None, :]."""
+
+    data: Tensor  # (B, V)
+    row_scale: Tensor | None = None  # (B,) fp32
+    col_scale: Tensor | None = None  # (V,) fp32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def at(self, raw: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """fp32 logits of `raw`, entries of `data` taken at (rows, cols): index tensors that
+        broadcast to raw's shape."""
+        v = raw.float()
+        if self.row_scale is None or self.col_scale is None:
+            return v
+        return v * self.row_scale[rows] * self.col_scale[cols]
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """fp32 logits (B, n) of tokens ids (B, n), row by row."""
+        rows = torch.arange(self.data.shape[0], device=ids.device)[:, None]
+        return self.at(self.data.gather(1, ids), rows, ids)
+
+    def columns(self, lo: int, hi: int) -> Tensor:
+        """fp32 logits (B, hi - lo) of tokens lo:hi."""
+        B = self.data.shape[0]
+        rows = torch.arange(B, device=self.data.device)[:, None]
+        cols = torch.arange(lo, min(hi, self.data.shape[1]), device=self.data.device)
+        return self.at(self.data[:, lo:hi], rows, cols)
+
+    def dense(self) -> Tensor:
+        """The whole block in fp32 (a new (B, V) tensor: for small uses only)."""
+        return self.columns(0, self.data.shape[1])
