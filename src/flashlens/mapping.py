@@ -255,9 +255,6 @@ def _map(
                     break
             summary.pilot = meta.pilot = _chain(reports)
             writer.save_meta()
-        tokens_job = None
-        if not writer.has_tokens():
-            tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
         # low precision: spare entries per token, cut to the best reverse_n once made exact
         reverse = ReverseIndex(source.d_vocab, reverse_n + (0 if decoder.exact else SPARE), device)
         writer.load_reverse(reverse)
@@ -284,14 +281,23 @@ def _map(
                 summary.neurons_mapped += source.d_mlp
         if writing is not None:
             writing.result()
+        decoder.release_block()  # the logits block is not needed any more
         if not decoder.exact:
+            # Its work is the table's size (V x N), not the job's: compiled whenever that is
+            # large, unless --compile off
+            pairs = source.d_vocab * reverse.n
+            if compile_mode != "off" and use_compile("auto", device, pairs * 4096):
+                decoder.compile_pairs()
             what = "computing the reverse index's entries exactly in fp32"
             with status(progress, what):
                 _exact_reverse(
                     reverse, decoder, source, [(m, layer) for m in matrices for layer in layers]
                 )
-        if tokens_job is not None:
-            writer.write_tokens(tokens_job.result())
+        # The tokens table (Python-heavy, ~0.2 GiB while built) is made during the audit, not
+        # while the map runs: it would add to the peak memory.
+        tokens_job = None
+        if not writer.has_tokens():
+            tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
         checked = None
         if len(sample):
             with status(progress, f"checking {len(sample)} neurons against an exact fp32 decode"):
@@ -304,6 +310,9 @@ def _map(
                     decoder.softcap,
                     meta.compute_dtype,
                 )
+        del decoder, decoder_job  # the LM-head (and its int8 copy): not needed to finish
+        if tokens_job is not None:
+            writer.write_tokens(tokens_job.result())
     summary.audit = checked.to_dict() if checked is not None else None
     summary.seconds = time.perf_counter() - start
     writer.finish(reverse, summary.seconds, summary.audit)

@@ -33,7 +33,7 @@ from .kernels import (
     pair_logits,
 )
 from .logits import Logits, quantize_head, quantize_rows
-from .norm import NormMode, apply_final_norm
+from .norm import NormMode, apply_final_norm, norm_factors
 from .reverse import ReverseIndex
 
 
@@ -277,12 +277,21 @@ class Decoder:
         pick = approx.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
         return cand.gather(1, pick), approx.gather(1, pick)
 
+    def release_block(self) -> None:
+        """Free the reused logits buffer (the next decode allocates it again)."""
+        self._L = None
+
+    def compile_pairs(self) -> None:
+        """Use the compiled pair kernel in exact_pairs, whatever `compile` said."""
+        self._pairs = compiled(pair_logits, self.device.type)
+
     def exact_pairs(self, W: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
         """Exact fp32 logits (E,) of pairs (neuron W[rows[i]], token tokens[i]) for raw neuron
         vectors W (n, d_model) (the reverse index's entries are made exact with it at the end
         of a low-precision map). Compiled: calls of PAIRS pairs, sorted by row so that each
-        neuron's vector stays in cache; eager: slices of ~16 MB of gathered head rows."""
-        x = apply_final_norm(W.to(self.device), self.gain, self.eps, self.norm)  # (n, d) fp32
+        neuron's vector stays in cache; eager: slices of ~16 MB of gathered rows."""
+        W = W.to(self.device)
+        f, g = norm_factors(W, self.gain, self.eps, self.norm)  # x = W * f[:, None] * g
         E = rows.shape[0]
         out = torch.empty(E, dtype=torch.float32, device=self.device)
         if self._pairs is not None and E:
@@ -290,10 +299,11 @@ class Decoder:
             pad = -E % PAIRS
             r = torch.cat([rows[order], rows.new_zeros(pad)])
             t = torch.cat([tokens[order], tokens.new_zeros(pad)])
-            self._pairs.prepare(self.W_U, x, r[:PAIRS], t[:PAIRS])  # (cached after the first)
+            args = (self.W_U, W, f, g)
+            self._pairs.prepare(*args, r[:PAIRS], t[:PAIRS])  # (cached after the first)
             got = torch.cat(
                 [
-                    self._pairs(self.W_U, x, r[lo : lo + PAIRS], t[lo : lo + PAIRS])
+                    self._pairs(*args, r[lo : lo + PAIRS], t[lo : lo + PAIRS])
                     for lo in range(0, E + pad, PAIRS)
                 ]
             )
@@ -301,9 +311,8 @@ class Decoder:
         else:
             step = max(1, (16 << 20) // (4 * self.d_model))
             for lo in range(0, E, step):
-                U = self.W_U.index_select(0, tokens[lo : lo + step]).float()  # (s, d)
-                X = x.index_select(0, rows[lo : lo + step])  # (s, d)
-                out[lo : lo + step] = torch.linalg.vecdot(U, X)
+                r, t = rows[lo : lo + step], tokens[lo : lo + step]
+                out[lo : lo + step] = pair_logits(self.W_U, W, f, g, r, t)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -94,10 +94,14 @@ def exact_logits(W_U: Tensor, ids: Tensor, x: Tensor) -> Tensor:
 PAIRS = 1 << 16  # pairs per call of pair_logits: its one compiled shape
 
 
-def pair_logits(W_U: Tensor, x: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
-    """fp32 logits (E,) of pairs (x[rows[i]], W_U[tokens[i]]): W_U (V, d) any dtype, x (n, d)
-    fp32. Compiled, both row gathers and the dot fuse into one loop: no (E, d) temporary."""
-    return (W_U[tokens].float() * x[rows]).sum(-1)
+def pair_logits(
+    W_U: Tensor, W: Tensor, f: Tensor, g: Tensor, rows: Tensor, tokens: Tensor
+) -> Tensor:
+    """fp32 logits (E,) of pairs (neuron rows[i], token tokens[i]): W_U (V, d) and raw neuron
+    vectors W (n, d) in any dtype, normed as x = W * f[:, None] * g (norm.norm_factors).
+    Compiled, both row gathers, the norm and the dot fuse into one loop: no (E, d) temporary
+    and no fp32 copy of W."""
+    return (W_U[tokens].float() * W[rows].float() * g).sum(-1) * f[rows]
 
 
 class Kernel:

@@ -30,7 +30,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def quantize_head(W_U: Tensor, rows: int = 8192) -> tuple[Tensor, Tensor]:
+def quantize_head(W_U: Tensor, rows: int = 1024) -> tuple[Tensor, Tensor]:
     """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it."""
     q = torch.empty(W_U.shape, dtype=torch.int8, device=W_U.device)
     s = torch.empty(W_U.shape[0], dtype=torch.float32, device=W_U.device)

@@ -24,3 +24,18 @@ def apply_final_norm(W: Tensor, gain: Tensor, eps: float, mode: NormMode) -> Ten
     if mode == "model":
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return x * gain.float()
+
+
+def norm_factors(
+    W: Tensor, gain: Tensor, eps: float, mode: NormMode, rows: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """apply_final_norm(W) as row factors f (n,) and a gain g (d_model,), both fp32, with
+    x = W * f[:, None] * g; computed in slices of `rows`, so no fp32 copy of W is made (for
+    reading many entries of a whole layer exactly)."""
+    n, d = W.shape
+    g = gain.float() if mode != "none" else torch.ones(d, device=W.device)
+    f = torch.ones(n, device=W.device)
+    if mode == "model":
+        for lo in range(0, n, rows):
+            f[lo : lo + rows] = torch.rsqrt(W[lo : lo + rows].float().pow(2).mean(-1) + eps)
+    return f, g

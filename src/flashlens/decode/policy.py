@@ -107,7 +107,7 @@ def use_compile(mode: str, device: torch.device, work: int) -> bool:
             return False
     elif not has_c_compiler():
         return False
-    return work > 4_000_000_000
+    return work > 1_000_000_000
 
 
 def has_c_compiler() -> bool:
