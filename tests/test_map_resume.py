@@ -164,3 +164,30 @@ def test_a_failed_layer_write_stops_the_run_and_a_rerun_resumes(
     summary = map_model(big_model, out, compile="off", block=64)
     assert summary.neurons_skipped == 2 * 256
     assert_same_atlas(out, reference_atlas)
+
+
+def test_a_low_precision_run_resumes_to_identical_atlas(
+    big_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """int8: the resume state holds the reverse index with its spare entries (approximate
+    logits); the resumed run loads it, makes every entry exact at the end and cuts it to N,
+    as an uninterrupted run does."""
+    whole = tmp_path / "whole"
+    map_model(big_model, whole, compile="off", block=64, dtype="int8", layers="0-5")
+    real = AtlasWriter.write_layer
+    written: list[int] = []
+
+    def failing_fourth(self: AtlasWriter, matrix: str, layer: int, results: list) -> None:  # type: ignore[type-arg]
+        written.append(layer)
+        if len(written) == 4:
+            raise OSError("No space left on device (simulated)")
+        real(self, matrix, layer, results)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(AtlasWriter, "write_layer", failing_fourth)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    monkeypatch.undo()
+    summary = map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    assert summary.neurons_skipped == 3 * 256 and summary.compute_dtype == "int8"
+    assert_same_atlas(out, whole)

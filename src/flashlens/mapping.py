@@ -231,6 +231,7 @@ def _map(
                     device,
                 )
             decoder = decoder_job.result()
+        del decoder_job  # (it would keep this decoder alive if the pilot replaces it)
         head_pool.shutdown()
         if compute_dtype != torch.float32 and pilot > 0:
             every = [(m, layer) for m in matrices for layer in layers]  # as on a first run
@@ -310,7 +311,7 @@ def _map(
                     decoder.softcap,
                     meta.compute_dtype,
                 )
-        del decoder, decoder_job  # the LM-head (and its int8 copy): not needed to finish
+        del decoder  # the LM-head (and its int8 copy): not needed to finish
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
     summary.audit = checked.to_dict() if checked is not None else None
