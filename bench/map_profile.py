@@ -60,7 +60,7 @@ def instrument() -> None:
         (mapping_mod, "_load", "read a layer (thread)"),
         (mapping_mod, "run_pilot", "precision pilot (start-up)"),
         (mapping_mod, "run_audit", "accuracy audit (end)"),
-        (mapping_mod, "_exact_reverse", "reverse entries made exact (end)"),
+        (R, "rescore", "reverse entries made exact (end, per layer)"),
     ]
     for owner, name, label in steps:
         setattr(owner, name, timed(getattr(owner, name), label))

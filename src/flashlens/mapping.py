@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,6 +24,7 @@ from .decode.norm import NORM_MODES
 from .decode.pilot import PILOT, run_pilot
 from .decode.policy import (
     block_size,
+    dtype_label,
     fallback_dtype,
     resolve_device,
     resolve_dtype,
@@ -176,8 +178,8 @@ def _map(
         norm=norm,
         top_k=top_k,
         reverse_n=reverse_n,
-        weight_dtype=str(weight_dtype).removeprefix("torch."),
-        compute_dtype=str(compute_dtype).removeprefix("torch."),
+        weight_dtype=dtype_label(weight_dtype),
+        compute_dtype=dtype_label(compute_dtype),
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -200,9 +202,8 @@ def _map(
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-write") as write_pool,
     ):
         # Start-up work overlaps: the first layer and the LM-head (+ its row mean) are read on
-        # threads while this one compiles the kernels for the block shape. The tokens table
-        # (Python-heavy: it would slow the compiler down) is built while the first layer maps.
-        pending: Future[torch.Tensor] | None = pool.submit(load, jobs[0]) if jobs else None
+        # threads while this one compiles the kernels for the block shape.
+        first_layer = pool.submit(load, jobs[0]) if jobs else None
         decoder_job = head_pool.submit(
             lambda: Decoder(
                 source.W_U(),
@@ -242,7 +243,7 @@ def _map(
                 step = fallback_dtype(compute_dtype, device) if dtype_name == "auto" else None
                 what = f"checking the {meta.compute_dtype} GEMM on {len(first)} neurons"
                 with status(progress, what):
-                    fallback = str(step).removeprefix("torch.") if step is not None else None
+                    fallback = dtype_label(step) if step is not None else None
                     report = run_pilot(decoder, first, second, B, fallback)
                 reports.append(report.to_dict())
                 if not report.steps_down:
@@ -263,10 +264,7 @@ def _map(
         # the next layer maps; at most one is in flight, and its errors surface at the next.
         writing: Future[None] | None = None
         with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
-            for i, (matrix, layer) in enumerate(jobs):
-                assert pending is not None
-                W = pending.result()  # (d_mlp, d_model): read while the previous layer computed
-                pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+            for i, ((matrix, layer), W) in enumerate(_prefetched(pool, load, jobs, first_layer)):
                 base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
                 results: list[BlockResult] = []
                 for lo in range(0, source.d_mlp, B):
@@ -291,9 +289,10 @@ def _map(
                 decoder.compile_pairs()
             what = "computing the reverse index's entries exactly in fp32"
             with status(progress, what):
-                _exact_reverse(
-                    reverse, decoder, source, [(m, layer) for m in matrices for layer in layers]
-                )
+                every = [(m, layer) for m in matrices for layer in layers]
+                for (matrix, layer), W in _prefetched(pool, load, every):
+                    base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
+                    reverse.rescore(base, source.d_mlp, functools.partial(decoder.exact_pairs, W))
         # The tokens table (Python-heavy, ~0.2 GiB while built) is made during the audit, not
         # while the map runs: it would add to the peak memory.
         tokens_job = None
@@ -321,21 +320,20 @@ def _map(
     return summary
 
 
-def _exact_reverse(
-    reverse: ReverseIndex, decoder: Decoder, source: ModelSource, jobs: list[tuple[Matrix, int]]
-) -> None:
-    """Replace the low-precision logits of the reverse index's entries by exact fp32 ones,
-    job by job (every job of the atlas: a resumed run's table holds them all; each layer is
-    read again, the next one while this one computes)."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool:
-        pending = pool.submit(_load, source, jobs[0], decoder.device) if jobs else None
-        for i, (matrix, layer) in enumerate(jobs):
-            assert pending is not None
-            W = pending.result()  # (d_mlp, d_model)
-            if i + 1 < len(jobs):
-                pending = pool.submit(_load, source, jobs[i + 1], decoder.device)
-            base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
-            reverse.rescore(base, source.d_mlp, functools.partial(decoder.exact_pairs, W))
+def _prefetched(
+    pool: ThreadPoolExecutor,
+    load: Callable[[tuple[Matrix, int]], torch.Tensor],
+    jobs: list[tuple[Matrix, int]],
+    first: Future[torch.Tensor] | None = None,
+) -> Iterator[tuple[tuple[Matrix, int], torch.Tensor]]:
+    """Each job with its layer (d_mlp, d_model), in order, each read on `pool` while the
+    previous one is used. `first`: the first job's read, if already submitted."""
+    pending = first if first is not None or not jobs else pool.submit(load, jobs[0])
+    for i, job in enumerate(jobs):
+        assert pending is not None
+        W = pending.result()
+        pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+        yield job, W
 
 
 def _pilot_rows(

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import FlashlensError
 from .kernels import (
     CHUNK,
     PAIRS,
@@ -34,6 +33,7 @@ from .kernels import (
 )
 from .logits import Logits, quantize_head, quantize_rows
 from .norm import NormMode, apply_final_norm, norm_factors
+from .policy import check_device
 from .reverse import ReverseIndex
 
 
@@ -83,8 +83,7 @@ class Decoder:
         self.dtype = compute_dtype
         self.norm, self.eps, self.top_k, self.softcap = norm, norm_eps, top_k, softcap
         self.gain = norm_gain.to(device, torch.float32)
-        if compute_dtype == torch.int8 and device.type != "cpu":
-            raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
+        check_device(compute_dtype, device)
         self.W_U = W_U.to(device)  # stored dtype: exact rows for rescoring
         # The GEMM operand (the same tensor if the same dtype); int8: per-token scales s_U (V,)
         self.int8 = compute_dtype == torch.int8
@@ -97,9 +96,8 @@ class Decoder:
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
-        # int8 logits are scaled inside the statistics kernel (after a softcap they are fp32)
-        self._scaled = self.int8 and not softcap
-        self._stats = compiled_block_stats(device.type, self._scaled) if compile else None
+        scaled = scales_in_kernel(compute_dtype, softcap)
+        self._stats = compiled_block_stats(device.type, scaled) if compile else None
         self._exact = compiled(exact_logits, device.type) if compile else None
         self._pairs = compiled(pair_logits, device.type) if compile else None
         n_full = self.d_vocab // CHUNK * CHUNK
@@ -342,6 +340,12 @@ def exact_path(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32 and head_dtype == torch.float32
 
 
+def scales_in_kernel(compute_dtype: torch.dtype, softcap: float | None) -> bool:
+    """The statistics kernel reads int32 products and applies their scales (int8 GEMM); after
+    a softcap the logits are already fp32 and the plain kernel runs."""
+    return compute_dtype == torch.int8 and not softcap
+
+
 def candidate_counts(top_k: int, d_vocab: int, exact: bool) -> tuple[int, int]:
     """Top and bottom candidates rescored in fp32: generous when the GEMM is low precision.
 
@@ -366,7 +370,7 @@ def warm_up(
     they come from the ahead-of-time kernel cache (see `aot`): milliseconds once built."""
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
-    scaled = compute_dtype == torch.int8 and not softcap  # as Decoder._scaled
+    scaled = scales_in_kernel(compute_dtype, softcap)
     L_dtype = torch.float32 if softcap else torch.int32 if scaled else compute_dtype
     L = torch.zeros((B, V), dtype=L_dtype, device=device)
     stats = compiled_block_stats(device.type, scaled)

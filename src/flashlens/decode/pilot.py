@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .audit import Errors, compare, exact_reference
 from .engine import BlockResult, Decoder
+from .policy import dtype_label
 
 PILOT = 64  # neurons per pilot sample
 MARGIN = 0.5  # a pilot neuron passes within this fraction of each tolerance
@@ -150,7 +151,7 @@ def run_pilot(
     errors, ref = pilot_errors(decoder, first, block)
     bad = errors.over(MARGIN)
     report = PilotReport(
-        dtype=str(decoder.dtype).removeprefix("torch."),
+        dtype=dtype_label(decoder.dtype),
         sample=first.shape[0],
         over=int(bad.sum()),
         max_rel_prob=float(errors.rel_prob.max()),

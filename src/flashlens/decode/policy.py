@@ -16,6 +16,17 @@ DTYPES = {
 }
 
 
+def dtype_label(dtype: torch.dtype) -> str:
+    """ "bfloat16" for torch.bfloat16: the name atlas.json, the summary and --dtype use."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_device(dtype: torch.dtype, device: torch.device) -> None:
+    """int8 is a CPU path (torch._int_mm on oneDNN); refuse it elsewhere, with the way out."""
+    if dtype == torch.int8 and device.type != "cpu":
+        raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,8 +71,7 @@ def resolve_dtype(
     if dtype != "auto":
         if dtype not in DTYPES:
             raise FlashlensError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
-        if dtype == "int8" and device.type != "cpu":
-            raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
+        check_device(DTYPES[dtype], device)
         return DTYPES[dtype]
     if weight_dtype not in (torch.bfloat16, torch.float16):
         return torch.float32

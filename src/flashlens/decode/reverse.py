@@ -77,7 +77,9 @@ class ReverseIndex:
         """
         if isinstance(L, Tensor):
             L = Logits(L)
-        L.data, valid = L.data.contiguous(), refs >= 0  # (a no-op for the engine's buffer)
+        if not L.data.is_contiguous():  # (the engine's buffer is)
+            L = Logits(L.data.contiguous(), L.row_scale, L.col_scale)
+        valid = refs >= 0
         if chunk_gap is None or int(torch.isinf(self.threshold).sum()) > self.d_vocab // 2:
             self._update_dense(L, lse, refs, valid)
             return
@@ -236,21 +238,19 @@ class ReverseIndex:
         self.logp[tokens] = best
         self.threshold[tokens] = best.amin(1)
 
-    def rescore(self, base: int, count: int, exact: Callable[[Tensor, Tensor], Tensor]) -> int:
+    def rescore(self, base: int, count: int, exact: Callable[[Tensor, Tensor], Tensor]) -> None:
         """Make the entries of neurons base .. base + count - 1 exact: exact(rows, tokens) gives
         the fp32 logits (E,) of neuron base + rows[i] for token tokens[i]; each log-probability
         moves with its logit (the neuron's logsumexp, corrected, is already exact enough).
-        Which neurons a token keeps is not revisited: only near-ties could change. Returns
-        the number of entries rescored."""
+        Which neurons a token keeps is not revisited: only near-ties could change."""
         t, j = ((self.ref >= base) & (self.ref < base + count)).nonzero(as_tuple=True)
         if t.numel() == 0:
-            return 0
+            return
         new = exact(self.ref[t, j] - base, t)
         self.logp[t, j] += new - self.logit[t, j]
         self.logit[t, j] = new
         touched = t.unique()
         self.threshold[touched] = self.logp.index_select(0, touched).amin(1)
-        return int(t.numel())
 
     def state(self) -> dict[str, Tensor]:
         """The table as CPU tensors "logp", "logit", "ref", each (N, V); rows are not sorted."""
