@@ -141,22 +141,28 @@ def test_other_settings_refused_unless_overwrite(big_model: Path, tmp_path: Path
     assert len(Atlas.open(out).neuron(0, 3, "up").top) == 5
 
 
+def fail_write(monkeypatch: pytest.MonkeyPatch, nth: int) -> list[int]:
+    """Make the nth layer write fail (disk full); returns the layers whose writes started."""
+    real = AtlasWriter.write_layer
+    written: list[int] = []
+
+    def failing(self: AtlasWriter, matrix: str, layer: int, results: list) -> None:  # type: ignore[type-arg]
+        written.append(layer)
+        if len(written) == nth:
+            raise OSError("No space left on device (simulated)")
+        real(self, matrix, layer, results)
+
+    monkeypatch.setattr(AtlasWriter, "write_layer", failing)
+    return written
+
+
 def test_a_failed_layer_write_stops_the_run_and_a_rerun_resumes(
     big_model: Path, reference_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Layers are written on a thread while the next one maps: a failed write must still stop
     the run (at the next layer, not at the end), leave the committed layers, and resume."""
     out = tmp_path / "atlas"
-    real = AtlasWriter.write_layer
-    written: list[int] = []
-
-    def failing_third(self: AtlasWriter, matrix: str, layer: int, results: list) -> None:  # type: ignore[type-arg]
-        written.append(layer)
-        if len(written) == 3:
-            raise OSError("No space left on device (simulated)")
-        real(self, matrix, layer, results)
-
-    monkeypatch.setattr(AtlasWriter, "write_layer", failing_third)
+    written = fail_write(monkeypatch, 3)
     with pytest.raises(OSError, match="No space left"):
         map_model(big_model, out, compile="off", block=64)
     assert written == [0, 1, 2]  # the fourth layer's write was never started
@@ -174,19 +180,11 @@ def test_a_low_precision_run_resumes_to_identical_atlas(
     as an uninterrupted run does."""
     whole = tmp_path / "whole"
     map_model(big_model, whole, compile="off", block=64, dtype="int8", layers="0-5")
-    real = AtlasWriter.write_layer
-    written: list[int] = []
-
-    def failing_fourth(self: AtlasWriter, matrix: str, layer: int, results: list) -> None:  # type: ignore[type-arg]
-        written.append(layer)
-        if len(written) == 4:
-            raise OSError("No space left on device (simulated)")
-        real(self, matrix, layer, results)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(AtlasWriter, "write_layer", failing_fourth)
+    written = fail_write(monkeypatch, 4)
     with pytest.raises(OSError, match="No space left"):
         map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    assert written == [0, 1, 2, 3]
     monkeypatch.undo()
     summary = map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
     assert summary.neurons_skipped == 3 * 256 and summary.compute_dtype == "int8"
