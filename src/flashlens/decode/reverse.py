@@ -112,12 +112,18 @@ class ReverseIndex:
             flat = L.data.view(-1)
             windows = flat.as_strided((flat.numel() - CHUNK + 1, CHUNK), (1, 1))
             thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
+            s_row, s_col = L.row_scale, L.col_scale
+            col_chunks = None if s_col is None else s_col[:n_full].view(n_chunks, CHUNK)
             offs = torch.arange(CHUNK, device=flat.device)
             step = max(1, GATHER // CHUNK)
             for lo in range(0, rows.numel(), step):
                 r, c = rows[lo : lo + step], chunks[lo : lo + step]
                 raw = windows.index_select(0, r * V + c * CHUNK)  # (F, CHUNK)
-                logit = L.at(raw, r[:, None], c[:, None] * CHUNK + offs)
+                # L.at(raw, r, tokens), with the token scales taken a chunk at a time as the
+                # thresholds are (whole rows: no (F, CHUNK) index tensor)
+                logit = raw.float()
+                if s_row is not None and col_chunks is not None:
+                    logit = logit * s_row[r, None] * col_chunks.index_select(0, c)
                 ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
                 i, j = ok.nonzero(as_tuple=True)
                 bs.append(r[i])
@@ -217,7 +223,7 @@ class ReverseIndex:
         step = max(1, (16 << 20) // (4 * B))  # ~16 MB of fp32 log-probabilities per slice
         for lo in range(0, V, step):
             cols = torch.arange(lo, min(lo + step, V), device=lse.device)
-            logpT = (L.columns(lo, lo + step) - lse[:, None]).T.contiguous()  # (c, B)
+            logpT = L.log_probs_T(lo, lo + step, lse)  # (c, B)
             logpT[:, ~valid] = float("-inf")
             top, rows = logpT.topk(k, dim=1, sorted=False)  # (c, k)
             logit = L.at(L.data[rows, cols[:, None]], rows, cols[:, None])
