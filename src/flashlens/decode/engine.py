@@ -263,15 +263,18 @@ class Decoder:
         full chunk; the candidates are then cut to n by their approximate logits."""
         B = L.shape[0]
         k_chunks = min(n, chunk_best.shape[1])
-        cols = []
+        cols, approxs = [], []
         if k_chunks:
             best_chunks = chunk_best.topk(k_chunks, dim=1, largest=largest).indices  # (B, kc)
             offs = torch.arange(CHUNK, device=chunk_best.device)
             cols.append((best_chunks[:, :, None] * CHUNK + offs).reshape(B, -1))
+            rows = torch.arange(B, device=chunk_best.device).repeat_interleave(k_chunks)
+            approxs.append(L.chunks(rows, best_chunks.reshape(-1), CHUNK).view(B, -1))
         if self._tail.numel():
             cols.append(self._tail.expand(B, -1))
+            approxs.append(L.columns(int(self._tail[0]), self.d_vocab))
         cand = torch.cat(cols, dim=1)  # (B, c) token ids that must hold the extremes
-        approx = L.gather(cand)
+        approx = torch.cat(approxs, dim=1)  # (B, c) their logits
         pick = approx.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
         return cand.gather(1, pick), approx.gather(1, pick)
 

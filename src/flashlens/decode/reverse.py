@@ -107,23 +107,12 @@ class ReverseIndex:
         rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
         bs, vs = [], []
         if rows.numel():  # (with no flagged chunk, L may be too small for the window view)
-            # Row k of this overlapping view is L.flat[k : k + CHUNK]: chunk (b, c) is row
-            # b * V + c * CHUNK, and index_select copies whole rows (5x faster than L[b, cols]).
-            flat = L.data.view(-1)
-            windows = flat.as_strided((flat.numel() - CHUNK + 1, CHUNK), (1, 1))
             thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
-            s_row, s_col = L.row_scale, L.col_scale
-            col_chunks = None if s_col is None else s_col[:n_full].view(n_chunks, CHUNK)
-            offs = torch.arange(CHUNK, device=flat.device)
+            offs = torch.arange(CHUNK, device=lse.device)
             step = max(1, GATHER // CHUNK)
             for lo in range(0, rows.numel(), step):
                 r, c = rows[lo : lo + step], chunks[lo : lo + step]
-                raw = windows.index_select(0, r * V + c * CHUNK)  # (F, CHUNK)
-                # L.at(raw, r, tokens), with the token scales taken a chunk at a time as the
-                # thresholds are (whole rows: no (F, CHUNK) index tensor)
-                logit = raw.float()
-                if s_row is not None and col_chunks is not None:
-                    logit = logit * s_row[r, None] * col_chunks.index_select(0, c)
+                logit = L.chunks(r, c, CHUNK)  # (F, CHUNK)
                 ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
                 i, j = ok.nonzero(as_tuple=True)
                 bs.append(r[i])
