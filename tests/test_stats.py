@@ -96,6 +96,11 @@ def test_plot_and_cli(
     assert float(np.asarray(img)[..., :3].std()) > 0.05  # not a blank canvas
     assert main(["stats", str(stories_atlas), "--layers", "0-1", "--matrix", "up"]) == 0
     out = capsys.readouterr().out
-    assert "prediction" in out and "suppression" in out
+    assert "pred(iction)" in out and "supp(ression)" in out
+    # every quantile printed whole: piped output is not cut to 80 columns with ellipses
+    assert "\u2026" not in out
+    for r in Atlas.open(stories_atlas).stats(matrix="up", layers=[0, 1]).rows:
+        for q in (*r.top1_prob_q[::2], *r.entropy_q[::2]):
+            assert f" {q:.2f}" in out
     assert main(["stats", str(stories_atlas), "--plot", str(tmp_path / "x.jpg")]) == 2
     assert "png" in capsys.readouterr().err

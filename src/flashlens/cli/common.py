@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _width(stream: Any) -> int | None:
+    """The terminal's width on a terminal (rich measures it); piped or redirected, $COLUMNS or
+    160, not rich's 80, so that tables written to a file or a log keep every digit."""
+    if stream.isatty():
+        return None
+    return int(os.environ.get("COLUMNS") or 160)
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 def print_json(data: Any) -> None:

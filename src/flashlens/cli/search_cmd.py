@@ -135,37 +135,39 @@ def stats_command(
     if json_out:
         print_json(st.to_dict())
         return
-    table = Table(show_edge=False, title=f"{at.meta.model}: per layer (p10/median/p90)")
+    title = f"{at.meta.model}: per layer (top-1 prob, entropy in nats: p10 median p90)"
+    table = Table(show_edge=False, title=title)
     for col in (
         "matrix",
         "layer",
         "neurons",
         "top-1 prob",
-        "entropy (nats)",
+        "entropy",
         "word",
         "subword",
         "punct",
         "byte",
-        "prediction",
-        "suppression",
+        "pred",
+        "supp",
     ):
-        table.add_column(col, justify="left" if col == "matrix" else "right")
+        # (a narrow terminal wraps the p10 median p90 triples rather than cut their digits)
+        table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")
     for r in st.rows:
         p, e = r.top1_prob_q, r.entropy_q
         table.add_row(
             r.matrix,
             str(r.layer),
             f"{r.neurons:,}",
-            f"{p[0]:.2f}/{p[2]:.2f}/{p[4]:.2f}",
-            f"{e[0]:.2f}/{e[2]:.2f}/{e[4]:.2f}",
+            f"{p[0]:.2f} {p[2]:.2f} {p[4]:.2f}",
+            f"{e[0]:.2f} {e[2]:.2f} {e[4]:.2f}",
             *(f"{r.kinds[k]:,}" for k in ("word", "subword", "punctuation", "byte")),
             f"{r.prediction:,}",
             f"{r.suppression:,}",
         )
     console.print(table)
     console.print(
-        f"prediction: excess kurtosis > {st.kurtosis:g} and skew > {st.skew:g}; "
-        f"suppression: excess kurtosis > {st.kurtosis:g} and skew < -{st.skew:g}"
+        f"pred(iction): excess kurtosis > {st.kurtosis:g} and skew > {st.skew:g}; "
+        f"supp(ression): excess kurtosis > {st.kurtosis:g} and skew < -{st.skew:g}"
     )
 
 
