@@ -373,3 +373,40 @@ def test_reverse_index_refuses_a_saved_table_of_another_width() -> None:
     saved = ReverseIndex(100, 4, torch.device("cpu")).state()
     with pytest.raises(FlashlensError, match="rerun with --overwrite"):
         ReverseIndex(100, 12, torch.device("cpu")).load(saved)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_exact_pairs_before_and_after_the_gemm_is_released(compiled: bool) -> None:
+    """exact_pairs gives fp32-exact logits of (neuron, token) pairs, eagerly and compiled, and
+    still does once release_gemm has freed the int8 head copy (the end of a map); decode then
+    fails rather than use a freed operand."""
+    dec, W_U = _decoder(300, torch.bfloat16, seed=4, compute=torch.int8)
+    if compiled:
+        dec.compile_pairs()
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(7, W_U.shape[1], generator=g).to(torch.bfloat16)
+    rows = torch.randint(0, 7, (50,), generator=g)
+    tokens = torch.randint(0, 300, (50,), generator=g)
+    want = _reference(dec, W_U, W.float())[rows, tokens]  # fp64
+    before = dec.exact_pairs(W, rows, tokens)
+    torch.testing.assert_close(before.double(), want, rtol=1e-5, atol=1e-5)
+    assert dec.W_U_c.numel() == W_U.numel()
+    dec.release_gemm()
+    assert dec.W_U_c.numel() == 0  # the int8 copy is gone
+    torch.testing.assert_close(dec.exact_pairs(W, rows, tokens), before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError):
+        dec.decode(W.float())
+
+
+def test_heap_trim_runs_where_glibc_is() -> None:
+    """The map gives freed heap memory back at layer boundaries; on glibc (Linux, CI) the call
+    must reach malloc_trim, elsewhere it is a no-op."""
+    import platform
+
+    from flashlens import heap
+
+    result = heap.trim()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert result is True
+    else:
+        assert result is False

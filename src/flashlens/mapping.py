@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, heap
 from .atlas.atlas import Atlas, parse_layers
 from .atlas.format import AtlasMeta
 from .atlas.tokens import tokens_table
@@ -257,6 +257,7 @@ def _map(
                     break
             summary.pilot = meta.pilot = _chain(reports)
             writer.save_meta()
+            heap.trim()
         # low precision: spare entries per token, cut to the best reverse_n once made exact
         reverse = ReverseIndex(source.d_vocab, reverse_n + (0 if decoder.exact else SPARE), device)
         writer.load_reverse(reverse)
@@ -275,12 +276,14 @@ def _map(
                 _keep_sample(sample, i, W, results)
                 if writing is not None:
                     writing.result()
+                heap.trim()  # this layer's temporaries and the last write's (see heap)
                 job = (matrix, layer, results, reverse.state())  # the state as of this layer
                 writing = write_pool.submit(_write_layer, writer, *job)
                 summary.neurons_mapped += source.d_mlp
         if writing is not None:
             writing.result()
-        decoder.release_block()  # the logits block is not needed any more
+        decoder.release_gemm()  # the logits block and the GEMM's head copy
+        heap.trim()
         if not decoder.exact:
             # Its work is the table's size (V x N), not the job's: compiled whenever that is
             # large, unless --compile off

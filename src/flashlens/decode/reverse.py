@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .. import heap
 from ..errors import FlashlensError
 from .kernels import CHUNK
 from .logits import Logits
@@ -45,6 +46,8 @@ DENSE_ABOVE = 0.66
 # rounding can swap neurons near the N-th place; the entries are made exact at the end
 # (ReverseIndex.rescore) and the best N written, so a swap needs an error past the spares.
 SPARE = 8
+# A merge of more candidates than this (early in a run) gives its freed memory back (heap.trim)
+BIG_MERGE = 1 << 20
 
 
 class ReverseIndex:
@@ -97,6 +100,8 @@ class ReverseIndex:
         v, b = key // B, key % B
         logit = L.at(L.data.view(-1).index_select(0, b * L.shape[1] + v), b, v)
         self._merge_candidates(v, logit - lse[b], logit, refs[b])
+        if b.numel() > BIG_MERGE:
+            heap.trim()  # its temporaries stay resident otherwise (see flashlens.heap)
 
     def _hits(self, L: Logits, lse: Tensor, valid: Tensor, flag: Tensor) -> tuple[Tensor, Tensor]:
         """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table,
@@ -223,6 +228,7 @@ class ReverseIndex:
                 self.threshold[lo : lo + step] = top.amin(1)
                 continue
             self._merge_rows(cols, top, logit, refs[rows])
+        heap.trim()  # its ~16 MB slices stay resident otherwise (see flashlens.heap)
 
     def _merge_rows(self, tokens: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
         """Table rows of `tokens` (T,) := top-N of themselves and candidates (T, K) each."""
