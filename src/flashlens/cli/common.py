@@ -13,9 +13,10 @@ from rich.console import Console
 def _width(stream: Any) -> int | None:
     """The terminal's width on a terminal (rich measures it); piped or redirected, $COLUMNS or
     160, not rich's 80, so that tables written to a file or a log keep every digit."""
-    if stream.isatty():
+    if stream is None or stream.isatty():
         return None
-    return int(os.environ.get("COLUMNS") or 160)
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 160
 
 
 console = Console(width=_width(sys.stdout))
