@@ -185,7 +185,8 @@ def _map(
     )
     writer = AtlasWriter(out, meta, overwrite=overwrite)
     B = block_size(source.d_vocab, source.d_mlp, device, block)
-    jobs = [(m, layer) for m in matrices for layer in layers if not writer.is_done(m, layer)]
+    every = [(m, layer) for m in matrices for layer in layers]  # the whole job, as on a first run
+    jobs = [job for job in every if not writer.is_done(*job)]
     total = len(matrices) * len(layers) * source.d_mlp
     todo = len(jobs) * source.d_mlp
     compiled = use_compile(compile_mode, device, todo * source.d_vocab)
@@ -235,7 +236,6 @@ def _map(
         del decoder_job  # (it would keep this decoder alive if the pilot replaces it)
         head_pool.shutdown()
         if compute_dtype != torch.float32 and pilot > 0:
-            every = [(m, layer) for m in matrices for layer in layers]  # as on a first run
             first = _pilot_rows(source, every, pilot, seed=1)
             second = functools.cache(lambda: _pilot_rows(source, every, pilot, seed=2))
             reports: list[dict[str, Any]] = []
@@ -292,7 +292,6 @@ def _map(
                 decoder.compile_pairs()
             what = "computing the reverse index's entries exactly in fp32"
             with status(progress, what):
-                every = [(m, layer) for m in matrices for layer in layers]
                 for (matrix, layer), W in _prefetched(pool, load, every):
                     base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
                     reverse.rescore(base, source.d_mlp, functools.partial(decoder.exact_pairs, W))

@@ -100,8 +100,8 @@ class Decoder:
         self._stats = compiled_block_stats(device.type, scaled) if compile else None
         self._exact = compiled(exact_logits, device.type) if compile else None
         self._pairs = compiled(pair_logits, device.type) if compile else None
-        n_full = self.d_vocab // CHUNK * CHUNK
-        self._tail = torch.arange(n_full, self.d_vocab, device=device)  # tokens past full chunks
+        self._n_full = self.d_vocab // CHUNK * CHUNK  # tokens in full chunks
+        self._tail = torch.arange(self._n_full, self.d_vocab, device=device)  # tokens past them
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
         self._no_threshold = torch.full((self.d_vocab,), float("inf"), device=device)
         self.set_exact_tokens(torch.empty(0, dtype=torch.int64))
@@ -272,7 +272,7 @@ class Decoder:
             approxs.append(L.chunks(rows, best_chunks.reshape(-1), CHUNK).view(B, -1))
         if self._tail.numel():
             cols.append(self._tail.expand(B, -1))
-            approxs.append(L.columns(int(self._tail[0]), self.d_vocab))
+            approxs.append(L.columns(self._n_full, self.d_vocab))
         cand = torch.cat(cols, dim=1)  # (B, c) token ids that must hold the extremes
         approx = torch.cat(approxs, dim=1)  # (B, c) their logits
         pick = approx.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices

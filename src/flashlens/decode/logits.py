@@ -66,11 +66,11 @@ class Logits:
         return self.at(self.data.gather(1, ids), rows, ids)
 
     def columns(self, lo: int, hi: int) -> Tensor:
-        """fp32 logits (B, hi - lo) of tokens lo:hi."""
-        B = self.data.shape[0]
-        rows = torch.arange(B, device=self.data.device)[:, None]
-        cols = torch.arange(lo, min(hi, self.data.shape[1]), device=self.data.device)
-        return self.at(self.data[:, lo:hi], rows, cols)
+        """fp32 logits (B, hi - lo) of tokens lo:hi (the scales sliced, as `at` applies them)."""
+        v = self.data[:, lo:hi].float()
+        if self.row_scale is None or self.col_scale is None:
+            return v
+        return v * self.row_scale[:, None] * self.col_scale[lo:hi]
 
     def chunks(self, rows: Tensor, chunks: Tensor, size: int) -> Tensor:
         """fp32 logits (F, size) of chunk chunks[i] (tokens chunks[i] * size onwards) of row
@@ -89,8 +89,8 @@ class Logits:
 
     def log_probs_T(self, lo: int, hi: int, lse: Tensor) -> Tensor:
         """fp32 log-probabilities (hi - lo, B) of tokens lo:hi, token-major: logits minus the
-        rows' logsumexp lse (B,). Transposed as stored, then scaled in place: the values of
-        columns(lo, hi) - lse, at under half its cost (no index tensors, no extra copies)."""
+        rows' logsumexp lse (B,). Transposed as stored into one new buffer, then scaled in
+        place: the values of (columns(lo, hi) - lse).T without a second (c, B) copy."""
         part = self.data[:, lo:hi]
         out = torch.empty((part.shape[1], part.shape[0]), dtype=torch.float32, device=part.device)
         out.copy_(part.T)  # a new buffer: the in-place ops below never touch `data`
