@@ -29,6 +29,7 @@ import flashlens.mapping as mapping_mod
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 TIMES: dict[str, list[float]] = collections.defaultdict(list)  # seconds of each call
+SPANS: dict[str, list[float]] = collections.defaultdict(list)  # (start, end) of each call
 
 
 def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
@@ -37,7 +38,9 @@ def timed(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         finally:
-            TIMES[label].append(time.perf_counter() - start)
+            end = time.perf_counter()
+            TIMES[label].append(end - start)
+            SPANS[label] += [start, end]
 
     return wrapper
 
@@ -61,13 +64,19 @@ def instrument() -> None:
         (mapping_mod, "run_pilot", "precision pilot (start-up)"),
         (mapping_mod, "run_audit", "accuracy audit (end)"),
         (R, "rescore", "reverse entries made exact (end, per layer)"),
+        (mapping_mod, "_pilot_rows", "pilot rows read (start-up)"),
+        (mapping_mod.heap, "trim", "heap trims"),
+        (mapping_mod.Atlas, "open", "open the finished atlas (end)"),
+        (mapping_mod.ReverseIndex, "__init__", "reverse index allocated (start-up)"),
     ]
     for owner, name, label in steps:
         setattr(owner, name, timed(getattr(owner, name), label))
     init = D.__init__
 
     def traced_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
         init(self, *args, **kwargs)
+        TIMES["Decoder: LM-head read and prepared (thread)"].append(time.perf_counter() - start)
         if self._stats is not None:
             self._stats = timed(self._stats, "statistics kernel")
 
@@ -90,6 +99,10 @@ def main() -> None:
         total = time.perf_counter() - start
     finally:
         shutil.rmtree(out, ignore_errors=True)
+    blocks = SPANS["decode (one block, all steps)"]
+    if blocks:  # the map's main thread before its first block and after its last
+        TIMES["start-up: map start to the first block"] = [blocks[0] - start]
+        TIMES["end: the last block to the map's return"] = [start + total - blocks[-1]]
     gemm = sum(TIMES["GEMM x @ W_U^T"])
     rows = []
     for k, ts in sorted(TIMES.items(), key=lambda kv: -sum(kv[1])):

@@ -21,6 +21,7 @@ from flashlens.decode.kernels import (
 )
 from flashlens.decode.logits import Logits
 from flashlens.decode.reverse import ReverseIndex
+from flashlens.decode.slices import float_rows
 
 
 def _brute_stats(L: torch.Tensor, mu: torch.Tensor, thr: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -410,3 +411,15 @@ def test_heap_trim_runs_where_glibc_is() -> None:
         assert result is True
     else:
         assert result is False
+
+
+def test_float_rows_converts_every_row_through_one_buffer() -> None:
+    W = torch.randn(1000, 24).bfloat16()  # 1000 = 3 x 256 + a partial slice of 232
+    parts = list(float_rows(W, 256))
+    assert [lo for lo, _ in parts] == [0, 256, 512, 768]
+    assert {p.data_ptr() for _, p in parts} == {parts[0][1].data_ptr()}  # one reused buffer
+    seen = torch.empty(1000, 24)
+    for lo, part in float_rows(W, 256):  # each slice is used before the next overwrites it
+        assert part.dtype == torch.float32
+        seen[lo : lo + part.shape[0]] = part
+    assert torch.equal(seen, W.float())

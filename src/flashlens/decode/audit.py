@@ -19,13 +19,14 @@ import torch
 from torch import Tensor
 
 from .norm import NormMode, apply_final_norm
+from .slices import float_rows
 
 TOP1_TIE = 1e-3
 REL_LOGIT = 1e-3
 REL_PROB = 0.01
 LOGIT_FLOOR = 0.1  # |logit| below this: the logit error is taken relative to 0.1 (1e-4 abs.)
 PROB_FLOOR = 1e-5  # likewise for probabilities (1e-7 absolute)
-SLICE = 8192  # head rows converted to fp32 at a time
+SLICE = 2048  # head rows converted to fp32 at a time (decode.slices)
 
 
 @dataclass
@@ -93,12 +94,12 @@ def exact_decode(
     softcap: float | None = None,
 ) -> Tensor:
     """fp32 logits (n, V) of normed vectors x (n, d) against W_U (V, d) of any dtype, with the
-    head converted to fp32 SLICE rows at a time."""
+    head converted to fp32 SLICE rows at a time, through one reused buffer."""
     n, V = x.shape[0], W_U.shape[0]
     x = x.to(W_U.device, torch.float32)
     out = torch.empty((n, V), dtype=torch.float32, device=W_U.device)
-    for lo in range(0, V, SLICE):
-        out[:, lo : lo + SLICE] = x @ W_U[lo : lo + SLICE].float().T
+    for lo, part in float_rows(W_U, SLICE):
+        out[:, lo : lo + SLICE] = x @ part.T
     if softcap:
         out = torch.tanh(out / softcap) * softcap
     return out

@@ -35,6 +35,7 @@ from .logits import Logits, quantize_head, quantize_rows
 from .norm import NormMode, apply_final_norm, norm_factors
 from .policy import check_device
 from .reverse import ReverseIndex
+from .slices import float_rows
 
 
 @dataclass
@@ -407,9 +408,9 @@ def _order(
     )
 
 
-def _row_mean(W_U: Tensor, rows: int = 8192) -> Tensor:
+def _row_mean(W_U: Tensor, rows: int = 2048) -> Tensor:
     """Mean of the rows of W_U (V, d) in fp32, in slices: no fp32 copy of the whole head."""
     total = torch.zeros(W_U.shape[1], dtype=torch.float32, device=W_U.device)
-    for lo in range(0, W_U.shape[0], rows):
-        total += W_U[lo : lo + rows].float().sum(0)
+    for _, part in float_rows(W_U, rows):
+        total += part.sum(0)
     return total / W_U.shape[0]

@@ -30,8 +30,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def quantize_head(W_U: Tensor, rows: int = 1024) -> tuple[Tensor, Tensor]:
-    """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it."""
+def quantize_head(W_U: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
+    """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it (256
+    rows: the slice's temporaries stay in cache; 0.6 s for Llama-3.1-8B's head, 0.9 s with
+    1,024)."""
     q = torch.empty(W_U.shape, dtype=torch.int8, device=W_U.device)
     s = torch.empty(W_U.shape[0], dtype=torch.float32, device=W_U.device)
     for lo in range(0, W_U.shape[0], rows):

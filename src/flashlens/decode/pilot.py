@@ -31,6 +31,7 @@ from torch import Tensor
 from .audit import Errors, compare, exact_reference
 from .engine import BlockResult, Decoder
 from .policy import dtype_label
+from .slices import float_rows
 
 PILOT = 64  # neurons per pilot sample
 MARGIN = 0.5  # a pilot neuron passes within this fraction of each tolerance
@@ -127,11 +128,11 @@ def _components(adj: Tensor) -> Tensor:
         labels = new
 
 
-def _near_centroid(W_U: Tensor, mean: Tensor, c: Tensor, floor: float, rows: int = 8192) -> Tensor:
+def _near_centroid(W_U: Tensor, mean: Tensor, c: Tensor, floor: float, rows: int = 2048) -> Tensor:
     """Token ids whose centred, normalised head row has cosine >= floor with unit vector c."""
     out = []
-    for lo in range(0, W_U.shape[0], rows):
-        cos = _unit(W_U[lo : lo + rows].float() - mean) @ c
+    for lo, part in float_rows(W_U, rows):
+        cos = _unit(part.sub_(mean)) @ c
         out.append((cos >= floor).nonzero().squeeze(1) + lo)
     return torch.cat(out)
 
