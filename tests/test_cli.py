@@ -46,6 +46,32 @@ def test_show_prints_table(stories_atlas: Path, capsys: pytest.CaptureFixture[st
     assert repr(top.text) in out and f"{top.prob:.4f}" in out
 
 
+def test_show_prints_byte_tokens_in_their_own_form(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flashlens import Atlas
+
+    top = Atlas.open(stories_atlas).neuron(2, 10, "up").top
+    byte = [t for t in top if "\ufffd" in t.text]
+    assert byte, "this neuron of stories260K has byte tokens (<0x..>) among its top tokens"
+    assert main(["show", str(stories_atlas), "up:2:10"]) == 0
+    out = capsys.readouterr().out
+    assert all(t.token in out for t in byte) and "\ufffd" not in out
+
+
+def test_variants_that_read_alike_carry_the_tokenizers_form() -> None:
+    from flashlens.atlas.concepts import TokenVariant
+    from flashlens.cli.common import show_token, show_variants
+
+    variants = [
+        TokenVariant(1, "▁H", " H"),
+        TokenVariant(2, "<0x48>", "H"),
+        TokenVariant(3, "H", "H"),
+    ]
+    assert show_variants(variants) == "' H', 'H' (<0x48>), 'H' (H)"
+    assert show_token("\ufffd", "<0xE2>") == "<0xE2>" and show_token(" dog", "Ġdog") == "' dog'"
+
+
 def test_map_json_summary(
     stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

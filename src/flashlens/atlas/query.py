@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AtlasError, NeuronError
 from .concepts import TokenVariant, Vocab, expand
 from .format import REVERSE
+from .tokens import readable
 
 if TYPE_CHECKING:
     import duckdb
@@ -38,7 +39,7 @@ class SearchHit:
     index: int
     concept_prob: float  # sum of the stored probabilities of the concept's variants
     concept_rank: int | None  # 1-based rank of the best variant in the neuron's top-k, or None
-    top_tokens: list[str]  # decoded texts of the neuron's top 5 tokens
+    top_tokens: list[str]  # decoded texts of the neuron's top 5 tokens (tokens.readable)
     validated: bool | None = None  # from validation.parquet, None when never validated
 
     def to_dict(self) -> dict[str, Any]:
@@ -236,7 +237,7 @@ def search(
     params += [matrices, chosen, limit]
     rows = db.rows(sql, params)
     tops = _top_ids(db, [(int(r[0]), str(r[1]), int(r[2])) for r in rows])
-    texts = db.vocab.texts
+    texts, names = db.vocab.texts, db.vocab.tokens
     for layer, mat, index, prob, rank in rows:
         top = tops[(int(layer), str(mat), int(index))]
         result.hits.append(
@@ -246,7 +247,7 @@ def search(
                 int(index),
                 float(prob),
                 None if rank is None else int(rank),
-                [texts[i] for i in top],
+                [readable(texts[i], names[i]) for i in top],
             )
         )
     _mark_validated(db, result)

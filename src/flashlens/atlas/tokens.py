@@ -9,6 +9,15 @@ import pyarrow as pa
 from .format import TOKENS_SCHEMA
 
 
+def readable(text: str, token: str | None = None) -> str:
+    """How a token reads to people: its decoded text, or, when that text holds U+FFFD (a byte
+    token, or part of a multi-byte character: it does not decode alone), the tokenizer's own
+    form of it (e.g. <0xE2>), which tells such tokens apart."""
+    if "\ufffd" in text and token and token != text:
+        return token
+    return text
+
+
 def load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
     """A `tokenizers.Tokenizer` from tokenizer.json, or None when the folder has none."""
     from tokenizers import Tokenizer

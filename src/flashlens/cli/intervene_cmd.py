@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import console, err_console, print_json, show_token
+from .common import console, err_console, print_json, show_token, show_variants
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
@@ -133,7 +133,7 @@ def clamp_command(
             }
         )
         return
-    err_console.print("variants: " + ", ".join(show_token(v.text) for v in exp.variants))
+    err_console.print("variants: " + show_variants(exp.variants))
     _note(exp.notes)
     for name, r in dose.ranges.items():
         console.print(

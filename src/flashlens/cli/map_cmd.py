@@ -176,10 +176,10 @@ def show_command(
     for i, (t, b) in enumerate(zip(rec.top, rec.bottom, strict=True), 1):
         table.add_row(
             str(i),
-            show_token(t.text),
+            show_token(t.text, t.token),
             f"{t.prob:.4f}",
             f"{t.logit:.2f}",
-            show_token(b.text),
+            show_token(b.text, b.token),
             f"{b.logit:.2f}",
         )
     console.print(table)

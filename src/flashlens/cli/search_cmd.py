@@ -14,7 +14,7 @@ from ..atlas import Atlas, parse_layers
 from ..errors import FlashlensError
 from ..intervene.neuron import Neuron
 from . import app
-from .common import console, err_console, print_json, show_token
+from .common import console, err_console, print_json, show_token, show_variants
 
 
 def _layers(atlas: Atlas, spec: str | None) -> list[int] | None:
@@ -78,7 +78,7 @@ def search_command(
         for note in res.notes:
             err_console.print(f"[yellow]note:[/] {note}")
         return
-    err_console.print("variants: " + ", ".join(show_token(v.text) for v in res.variants))
+    err_console.print("variants: " + show_variants(res.variants))
     for note in res.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     if not res.hits:

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from ..atlas import format_layers
+from ..atlas.tokens import readable
 from .views import neuron_path, token_path
 
 CSS = """
@@ -87,9 +88,7 @@ def visible(text: str) -> str:
 def display(text: str, token: str | None = None) -> str:
     """What a token cell shows: the visible text, or for a byte token (decoding to U+FFFD)
     the tokenizer's own form, e.g. <0xE2>."""
-    if "\ufffd" in text and token and token != text:
-        return token
-    return visible(text)
+    return visible(readable(text, token))
 
 
 def token_cell(text: str, token: str | None = None, token_id: int | None = None) -> str:
