@@ -59,7 +59,11 @@ def test_validate_neurons_matches_dose_response(
         "up:4:38,gate:0:5",
         "--multiples=-20,-5,5,20",
     )
-    assert out["factor"] == 2.0 and out["variants"] == [" Lily"] and out["concept"] == "lily"
+    assert (
+        out["factor"] == 2.0
+        and [v["text"] for v in out["variants"]] == [" Lily"]
+        and out["concept"] == "lily"
+    )
     # each row is the dose-response of that neuron alone at multiples of its max |activation|
     model, tok = load_reference_model(stories), load_tokenizer(stories)
     batch = encode(tok, DEFAULT_PROMPTS, model.device)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import console, err_console, print_json, show_token, show_variants
+from .common import console, err_console, print_json, show_variants
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
@@ -326,7 +326,7 @@ def validate_command(
     if json_out:
         print_json(report.to_dict())
         return
-    err_console.print("variants: " + ", ".join(show_token(t) for t in report.variants))
+    err_console.print("variants: " + show_variants(report.variants))
     _note(report.notes)
     console.print(
         f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}) on "

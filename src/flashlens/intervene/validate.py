@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..atlas import Atlas
-from ..atlas.concepts import Expansion
+from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import atomic_write
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
@@ -73,7 +73,7 @@ class NeuronValidation:
 @dataclass
 class ValidationReport:
     concept: str
-    variants: list[str]  # decoded texts of the concept's tokens
+    variants: list[TokenVariant]  # the concept's tokens (as in search)
     model: str
     factor: float
     multiples: list[float]
@@ -139,7 +139,7 @@ def validate(
     ids = variant_ids(expansion)
     report = ValidationReport(
         expansion.concept.lower(),
-        [v.text for v in expansion.variants],
+        list(expansion.variants),
         lm.name,
         factor,
         list(multiples),
