@@ -86,13 +86,15 @@ class Decoder:
         self.gain = norm_gain.to(device, torch.float32)
         check_device(compute_dtype, device)
         self.W_U = W_U.to(device)  # stored dtype: exact rows for rescoring
-        # The GEMM operand (the same tensor if the same dtype); int8: per-token scales s_U (V,)
+        # The GEMM's right operand W_U^T (d_model, d_vocab) in the compute dtype: a view of
+        # the head (the same tensor if the same dtype), or for int8 a contiguous quantised copy
+        # with per-token scales s_U (V,)
         self.int8 = compute_dtype == torch.int8
         self.s_U: Tensor | None = None
         if self.int8:
-            self.W_U_c, self.s_U = quantize_head(self.W_U)
+            self.W_UT_c, self.s_U = quantize_head(self.W_U)
         else:
-            self.W_U_c = self.W_U.to(compute_dtype)
+            self.W_UT_c = self.W_U.to(compute_dtype).T
         self.d_vocab, self.d_model = W_U.shape
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
@@ -133,9 +135,9 @@ class Decoder:
             self._L = torch.empty((B, self.d_vocab), dtype=out_dtype, device=self.device)
         if self.int8:
             q_x, s_x = quantize_rows(x)  # (B, d_model) int8, (B,)
-            L = Logits(torch._int_mm(q_x, self.W_U_c.T, out=self._L), s_x, self.s_U)
+            L = Logits(torch._int_mm(q_x, self.W_UT_c, out=self._L), s_x, self.s_U)
         else:
-            L = Logits(torch.matmul(x.to(self.dtype), self.W_U_c.T, out=self._L))
+            L = Logits(torch.matmul(x.to(self.dtype), self.W_UT_c, out=self._L))
         if self.softcap:
             L = Logits(torch.tanh(L.dense() / self.softcap) * self.softcap)
         return L
@@ -284,8 +286,8 @@ class Decoder:
         and the head's copy in the compute dtype (int8: 0.5 GiB at Llama-3.1-8B shapes). The
         exact paths (exact_pairs, W_U) still work; decode does not."""
         self._L = None
-        if self.W_U_c is not self.W_U:
-            self.W_U_c = self.W_U[:0]  # (an empty view: any further decode fails loudly)
+        if self.W_UT_c.data_ptr() != self.W_U.data_ptr():
+            self.W_UT_c = self.W_UT_c[:, :0]  # (an empty view: any further decode fails loudly)
 
     def compile_pairs(self) -> None:
         """Use the compiled pair kernel in exact_pairs, whatever `compile` said."""

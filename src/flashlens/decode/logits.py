@@ -33,12 +33,18 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_head(W_U: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
     """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it (256
     rows: the slice's temporaries stay in cache; 0.6 s for Llama-3.1-8B's head, 0.9 s with
-    1,024)."""
-    q = torch.empty(W_U.shape, dtype=torch.int8, device=W_U.device)
-    s = torch.empty(W_U.shape[0], dtype=torch.float32, device=W_U.device)
-    for lo in range(0, W_U.shape[0], rows):
-        q[lo : lo + rows], s[lo : lo + rows] = quantize_rows(W_U[lo : lo + rows])
-    return q, s
+    1,024).
+
+    Returns q_T (d, V), the quantised head transposed and contiguous, as the GEMM's right
+    operand: `_int_mm` runs about 5% faster on it than on a transposed view of (V, d) rows
+    (1561 vs 1476 GFLOP/s median, interleaved, at Llama-3.1-8B shapes), and the scales s (V,)."""
+    V, d = W_U.shape
+    q_T = torch.empty((d, V), dtype=torch.int8, device=W_U.device)
+    s = torch.empty(V, dtype=torch.float32, device=W_U.device)
+    for lo in range(0, V, rows):
+        q, s[lo : lo + rows] = quantize_rows(W_U[lo : lo + rows])
+        q_T[:, lo : lo + rows] = q.T
+    return q_T, s
 
 
 @dataclass
