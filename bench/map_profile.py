@@ -56,7 +56,7 @@ def instrument() -> None:
         (R, "_hits", "  of which: chunk filter + exact check"),
         (R, "_merge_candidates", "  of which: merge into the table"),
         (W, "write_layer", "write layer Parquet"),
-        (W, "commit_layer", "commit (reverse state)"),
+        (W, "commit", "commit (reverse state)"),
         (W, "finish", "finish (reverse Parquet)"),
         (mapping_mod, "warm_up", "compile kernels (start-up)"),
         (mapping_mod, "tokens_table", "tokens table (thread)"),

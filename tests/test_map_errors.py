@@ -132,6 +132,19 @@ def test_bad_map_options(
     assert match in err
 
 
+@pytest.mark.parametrize("value", ["soon", "-5", "nan"])
+def test_bad_commit_interval(
+    model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    value: str,
+) -> None:
+    monkeypatch.setenv("FLASHLENS_COMMIT_SECONDS", value)
+    err = cli_error(capsys, "map", str(model), "-o", str(tmp_path / "a"))
+    assert f"FLASHLENS_COMMIT_SECONDS='{value}' is not a number of seconds" in err
+
+
 def test_not_an_empty_folder_is_not_clobbered(model: Path, tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "notes.txt").write_text("mine")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +20,16 @@ from flashlens.errors import AtlasError
 from .helpers import make_model
 
 MAP_ARGS = ["--compile", "off", "--block", "64"]
+
+
+@pytest.fixture(autouse=True)
+def commit_after_every_layer() -> Iterator[None]:
+    """These runs map a layer in milliseconds: they save their resume state after every layer
+    (FLASHLENS_COMMIT_SECONDS=0), so that an interruption finds layers done, as one after
+    COMMIT_SECONDS of a real run does. (Its own MonkeyPatch: a test's undo() keeps it.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLASHLENS_COMMIT_SECONDS", "0")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +200,23 @@ def test_a_low_precision_run_resumes_to_identical_atlas(
     summary = map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
     assert summary.neurons_skipped == 3 * 256 and summary.compute_dtype == "int8"
     assert_same_atlas(out, whole)
+
+
+def test_layers_written_since_the_last_save_of_the_resume_state_are_mapped_again(
+    big_model: Path, reference_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resume state is saved every FLASHLENS_COMMIT_SECONDS and after the last layer: a
+    run stopped before its first save has written layer files but left none done, and the
+    rerun maps them again, to the same atlas."""
+    monkeypatch.setenv("FLASHLENS_COMMIT_SECONDS", "3600")
+    out = tmp_path / "atlas"
+    written = fail_write(monkeypatch, 4)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64)
+    assert written == [0, 1, 2, 3]
+    assert len(list((out / "up").glob("layer_*.parquet"))) == 3  # written, never committed
+    assert not (out / ".state").exists()
+    monkeypatch.undo()
+    summary = map_model(big_model, out, compile="off", block=64)
+    assert summary.neurons_skipped == 0
+    assert_same_atlas(out, reference_atlas)

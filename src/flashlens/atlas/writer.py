@@ -44,7 +44,8 @@ class AtlasWriter:
     def __init__(self, root: Path, meta: AtlasMeta, overwrite: bool = False) -> None:
         self.root, self.meta = root, meta
         self.already_complete = False
-        self.done: set[str] = set()
+        self.done: set[str] = set()  # layers recorded in the resume state
+        self._written: set[str] = set()  # layers written since, not yet recorded
         old = self._existing_meta()
         if old is not None and not overwrite:
             diff = {
@@ -129,11 +130,14 @@ class AtlasWriter:
     def write_layer(self, matrix: str, layer: int, results: list[BlockResult]) -> None:
         table = layer_table(matrix, layer, results)
         atomic_write(layer_file(self.root, matrix, layer), lambda tmp: pq.write_table(table, tmp))
+        self._written.add(_key(matrix, layer))
 
-    def commit_layer(self, matrix: str, layer: int, state: dict[str, torch.Tensor]) -> None:
-        """Record a written layer together with the reverse index that now includes it (its
-        `ReverseIndex.state()` taken right after the layer)."""
-        self.done.add(_key(matrix, layer))
+    def commit(self, state: dict[str, torch.Tensor]) -> None:
+        """Record the layers written so far as done, together with the reverse index that
+        includes them (its `ReverseIndex.state()` taken right after the last of them). A layer
+        written but not yet committed is mapped again by a resumed run."""
+        self.done |= self._written
+        self._written.clear()
         meta = {"done": json.dumps(sorted(self.done))}
         atomic_write(self._state_path(), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
