@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from flashlens.families import Matrix  # noqa: E402
 from flashlens.intervene import Neuron, clamp  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "clamp_model"
@@ -41,11 +42,10 @@ SECTION = "## clamp overhead (issue 4)"
 D_MODEL, D_MLP, N_LAYERS, D_VOCAB = 512, 1408, 8, 8192
 BATCH, SEQ, PROMPT, NEW = 4, 64, 32, 16
 # two neurons per layer: up + gate in even layers, up + down (activation site) in odd ones
-NEURONS = [
-    Neuron(layer, 37 * layer + k, m)
-    for layer in range(N_LAYERS)
-    for k, m in ((1, "up"), (2, "gate" if layer % 2 == 0 else "down"))
-]
+NEURONS: list[Neuron] = []
+for layer in range(N_LAYERS):
+    second: Matrix = "gate" if layer % 2 == 0 else "down"
+    NEURONS += [Neuron(layer, 37 * layer + 1, "up"), Neuron(layer, 37 * layer + 2, second)]
 
 
 def build_model() -> Path:

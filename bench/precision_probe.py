@@ -30,6 +30,7 @@ from torch import Tensor
 
 from flashlens.decode.norm import apply_final_norm
 from flashlens.decode.pilot import PILOT, twin_tokens
+from flashlens.families import Matrix
 from flashlens.weights import ModelSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ N_CAND = 18
 
 
 def neurons(
-    path: Path, matrices: tuple[str, ...], n: int | None
+    path: Path, matrices: tuple[Matrix, ...], n: int | None
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(W_U (V, d) bf16, normed vectors x (n, d) fp32) per matrix and layer."""
     src = ModelSource.open(path)

@@ -11,6 +11,7 @@ concepts (median of repeats, after one warm-up query each).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -57,6 +58,10 @@ def unique_rows(ids: np.ndarray, k: int) -> np.ndarray:
     pick = np.argsort(pos, axis=1, kind="stable")[:, :k]
     assert np.take_along_axis(first, pick, 1).all(), "too few distinct ids: draw more"
     return np.take_along_axis(ids, pick, 1)
+
+
+def _write_parquet(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path)
 
 
 def build(out: Path) -> None:
@@ -120,7 +125,7 @@ def build(out: Path) -> None:
             schema=LAYER_SCHEMA,
         )
         path = layer_file(out, "up", layer)
-        atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp))
+        atomic_write(path, functools.partial(_write_parquet, table))
         all_tok.append(top_ids.reshape(-1))
         all_prob.append(top_probs.reshape(-1))
         all_ref.append(np.repeat(np.arange(n) + layer * D_MLP, TOP_K))
