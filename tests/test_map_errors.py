@@ -143,6 +143,7 @@ def test_bad_commit_interval(
     monkeypatch.setenv("FLASHLENS_COMMIT_SECONDS", value)
     err = cli_error(capsys, "map", str(model), "-o", str(tmp_path / "a"))
     assert f"FLASHLENS_COMMIT_SECONDS='{value}' is not a number of seconds" in err
+    assert not (tmp_path / "a").exists()  # refused before any work or any file
 
 
 def test_not_an_empty_folder_is_not_clobbered(model: Path, tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ def _map(
     pilot: int,
 ) -> MapSummary:
     start = time.perf_counter()
+    commit_every = commit_interval()  # (a bad setting fails before any work)
     device = resolve_device(device_name)
     weight_dtype = source.dtype
     if top_k > source.d_vocab:
@@ -271,7 +272,7 @@ def _map(
         # The resume state (the reverse table: 82 MB at Llama-3.1-8B shapes) is saved after
         # the last layer and whenever commit_every seconds have passed since it last was.
         writing: Future[None] | None = None
-        commit_every, last_commit = commit_interval(), time.perf_counter()
+        last_commit = time.perf_counter()
         with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
             for i, ((matrix, layer), W) in enumerate(_prefetched(pool, load, jobs, first_layer)):
                 base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
