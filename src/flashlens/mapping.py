@@ -286,10 +286,9 @@ def _map(
                 if writing is not None:
                     writing.result()
                 heap.trim()  # this layer's temporaries and the last write's (see heap)
-                now = time.perf_counter()
-                due = i == len(jobs) - 1 or now - last_commit >= commit_every
-                state = reverse.state() if due else None  # the state as of this layer
-                last_commit = now if due else last_commit
+                state = None
+                if i == len(jobs) - 1 or time.perf_counter() - last_commit >= commit_every:
+                    state, last_commit = reverse.state(), time.perf_counter()  # as of this layer
                 job = (matrix, layer, results, state)
                 writing = write_pool.submit(_write_layer, writer, *job)
                 summary.neurons_mapped += source.d_mlp
