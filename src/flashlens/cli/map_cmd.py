@@ -49,7 +49,11 @@ def map_command(
 
         flashlens map ./Qwen3-8B -o atlas/qwen3 --dtype bfloat16 --pilot 256
 
-    Rerunning the same command resumes an interrupted run.
+    Rerunning the same command resumes an interrupted run. Its state is saved
+    every 30 s and after the last layer; FLASHLENS_COMMIT_SECONDS sets how often
+    (0: after every layer):
+
+        FLASHLENS_COMMIT_SECONDS=0 flashlens map ./Qwen3-8B -o atlas/qwen3
 
     Before an int8/bf16/fp16 map, --pilot N neurons (default 64) are decoded both
     ways: if the GEMM misses half the tolerances on any, groups of near-identical
