@@ -59,6 +59,24 @@ def test_show_prints_byte_tokens_in_their_own_form(
     assert all(t.token in out for t in byte) and "\ufffd" not in out
 
 
+def test_search_prints_byte_tokens_as_show_does(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flashlens import Atlas
+
+    at = Atlas.open(stories_atlas)
+    hit = next(
+        h for h in at.search("ig", matrix="up", limit=200).hits if (h.layer, h.index) == (2, 10)
+    )
+    assert hit.top_token_ids == [t.token_id for t in at.neuron(2, 10, "up").top[:5]]
+    byte = [at.tokens[i] for i in hit.top_token_ids if "\ufffd" in at.texts[i]]
+    assert byte, "up 2:10 of stories260K has byte tokens (<0x..>) among its top 5"
+    assert main(["search", str(stories_atlas), "ig", "--matrix", "up", "--limit", "200"]) == 0
+    out = capsys.readouterr().out
+    # unquoted, as `show` prints them, and never as U+FFFD
+    assert all(f" {b}" in out and f"'{b}'" not in out for b in byte) and "\ufffd" not in out
+
+
 def test_variants_that_read_alike_carry_the_tokenizers_form() -> None:
     from flashlens.atlas.concepts import TokenVariant
     from flashlens.cli.common import show_token, show_variants

@@ -40,6 +40,7 @@ class SearchHit:
     concept_prob: float  # sum of the stored probabilities of the concept's variants
     concept_rank: int | None  # 1-based rank of the best variant in the neuron's top-k, or None
     top_tokens: list[str]  # decoded texts of the neuron's top 5 tokens (tokens.readable)
+    top_token_ids: list[int]  # their vocabulary ids
     validated: bool | None = None  # from validation.parquet, None when never validated
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,6 +249,7 @@ def search(
                 float(prob),
                 None if rank is None else int(rank),
                 [readable(texts[i], names[i]) for i in top],
+                [int(i) for i in top],
             )
         )
     _mark_validated(db, result)

@@ -95,7 +95,7 @@ def search_command(
             h.matrix,
             f"{h.concept_prob:.4f}",
             "-" if h.concept_rank is None else str(h.concept_rank),
-            " ".join(show_token(t) for t in h.top_tokens),
+            " ".join(show_token(at.texts[i], at.tokens[i]) for i in h.top_token_ids),
         ]
         table.add_row(*row, *([_yes(h.validated)] if validated else []))
     console.print(table)
