@@ -20,6 +20,7 @@ from flashlens.decode.kernels import (
     exact_logits,
 )
 from flashlens.decode.logits import Logits
+from flashlens.decode.norm import NormMode
 from flashlens.decode.reverse import ReverseIndex
 from flashlens.decode.slices import float_rows
 
@@ -326,6 +327,9 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(
     g = torch.Generator().manual_seed(11)
     W_U = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
     gain = 1 + torch.rand(d, generator=g)
+    args: tuple[
+        torch.Tensor, torch.Tensor, float, NormMode, int, torch.device, torch.dtype, float | None
+    ]
     args = (W_U, gain, 1e-6, "model", k, torch.device("cpu"), compute, softcap)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
     warm_up(B, V, d, torch.bfloat16, compute, k, softcap, torch.device("cpu"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -32,7 +33,8 @@ def _reference(model: nn.Module, tok: object, prompt: str, last_from: bool) -> l
     under KV-cached generation), with hooks written here, not the library's."""
     ids = tok(prompt, return_tensors="pt")["input_ids"]  # type: ignore[operator]
     start = ids.shape[1] - 1
-    mlp2, mlp3 = model.model.layers[2].mlp, model.model.layers[3].mlp
+    layers = cast(Any, model).model.layers
+    mlp2, mlp3 = layers[2].mlp, layers[3].mlp
 
     def set_up(module: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor:
         out = out.clone()

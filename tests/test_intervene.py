@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def _surgery(
 ) -> nn.Module:
     """The clamp written into the weights: a reference that uses no hooks."""
     ref = copy.deepcopy(model)
-    mlp = ref.model.layers[layer].mlp
+    mlp = cast(Any, ref).model.layers[layer].mlp
     with torch.no_grad():
         if site == "act":  # act_i -> v: drop column i of W_down, add v * W_down[:, i] as a bias
             col = mlp.down_proj.weight[:, index].clone()
@@ -169,13 +170,13 @@ def test_neuron_errors(tiny: tuple[nn.Module, object]) -> None:
         pass
     with (
         pytest.raises(FlashlensError, match="unknown clamp mode"),
-        clamp(model, "1:1", 1.0, mode="mul"),
-    ):  # type: ignore[arg-type]
+        clamp(model, "1:1", 1.0, mode="mul"),  # type: ignore[arg-type]  # deliberately invalid
+    ):
         pass
     assert _hooks(model) == 0
     # a site this model does not have
     bare = copy.deepcopy(model)
-    del bare.model.layers[0].mlp.gate_proj
+    del cast(Any, bare).model.layers[0].mlp.gate_proj
     with (
         pytest.raises(NeuronError, match="site 'gate' does not exist"),
         clamp(bare, "gate:0:1", 1.0),

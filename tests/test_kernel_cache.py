@@ -17,6 +17,7 @@ import torch
 from flashlens.decode import aot
 from flashlens.decode.engine import Decoder, warm_up
 from flashlens.decode.kernels import compiled, exact_logits
+from flashlens.decode.norm import NormMode
 
 # The warm-up test's shapes (test_engine_perf_paths.py): the session builds these packages once.
 V, D, B, K = 203, 24, 8, 4
@@ -72,6 +73,7 @@ def test_a_later_process_loads_the_packages_without_compiling(_kernel_cache: Pat
     # The same block decoded here by the eager engine.
     g = torch.Generator().manual_seed(3)
     W_U = (torch.randn(V, D, generator=g) * 0.5).bfloat16()
+    args: tuple[torch.Tensor, torch.Tensor, float, NormMode, int, torch.device, torch.dtype]
     args = (W_U, 1 + torch.rand(D, generator=g), 1e-6, "model", K, CPU, torch.bfloat16)
     want = Decoder(*args).decode((torch.randn(B, D, generator=g) * 2).bfloat16())
     assert out["top_ids"] == want.top_ids.tolist()
@@ -92,11 +94,13 @@ def test_a_damaged_package_is_rebuilt(tmp_path: Path, monkeypatch: pytest.Monkey
     # A torch build whose loader `_load` cannot call as it does: the public API loads it.
     real, calls = torch._C._aoti.AOTIModelPackageLoader, []
 
-    def changed(*a: object) -> object:
-        calls.append(a)
+    def changed(
+        path: str, name: str, single_threaded: bool, runners: int, device_index: int
+    ) -> torch._C._aoti.AOTIModelPackageLoader:
+        calls.append((path, name, single_threaded, runners, device_index))
         if len(calls) == 1:
             raise TypeError("incompatible constructor arguments")
-        return real(*a)
+        return real(path, name, single_threaded, runners, device_index)
 
     changed.load_metadata_from_package = real.load_metadata_from_package  # type: ignore[attr-defined]
     monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", changed)

@@ -28,22 +28,26 @@ def check_exact(atlas: Atlas, model: Path, matrix: str, layer: int, norm: str) -
     p = torch.softmax(L, 1)
     top = L.topk(k, 1)
     bot = L.topk(k, 1, largest=False)
-    close = dict(rtol=1e-5, atol=1e-5)
+    tol = 1e-5  # rtol and atol
     assert torch.equal(rows["index"], torch.arange(L.shape[0], dtype=torch.int32))
-    torch.testing.assert_close(rows["top_logits"].double(), top.values, **close)
-    torch.testing.assert_close(rows["top_probs"].double(), p.gather(1, top.indices), **close)
-    torch.testing.assert_close(rows["bottom_logits"].double(), bot.values, **close)
+    torch.testing.assert_close(rows["top_logits"].double(), top.values, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        rows["top_probs"].double(), p.gather(1, top.indices), rtol=tol, atol=tol
+    )
+    torch.testing.assert_close(rows["bottom_logits"].double(), bot.values, rtol=tol, atol=tol)
     # ids: equal wherever the reference has no exact tie at that rank
     ids = rows["top_ids"].long()
-    torch.testing.assert_close(L.gather(1, ids), top.values, **close)
-    torch.testing.assert_close(L.gather(1, rows["bottom_ids"].long()), bot.values, **close)
-    torch.testing.assert_close(rows["logsumexp"].double(), lse, **close)
+    torch.testing.assert_close(L.gather(1, ids), top.values, rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        L.gather(1, rows["bottom_ids"].long()), bot.values, rtol=tol, atol=tol
+    )
+    torch.testing.assert_close(rows["logsumexp"].double(), lse, rtol=tol, atol=tol)
     entropy = -(p * torch.log_softmax(L, 1)).sum(1)
-    torch.testing.assert_close(rows["entropy"].double(), entropy, **close)
+    torch.testing.assert_close(rows["entropy"].double(), entropy, rtol=tol, atol=tol)
     mu, sd = L.mean(1), L.std(1, correction=0)
     z = (L - mu[:, None]) / sd[:, None]
-    torch.testing.assert_close(rows["logit_mean"].double(), mu, **close)
-    torch.testing.assert_close(rows["logit_std"].double(), sd, **close)
+    torch.testing.assert_close(rows["logit_mean"].double(), mu, rtol=tol, atol=tol)
+    torch.testing.assert_close(rows["logit_std"].double(), sd, rtol=tol, atol=tol)
     torch.testing.assert_close(rows["logit_skew"].double(), (z**3).mean(1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(
         rows["logit_kurtosis"].double(), (z**4).mean(1) - 3, rtol=1e-4, atol=1e-4

@@ -38,7 +38,7 @@ def test_reverse_index_matches_brute_force(stories_atlas: Path, stories: Path) -
     top = P.topk(m.reverse_n, dim=0)  # (N, V)
     rev = pq.read_table(stories_atlas / "reverse.parquet").to_pydict()
     assert len(rev["token_id"]) == m.reverse_n * m.d_vocab
-    got: dict[int, list[tuple[int, str, int, float]]] = {}
+    got: dict[int, list[tuple[int, int, str, int, float]]] = {}  # rank, layer, matrix, index, p
     for t, r, layer, matrix, idx, p in zip(
         rev["token_id"],
         rev["rank"],

@@ -48,6 +48,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     dog, cal = tok.token_to_id("Ġdog"), tok.token_to_id("ĠCalifornia")
+    assert dog is not None and cal is not None  # both single tokens in the Llama 3 vocabulary
     plant(model, {DOG: dog, **{n: cal for n in CALIFORNIA}})
     # up only and a short reverse index: quick to map and to load for 128,256 tokens.
     map_model(model, root / "atlas", matrices="up", reverse_n=4, compile="off")

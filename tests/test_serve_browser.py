@@ -57,8 +57,10 @@ def server(stories_atlas: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
         [sys.executable, "-m", "flashlens", "serve", str(stories_atlas), "--port", "0"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    stderr = proc.stderr
+    assert stderr is not None  # stderr=PIPE
     first: list[str] = []
-    reader = threading.Thread(target=lambda: first.append(proc.stderr.readline()), daemon=True)
+    reader = threading.Thread(target=lambda: first.append(stderr.readline()), daemon=True)
     reader.start()
     reader.join(timeout=120)
     try:
