@@ -31,22 +31,39 @@ from . import serve_cmd as _serve_cmd  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit code (0 ok, 2 user error, 130 interrupted)."""
+    args = sys.argv[1:] if argv is None else argv
     try:
-        app(args=argv, prog_name="flashlens")  # standalone: usage errors print themselves
+        app(args=args, prog_name="flashlens")  # standalone: usage errors print themselves
     except FlashlensError as err:
         typer.secho(f"error: {err}", fg="red", err=True)
         return 2
+    except OSError as err:  # a path the user gave that cannot be read or written, a full disk
+        typer.secho(f"error: {_os_error(err)}", fg="red", err=True)
+        return 2
     except KeyboardInterrupt:
-        return _interrupted()
+        return _interrupted(args)
     except SystemExit as exit_:
         code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-        return _interrupted() if code == 130 else code  # typer turns Ctrl-C into exit 130
+        return _interrupted(args) if code == 130 else code  # typer turns Ctrl-C into exit 130
     return 0
 
 
-def _interrupted() -> int:
-    typer.echo("interrupted; rerun the same command to resume", err=True)
+RESUMABLE = ("map", "compare")  # commands whose rerun resumes (compare maps its models)
+
+
+def _interrupted(args: list[str]) -> int:
+    command = next((a for a in args if not a.startswith("-")), "")
+    resume = "; rerun the same command to resume" if command in RESUMABLE else ""
+    typer.echo(f"interrupted{resume}", err=True)
     return 130
+
+
+def _os_error(err: OSError) -> str:
+    """One line for an OSError: what failed, on which path, and the system's reason."""
+    reason = err.strerror or str(err)
+    if err.filename is None:
+        return reason
+    return f"{reason}: {err.filename} (check the path and its permissions, and free space)"
 
 
 def run() -> None:  # console-script entry point

@@ -1,0 +1,45 @@
+"""The CLI's last line of defence: system errors and Ctrl-C become one line, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flashlens.cli import main
+
+
+def test_an_unwritable_output_path_is_one_line(
+    stories_atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    code = main(["stats", str(stories_atlas), "--plot", str(a_file / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and str(a_file) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "resume"),
+    [(["show", "ATLAS", "0:1"], False), (["map", "MODEL", "-o", "OUT"], True)],
+)
+def test_ctrl_c_promises_a_resume_only_where_a_rerun_resumes(
+    argv: list[str],
+    resume: bool,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import flashlens.cli.map_cmd as map_cmd
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(map_cmd.Atlas, "open", stop)
+    monkeypatch.setattr(map_cmd, "map_model", stop)
+    argv = [str(tmp_path / a) if a.isupper() else a for a in argv]
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted") and ("resume" in err) == resume
