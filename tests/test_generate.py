@@ -186,6 +186,10 @@ def test_clamp_command(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixt
         (["--neuron", "1:172", "--concept", "Lily"], "index 172 is out of range"),
         (["--neuron", "1:1", "--concept", "elephant"], "unknown concept 'elephant'"),
         (["--neuron", "1:1", "--concept", "Lily", "--values", "a,b"], "bad --values"),
+        (
+            ["--neuron", "1:1", "--concept", "Lily", "--values", "1,nan"],
+            "bad --values '1,nan': nan is not a finite number",
+        ),
         (["--neuron", "1:1", "--concept", "Lily", "--mode", "mul"], "unknown --mode 'mul'"),
     ],
 )
@@ -195,3 +199,53 @@ def test_clamp_command_errors(
     assert main(["clamp", str(stories), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+TEMPERATURE = "--temperature must be 0 (greedy) or a positive number"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1", "--samples", "2"], f"{TEMPERATURE} (got -1)"),
+        (["--temperature", "nan"], f"{TEMPERATURE} (got nan)"),
+        (["--samples", "0"], "--samples must be at least 1 (got 0)"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1 (got -3)"),
+        (["--clamp", "1:2=inf"], "bad --clamp '1:2=inf': 'inf' is not a finite number"),
+    ],
+)
+def test_generate_checks_numbers_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    missing = tmp_path / "no-model"  # checked before the model is loaded: never read
+    assert main(["generate", str(missing), "--clamp", "0:1=3", "--prompt", "Once", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
+
+
+def test_steer_refuses_negative_temperature(stories: Path) -> None:
+    from flashlens.errors import FlashlensError
+    from flashlens.intervene import steer
+
+    model, tok = load_reference_model(stories), load_tokenizer(stories)
+    with pytest.raises(FlashlensError, match=r"--temperature must be 0 \(greedy\).*got -0.5"):
+        steer(model, tok, ["Once"], [Neuron(0, 1)], 3.0, samples=2, temperature=-0.5)
+
+
+@pytest.mark.parametrize("command", ["clamp", "generate"])
+def test_prompts_file_must_be_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    bad = tmp_path / "bin.txt"
+    bad.write_bytes(b"\xff\xfe bad")
+    missing = str(tmp_path / "no-model")  # the file is read before the model is loaded
+    args = {
+        "clamp": ["clamp", missing, "--neuron", "0:1", "--concept", "and"],
+        "generate": ["generate", missing, "--clamp", "0:1=3"],
+    }[command]
+    assert main([*args, "--prompts", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: cannot read prompts from {bad}: it must be UTF-8 text (byte 0 is 0xff); "
+        "save it as UTF-8, one prompt per line\n"
+    )

@@ -16,7 +16,7 @@ from flashlens.errors import FlashlensError, NeuronError
 from flashlens.intervene import Neuron, activation_ranges, clamp, dose_response, record
 from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
-from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
+from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
 from .helpers import load_reference_model, make_model
 
@@ -247,3 +247,16 @@ def test_stories_top_up_neuron_raises_its_piece(stories: Path, stories_atlas: Pa
         concept_ids=ids,
     )
     assert steering.clamped_concept_tokens > 2 * steering.baseline_concept_tokens  # type: ignore[operator]
+
+
+def test_read_prompts_needs_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffOnce upon a time\n\nCafé\n".encode())  # a BOM (Notepad) is dropped
+    assert read_prompts(path) == ["Once upon a time", "Café"]
+    path.write_bytes("Once\nCafé\n".encode("latin-1"))
+    with pytest.raises(FlashlensError) as info:
+        read_prompts(path)
+    assert str(info.value) == (
+        f"cannot read prompts from {path}: it must be UTF-8 text (byte 8 is 0xe9); "
+        "save it as UTF-8, one prompt per line"
+    )

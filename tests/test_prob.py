@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,52 @@ def test_cli(stories: Path, stories_atlas: Path, capsys: pytest.CaptureFixture[s
     assert main(["prob", atlas, "2:7"]) == 2
     err = capsys.readouterr().err
     assert "out of range" in err and "Traceback" not in err
+
+
+def _other_weights(stories: Path, out: Path) -> Path:
+    """stories260K with noise added to layer 4's MLP weights: the same config.json."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in stories.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(stories / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if ".layers.4.mlp." in name:
+            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_model_weights_must_match_the_atlas(
+    stories: Path,
+    stories_atlas: Path,
+    stories_bf16: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = _other_weights(stories, tmp_path / "other")
+    atlas = Atlas.open(stories_atlas)
+    stored = atlas.neuron(4, 123, "up").w_norm
+    with pytest.raises(FlashlensError) as info:
+        atlas.prob(4, 123, " nam", model=other)
+    message = str(info.value)
+    assert f"{other} is not the model the atlas at {stories_atlas} was mapped from" in message
+    assert "neuron up:4:123 has |w| " in message and f"but {stored:.6g} in the atlas" in message
+    assert "flashlens map" in message and f"--model {atlas.meta.model}" in message
+    for matrix in ("gate", "down"):
+        with pytest.raises(FlashlensError, match=f"neuron {matrix}:4:7 has"):
+            atlas.prob(4, 7, matrix=matrix, token_id=5, model=other)
+    # The neurons of unchanged layers are the atlas's: answered.
+    assert atlas.prob(0, 7, token_id=5, model=other).source == "model"
+    # The same weights rounded to bf16: within bf16 rounding of the stored norm, answered.
+    assert atlas.meta.weight_dtype == "float32"
+    r = atlas.prob(4, 123, " nam", model=stories_bf16)
+    assert r.prob == pytest.approx(atlas.prob(4, 123, " nam", model=stories).prob, rel=0.05)
+    assert main(["prob", str(stories_atlas), "up:4:123", " nam", "--model", str(other)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+    assert "neuron up:4:123 has |w|" in captured.err and "Traceback" not in captured.err

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from flashlens import Atlas
 from flashlens.cli import main
@@ -177,6 +178,69 @@ def test_validate_refuses_other_model(
     assert "does not match the atlas" in err and "config hash" in err
     assert main(["validate", str(atlas), "elephant", "--model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--limit", "0"], "--limit must be at least 1 (got 0)"),
+        (["--factor", "nan"], "--factor must be positive and finite (got nan)"),
+        (["--factor", "-1"], "--factor must be positive and finite (got -1)"),
+        (["--multiples", "1,inf"], "bad --multiples '1,inf': inf is not a finite number"),
+        (["--prompts", "BIN"], "it must be UTF-8 text (byte 0 is 0xff)"),
+    ],
+)
+def test_validate_checks_options_before_loading(
+    atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe bad")
+    args = [str(binary) if a == "BIN" else a for a in args]
+    missing = str(tmp_path / "no-model")  # the options are checked before the model is loaded
+    assert main(["validate", str(atlas), "Lily", "--model", missing, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def _other_weights(stories: Path, out: Path) -> Path:
+    """stories260K with noise added to layer 4's MLP weights: the same config.json."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in stories.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(stories / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if ".layers.4.mlp." in name:
+            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_validate_refuses_other_weights(
+    stories: Path, atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = _other_weights(stories, tmp_path / "other")
+    stored = Atlas.open(atlas).neuron(4, 38, "up").w_norm
+    args = ["validate", str(atlas), "Lily", "--model", str(other)]
+    assert main([*args, "--neurons", "0:5,up:4:38"]) == 2
+    full = capsys.readouterr().err
+    err = full.splitlines()[-1]  # one line, after transformers' loading bar
+    assert "Traceback" not in full
+    assert f"error: {other} is not the model the atlas at {atlas} was mapped from" in err
+    assert "neuron up:4:38 has |w| " in err and f"but {stored:.6g} in the atlas" in err
+    assert "flashlens map" in err and f"--model {stories}" in err
+    assert main([*args, "--neurons", "down:4:3"]) == 2
+    assert "neuron down:4:3 has |w|" in capsys.readouterr().err
+    assert main([*args, "--layers", "4", "--limit", "2"]) == 2  # the search hits are checked
+    assert "neuron " in capsys.readouterr().err
+    assert not (atlas / "validation.parquet").exists()
+    # Unchanged layers are the atlas's; the right model loaded in bf16 is within its rounding.
+    assert _validate(capsys, *args[1:], "--neurons", "0:5", "--multiples", "20")["results"]
+    right = ["validate", str(atlas), "Lily", "--model", str(stories), "--neurons", "4:38"]
+    assert main([*right, "--dtype", "bfloat16", "--multiples", "20", "--no-write"]) == 0
 
 
 def test_validate_unknown_concept(

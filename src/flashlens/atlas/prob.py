@@ -17,6 +17,8 @@ from .concepts import ConceptError
 from .query import AtlasDB
 
 if TYPE_CHECKING:
+    import torch
+
     from .atlas import Atlas, NeuronRecord
 
 
@@ -166,7 +168,9 @@ def _from_model(
                 f"has config {source.config_hash})"
             )
         tid = resolve_token(atlas, token, token_id, source.folder)
-        w = source.neurons(matrix, layer)[index].float()  # type: ignore[arg-type]  # (d_model,)
+        w = source.neurons(matrix, layer)[index]  # type: ignore[arg-type]  # (d_model,)
+        check_weights(atlas, rec, w, model)
+        w = w.float()
         x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
         u = source.W_U()[tid].float()  # (d_model,): one row of the LM-head
         logit = float(torch.dot(u, x))
@@ -190,3 +194,26 @@ def _from_model(
         rank,
         "model",
     )
+
+
+def check_weights(atlas: Atlas, rec: NeuronRecord, w: torch.Tensor, model: str | Path) -> None:
+    """Refuse a neuron vector `w` (d_model,) whose norm is not the |w| the atlas stores for it:
+    another checkpoint with the same config.json (fine-tuned, edited, retrained).
+
+    The norms agree to fp32 rounding when `w` has the atlas's weight dtype, and to that of the
+    coarser dtype when one of them was rounded to the other (e.g. an fp32 model loaded in bf16).
+    """
+    import torch
+
+    found = float(w.float().norm())
+    stored = getattr(torch, atlas.meta.weight_dtype, None)
+    dtypes = [d for d in (stored, w.dtype) if isinstance(d, torch.dtype) and d.is_floating_point]
+    rtol = 1e-4 if stored == w.dtype else max([1e-4] + [torch.finfo(d).eps for d in dtypes])
+    if not math.isclose(found, rec.w_norm, rel_tol=rtol, abs_tol=1e-6):
+        raise AtlasError(
+            f"{model} is not the model the atlas at {atlas.root} was mapped from "
+            f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} has |w| "
+            f"{found:.6g} in it but {rec.w_norm:.6g} in the atlas (same config.json, other "
+            f"weights); map it into a new atlas (flashlens map {model} -o OUT), or pass "
+            f"--model {atlas.meta.model}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,9 @@ def _floats(spec: str, what: str) -> list[float]:
         ) from None
     if not values:
         raise FlashlensError(f"no {what} in {spec!r}: write e.g. 0,5,10,20")
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise FlashlensError(f"bad {what} {spec!r}: {bad[0]:g} is not a finite number")
     return values
 
 
@@ -160,10 +164,14 @@ def _parse_clamp(spec: str, matrix: str) -> tuple[Any, float]:
     neuron, sep, value = spec.rpartition("=")
     if not sep:
         raise NeuronError(f"bad --clamp {spec!r}: write NEURON=VALUE, e.g. up:12:1234=10")
+    parsed = Neuron.parse(neuron, matrix)
     try:
-        return Neuron.parse(neuron, matrix), float(value)
+        number = float(value)
     except ValueError:
         raise NeuronError(f"bad --clamp {spec!r}: {value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise NeuronError(f"bad --clamp {spec!r}: {value!r} is not a finite number")
+    return parsed, number
 
 
 @app.command("generate")
@@ -202,8 +210,13 @@ def generate_command(
     from ..intervene.loading import load_model
     from ..intervene.prompts import read_prompts
 
-    if max_new_tokens < 1 or samples < 1:
-        raise FlashlensError("--max-new-tokens and --samples must be at least 1")
+    for option, number in (("--max-new-tokens", max_new_tokens), ("--samples", samples)):
+        if number < 1:
+            raise FlashlensError(f"{option} must be at least 1 (got {number})")
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise FlashlensError(
+            f"--temperature must be 0 (greedy) or a positive number (got {temperature:g})"
+        )
     how = _how(mode, positions, site)
     clamps = [_parse_clamp(c, matrix) for c in clamp]
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
@@ -300,6 +313,10 @@ def validate_command(
     from ..intervene.validate import validate
 
     mode, positions, _ = _how(mode, positions)
+    if limit < 1:
+        raise FlashlensError(f"--limit must be at least 1 (got {limit})")
+    if not 0 < factor < math.inf:
+        raise FlashlensError(f"--factor must be positive and finite (got {factor:g})")
     at = Atlas.open(atlas)
     chosen = Neuron.parse_list(neurons, matrix or "up") if neurons else None
     texts = read_prompts(prompts)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from ..errors import FlashlensError
 from .hooks import Mode, Positions, as_neurons, clamp
 from .neuron import Neuron, Site
 from .prompts import encode
@@ -105,6 +107,10 @@ def steer(
     concept: counts the continuations that mention it (case-insensitive) and, with
     concept_ids, the concept tokens they contain.
     """
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise FlashlensError(
+            f"--temperature must be 0 (greedy) or a positive number (got {temperature:g})"
+        )
     chosen = as_neurons(neurons)
     per_neuron = [float(values)] * len(chosen) if isinstance(values, (int, float)) else list(values)
     temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature

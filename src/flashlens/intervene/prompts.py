@@ -28,9 +28,14 @@ def read_prompts(path: Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_PROMPTS)
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as err:
         raise FlashlensError(f"cannot read prompts from {path} ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise FlashlensError(
+            f"cannot read prompts from {path}: it must be UTF-8 text (byte {err.start} is "
+            f"0x{err.object[err.start]:02x}); save it as UTF-8, one prompt per line"
+        ) from None
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise FlashlensError(f"{path} has no prompts: write one prompt per line")

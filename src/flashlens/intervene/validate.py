@@ -9,19 +9,22 @@ search` reads for its "validated" column.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 
 from ..atlas import Atlas
 from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import atomic_write
+from ..atlas.prob import check_weights
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
 from .concept import concept_variants, single_token, variant_ids
@@ -93,7 +96,8 @@ class ValidationReport:
 
 
 def check_model_matches(atlas: Atlas, lm: LoadedModel) -> None:
-    """Refuse a model whose config.json is not the one the atlas was mapped from."""
+    """Refuse a model whose config.json is not the one the atlas was mapped from (its weights
+    are checked neuron by neuron in `validate`)."""
     if lm.config_hash != atlas.meta.config_hash:
         raise AtlasError(
             f"model {lm.name} does not match the atlas at {atlas.root}: its config hash is "
@@ -122,8 +126,8 @@ def validate(
 ) -> ValidationReport:
     """Validate `neurons` (default: the top `limit` search hits for `concept`)."""
     check_model_matches(atlas, lm)
-    if factor <= 0:
-        raise NeuronError(f"--factor must be positive (got {factor})")
+    if not 0 < factor < math.inf:
+        raise NeuronError(f"--factor must be positive and finite (got {factor:g})")
     search_probs: dict[Neuron, float] = {}
     if neurons is None:
         found = atlas.search(concept, matrix=matrix, layers=layers, limit=limit, plural=plural)
@@ -135,7 +139,10 @@ def validate(
         chosen = list(dict.fromkeys(neurons))
     for n in chosen:
         atlas.check_neuron(n.layer, n.index, n.matrix)
-        resolve_site(lm.model, n)
+        site = resolve_site(lm.model, n)  # the module of the neuron's matrix
+        W = cast(torch.Tensor, site.module.weight)
+        w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
+        check_weights(atlas, atlas.neuron(n.layer, n.index, n.matrix), w.detach(), lm.name)
     ids = variant_ids(expansion)
     report = ValidationReport(
         expansion.concept.lower(),
