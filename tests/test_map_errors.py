@@ -104,6 +104,56 @@ def test_unknown_architecture_and_unsupported_config(model: Path, tmp_path: Path
         map_model(bad, tmp_path / "a")
 
 
+def test_config_without_architectures_says_the_field_is_missing(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = copy_model(model, tmp_path / "m")
+    config = json.loads((bad / "config.json").read_text())
+    del config["architectures"]
+    (bad / "config.json").write_text(json.dumps(config))
+    err = cli_error(capsys, "map", str(bad), "-o", str(tmp_path / "a"))
+    assert "config.json has no \"architectures\" field (model_type='llama')" in err
+    assert 'add it to config.json, e.g. "architectures": ["LlamaForCausalLM"]' in err
+    assert "unsupported architecture" not in err
+    assert not (tmp_path / "a").exists()
+
+
+def test_no_tokenizer_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bare = make_model(tmp_path / "m", n_layers=1, tokenizer=None)
+    out = tmp_path / "a"
+    assert main(["map", str(bare), "-o", str(out), "--compile", "off", "--json"]) == 0
+    captured = capsys.readouterr()
+    (warning,) = json.loads(captured.out)["warnings"]
+    assert warning.startswith(f"no tokenizer found in {bare} (no tokenizer.json)")
+    assert "tokens read <id N>" in warning and "--overwrite" in warning
+    assert f"warning: {warning}" in " ".join(captured.err.split())
+    assert Atlas.open(out).tokens[269] == "<id 269>"
+    with_tokenizer = map_model(make_model(tmp_path / "t", n_layers=1), tmp_path / "b")
+    assert with_tokenizer.warnings == []
+
+
+def test_zero_and_non_finite_neurons_are_a_warning(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    pruned = copy_model(model, tmp_path / "m")
+    state = load_file(pruned / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][7] = 0.0
+    state["model.layers.0.mlp.gate_proj.weight"][3, 2] = float("nan")
+    state["model.layers.0.mlp.down_proj.weight"][4, 5] = float("inf")  # neuron 5: a column
+    save_file(state, pruned / "model.safetensors")
+    summary = map_model(pruned, tmp_path / "a", compile="off")
+    assert summary.warnings == [
+        "3 neurons have an all-zero or non-finite weight vector (e.g. up:1:7): their tokens "
+        "are meaningless (a pruned or damaged checkpoint?)"
+    ]
+    assert main(["map", str(pruned), "-o", str(tmp_path / "b"), "--compile", "off"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: 3 neurons have an all-zero or non-finite weight vector" in err
+    assert map_model(model, tmp_path / "c", compile="off").warnings == []
+
+
 def test_hub_unreachable_says_how_to_pass_a_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -123,6 +173,9 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
         (["--norm", "layer"], "unknown norm mode"),
         (["--dtype", "int4"], "unknown dtype"),
         (["--top-k", "0"], "at least 1"),
+        (["--block", "-5"], "--block -5 is not a number of neurons: give at least 1"),
+        (["--block", "0"], "--block 0 is not a number of neurons: give at least 1"),
+        (["--compile", "maybe"], "unknown --compile 'maybe'"),
     ],
 )
 def test_bad_map_options(
@@ -130,6 +183,7 @@ def test_bad_map_options(
 ) -> None:
     err = cli_error(capsys, "map", str(model), "-o", str(tmp_path / "a"), *argv)
     assert match in err
+    assert not (tmp_path / "a").exists()  # refused before any file is written
 
 
 @pytest.mark.parametrize("value", ["soon", "-5", "nan"])
@@ -187,3 +241,51 @@ def test_unreadable_atlas(atlas: Path, tmp_path: Path, capsys: pytest.CaptureFix
     (bad / "atlas.json").write_text((atlas / "atlas.json").read_text())
     with pytest.raises(AtlasError, match=r"missing"):
         Atlas.open(bad).neuron(0, 0, "up")
+
+
+def test_overwrite_recovers_an_unreadable_atlas_json(
+    atlas: Path, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(atlas, bad)
+    (bad / "atlas.json").write_text('{"model": ')
+    assert "map the model again with --overwrite" in cli_error(capsys, "show", str(bad), "0:0")
+    err = cli_error(capsys, "map", str(model), "-o", str(bad))
+    assert "atlas.json is unreadable" in err and "pass --overwrite" in err
+    (bad / "notes.txt").write_text("mine")
+    assert main(["map", str(model), "-o", str(bad), "--overwrite", "--compile", "off"]) == 0
+    capsys.readouterr()
+    assert Atlas.open(bad).neuron(1, 0, "up") == Atlas.open(atlas).neuron(1, 0, "up")
+    assert (bad / "notes.txt").read_text() == "mine"
+    (bad / "atlas.json").write_text("[]")  # valid JSON, but not an atlas's description
+    assert "atlas.json is unreadable" in cli_error(capsys, "show", str(bad), "0:0")
+    assert "pass --overwrite" in cli_error(capsys, "map", str(model), "-o", str(bad))
+
+
+def test_atlas_files_without_atlas_json(
+    atlas: Path, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """show and map agree on the way out (--overwrite), which keeps the user's own files."""
+    bad = tmp_path / "bad"
+    shutil.copytree(atlas, bad)
+    (bad / "atlas.json").unlink()
+    (bad / "notes.txt").write_text("mine")
+    (bad / "up" / "plot.png").write_text("mine too")
+    err = cli_error(capsys, "show", str(bad), "0:0")
+    assert f"{bad} holds atlas files but no atlas.json" in err
+    assert f"flashlens map MODEL -o {bad} --overwrite" in err
+    err = cli_error(capsys, "map", str(model), "-o", str(bad))
+    assert f"{bad} holds atlas files (" in err and "but no atlas.json" in err
+    assert "pass --overwrite to map again into it (other files in it are kept)" in err
+    assert main(["map", str(model), "-o", str(bad), "--overwrite", "--compile", "off"]) == 0
+    capsys.readouterr()
+    assert Atlas.open(bad).neuron(1, 0, "up") == Atlas.open(atlas).neuron(1, 0, "up")
+    assert (bad / "notes.txt").read_text() == "mine"
+    assert (bad / "up" / "plot.png").read_text() == "mine too"
+    # A folder of only the user's files is never written into, --overwrite or not.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(AtlasError, match=r"not empty and holds no atlas"):
+        map_model(model, other, overwrite=True)
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]

@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from flashlens import Atlas, map_model
 from flashlens.atlas.writer import AtlasWriter
+from flashlens.cli import main
 from flashlens.errors import AtlasError
 
 from .helpers import make_model
@@ -220,3 +222,78 @@ def test_layers_written_since_the_last_save_of_the_resume_state_are_mapped_again
     summary = map_model(big_model, out, compile="off", block=64)
     assert summary.neurons_skipped == 0
     assert_same_atlas(out, reference_atlas)
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("small") / "m", n_layers=2)
+
+
+def test_overwrite_removes_the_old_validation_and_keeps_the_users_files(
+    small_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "atlas"
+    map_model(small_model, out, compile="off")
+    # validation.parquet is derived from the old atlas (as `flashlens validate` writes it)
+    pq.write_table(pa.table({"model": ["old-model"]}), out / "validation.parquet")
+    (out / "notes.txt").write_text("mine")
+    (out / "up" / "plot.png").write_text("mine too")
+    map_model(small_model, out, compile="off", top_k=5, overwrite=True)
+    assert not (out / "validation.parquet").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "up" / "plot.png").read_text() == "mine too"
+    assert Atlas.open(out).meta.top_k == 5
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        ("truncate up/layer_001.parquet", r"up/layer_001.parquet is unreadable"),
+        ("delete gate/layer_000.parquet", r"gate/layer_000.parquet is missing"),
+        ("delete reverse.parquet", r"reverse.parquet is missing"),
+        ("delete tokens.parquet", r"tokens.parquet is missing"),
+    ],
+)
+def test_a_damaged_complete_atlas_is_not_complete(
+    small_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+    match: str,
+) -> None:
+    out = tmp_path / "atlas"
+    map_model(small_model, out, compile="off")
+    whole = {p.relative_to(out): pq.read_table(p) for p in out.rglob("*.parquet")}
+    how, name = damage.split()
+    if how == "truncate":
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[: len(data) // 2])
+    else:
+        (out / name).unlink()
+    with pytest.raises(
+        AtlasError, match=rf"{match}.*; the atlas is damaged: map it again with --overwrite"
+    ):
+        map_model(small_model, out, compile="off")
+    assert main(["map", str(small_model), "-o", str(out), "--compile", "off"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already complete" not in err and "--overwrite" in err
+    map_model(small_model, out, compile="off", overwrite=True)
+    assert {p.relative_to(out) for p in out.rglob("*.parquet")} == set(whole)
+    for rel, table in whole.items():
+        assert pq.read_table(out / rel).equals(table), rel
+
+
+def test_a_local_model_is_recorded_by_its_absolute_path(
+    small_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(small_model.parent)
+    map_model(small_model.name, tmp_path / "atlas", compile="off")  # as typed: "m"
+    assert Atlas.open(tmp_path / "atlas").meta.model == str(small_model)
+    # The same model by its absolute path, from another directory: the same settings.
+    monkeypatch.chdir(tmp_path)
+    summary = map_model(small_model, tmp_path / "atlas", compile="off")
+    assert summary.neurons_mapped == 0 and summary.neurons_skipped == 3 * 2 * 48
+    # An atlas that recorded the relative path (older flashlens) resumes too.
+    meta = json.loads((tmp_path / "atlas" / "atlas.json").read_text())
+    (tmp_path / "atlas" / "atlas.json").write_text(json.dumps({**meta, "model": "m"}))
+    assert map_model(small_model, tmp_path / "atlas", compile="off").neurons_mapped == 0

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flashlens.weights import Checkpoint
+from flashlens.weights import Checkpoint, ModelSource
 
 from .helpers import make_model
 
@@ -45,3 +46,17 @@ def test_odd_dtypes_and_empty_tensors(tmp_path: Path) -> None:
     with Checkpoint(tmp_path) as ckpt:
         for name, t in tensors.items():
             assert torch.equal(ckpt.get(name), t), name
+
+
+def test_a_local_folder_is_named_by_its_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What atlas.json records as the model: usable from any directory."""
+    folder = make_model(tmp_path / "models" / "m", n_layers=1, tokenizer=None)
+    monkeypatch.chdir(tmp_path / "models")
+    for typed in ("m", "./m", "../models/m", str(folder)):
+        source = ModelSource.open(typed)
+        try:
+            assert source.model == str(folder), typed
+        finally:
+            source.close()

@@ -7,15 +7,16 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import __version__, heap
-from .atlas.atlas import Atlas, parse_layers
+from .atlas.atlas import Atlas, parse_layers, read_parquet
 from .atlas.format import AtlasMeta
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
@@ -54,6 +55,7 @@ class MapSummary:
     compiled: bool
     audit: dict[str, Any] | None = None  # decode.audit.Audit of this run's sample
     pilot: dict[str, Any] | None = None  # decode.pilot.PilotReport (low precision only)
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
 
     @property
     def neurons_per_second(self) -> float:
@@ -72,6 +74,7 @@ class MapSummary:
             "compiled": self.compiled,
             "audit": self.audit,
             "pilot": self.pilot,
+            "warnings": self.warnings,
         }
 
 
@@ -110,8 +113,8 @@ def map_model(
     `overwrite`. `audit` neurons of those mapped, drawn with a fixed seed, are decoded again
     exactly in fp32 and compared (`summary.audit`, also in atlas.json; 0 skips it). Before a
     low-precision map, `pilot` neurons check the GEMM first and decide how to compute
-    (decode.pilot; `summary.pilot`; 0 skips it). Returns a summary; open the result with
-    `Atlas.open(out)`.
+    (decode.pilot; `summary.pilot`; 0 skips it). Returns a summary (with `warnings`: no
+    tokenizer, all-zero or non-finite neurons); open the result with `Atlas.open(out)`.
     """
     if norm not in NORM_MODES:
         raise FlashlensError(f"unknown norm mode {norm!r}: choose from {', '.join(NORM_MODES)}")
@@ -121,6 +124,13 @@ def map_model(
         raise FlashlensError("--audit must be 0 (off) or a number of neurons to check")
     if pilot < 0:
         raise FlashlensError("--pilot must be 0 (off) or a number of neurons to check")
+    if block is not None and block < 1:
+        raise FlashlensError(
+            f"--block {block} is not a number of neurons: give at least 1, or leave it out "
+            "(a size from the vocabulary)"
+        )
+    if compile not in ("auto", "on", "off"):
+        raise FlashlensError(f"unknown --compile {compile!r}: use auto, on or off")
     source = ModelSource.open(model)
     try:
         return _map(
@@ -327,11 +337,40 @@ def _map(
         del decoder  # the LM-head (and its int8 copy): not needed to finish
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
+            if not (source.folder / "tokenizer.json").is_file():
+                summary.warnings.append(
+                    f"no tokenizer found in {source.folder} (no tokenizer.json): the atlas's "
+                    "tokens read <id N> and search cannot find words; put the model's "
+                    "tokenizer files there and map again with --overwrite"
+                )
     summary.audit = checked.to_dict() if checked is not None else None
     summary.seconds = time.perf_counter() - start
     writer.finish(reverse, summary.seconds, summary.audit)
-    Atlas.open(out)  # the finished atlas must open
+    atlas = Atlas.open(out)  # the finished atlas must open
+    summary.warnings += _degenerate_neurons(atlas)
     return summary
+
+
+def _degenerate_neurons(atlas: Atlas) -> list[str]:
+    """A warning when neurons' weight vectors are all zero or not finite (a pruned or damaged
+    model): their rows are mapped, but say nothing. From the stored w_norm (cheap)."""
+    count, example = 0, ""
+    for matrix in atlas.meta.matrices:
+        for layer in atlas.meta.layers:
+            norms = read_parquet(atlas.layer_path(matrix, layer), columns=["w_norm"])
+            w_norm = norms.column("w_norm").to_numpy()
+            bad = ~(np.isfinite(w_norm) & (w_norm != 0))
+            n = int(bad.sum())
+            if n and not count:
+                example = f"{matrix}:{layer}:{int(bad.nonzero()[0][0])}"
+            count += n
+    if not count:
+        return []
+    return [
+        f"{count:,} {'neuron has' if count == 1 else 'neurons have'} an all-zero or "
+        f"non-finite weight vector (e.g. {example}): their tokens are meaningless (a pruned "
+        "or damaged checkpoint?)"
+    ]
 
 
 def _prefetched(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -13,7 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import AtlasError, NeuronError
-from .format import FORMAT_VERSION, META, REVERSE, TOKENS, AtlasMeta, layer_file
+from .format import (
+    FORMAT_VERSION,
+    META,
+    REVERSE,
+    TOKENS,
+    AtlasMeta,
+    atlas_files,
+    layer_file,
+    read_meta,
+)
 
 if TYPE_CHECKING:
     from .prob import TokenProb
@@ -61,6 +69,18 @@ def read_parquet(path: Path, **kwargs: Any) -> pa.Table:
         ) from None
 
 
+def check_parquet(path: Path) -> None:
+    """Check that a table of the atlas is there and its footer reads (no data is read)."""
+    if not path.is_file():
+        raise AtlasError(f"{path} is missing; the atlas is damaged: map it again with --overwrite")
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as err:
+        raise AtlasError(
+            f"{path} is unreadable ({err}); the atlas is damaged: map it again with --overwrite"
+        ) from None
+
+
 class Atlas:
     """A finished neuron atlas on disk."""
 
@@ -77,12 +97,17 @@ class Atlas:
             )
         meta_path = root / META
         if not meta_path.is_file():
+            if atlas_files(root):
+                raise AtlasError(
+                    f"{root} holds atlas files but no {META} (the atlas is damaged); map the "
+                    f"model again with `flashlens map MODEL -o {root} --overwrite`"
+                )
             raise AtlasError(
                 f"{root} is not an atlas (no {META}); make one with `flashlens map MODEL -o {root}`"
             )
         try:
-            meta = AtlasMeta.from_dict(json.loads(meta_path.read_text()))
-        except (ValueError, TypeError) as err:
+            meta = read_meta(meta_path)
+        except (ValueError, OSError) as err:
             raise AtlasError(
                 f"{meta_path} is unreadable ({err}); map the model again with --overwrite"
             ) from None
@@ -130,6 +155,16 @@ class Atlas:
 
     def layer_path(self, matrix: str, layer: int) -> Path:
         return layer_file(self.root, matrix, layer)
+
+    def check_files(self) -> None:
+        """Check that every table the atlas lists is there and readable (their footers only:
+        cheap); an AtlasError names the first that is not."""
+        paths = [self.root / TOKENS, self.reverse_path]
+        paths += [
+            self.layer_path(m, layer) for m in self.meta.matrices for layer in self.meta.layers
+        ]
+        for path in paths:
+            check_parquet(path)
 
     def layer_table(self, matrix: str, layer: int) -> pa.Table:
         return read_parquet(self.layer_path(matrix, layer))

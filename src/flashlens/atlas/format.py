@@ -5,7 +5,11 @@
       tokens.parquet             token_id, token (as the tokenizer shows it), text (decoded)
       up/layer_012.parquet       one row per neuron (see LAYER_SCHEMA); also gate/, down/
       reverse.parquet            token_id, rank, layer, matrix, index, prob, logit
+      validation.parquet         written by `flashlens validate` (intervene/validate.py)
       .state/                    resume state of an unfinished run (removed when complete)
+
+These are the atlas's own files (`atlas_files`): `map --overwrite` removes them and keeps
+anything else in the folder.
 
 A file is written to a dot-prefixed temporary name in its folder and renamed into place, so a
 half-written file never carries a final name.
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,11 +33,51 @@ FORMAT_VERSION = 1
 META = "atlas.json"
 TOKENS = "tokens.parquet"
 REVERSE = "reverse.parquet"
+VALIDATION = "validation.parquet"  # written by `flashlens validate`, derived from the atlas
 STATE_DIR = ".state"
+MATRIX_DIRS = ("up", "gate", "down")
+
+# Final names of the atlas's own files, in its root and in its matrix folders. A temporary file
+# of `atomic_write` is the final name between "." and ".<random>.tmp".
+_ROOT_NAMES = "|".join(re.escape(n) for n in (META, TOKENS, REVERSE, VALIDATION))
+_LAYER_NAMES = r"layer_\d{3,}\.parquet"
 
 
 def layer_file(root: Path, matrix: str, layer: int) -> Path:
     return root / matrix / f"layer_{layer:03d}.parquet"
+
+
+def _own(name: str, names: str) -> bool:
+    return re.fullmatch(rf"(?:{names})|\.(?:{names})\..+\.tmp", name) is not None
+
+
+def atlas_files(root: Path) -> list[Path]:
+    """The atlas's own files found in `root` (atlas.json, its tables, validation.parquet, the
+    resume state and temporary files of interrupted writes); anything else is the user's."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_file() and _own(p.name, _ROOT_NAMES)]
+    if (root / STATE_DIR).is_dir():
+        found.append(root / STATE_DIR)
+    for sub in MATRIX_DIRS:
+        if (root / sub).is_dir():
+            found += [
+                p for p in (root / sub).iterdir() if p.is_file() and _own(p.name, _LAYER_NAMES)
+            ]
+    return sorted(found)
+
+
+def remove_atlas(root: Path) -> None:
+    """Delete the atlas's own files in `root` (and its matrix folders once empty); the user's
+    other files stay."""
+    for path in atlas_files(root):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for sub in MATRIX_DIRS:
+        if (root / sub).is_dir() and not any((root / sub).iterdir()):
+            (root / sub).rmdir()
 
 
 def _list(t: pa.DataType) -> pa.DataType:
@@ -77,7 +123,7 @@ TOKENS_SCHEMA = pa.schema([("token_id", pa.int32()), ("token", pa.string()), ("t
 class AtlasMeta:
     """Everything needed to know exactly how an atlas was made."""
 
-    model: str  # hub id or path as given
+    model: str  # hub id as given, or the local model folder as an absolute path
     config_hash: str
     architecture: str
     family: str
@@ -114,6 +160,17 @@ class AtlasMeta:
 
     def settings(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.SETTINGS}
+
+
+def read_meta(path: Path) -> AtlasMeta:
+    """An atlas.json; ValueError when it is not valid JSON or not an atlas's description."""
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    try:
+        return AtlasMeta.from_dict(data)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:

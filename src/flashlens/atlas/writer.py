@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from ..decode.engine import BlockResult
 from ..decode.reverse import ReverseIndex
 from ..errors import AtlasError
+from .atlas import Atlas
 from .format import (
     LAYER_SCHEMA,
     META,
@@ -28,8 +29,11 @@ from .format import (
     STATE_DIR,
     TOKENS,
     AtlasMeta,
+    atlas_files,
     atomic_write,
     layer_file,
+    read_meta,
+    remove_atlas,
     write_json,
 )
 
@@ -46,7 +50,7 @@ class AtlasWriter:
         self.already_complete = False
         self.done: set[str] = set()  # layers recorded in the resume state
         self._written: set[str] = set()  # layers written since, not yet recorded
-        old = self._existing_meta()
+        old = self._existing_meta(overwrite)
         if old is not None and not overwrite:
             diff = {
                 k: (v, meta.settings()[k])
@@ -61,39 +65,47 @@ class AtlasWriter:
                     f"{root} holds an atlas made with other settings ({what}); "
                     "pass --overwrite to replace it, or choose another -o folder"
                 )
+            if old.complete:
+                Atlas(root, old).check_files()  # a damaged atlas is not "already complete"
             self.already_complete = old.complete
             if not old.complete:
                 meta.created = old.created
-        if overwrite and old is not None:
-            self._clear()
+        if overwrite:
+            remove_atlas(root)  # the atlas's own files only (validation.parquet included)
         if not self.already_complete:
             write_json(root / META, meta.to_dict())
         self.done = self._load_done()
 
-    def _existing_meta(self) -> AtlasMeta | None:
+    def _existing_meta(self, overwrite: bool) -> AtlasMeta | None:
+        """The atlas already in the folder, None when there is none (or `overwrite` replaces
+        one whose atlas.json is missing or unreadable); refuses a folder of other files."""
         if not self.root.exists():
             return None
         if not self.root.is_dir():
             raise AtlasError(f"{self.root} is a file; choose a folder for the atlas")
         path = self.root / META
         if not path.is_file():
-            if any(self.root.iterdir()):
+            own = atlas_files(self.root)
+            if own and not overwrite:
+                names = ", ".join(str(p.relative_to(self.root)) for p in own[:3])
+                raise AtlasError(
+                    f"{self.root} holds atlas files ({names}{', ...' if len(own) > 3 else ''}) "
+                    f"but no {META}; pass --overwrite to map again into it (other files in "
+                    "it are kept)"
+                )
+            if not own and any(self.root.iterdir()):
                 raise AtlasError(
                     f"{self.root} is not empty and holds no atlas; choose an empty or new folder"
                 )
             return None
         try:
-            return AtlasMeta.from_dict(json.loads(path.read_text()))
-        except (ValueError, TypeError) as err:
+            return read_meta(path)
+        except (ValueError, OSError) as err:
+            if overwrite:
+                return None
             raise AtlasError(
                 f"{path} is unreadable ({err}); pass --overwrite to map again into {self.root}"
             ) from None
-
-    def _clear(self) -> None:
-        for name in (META, TOKENS, REVERSE):
-            (self.root / name).unlink(missing_ok=True)
-        for sub in ("up", "gate", "down", STATE_DIR):
-            shutil.rmtree(self.root / sub, ignore_errors=True)
 
     def save_meta(self) -> None:
         """Rewrite atlas.json after a change to `meta` (the pilot's decision, for example)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..atlas import Atlas
@@ -32,7 +33,9 @@ def map_command(
     ),
     block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
     compile: str = typer.Option("auto", help="Fuse reductions with torch.compile: auto/on/off."),
-    overwrite: bool = typer.Option(False, help="Replace an atlas made with other settings."),
+    overwrite: bool = typer.Option(
+        False, help="Replace an atlas made with other settings, or a damaged one."
+    ),
     audit: int = typer.Option(
         32, help="Neurons decoded again exactly in fp32 to check accuracy (0: skip)."
     ),
@@ -81,6 +84,7 @@ def map_command(
         pilot=pilot,
     )
     if json_out:
+        _print_warnings(summary.warnings)
         print_json(summary.to_dict())
         return
     s = summary
@@ -96,6 +100,12 @@ def map_command(
         _print_pilot(s.pilot)
     if s.audit is not None:
         _print_audit(s.audit)
+    _print_warnings(s.warnings)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}")
 
 
 def _print_pilot(p: dict[str, Any]) -> None:

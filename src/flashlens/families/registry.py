@@ -37,8 +37,16 @@ def family_for(config: Mapping[str, Any]) -> Family:
             family = _BY_ARCH[arch]
             family.check_config(config)
             return family
-    named = ", ".join(archs) if archs else f"model_type={config.get('model_type')!r}"
+    supported = ", ".join(supported_architectures())
+    if not archs:
+        model_type = config.get("model_type")
+        named = [a for a, f in sorted(_BY_ARCH.items()) if f.name == model_type]
+        example = f', e.g. "architectures": ["{named[0]}"]' if len(named) == 1 else ""
+        raise UnsupportedModelError(
+            f'config.json has no "architectures" field (model_type={model_type!r}), so the '
+            f"model class is unknown: add it to config.json{example}; flashlens supports: "
+            f"{supported}"
+        )
     raise UnsupportedModelError(
-        f"unsupported architecture {named}; flashlens supports: "
-        f"{', '.join(supported_architectures())}"
+        f"unsupported architecture {', '.join(archs)}; flashlens supports: {supported}"
     )

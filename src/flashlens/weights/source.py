@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ def config_hash(config: dict[str, Any]) -> str:
 class ModelSource:
     """Everything `map` reads from a model folder, without building the model."""
 
-    model: str  # what the user passed: hub id or path
+    model: str  # hub id as the user passed it, or the local folder as an absolute path
     folder: Path
     config: dict[str, Any]
     family: Family
@@ -40,7 +41,10 @@ class ModelSource:
         except ValueError as err:
             raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
         family = family_for(config)
-        source = cls(str(model), folder, config, family, Checkpoint(folder))
+        name = str(model)
+        if Path(model).expanduser().is_dir():  # a local folder: usable from any directory
+            name = os.path.abspath(Path(model).expanduser())
+        source = cls(name, folder, config, family, Checkpoint(folder))
         source._check_shapes()
         return source
 
