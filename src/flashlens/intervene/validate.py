@@ -23,7 +23,7 @@ import torch
 
 from ..atlas import Atlas
 from ..atlas.concepts import Expansion, TokenVariant
-from ..atlas.format import atomic_write
+from ..atlas.format import VALIDATION, atomic_write
 from ..atlas.prob import check_weights
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
@@ -34,7 +34,6 @@ from .loading import LoadedModel
 from .neuron import Neuron
 from .prompts import encode
 
-VALIDATION = "validation.parquet"
 VALIDATION_SCHEMA = pa.schema(
     [
         ("concept", pa.string()),  # lowercased
