@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import shutil
@@ -354,3 +356,43 @@ def test_cli_plot_and_errors(
     assert "not both" in capsys.readouterr().err
     assert main(["compare", str(stories_atlas), str(tuned_atlas), "--plot", "x.jpg"]) == 2
     assert ".png" in capsys.readouterr().err
+
+
+def test_byte_tokens_carry_their_tokenizer_form(
+    capsys: pytest.CaptureFixture[str], stories_atlas: Path, result: Comparison
+) -> None:
+    """A byte token (its text is U+FFFD) is shown as the tokenizer writes it, e.g. <0xE2>, in
+    the table and the CSV; JSON items carry the id, the tokenizer form and the text."""
+    from flashlens.atlas.tokens import readable
+
+    ranked = result.changed(limit=None)
+    item = next(t for n in ranked for t in n["top_a"] if "\ufffd" in t["text"])
+    assert item["token"] == result.tokens[item["token_id"]] and item["token"].startswith("<0x")
+    a = str(stories_atlas)
+    assert main(["compare", a, a, "--unchanged", "--limit", "0", "--matrix", "up", "--csv"]) == 0
+    out = capsys.readouterr().out
+    assert "\ufffd" not in out and " | " not in out
+    rows = list(csv.DictReader(io.StringIO(out)))
+    listed = compare(stories_atlas, stories_atlas, matrices="up").unchanged(limit=None)
+    assert len(rows) == len(listed) == 5 * 172
+    for row, n in zip(rows, listed, strict=True):
+        assert json.loads(row["top_a"]) == [readable(t["text"], t["token"]) for t in n["top_a"]]
+    assert any("<0x" in row["top_a"] for row in rows)
+    assert main(["compare", a, a, "--unchanged", "--limit", "0", "--matrix", "up"]) == 0
+    text = capsys.readouterr().out
+    assert "\ufffd" not in text and "<0x" in text and "'<0x" not in text  # unquoted, as show
+
+
+def test_overwrite_replaces_an_atlas_of_other_settings(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stories: Path, stories_atlas: Path
+) -> None:
+    map_model(stories, tmp_path / "stories260K", matrices="up", layers="0", compile="off")
+    argv = ["compare", str(stories_atlas), str(stories), "-o", str(tmp_path), "--matrix", "up"]
+    argv += ["--layers", "3", "--compile", "off"]
+    assert main(argv) == 2  # the atlas there has layer 0 only: refused, saying what works
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err
+    assert main([*argv, "--overwrite"]) == 0
+    assert "up" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "stories260K" / "atlas.json").read_text())
+    assert (meta["matrices"], meta["layers"], meta["complete"]) == (["up"], [3], True)

@@ -137,6 +137,13 @@ def test_cli_json_and_csv(planted: tuple[Path, Path], capsys: pytest.CaptureFixt
     assert main(["search", atlas, "dog", "--variants", "plural"]) == 0
     out = capsys.readouterr()
     assert "' dogs'" in out.err and "2:7" in out.out
+    # --csv says which variants it searched, on stderr as the table does
+    assert main(["search", atlas, "dog", "--limit", "2", "--csv"]) == 0
+    out = capsys.readouterr()
+    assert out.err.startswith("variants: ' dog'") and out.out.startswith("layer,matrix")
+    assert main(["search", atlas, "dog", "--json", "--csv"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "error: pass --json or --csv, not both" in out.err
 
 
 def test_multi_token_concept(planted: tuple[Path, Path]) -> None:
@@ -151,7 +158,9 @@ def test_bad_input(
 ) -> None:
     atlas = Atlas.open(planted[1])
     with pytest.raises(FlashlensError, match="empty"):
-        atlas.search("  ")
+        atlas.search("")
+    # only whitespace: the tokens of exactly that text (Llama 3 has one of two spaces)
+    assert [v.token for v in atlas.search("  ").variants] == ["ĠĠ"]
     with pytest.raises(FlashlensError, match="no token in this vocabulary"):
         atlas.search("\U00013000")  # an Egyptian hieroglyph: only byte pieces
     with pytest.raises(FlashlensError, match="layer 7 is not in this atlas"):
@@ -213,3 +222,43 @@ def test_stories_search_matches_brute_force(stories: Path, stories_atlas: Path) 
     order = probs[best].argsort(descending=True)
     assert first.concept_rank == min(int((order == t).nonzero()) for t in ids) + 1
     assert first.top_tokens == [atlas.texts[int(i)] for i in order[:5]]
+
+
+def test_tokenizer_forms_and_whitespace_concepts(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A concept that is a token's tokenizer form is that token; one that is only whitespace is
+    the tokens of that text, not an empty concept."""
+    atlas = Atlas.open(stories_atlas)
+    newline = atlas.tokens.index("<0x0A>")
+    for concept in ("<0x0A>", "\n"):
+        res = atlas.search(concept, limit=3)
+        assert [v.token_id for v in res.variants] == [newline] and res.notes == []
+        assert res.hits and res.hits[0].top_token_ids[0] == newline
+    res = atlas.search("\u2581and", limit=3)  # ▁and: the tokenizer's form of ' and'
+    assert [(v.token, v.text) for v in res.variants] == [("\u2581and", " and")]
+    assert not any("several tokens" in n for n in res.notes)
+    with pytest.raises(FlashlensError, match="empty"):
+        atlas.search("\t\t\t")  # no token writes it
+    assert main(["search", str(stories_atlas), "<0x0A>", "--limit", "1"]) == 0
+    assert capsys.readouterr().err.startswith("variants: '\\n'")
+
+
+def test_one_token_split_is_not_called_several_tokens() -> None:
+    """A concept the tokenizer reads as one token of another text (it normalizes it) says so,
+    not that it is several tokens long."""
+    from types import SimpleNamespace
+
+    from flashlens.atlas.concepts import Vocab, expand
+
+    class Normalizing:  # reads every text as token 1
+        def encode(self, text: str, add_special_tokens: bool = False) -> SimpleNamespace:
+            return SimpleNamespace(ids=[1])
+
+    vocab = Vocab(["a", "\u2581be"], ["a", " be"], Normalizing())
+    exp = expand("BE!", vocab)
+    assert [v.text for v in exp.variants] == [" be"]
+    assert (
+        exp.notes[0] == "'BE!' is no token's text here; the tokenizer reads it as (' BE!' -> ' be')"
+    )
+    assert not any("several tokens" in n for n in exp.notes)

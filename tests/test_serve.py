@@ -18,6 +18,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 
 from flashlens.atlas import Atlas
+from flashlens.atlas.tokens import readable
 from flashlens.cli import main
 from flashlens.serve import ServeError, bind, make_app
 from flashlens.serve.pages import display, visible
@@ -39,6 +40,7 @@ class Page(HTMLParser):
         self.links: list[str] = []
         self.tokens: list[str] = []  # visible text of each .tok cell, in page order
         self.titles: list[str] = []  # title attribute of each .tok cell
+        self.classes: list[str] = []  # class attribute of each .tok cell
         self.text: list[str] = []
         self._tok_depth = 0
         self.feed(html)
@@ -55,6 +57,7 @@ class Page(HTMLParser):
             self._tok_depth = 1
             self.tokens.append("")
             self.titles.append(a.get("title") or "")
+            self.classes.append(a.get("class") or "")
 
     def handle_endtag(self, tag: str) -> None:
         if self._tok_depth:
@@ -206,12 +209,39 @@ def test_token_page_is_the_reverse_index(client: TestClient, atlas: Atlas) -> No
     assert got == [{k: r[k] for k in got[0]} for r in rows]
     for n in data["neurons"]:
         rec = atlas.neuron(n["layer"], n["index"], n["matrix"])
-        assert n["top_tokens"] == [t.text for t in rec.top[:5]]
+        assert n["top_tokens"] == [readable(t.text, t.token) for t in rec.top[:5]]
+        assert n["top_token_ids"] == [t.token_id for t in rec.top[:5]]
         if tid in [t.token_id for t in rec.top]:  # the two tables agree where both store it
             stored = next(t for t in rec.top if t.token_id == tid)
             assert n["prob"] == pytest.approx(stored.prob, rel=1e-5)
     neuron_links = [h for h in page.links if h.startswith("/neuron/")]
     assert neuron_links == [f"/neuron/{r['matrix']}/{r['layer']}/{r['index']}" for r in rows]
+
+
+def test_byte_tokens_on_the_token_page_read_in_their_own_form(
+    client: TestClient, atlas: Atlas
+) -> None:
+    """Token 239 is a byte token (<0xEC>, text U+FFFD): the heading, its neurons' top tokens
+    and the JSON twin all show the tokenizer form, as the neuron page does."""
+    assert (atlas.tokens[239], atlas.texts[239]) == ("<0xEC>", "\ufffd")
+    page, data = get_both(client, "/token/239")
+    assert page.tokens[0] == "<0xEC>" and "byte" in page.classes[0].split()
+    ids = [i for n in data["neurons"] for i in n["top_token_ids"]]
+    assert any("\ufffd" in atlas.texts[i] for i in ids)  # the test is not vacuous
+    for n in data["neurons"]:
+        assert n["top_tokens"] == [
+            readable(atlas.texts[i], atlas.tokens[i]) for i in n["top_token_ids"]
+        ]
+        assert "\ufffd" not in "".join(n["top_tokens"])
+    cells = list(zip(page.tokens[1:], page.classes[1:], strict=True))
+    assert cells == [
+        (
+            display(atlas.texts[i], atlas.tokens[i]),
+            "tok byte" if "\ufffd" in atlas.texts[i] else "tok",
+        )
+        for i in ids
+    ]
+    assert {f"/token/{i}" for i in ids} <= set(page.links)
 
 
 # --- search ----------------------------------------------------------------------------------
@@ -233,6 +263,22 @@ def test_search_page_is_atlas_search(client: TestClient, atlas: Atlas) -> None:
     assert hits == [f"/neuron/up/{h['layer']}/{h['index']}" for h in data["hits"]]
     for v in data["variants"]:
         assert f"/token/{v['token_id']}" in page.links
+
+
+def test_search_page_shows_byte_tokens_as_the_neuron_page(client: TestClient, atlas: Atlas) -> None:
+    """Top tokens of the hits are token cells like the neuron page's: a byte token in italics
+    (class byte) with its text and id in the tooltip, linked to its page."""
+    page, data = get_both(client, "/search?q=ig&matrix=up&limit=200")
+    ids = [i for h in data["hits"] for i in h["top_token_ids"]]
+    byte = [i for i in ids if "\ufffd" in atlas.texts[i]]
+    assert byte, "up 2:10 of stories260K has byte tokens among its top 5"
+    cells = list(zip(page.tokens, page.classes, page.titles, strict=True))[len(data["variants"]) :]
+    assert len(cells) == len(ids)
+    for i, (shown, cls, title) in zip(ids, cells, strict=True):
+        text, token = atlas.texts[i], atlas.tokens[i]
+        assert shown == display(text, token) and title.startswith(repr(text))
+        assert ("byte" in cls.split()) == (i in byte) and title.endswith(f"(id {i})")
+    assert {f"/token/{i}" for i in byte} <= set(page.links)
 
 
 def test_search_top1_and_notes(client: TestClient, atlas: Atlas) -> None:
@@ -279,7 +325,7 @@ def test_markup_in_tokens_and_queries_is_escaped(client: TestClient, atlas: Atla
     assert marked, "the vocabulary has tokens with markup characters"
     for tid in marked:
         page, data = get_both(client, f"/token/{tid}")
-        assert page.tokens[0] == visible(data["text"])  # the heading shows the token itself
+        assert page.tokens[0] == display(data["text"], data["token"])  # the heading: the token
     # a neuron that shows one of them among its top or bottom tokens
     layer, index = next(
         (r["layer"], r["index"])

@@ -141,3 +141,25 @@ def test_search_click_through_and_back(
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
     assert proc.stderr is not None and "stopped" in proc.stderr.read()
+
+
+def test_byte_tokens_read_in_italics_on_the_search_page(
+    browser: Any, server: tuple[subprocess.Popen[str], str]
+) -> None:
+    """A byte token among a hit's top tokens shows its tokenizer form in italics, as on the
+    neuron page, so it does not read as literal text."""
+    _, url = server
+    page = browser.new_page()
+    assert page.goto(url + "search?q=ig&matrix=up&limit=200").status == 200
+    byte = page.locator("main table .tokens .tok.byte")
+    assert byte.count() > 0
+    form = byte.first.inner_text()
+    assert re.fullmatch(r"<0x[0-9A-F]{2}>", form)
+    assert byte.first.evaluate("e => getComputedStyle(e).fontStyle") == "italic"
+    assert "\ufffd" not in page.locator("main table").inner_text()
+    byte.first.click()  # to the token's page: its heading reads the same, in italics too
+    page.wait_for_url(re.compile(r"/token/\d+$"))
+    heading = page.locator("h1 .tok")
+    assert heading.inner_text() == form
+    assert heading.evaluate("e => getComputedStyle(e).fontStyle") == "italic"
+    page.close()

@@ -104,3 +104,22 @@ def test_plot_and_cli(
             assert f" {q:.2f}" in out
     assert main(["stats", str(stories_atlas), "--plot", str(tmp_path / "x.jpg")]) == 2
     assert "png" in capsys.readouterr().err
+
+
+def test_table_shows_every_kind(stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each row of the text table adds up: its top-token kinds sum to its neurons, as in --json."""
+    assert main(["stats", str(stories_atlas), "--layers", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    head = next(line for line in lines if "┃" in line)
+    assert [c.strip() for c in head.split("┃")][5:-2] == [
+        "word", "subword", "number", "punct", "space", "byte", "other"
+    ]  # fmt: skip
+    rows = {}
+    for line in lines:
+        if "│" in line:
+            cells = [c.strip() for c in line.split("│")]
+            rows[cells[0]] = (int(cells[2]), [int(c) for c in cells[5:-2]])
+    for r in Atlas.open(stories_atlas).stats(layers=[0]).rows:
+        neurons, kinds = rows[r.matrix]
+        assert kinds == [r.kinds[k] for k in KINDS] and sum(kinds) == neurons == r.neurons
+    assert rows["down"][1][KINDS.index("number")] > 0  # a kind the old table left out

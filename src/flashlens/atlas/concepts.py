@@ -181,9 +181,16 @@ def _is_byte_or_special(token: str) -> bool:
 
 
 def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
-    """A concept's token variants; a ConceptError when the vocabulary cannot write it."""
-    base = unicodedata.normalize("NFC", concept).strip()
+    """A concept's token variants; a ConceptError when the vocabulary cannot write it.
+
+    A concept that is only whitespace ("\\n") is the tokens of exactly that text; one that no
+    surface form writes but that is a token's tokenizer form ("<0x0A>", "▁and") is that token.
+    """
+    text = unicodedata.normalize("NFC", concept)
+    base = text.strip()
     if not base:
+        if vocab.ids(text):
+            return Expansion(text, [vocab.variant(i) for i in vocab.ids(text)], [])
         raise ConceptError("the concept is empty: give a word or phrase, e.g. `dog`")
     forms = surface_forms(base, with_plural)
     ids = list(dict.fromkeys(i for f in forms for i in vocab.ids(f)))
@@ -193,6 +200,8 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
         if missing:
             notes.append("not single tokens here, left out: " + ", ".join(map(repr, missing)))
         return Expansion(base, [vocab.variant(i) for i in ids], notes)
+    if base in vocab.by_token:
+        return Expansion(base, [vocab.variant(vocab.by_token[base])], notes)
     # No form is one token: search by the first token of the concept as written.
     firsts: dict[int, tuple[str, list[int]]] = {}
     for form in (" " + base, base):
@@ -208,7 +217,10 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
         f"{form!r} -> " + " + ".join(repr(vocab.texts[i]) for i in seg)
         for form, seg in firsts.values()
     )
-    notes.append(f"{base!r} is several tokens long ({splits}); searching by its first token")
+    if any(len(seg) > 1 for _, seg in firsts.values()):
+        notes.append(f"{base!r} is several tokens long ({splits}); searching by its first token")
+    else:  # the tokenizer reads it as one token of another text (e.g. after normalizing)
+        notes.append(f"{base!r} is no token's text here; the tokenizer reads it as ({splits})")
     near = vocab.nearest(base)
     if near:
         notes.append("nearest single tokens: " + ", ".join(map(repr, near)))

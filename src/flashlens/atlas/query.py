@@ -206,6 +206,8 @@ def search(
     # fwd: (neuron, variant) pairs from the neurons' own top-k lists, with the rank there.
     # rev: (neuron, variant) pairs from each variant's top-N neurons.
     # One `token_id = ?` branch per variant and matrix: each reads one stretch of a sorted table.
+    # A NaN probability (a neuron with a non-finite weight vector) ranks nowhere: DuckDB would
+    # sort it above every number.
     fwd_parts, params = [], []
     for m in matrices:
         fwd = db.table("fwd", m)
@@ -224,6 +226,7 @@ def search(
     WITH pairs AS (
         SELECT * FROM ({" UNION ALL ".join(fwd_parts + rev_parts)})
         WHERE list_contains(?::VARCHAR[], matrix) AND list_contains(?::INTEGER[], layer)
+              AND NOT isnan(prob)
     ), known AS (
         SELECT layer, matrix, "index", token_id, arg_max(prob, pos IS NOT NULL) AS prob,
                min(pos) AS pos

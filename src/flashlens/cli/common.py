@@ -1,8 +1,9 @@
-"""Helpers shared by the commands: output, neuron addresses."""
+"""Helpers shared by the commands: output, neuron addresses, option types in --help."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections import Counter
@@ -10,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from typer.core import TyperOption
 
 from ..atlas.concepts import TokenVariant
 from ..atlas.tokens import readable
@@ -29,7 +31,19 @@ err_console = Console(stderr=True, width=_width(sys.stderr))
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    """`data` as JSON on stdout; NaN and infinities (not JSON) as null."""
+    sys.stdout.write(json.dumps(finite(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def finite(value: Any) -> Any:
+    """`value` with every non-finite float in it (NaN, infinities) made None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def show_variants(variants: Sequence[TokenVariant]) -> str:
@@ -41,8 +55,28 @@ def show_variants(variants: Sequence[TokenVariant]) -> str:
     )
 
 
+def show_prob(p: float) -> str:
+    """A probability for a table: 4 decimals, or 3 significant digits below 0.001 (never a
+    bare 0.0000 for a small but real probability)."""
+    return f"{p:.4f}" if p >= 1e-3 or p == 0 else f"{p:.2e}"
+
+
 def show_token(text: str, token: str | None = None) -> str:
     """A decoded token made visible: quotes, escaped whitespace; a byte token (its text is
     U+FFFD) as the tokenizer writes it, unquoted (e.g. <0xE2>)."""
     shown = readable(text, token)
     return shown if shown != text else repr(text)
+
+
+_display_type_rich = getattr(TyperOption, "display_type_rich", None)
+
+
+def _no_flag_type(self: TyperOption, ctx: Any) -> str | None:
+    """The type shown after an option in --help: none for a flag, which takes no value (typer's
+    rich help writes `--json <bool>`, `--help <bool>`)."""
+    assert _display_type_rich is not None
+    return None if self.is_flag else _display_type_rich(self, ctx)  # type: ignore[no-any-return]
+
+
+if _display_type_rich is not None:  # (a typer without it needs no fix, and must still run)
+    TyperOption.display_type_rich = _no_flag_type  # type: ignore[method-assign]

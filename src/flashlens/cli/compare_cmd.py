@@ -48,6 +48,9 @@ def compare_command(
     dtype: str = typer.Option("auto", help="Compute dtype when mapping models."),
     block: int = typer.Option(None, help="Neurons per block when mapping models."),
     compile: str = typer.Option("auto", help="torch.compile when mapping models: auto/on/off."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an atlas in -o made with other settings."
+    ),
 ) -> None:
     """Compare two models of the same shape neuron by neuron.
 
@@ -84,6 +87,7 @@ def compare_command(
         dtype=dtype,
         compile=compile,
         block=block,
+        overwrite=overwrite,
         progress=not quiet,
     )
     neurons = None
@@ -169,4 +173,6 @@ def _print_neurons(result: Comparison, neurons: list[dict[str, Any]], title: str
 
 
 def _tops(tokens: list[dict[str, Any]], n: int = 4) -> str:
-    return escape(" ".join(f"{show_token(t['text'])} {t['prob']:.2f}" for t in tokens[:n]))
+    return escape(
+        " ".join(f"{show_token(t['text'], t['token'])} {t['prob']:.2f}" for t in tokens[:n])
+    )

@@ -15,7 +15,7 @@ from ..decode.pilot import PILOT
 from ..intervene.neuron import Neuron
 from ..mapping import map_model
 from . import app
-from .common import console, err_console, print_json, show_token
+from .common import console, err_console, print_json, show_prob, show_token
 
 
 @app.command("map")
@@ -191,7 +191,7 @@ def show_command(
         table.add_row(
             str(i),
             show_token(t.text, t.token),
-            f"{t.prob:.4f}",
+            show_prob(t.prob),
             f"{t.logit:.2f}",
             show_token(b.text, b.token),
             f"{b.logit:.2f}",

@@ -11,10 +11,13 @@ import typer
 from rich.table import Table
 
 from ..atlas import Atlas, parse_layers
+from ..atlas.stats import KINDS
 from ..errors import FlashlensError
 from ..intervene.neuron import Neuron
 from . import app
-from .common import console, err_console, print_json, show_token, show_variants
+from .common import console, err_console, print_json, show_prob, show_token, show_variants
+
+KIND_COLUMNS = {"punctuation": "punct", "whitespace": "space"}  # stats table headers
 
 
 def _layers(atlas: Atlas, spec: str | None) -> list[int] | None:
@@ -46,6 +49,8 @@ def search_command(
     """
     if variants not in ("case", "plural"):
         raise FlashlensError(f"unknown --variants {variants!r}: choose case or plural")
+    if json_out and csv_out:
+        raise FlashlensError("pass --json or --csv, not both")
     at = Atlas.open(atlas)
     res = at.search(
         concept,
@@ -61,6 +66,9 @@ def search_command(
     if json_out:
         print_json(res.to_dict())
         return
+    err_console.print("variants: " + show_variants(res.variants))
+    for note in res.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
     if csv_out:
         out = csv.writer(sys.stdout, lineterminator="\n")
         cols = ["layer", "matrix", "index", "concept_prob", "concept_rank", "top_tokens"]
@@ -75,12 +83,7 @@ def search_command(
                 json.dumps(h.top_tokens, ensure_ascii=False),
             ]
             out.writerow(cells + ([_yes(h.validated)] if validated else []))
-        for note in res.notes:
-            err_console.print(f"[yellow]note:[/] {note}")
         return
-    err_console.print("variants: " + show_variants(res.variants))
-    for note in res.notes:
-        err_console.print(f"[yellow]note:[/] {note}")
     if not res.hits:
         return
     table = Table(show_edge=False)
@@ -93,7 +96,7 @@ def search_command(
             str(i),
             f"{h.layer}:{h.index}",
             h.matrix,
-            f"{h.concept_prob:.4f}",
+            show_prob(h.concept_prob),
             "-" if h.concept_rank is None else str(h.concept_rank),
             " ".join(show_token(at.texts[i], at.tokens[i]) for i in h.top_token_ids),
         ]
@@ -137,19 +140,8 @@ def stats_command(
         return
     title = f"{at.meta.model}: per layer (top-1 prob, entropy in nats: p10 median p90)"
     table = Table(show_edge=False, title=title)
-    for col in (
-        "matrix",
-        "layer",
-        "neurons",
-        "top-1 prob",
-        "entropy",
-        "word",
-        "subword",
-        "punct",
-        "byte",
-        "pred",
-        "supp",
-    ):
+    kinds = [KIND_COLUMNS.get(k, k) for k in KINDS]  # every kind: a row's kinds sum to its neurons
+    for col in ("matrix", "layer", "neurons", "top-1 prob", "entropy", *kinds, "pred", "supp"):
         # (a narrow terminal wraps the p10 median p90 triples rather than cut their digits)
         table.add_column(col, justify="left" if col == "matrix" else "right", overflow="fold")
     for r in st.rows:
@@ -160,7 +152,7 @@ def stats_command(
             f"{r.neurons:,}",
             f"{p[0]:.2f} {p[2]:.2f} {p[4]:.2f}",
             f"{e[0]:.2f} {e[2]:.2f} {e[4]:.2f}",
-            *(f"{r.kinds[k]:,}" for k in ("word", "subword", "punctuation", "byte")),
+            *(f"{r.kinds[k]:,}" for k in KINDS),
             f"{r.prediction:,}",
             f"{r.suppression:,}",
         )
@@ -202,8 +194,9 @@ def prob_command(
         print_json(r.to_dict())
         return
     rank = f", rank {r.rank} in its top-k" if r.rank else ""
+    shown = show_token(r.text, r.token)
     console.print(
-        f"{n.matrix} {n.layer}:{n.index}  p({show_token(r.text)}) = [bold]{r.prob:.6g}[/]  "
+        f"{n.matrix} {n.layer}:{n.index}  p({shown}) = [bold]{r.prob:.6g}[/]  "
         f"(logit {r.logit:.4f}, logsumexp {r.logsumexp:.4f}{rank}; from the "
         f"{r.source})"
     )

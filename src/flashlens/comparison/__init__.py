@@ -48,6 +48,7 @@ def compare(
     dtype: str = "auto",
     compile: str = "auto",
     block: int | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> Comparison:
     """Compare model A with model B neuron by neuron.
@@ -55,14 +56,16 @@ def compare(
     a, b: atlas folders, or models (folder or hub id) that are first mapped with the same
     settings into `out`/<name> (an atlas already there is reused). matrices/layers restrict the
     comparison (and the mapping); top_k/norm are mapping settings (default: the other atlas'
-    or 10/model); device/dtype/compile/block are passed to `map_model` (device also places
-    the exact decode). distance: "exact" reads both models' weights for the exact JSD/TV,
-    "atlas" uses the atlases alone, "auto" is exact when both models' weights are on this
-    machine. progress: a progress bar on stderr.
+    or 10/model); device/dtype/compile/block/overwrite are passed to `map_model` (device also
+    places the exact decode; overwrite replaces an atlas in `out` made with other settings).
+    distance: "exact" reads both models' weights for the exact JSD/TV, "atlas" uses the
+    atlases alone, "auto" is exact when both models' weights are on this machine. progress: a
+    progress bar on stderr. Neurons with no finite decoded distribution (a NaN weight vector)
+    are left out of the distance means, with a note.
     """
     if distance not in ("auto", "exact", "atlas"):
         raise FlashlensError(f"unknown distance {distance!r}: use auto, exact or atlas")
-    req = Request(matrices, layers, top_k, norm, device, dtype, compile, block, progress)
+    req = Request(matrices, layers, top_k, norm, device, dtype, compile, block, overwrite, progress)
     A, B = open_pair(a, b, out, req)
     check_compatible(A, B)
     ms, ls, notes = common_scope(A, B, matrices, layers)
@@ -80,6 +83,18 @@ def compare(
     finally:
         if pair is not None:
             pair.close()
+    neurons = NeuronTable.concat(parts)
+    undefined = np.isnan(neurons.tv_lo)  # a NaN decoded distribution: no distance
+    if pair is not None:
+        undefined |= np.isnan(neurons.jsd)
+    if undefined.any():
+        i, n = int(np.flatnonzero(undefined)[0]), int(undefined.sum())
+        notes.append(
+            ("1 neuron has" if n == 1 else f"{n} neurons have")
+            + " no finite decoded distribution in A or B (e.g. "
+            f"{neurons.matrix[i]} {neurons.layer[i]}:{neurons.index[i]}: a non-finite weight "
+            "vector); the distance means leave them out"
+        )
     return Comparison(
         atlas_a=str(A.root),
         atlas_b=str(B.root),
@@ -89,8 +104,9 @@ def compare(
         layers=ls,
         top_k=A.meta.top_k,
         exact=pair is not None,
-        neurons=NeuronTable.concat(parts),
+        neurons=neurons,
         texts=A.texts,
+        tokens=A.tokens,
         notes=notes,
     )
 

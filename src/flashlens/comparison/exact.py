@@ -111,9 +111,13 @@ class ExactPair:
 def _check_weights(
     source: ModelSource, matrix: str, layer: int, W: Tensor, w_norm: NDArray[np.floating]
 ) -> None:
-    """The atlas stores each neuron's |w|: refuse weights that are not the ones it decoded."""
+    """The atlas stores each neuron's |w|: refuse weights that are not the ones it decoded.
+    A non-finite norm (a NaN or infinite weight) matches the same non-finite stored norm."""
     got = W.float().norm(dim=1).numpy()
-    if got.shape != w_norm.shape or not np.allclose(got, w_norm, rtol=1e-4, atol=1e-6):
+    same = got.shape == w_norm.shape and np.allclose(
+        got, w_norm, rtol=1e-4, atol=1e-6, equal_nan=True
+    )
+    if not same:
         raise AtlasError(
             f"the weights at {source.folder} are not the ones its atlas decoded ({matrix} layer "
             f"{layer}: neuron norms differ); the model changed since it was mapped. Remap it, "

@@ -34,6 +34,7 @@ class Request:
     dtype: str = "auto"
     compile: str = "auto"
     block: int | None = None
+    overwrite: bool = False  # replace an atlas in `out` made with other settings
     progress: bool = False
 
 
@@ -155,6 +156,7 @@ def map_side(model: str | Path, target: Path, req: Request, template: AtlasMeta 
         dtype=req.dtype,
         compile=req.compile,
         block=req.block,
+        overwrite=req.overwrite,
         progress=req.progress,
     )
     return Atlas.open(target)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from ..atlas.tokens import readable
 
 EXACT = (
     "jsd: exact Jensen-Shannon divergence (bits, 0-1) between the two full decoded "
@@ -80,6 +83,7 @@ class Comparison:
     exact: bool  # jsd/tv were computed from the weights
     neurons: NeuronTable
     texts: list[str]  # decoded text of every token id (shared vocabulary)
+    tokens: list[str]  # tokenizer form of every token id (e.g. <0xE2>)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -100,8 +104,10 @@ class Comparison:
         if n == 0:
             raise KeyError(f"no compared neurons for matrix={matrix} layer={layer}")
 
-        def mean(x: NDArray[Any]) -> float:
-            return float(x[mask].mean())
+        def mean(x: NDArray[Any]) -> float:  # over the neurons where x is defined (not NaN)
+            v = x[mask]
+            v = v[~np.isnan(v)] if v.dtype.kind == "f" else v
+            return float(v.mean()) if len(v) else math.nan
 
         return Figures(
             neurons=n,
@@ -150,7 +156,12 @@ class Comparison:
 
         def tokens(ids: NDArray[Any], probs: NDArray[Any]) -> list[dict[str, Any]]:
             return [
-                {"token_id": int(i), "text": self.texts[int(i)], "prob": float(p)}
+                {
+                    "token_id": int(i),
+                    "token": self.tokens[int(i)],
+                    "text": self.texts[int(i)],
+                    "prob": float(p),
+                }
                 for i, p in zip(ids, probs, strict=True)
             ]
 
@@ -199,8 +210,9 @@ class Comparison:
         rows = []
         for n in neurons:
             row = {k: v for k, v in n.items() if k not in ("top_a", "top_b")}
-            row["top_a"] = " | ".join(t["text"] for t in n["top_a"])
-            row["top_b"] = " | ".join(t["text"] for t in n["top_b"])
+            for side in ("top_a", "top_b"):  # a JSON list in one cell, as `search --csv`
+                shown = [readable(t["text"], t["token"]) for t in n[side]]
+                row[side] = json.dumps(shown, ensure_ascii=False)
             rows.append(row)
         return _csv(rows)
 

@@ -104,6 +104,12 @@ def token_cell(text: str, token: str | None = None, token_id: int | None = None)
     return f'<span class="tok{extra}" title="{esc(title)}">{inner}</span>'
 
 
+def top_cells(ids: list[int], vocab: dict[str, dict[str, str]]) -> str:
+    """A neuron's top tokens (ids, with the page's `vocab`) as a row of token cells."""
+    cells = "".join(token_cell(**vocab[str(i)], token_id=i) for i in ids)
+    return f'<span class="tokens">{cells}</span>'
+
+
 def prob(p: float) -> str:
     if not math.isfinite(p):
         return str(p)
@@ -292,7 +298,7 @@ def token_page(data: dict[str, Any], model: str) -> str:
             bar(n["prob"]),
             prob(n["prob"]),
             num(n["logit"]),
-            '<span class="tokens">' + "".join(token_cell(t) for t in n["top_tokens"]) + "</span>",
+            top_cells(n["top_token_ids"], d["vocab"]),
         ]
         for n in d["neurons"]
     ]
@@ -303,7 +309,7 @@ def token_page(data: dict[str, Any], model: str) -> str:
         if rows
         else '<p class="notes">No neuron stores this token.</p>'
     )
-    body = f"""<h1>Token {token_cell(d["text"])} <small>id {d["token_id"]}</small></h1>
+    body = f"""<h1>Token {token_cell(d["text"], d["token"])} <small>id {d["token_id"]}</small></h1>
 <p class="sub">Tokenizer form <code>{esc(d["token"])}</code>,
 text <code>{esc(repr(d["text"]))}</code>.
 The {len(d["neurons"])} neurons (of the {d["reverse_n"]} kept per token) that give it the most
@@ -343,9 +349,7 @@ def search_page(data: dict[str, Any], model: str, matrices: list[str]) -> str:
                 bar(h["concept_prob"]),
                 prob(h["concept_prob"]),
                 rank,
-                '<span class="tokens">'
-                + "".join(token_cell(t) for t in h["top_tokens"])
-                + "</span>",
+                top_cells(h["top_token_ids"], d["vocab"]),
                 valid,
             ]
         )

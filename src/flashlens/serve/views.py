@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from ..atlas import Atlas, parse_layers
+from ..atlas.tokens import readable
 from ..errors import AtlasError, FlashlensError, NeuronError
 
 N_NEURON_TOKENS = 5  # top tokens shown beside each neuron on the token page
@@ -30,6 +31,12 @@ def neuron_path(matrix: str, layer: int, index: int) -> str:
 
 def token_path(token_id: int) -> str:
     return f"/token/{token_id}"
+
+
+def vocab(atlas: Atlas, ids: list[int]) -> dict[str, dict[str, str]]:
+    """The tokenizer form and decoded text of these token ids, keyed by id (as JSON keys are
+    strings): what a page needs to show each of them as a token cell."""
+    return {str(i): {"token": atlas.tokens[i], "text": atlas.texts[i]} for i in sorted(set(ids))}
 
 
 def _int(value: str, what: str, example: str, status: int = 404) -> int:
@@ -103,39 +110,42 @@ def token(atlas: Atlas, token_id: str) -> dict[str, Any]:
         )
     table = read_parquet(atlas.reverse_path, filters=[("token_id", "=", tid)])
     rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
-    tops = _top_texts(atlas, [(r["matrix"], r["layer"], r["index"]) for r in rows])
-    neurons = [
-        {
-            "rank": r["rank"],
-            "layer": r["layer"],
-            "matrix": r["matrix"],
-            "index": r["index"],
-            "prob": r["prob"],
-            "logit": r["logit"],
-            "top_tokens": tops[(r["matrix"], r["layer"], r["index"])],
-        }
-        for r in rows
-    ]
+    tops = _top_ids(atlas, [(r["matrix"], r["layer"], r["index"]) for r in rows])
+    neurons = []
+    for r in rows:
+        ids = tops[(r["matrix"], r["layer"], r["index"])]
+        neurons.append(
+            {
+                "rank": r["rank"],
+                "layer": r["layer"],
+                "matrix": r["matrix"],
+                "index": r["index"],
+                "prob": r["prob"],
+                "logit": r["logit"],
+                "top_tokens": [readable(atlas.texts[i], atlas.tokens[i]) for i in ids],
+                "top_token_ids": ids,
+            }
+        )
     return {
         "token_id": tid,
         "token": atlas.tokens[tid],
         "text": atlas.texts[tid],
         "reverse_n": atlas.meta.reverse_n,
         "neurons": neurons,
+        "vocab": vocab(atlas, [i for n in neurons for i in n["top_token_ids"]]),
     }
 
 
-def _top_texts(
+def _top_ids(
     atlas: Atlas, keys: list[tuple[str, int, int]]
-) -> dict[tuple[str, int, int], list[str]]:
-    """Decoded texts of the top tokens of each (matrix, layer, index), one read per file."""
+) -> dict[tuple[str, int, int], list[int]]:
+    """Ids of the top tokens of each (matrix, layer, index), one read per file."""
     from ..atlas.atlas import read_parquet
 
     by_file: dict[tuple[str, int], set[int]] = {}
     for mat, layer, index in keys:
         by_file.setdefault((mat, layer), set()).add(index)
-    out: dict[tuple[str, int, int], list[str]] = {}
-    texts = atlas.texts
+    out: dict[tuple[str, int, int], list[int]] = {}
     for (mat, layer), indices in by_file.items():
         table = read_parquet(
             atlas.layer_path(mat, layer),
@@ -145,7 +155,7 @@ def _top_texts(
         for index, ids in zip(
             table.column("index").to_pylist(), table.column("top_ids").to_pylist(), strict=True
         ):
-            out[(mat, layer, index)] = [texts[i] for i in ids[:N_NEURON_TOKENS]]
+            out[(mat, layer, index)] = list(ids[:N_NEURON_TOKENS])
     return out
 
 
@@ -193,4 +203,5 @@ def search(
         raise  # a damaged atlas is the server's problem, not the query's
     except FlashlensError as err:
         raise ViewError(400, str(err)) from None
-    return {"query": query, **result.to_dict()}
+    shown = [i for h in result.hits for i in h.top_token_ids]
+    return {"query": query, **result.to_dict(), "vocab": vocab(atlas, shown)}
