@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import AtlasError, NeuronError
 from .concepts import TokenVariant, Vocab, expand
-from .format import REVERSE
+from .format import REVERSE, VALIDATION
 from .tokens import readable
 
 if TYPE_CHECKING:
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
     from .atlas import Atlas
 
-VALIDATION = "validation.parquet"
 MATRICES = ("up", "gate", "down")
 N_TOP_TOKENS = 5
 
