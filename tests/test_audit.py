@@ -33,14 +33,44 @@ def independent_check(atlas: Atlas, model: Path) -> tuple[int, float]:
             ids = rows["top_ids"].long()
             ref_logit, lse = L.gather(1, ids), torch.logsumexp(L, 1)
             ref_prob = torch.exp(ref_logit - lse[:, None])
-            rel_p = (rows["top_probs"].double() - ref_prob).abs() / ref_prob.clamp_min(1e-5)
-            rel_l = (rows["top_logits"].double() - ref_logit).abs() / ref_logit.abs().clamp_min(0.1)
+            # against each token's own exact value, and the exact value at its rank (a true
+            # top-k token left out of the list shows there)
+            ref_top = L.topk(ids.shape[1], 1).values
+            ref_top_prob = torch.exp(ref_top - lse[:, None])
+            got_p, got_l = rows["top_probs"].double(), rows["top_logits"].double()
+            rel_p = torch.maximum(
+                (got_p - ref_prob).abs() / ref_prob.clamp_min(1e-5),
+                (got_p - ref_top_prob).abs() / ref_top_prob.clamp_min(1e-5),
+            )
+            rel_l = torch.maximum(
+                (got_l - ref_logit).abs() / ref_logit.abs().clamp_min(0.1),
+                (got_l - ref_top).abs() / ref_top.abs().clamp_min(0.1),
+            )
             top2 = L.topk(2, 1).values
             wrong_top1 = (ids[:, 0] != L.argmax(1)) & (top2[:, 0] - top2[:, 1] >= 1e-3)
             out = wrong_top1 | (rel_p.amax(1) > 0.01) | (rel_l.amax(1) > 1e-3)
             bad += int(out.sum())
             worst = max(worst, float(rel_p.max()))
     return bad, worst
+
+
+def test_a_true_top_k_token_missing_from_the_list_is_an_error() -> None:
+    from flashlens.decode.audit import compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 50, generator=g, dtype=torch.float64) * 3
+    top = ref.topk(5, 1)
+    lse = torch.logsumexp(ref, 1)
+
+    def errors(ids: torch.Tensor) -> tuple[bool, ...]:
+        logits = ref.gather(1, ids)  # every stored value exact for its own token
+        e = compare(ref, ids, logits, torch.exp(logits - lse[:, None]), lse)
+        return tuple(e.over().tolist())
+
+    assert errors(top.indices) == (False, False, False)
+    skipped = top.indices.clone()
+    skipped[1, 2:] = ref[1].topk(6).indices[3:]  # row 1 leaves out its true 3rd token
+    assert errors(skipped) == (False, True, False)
 
 
 def test_audit_sees_what_an_independent_check_sees(tmp_path: Path, stories_bf16: Path) -> None:

@@ -278,7 +278,14 @@ class Decoder:
             approxs.append(L.columns(self._n_full, self.d_vocab))
         cand = torch.cat(cols, dim=1)  # (B, c) token ids that must hold the extremes
         approx = torch.cat(approxs, dim=1)  # (B, c) their logits
-        pick = approx.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
+        key = approx
+        if self.exact_ids.numel() and not self.exact:
+            # The exact tokens join the candidates anyway (_with_exact_tokens): a group of
+            # near-identical rows must not crowd the others out of the n slots (their rounded
+            # logits tie with the true top-k, by hundreds on a model's byte tokens).
+            fill = float("-inf") if largest else float("inf")
+            key = approx.masked_fill(self._exact_pos[cand] >= 0, fill)
+        pick = key.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
         return cand.gather(1, pick), approx.gather(1, pick)
 
     def release_gemm(self) -> None:
