@@ -396,3 +396,15 @@ def test_overwrite_replaces_an_atlas_of_other_settings(
     assert "up" in capsys.readouterr().out
     meta = json.loads((tmp_path / "stories260K" / "atlas.json").read_text())
     assert (meta["matrices"], meta["layers"], meta["complete"]) == (["up"], [3], True)
+
+
+def test_a_share_below_one_never_reads_100_percent() -> None:
+    from flashlens.comparison.result import percent
+
+    assert percent(1.0) == "100.0%" and percent(0.5) == "50.0%"
+    assert percent(2579 / 2580) == "99.96%" and percent(0.99999) == "99.999%"
+
+
+def test_a_negative_limit_is_refused(result: Comparison) -> None:
+    with pytest.raises(FlashlensError, match="limit must be 0"):
+        result.changed(limit=-1)

@@ -260,3 +260,11 @@ def test_read_prompts_needs_utf8(tmp_path: Path) -> None:
         f"cannot read prompts from {path}: it must be UTF-8 text (byte 8 is 0xe9); "
         "save it as UTF-8, one prompt per line"
     )
+
+
+def test_a_non_finite_clamp_value_is_refused(tiny: tuple[nn.Module, object]) -> None:
+    model, _ = tiny
+    for value in (float("nan"), [1.0, float("inf")]):
+        with pytest.raises(FlashlensError, match="finite"), clamp(model, ["1:1", "1:2"], value):
+            pass
+    assert _hooks(model) == 0

@@ -160,3 +160,28 @@ def test_model_weights_must_match_the_atlas(
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and captured.err.startswith("error: ")
     assert "neuron up:4:123 has |w|" in captured.err and "Traceback" not in captured.err
+
+
+def test_the_split_of_a_multi_token_word_keeps_its_leading_space(
+    stories_atlas: Path, stories: Path
+) -> None:
+    from flashlens import Atlas
+
+    at = Atlas.open(stories_atlas)
+    # ' dog' is '▁do' + 'g' in this tokenizer: the first piece reads ' do', not 'do'
+    for model in (None, stories):
+        with pytest.raises(FlashlensError, match=r"' do' \+ 'g'"):
+            at.prob(2, 7, " dog", matrix="up", model=model)
+
+
+def test_a_neuron_address_must_be_integers(stories_atlas: Path) -> None:
+    import numpy as np
+
+    from flashlens import Atlas
+    from flashlens.errors import NeuronError
+
+    at = Atlas.open(stories_atlas)
+    for layer, index in ((2, 7.5), (2, 7.0), (True, 7), (2.0, 7), ("2", 7)):
+        with pytest.raises(NeuronError, match="must be an integer"):
+            at.neuron(layer, index)  # type: ignore[arg-type]  # deliberately wrong types
+    assert at.neuron(np.int64(2), np.int32(7)).index == 7

@@ -238,7 +238,7 @@ def test_tokenizer_forms_and_whitespace_concepts(
     res = atlas.search("\u2581and", limit=3)  # ▁and: the tokenizer's form of ' and'
     assert [(v.token, v.text) for v in res.variants] == [("\u2581and", " and")]
     assert not any("several tokens" in n for n in res.notes)
-    with pytest.raises(FlashlensError, match="empty"):
+    with pytest.raises(FlashlensError, match="no token of this vocabulary is exactly"):
         atlas.search("\t\t\t")  # no token writes it
     assert main(["search", str(stories_atlas), "<0x0A>", "--limit", "1"]) == 0
     assert capsys.readouterr().err.startswith("variants: '\\n'")
@@ -262,3 +262,14 @@ def test_one_token_split_is_not_called_several_tokens() -> None:
         exp.notes[0] == "'BE!' is no token's text here; the tokenizer reads it as (' BE!' -> ' be')"
     )
     assert not any("several tokens" in n for n in exp.notes)
+
+
+def test_whitespace_that_no_token_writes_is_named(stories_atlas: Path) -> None:
+    from flashlens import Atlas
+    from flashlens.atlas.concepts import ConceptError
+
+    at = Atlas.open(stories_atlas)
+    with pytest.raises(ConceptError, match="no token of this vocabulary is exactly '   '"):
+        at.search("   ")
+    with pytest.raises(ConceptError, match="the concept is empty"):
+        at.search("")

@@ -163,3 +163,18 @@ def test_byte_tokens_read_in_italics_on_the_search_page(
     assert heading.inner_text() == form
     assert heading.evaluate("e => getComputedStyle(e).fontStyle") == "italic"
     page.close()
+
+
+def test_pages_fit_a_narrow_screen_and_log_no_errors(
+    browser: Any, server: tuple[subprocess.Popen[str], str]
+) -> None:
+    _, url = server
+    page = browser.new_page(viewport={"width": 400, "height": 800})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    for path in ("", "neuron/up/2/7", "token/13", "search?q=the"):
+        assert page.goto(url + path).status == 200
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 400, f"/{path} scrolls sideways on a 400 px screen ({width} px)"
+        assert page.locator("header button").is_visible()
+    assert errors == []  # no favicon 404 either

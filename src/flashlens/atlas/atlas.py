@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -139,6 +140,9 @@ class Atlas:
     # --- neurons -----------------------------------------------------------------------
     def check_neuron(self, layer: int, index: int, matrix: str) -> None:
         m = self.meta
+        for what, value in (("layer", layer), ("neuron index", index)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise NeuronError(f"the {what} must be an integer, not {value!r}")
         if matrix not in m.matrices:
             raise NeuronError(
                 f"matrix {matrix!r} is not in this atlas; it has {', '.join(m.matrices)}"

@@ -191,6 +191,11 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
     if not base:
         if vocab.ids(text):
             return Expansion(text, [vocab.variant(i) for i in vocab.ids(text)], [])
+        if text:
+            raise ConceptError(
+                f"no token of this vocabulary is exactly {text!r} (a concept of whitespace "
+                "only searches the token with that text)"
+            )
         raise ConceptError("the concept is empty: give a word or phrase, e.g. `dog`")
     forms = surface_forms(base, with_plural)
     ids = list(dict.fromkeys(i for f in forms for i in vocab.ids(f)))

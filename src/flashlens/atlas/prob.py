@@ -66,7 +66,7 @@ def resolve_token(
         )
     if token in vocab.by_token:
         return vocab.by_token[token]
-    pieces = _tokenize(token, model_folder) or [vocab.texts[i] for i in vocab.encode(token)]
+    pieces = [vocab.texts[i] for i in (_token_ids(token, model_folder) or vocab.encode(token))]
     near = vocab.nearest(token)
     hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
     raise ConceptError(
@@ -75,8 +75,10 @@ def resolve_token(
     )
 
 
-def _tokenize(text: str, folder: Path | None) -> list[str]:
-    """Texts of the real tokenizer's split of `text`, or [] without a tokenizer."""
+def _token_ids(text: str, folder: Path | None) -> list[int]:
+    """Ids of the real tokenizer's split of `text`, or [] without a tokenizer (their texts are
+    read from the atlas, as each reads in running text: decoding a piece alone drops a
+    word-start space)."""
     if folder is None:
         return []
     from .tokens import load_tokenizer
@@ -84,8 +86,7 @@ def _tokenize(text: str, folder: Path | None) -> list[str]:
     tok = load_tokenizer(folder)
     if tok is None:
         return []
-    ids = tok.encode(text, add_special_tokens=False).ids
-    return [tok.decode([i]) for i in ids]
+    return list(tok.encode(text, add_special_tokens=False).ids)
 
 
 def token_prob(

@@ -11,9 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..comparison import Comparison, Distance, Figures, compare
+from ..comparison.result import percent
 from ..errors import FlashlensError
 from . import app
-from .common import console, err_console, print_json, show_token
+from .common import console, err_console, print_json, show_prob, show_token
 
 
 @app.command("compare")
@@ -146,8 +147,8 @@ def _print(result: Comparison, neurons: list[dict[str, Any]] | None, title: str)
 
 
 def _cells(result: Comparison, f: Figures) -> list[str]:
-    dist = f"{f.jsd:.4f}" if f.jsd is not None else escape(f"[{f.tv_lo:.3f}, {f.tv_hi:.3f}]")
-    return [f"{f.neurons:,}", f"{100 * f.same_top1:.1f}%", f"{f.jaccard:.3f}", dist]
+    dist = show_prob(f.jsd) if f.jsd is not None else escape(f"[{f.tv_lo:.3f}, {f.tv_hi:.3f}]")
+    return [f"{f.neurons:,}", percent(f.same_top1), f"{f.jaccard:.3f}", dist]
 
 
 def _print_neurons(result: Comparison, neurons: list[dict[str, Any]], title: str) -> None:
@@ -164,7 +165,7 @@ def _print_neurons(result: Comparison, neurons: list[dict[str, Any]], title: str
         d = n["jsd"] if result.exact else n["tv_lo"]
         table.add_row(
             f"{n['matrix']} {n['layer']}:{n['index']}",
-            f"{d:.4f}",
+            show_prob(d),
             f"{n['jaccard']:.2f}",
             _tops(n["top_a"]),
             _tops(n["top_b"]),

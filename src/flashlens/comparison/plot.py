@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FlashlensError
-from .result import Comparison
+from .result import Comparison, percent
 
 COLORS = {"up": "tab:blue", "gate": "tab:orange", "down": "tab:green"}
 
@@ -43,7 +43,7 @@ def plot_agreement(result: Comparison, path: str | Path) -> Path:
     axes[0].set_ylim(-2, 102)
     axes[0].set_title(
         f"A: {result.model_a}\nB: {result.model_b}\n"
-        f"overall: {100 * overall.same_top1:.1f}% same top-1, "
+        f"overall: {percent(overall.same_top1)} same top-1, "
         f"top-{result.top_k} Jaccard {overall.jaccard:.3f}",
         fontsize=9,
     )

@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..atlas.tokens import readable
+from ..errors import FlashlensError
 
 EXACT = (
     "jsd: exact Jensen-Shannon divergence (bits, 0-1) between the two full decoded "
@@ -23,6 +24,16 @@ BOUNDS = (
     "lists alone (unlisted tokens have at most the list's k-th probability); the exact "
     "distance needs both models' weights"
 )
+
+
+def percent(share: float) -> str:
+    """A share as a percentage with one decimal, or more where that would round a share
+    below 1 up to 100.0% (one changed neuron in thousands must show)."""
+    for digits in (1, 2, 3):
+        text = f"{100 * share:.{digits}f}%"
+        if share >= 1 or float(text[:-1]) < 100:
+            return text
+    return ">99.999%"
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,8 @@ class Comparison:
         return self._ranked(limit, matrix, most=False)
 
     def _ranked(self, limit: int | None, matrix: str | None, most: bool) -> list[dict[str, Any]]:
+        if limit is not None and limit < 0:
+            raise FlashlensError(f"limit must be 0 (all) or a number of neurons, not {limit}")
         t = self.neurons
         score = t.jsd if self.exact else t.tv_lo
         sign = -1.0 if most else 1.0

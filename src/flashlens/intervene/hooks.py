@@ -14,6 +14,7 @@ indexed write per hooked module and step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -136,8 +137,11 @@ def _values(value: float | Sequence[float] | torch.Tensor, n: int) -> list[float
     if isinstance(value, torch.Tensor):
         value = value.flatten().tolist()
     if isinstance(value, (int, float)):
-        return [float(value)] * n
+        value = [value] * n
     values = [float(v) for v in value]
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        raise FlashlensError(f"clamp values must be finite numbers, not {bad[0]}")
     if len(values) != n:
         raise FlashlensError(
             f"{len(values)} clamp values for {n} neurons: give one value, or one per neuron"

@@ -26,13 +26,14 @@ header { display:flex; gap:1.2rem; align-items:center; padding:.6rem 1.5rem;
          border-bottom:1px solid var(--line); background:var(--soft); flex-wrap:wrap; }
 header .brand { font-weight:700; color:var(--fg); }
 header .model { color:var(--muted); font-family:ui-monospace, monospace; font-size:13px; }
-header form { margin-left:auto; display:flex; gap:.4rem; }
+header form { margin-left:auto; display:flex; gap:.4rem; min-width:0; max-width:100%; }
 input, select, button { font:inherit; padding:.3rem .5rem; border:1px solid #cfd4dc;
                         border-radius:6px; background:#fff; }
-input[type=search] { width:20rem; }
+input[type=search] { width:20rem; min-width:0; flex:1 1 auto; }
 button { background:var(--fg); color:#fff; border-color:var(--fg); cursor:pointer; }
 main { padding:1rem 1.5rem 3rem; max-width:72rem; }
-h1 { font-size:1.5rem; margin:.4rem 0 .2rem; } h2 { font-size:1.1rem; margin:1.6rem 0 .5rem; }
+h1 { font-size:1.5rem; margin:.4rem 0 .2rem; overflow-wrap:anywhere; }
+h2 { font-size:1.1rem; margin:1.6rem 0 .5rem; }
 .sub { color:var(--muted); margin:0 0 1rem; }
 .nav { display:flex; gap:1rem; margin:.3rem 0 1rem; flex-wrap:wrap; }
 .nav .off { color:#b0b6c0; }
@@ -50,7 +51,8 @@ td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
 .bar span { display:block; height:100%; background:var(--bar); }
 .grid { display:flex; gap:2.5rem; flex-wrap:wrap; align-items:flex-start; }
 dl.kv { display:grid; grid-template-columns:max-content auto; gap:.15rem 1.2rem; margin:0; }
-dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; font-variant-numeric:tabular-nums; }
+dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; font-variant-numeric:tabular-nums;
+                                 overflow-wrap:anywhere; }
 .notes { color:#8a5a00; background:#fff8e6; border:1px solid #f5e2b3; border-radius:6px;
          padding:.4rem .8rem; margin:.6rem 0; }
 .notes p { margin:.2rem 0; }
@@ -60,6 +62,13 @@ dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; font-variant-numeric:tabul
 form.search-form { display:flex; gap:.5rem; flex-wrap:wrap; align-items:center;
                    margin:.5rem 0 1rem; }
 footer { color:var(--muted); font-size:12px; padding:0 1.5rem 1.5rem; }
+@media (max-width: 40rem) {
+  header, main { padding-left:.7rem; padding-right:.7rem; }
+  header form { margin-left:0; width:100%; }
+  input[type=search] { width:auto; }
+  table { display:block; overflow-x:auto; max-width:100%; }
+  .bar { width:5rem; }
+}
 """
 
 _WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍"}
@@ -141,6 +150,7 @@ def page(title: str, body: str, *, model: str | None = None, q: str = "") -> str
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{esc(title)} · flashlens</title>
 <link rel="stylesheet" href="/style.css">
+<link rel="icon" href="data:,">
 </head>
 <body>
 <header>
