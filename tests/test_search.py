@@ -273,3 +273,27 @@ def test_whitespace_that_no_token_writes_is_named(stories_atlas: Path) -> None:
         at.search("   ")
     with pytest.raises(ConceptError, match="the concept is empty"):
         at.search("")
+
+
+def test_layers_read_the_same_everywhere_in_python(
+    stories_atlas: Path, stories: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from flashlens import Atlas, map_model
+    from flashlens.errors import NeuronError
+
+    at = Atlas.open(stories_atlas)
+    want = [(h.layer, h.index) for h in at.search("the", layers=[1, 2]).hits]
+    assert want and {layer for layer, _ in want} <= {1, 2}
+    for spec in ("1-2", "1,2", (2, 1), [np.int64(1), np.int64(2)]):
+        assert [(h.layer, h.index) for h in at.search("the", layers=spec).hits] == want
+    assert {h.layer for h in at.search("the", layers=3).hits} == {3}
+    assert {r.layer for r in at.stats(layers="0").rows} == {0}
+    for bad in ("x", [1.5], True):
+        with pytest.raises(NeuronError, match="layer"):
+            at.search("the", layers=bad)  # type: ignore[arg-type]  # deliberately wrong
+    for layers in (0, [0], "0"):  # map_model: a layer number (even 0), a list, or a range
+        out = tmp_path / f"m{layers!r}"
+        map_model(stories, out, matrices="up", layers=layers, compile="off", audit=0)
+        assert Atlas.open(out).meta.layers == [0]

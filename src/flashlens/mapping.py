@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import __version__, heap
-from .atlas.atlas import Atlas, parse_layers, read_parquet
+from .atlas.atlas import Atlas, LayerSpec, parse_layers, read_parquet
 from .atlas.format import AtlasMeta
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
@@ -94,7 +94,7 @@ def map_model(
     out: str | Path,
     *,
     matrices: str | list[str] = "up,gate,down",
-    layers: str | None = None,
+    layers: LayerSpec | None = None,
     top_k: int = 10,
     norm: str = "model",
     reverse_n: int = 32,
@@ -137,7 +137,9 @@ def map_model(
             source,
             Path(out),
             parse_matrices(matrices, source.family.matrices),
-            parse_layers(layers, source.n_layers) if layers else list(range(source.n_layers)),
+            parse_layers(layers, source.n_layers)
+            if layers is not None
+            else list(range(source.n_layers)),
             top_k,
             norm,
             reverse_n,

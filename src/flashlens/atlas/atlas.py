@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -221,7 +222,7 @@ class Atlas:
         concept: str,
         *,
         matrix: str | None = None,
-        layers: list[int] | None = None,
+        layers: LayerSpec | None = None,
         limit: int = 20,
         top1: bool = False,
         plural: bool = False,
@@ -237,7 +238,7 @@ class Atlas:
         self,
         *,
         matrix: str | None = None,
-        layers: list[int] | None = None,
+        layers: LayerSpec | None = None,
         kurtosis: float | None = None,
         skew: float | None = None,
     ) -> AtlasStats:
@@ -278,8 +279,19 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(out)
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """'0-5,9' -> [0,1,2,3,4,5,9], checked against the model's layer count."""
+LayerSpec = str | int | Sequence[int]  # '0-5,9', 3, or [0, 1, 2]
+
+
+def parse_layers(spec: LayerSpec, n_layers: int | None) -> list[int]:
+    """'0-5,9' -> [0,1,2,3,4,5,9] (also a layer number, or a list of them), checked against
+    the model's layer count (None: the caller checks them)."""
+    if not isinstance(spec, str):
+        items: list[object] = [spec] if isinstance(spec, int | numbers.Integral) else list(spec)
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in items):
+            raise NeuronError(
+                f"bad layers {spec!r}: give '0-5,9', a layer number or a list of them"
+            )
+        spec = ",".join(str(x) for x in items)
     layers: set[int] = set()
     for part in spec.replace(" ", "").split(","):
         if not part:
@@ -291,7 +303,9 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
             raise NeuronError(f"bad layer range {part!r}: use e.g. 0-5,9") from None
         if a > b:
             raise NeuronError(f"bad layer range {part!r}: start is after end")
-        if a < 0 or b >= n_layers:
+        if a < 0:
+            raise NeuronError(f"bad layer range {part!r}: layers count from 0")
+        if n_layers is not None and b >= n_layers:
             raise NeuronError(
                 f"layer range {part!r} is out of range: the model has layers 0-{n_layers - 1}"
             )

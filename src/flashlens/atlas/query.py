@@ -25,7 +25,7 @@ from .tokens import readable
 if TYPE_CHECKING:
     import duckdb
 
-    from .atlas import Atlas
+    from .atlas import Atlas, LayerSpec
 
 MATRICES = ("up", "gate", "down")
 N_TOP_TOKENS = 5
@@ -165,13 +165,15 @@ def _tokenizer(model: str) -> Any:
 
 
 def select(
-    atlas: Atlas, matrix: str | None, layers: list[int] | None
+    atlas: Atlas, matrix: str | None, layers: LayerSpec | None
 ) -> tuple[list[str], list[int]]:
     """Checked matrices and layers (None = all in the atlas)."""
     m = atlas.meta
     if matrix is not None and matrix not in m.matrices:
         raise NeuronError(f"matrix {matrix!r} is not in this atlas; it has {', '.join(m.matrices)}")
-    chosen = sorted(set(layers)) if layers is not None else list(m.layers)
+    from .atlas import parse_layers
+
+    chosen = parse_layers(layers, None) if layers is not None else list(m.layers)
     missing = [x for x in chosen if x not in m.layers]
     if missing or not chosen:
         from .atlas import format_layers
@@ -189,7 +191,7 @@ def search(
     concept: str,
     *,
     matrix: str | None = None,
-    layers: list[int] | None = None,
+    layers: LayerSpec | None = None,
     limit: int = 20,
     top1: bool = False,
     plural: bool = False,

@@ -20,7 +20,7 @@ import pyarrow as pa
 from .query import AtlasDB, select
 
 if TYPE_CHECKING:
-    from .atlas import Atlas
+    from .atlas import Atlas, LayerSpec
 
 KURTOSIS = 10.0  # excess kurtosis above which a neuron's vocabulary logits are heavy-tailed
 SKEW = 1.0  # |skew| above which the heavy tail is one-sided
@@ -100,7 +100,7 @@ def atlas_stats(
     atlas: Atlas,
     *,
     matrix: str | None = None,
-    layers: list[int] | None = None,
+    layers: LayerSpec | None = None,
     kurtosis: float | None = None,
     skew: float | None = None,
 ) -> AtlasStats:

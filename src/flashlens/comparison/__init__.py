@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..atlas import Atlas
+from ..atlas.atlas import LayerSpec
 from ..decode.policy import resolve_device
 from ..errors import AtlasError, FlashlensError
 from ..families import Matrix
@@ -40,7 +41,7 @@ def compare(
     *,
     out: str | Path | None = None,
     matrices: str | list[str] | None = None,
-    layers: str | None = None,
+    layers: LayerSpec | None = None,
     top_k: int | None = None,
     norm: str | None = None,
     distance: Distance = "auto",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..atlas import Atlas, AtlasMeta, format_layers, parse_layers
+from ..atlas.atlas import LayerSpec
 from ..atlas.format import META
 from ..errors import AtlasError, FlashlensError
 from ..families import MATRICES
@@ -27,7 +28,7 @@ class Request:
     """What to compare and, for models, how to map them (None: from the other atlas or default)."""
 
     matrices: str | list[str] | None = None
-    layers: str | None = None
+    layers: LayerSpec | None = None
     top_k: int | None = None
     norm: str | None = None
     device: str = "auto"
@@ -207,7 +208,7 @@ def _at(xs: list[str], i: int) -> str:
 
 
 def common_scope(
-    a: Atlas, b: Atlas, matrices: str | list[str] | None, layers: str | None
+    a: Atlas, b: Atlas, matrices: str | list[str] | None, layers: LayerSpec | None
 ) -> tuple[list[str], list[int], list[str]]:
     """Matrices and layers present in both atlases (and asked for), plus notes on the rest."""
     notes: list[str] = []
