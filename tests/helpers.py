@@ -132,3 +132,23 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
         logits = model.lm_head(x).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def other_weights(model: Path, out: Path) -> Path:
+    """A copy of `model` (stories260K) with noise added to layer 4's MLP weights: the same
+    config.json, other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    tensors = load_file(model / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    for name, t in tensors.items():
+        if ".layers.4.mlp." in name:
+            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out

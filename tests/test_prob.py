@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from flashlens import Atlas, FlashlensError
 from flashlens.cli import main
 
-from .helpers import make_model, reference_probs
+from .helpers import make_model, other_weights, reference_probs
 
 
 def test_prob_with_model_equals_full_softmax(stories: Path, stories_atlas: Path) -> None:
@@ -113,23 +112,6 @@ def test_cli(stories: Path, stories_atlas: Path, capsys: pytest.CaptureFixture[s
     assert "out of range" in err and "Traceback" not in err
 
 
-def _other_weights(stories: Path, out: Path) -> Path:
-    """stories260K with noise added to layer 4's MLP weights: the same config.json."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir()
-    for f in stories.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, out / f.name)
-    tensors = load_file(stories / "model.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if ".layers.4.mlp." in name:
-            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
 def test_model_weights_must_match_the_atlas(
     stories: Path,
     stories_atlas: Path,
@@ -137,7 +119,7 @@ def test_model_weights_must_match_the_atlas(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    other = _other_weights(stories, tmp_path / "other")
+    other = other_weights(stories, tmp_path / "other")
     atlas = Atlas.open(stories_atlas)
     stored = atlas.neuron(4, 123, "up").w_norm
     with pytest.raises(FlashlensError) as info:

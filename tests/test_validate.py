@@ -9,7 +9,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from flashlens import Atlas
 from flashlens.cli import main
@@ -17,7 +16,7 @@ from flashlens.intervene import Neuron, dose_response
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
 
-from .helpers import load_reference_model, make_model
+from .helpers import load_reference_model, make_model, other_weights
 
 SCHEMA = pa.schema(
     [
@@ -202,27 +201,10 @@ def test_validate_checks_options_before_loading(
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def _other_weights(stories: Path, out: Path) -> Path:
-    """stories260K with noise added to layer 4's MLP weights: the same config.json."""
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir()
-    for f in stories.iterdir():
-        if f.name != "model.safetensors":
-            shutil.copy(f, out / f.name)
-    tensors = load_file(stories / "model.safetensors")
-    gen = torch.Generator().manual_seed(0)
-    for name, t in tensors.items():
-        if ".layers.4.mlp." in name:
-            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    return out
-
-
-def test_validate_refuses_other_weights(
+def test_validate_refusesother_weights(
     stories: Path, atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    other = _other_weights(stories, tmp_path / "other")
+    other = other_weights(stories, tmp_path / "other")
     stored = Atlas.open(atlas).neuron(4, 38, "up").w_norm
     args = ["validate", str(atlas), "Lily", "--model", str(other)]
     assert main([*args, "--neurons", "0:5,up:4:38"]) == 2
