@@ -403,6 +403,7 @@ def test_a_share_below_one_never_reads_100_percent() -> None:
 
     assert percent(1.0) == "100.0%" and percent(0.5) == "50.0%"
     assert percent(2579 / 2580) == "99.96%" and percent(0.99999) == "99.999%"
+    assert percent(float("nan")) == "n/a"
 
 
 def test_a_negative_limit_is_refused(result: Comparison) -> None:

@@ -29,6 +29,8 @@ BOUNDS = (
 def percent(share: float) -> str:
     """A share as a percentage with one decimal, or more where that would round a share
     below 1 up to 100.0% (one changed neuron in thousands must show)."""
+    if not math.isfinite(share):
+        return "n/a"
     for digits in (1, 2, 3):
         text = f"{100 * share:.{digits}f}%"
         if share >= 1 or float(text[:-1]) < 100:
