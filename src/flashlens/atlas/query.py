@@ -171,13 +171,11 @@ def select(
     m = atlas.meta
     if matrix is not None and matrix not in m.matrices:
         raise NeuronError(f"matrix {matrix!r} is not in this atlas; it has {', '.join(m.matrices)}")
-    from .atlas import parse_layers
+    from .atlas import format_layers, parse_layers
 
     chosen = parse_layers(layers, None) if layers is not None else list(m.layers)
     missing = [x for x in chosen if x not in m.layers]
     if missing or not chosen:
-        from .atlas import format_layers
-
         raise NeuronError(
             f"layer {missing[0] if missing else '(none)'} is not in this atlas; "
             f"it has layers {format_layers(m.layers)}"

@@ -206,17 +206,14 @@ def generate_command(
     """
     from ..atlas.concepts import ConceptError
     from ..intervene.concept import model_concept, variant_ids
-    from ..intervene.generate import steer
+    from ..intervene.generate import check_temperature, steer
     from ..intervene.loading import load_model
     from ..intervene.prompts import read_prompts
 
     for option, number in (("--max-new-tokens", max_new_tokens), ("--samples", samples)):
         if number < 1:
             raise FlashlensError(f"{option} must be at least 1 (got {number})")
-    if temperature is not None and not 0 <= temperature < math.inf:
-        raise FlashlensError(
-            f"--temperature must be 0 (greedy) or a positive number (got {temperature:g})"
-        )
+    check_temperature(temperature)  # (before the model loads)
     how = _how(mode, positions, site)
     clamps = [_parse_clamp(c, matrix) for c in clamp]
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
@@ -310,13 +307,12 @@ def validate_command(
     from ..intervene import Neuron
     from ..intervene.loading import load_model
     from ..intervene.prompts import read_prompts
-    from ..intervene.validate import validate
+    from ..intervene.validate import check_factor, validate
 
     mode, positions, _ = _how(mode, positions)
     if limit < 1:
         raise FlashlensError(f"--limit must be at least 1 (got {limit})")
-    if not 0 < factor < math.inf:
-        raise FlashlensError(f"--factor must be positive and finite (got {factor:g})")
+    check_factor(factor)  # (before the model loads)
     at = Atlas.open(atlas)
     chosen = Neuron.parse_list(neurons, matrix or "up") if neurons else None
     texts = read_prompts(prompts)

@@ -84,6 +84,14 @@ def generate_ids(
     return new
 
 
+def check_temperature(temperature: float | None) -> None:
+    """Refuse a sampling temperature that is not 0 (greedy), a positive number or None."""
+    if temperature is not None and not 0 <= temperature < math.inf:
+        raise FlashlensError(
+            f"--temperature must be 0 (greedy) or a positive number (got {temperature:g})"
+        )
+
+
 def steer(
     model: Any,
     tokenizer: Any,
@@ -107,10 +115,7 @@ def steer(
     concept: counts the continuations that mention it (case-insensitive) and, with
     concept_ids, the concept tokens they contain.
     """
-    if temperature is not None and not 0 <= temperature < math.inf:
-        raise FlashlensError(
-            f"--temperature must be 0 (greedy) or a positive number (got {temperature:g})"
-        )
+    check_temperature(temperature)
     chosen = as_neurons(neurons)
     per_neuron = [float(values)] * len(chosen) if isinstance(values, (int, float)) else list(values)
     temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature

@@ -105,6 +105,12 @@ def check_model_matches(atlas: Atlas, lm: LoadedModel) -> None:
         )
 
 
+def check_factor(factor: float) -> None:
+    """Refuse a validation factor that is not a positive, finite number."""
+    if not 0 < factor < math.inf:
+        raise NeuronError(f"--factor must be positive and finite (got {factor:g})")
+
+
 def validate(
     atlas: Atlas,
     concept: str,
@@ -125,8 +131,7 @@ def validate(
 ) -> ValidationReport:
     """Validate `neurons` (default: the top `limit` search hits for `concept`)."""
     check_model_matches(atlas, lm)
-    if not 0 < factor < math.inf:
-        raise NeuronError(f"--factor must be positive and finite (got {factor:g})")
+    check_factor(factor)
     search_probs: dict[Neuron, float] = {}
     if neurons is None:
         found = atlas.search(concept, matrix=matrix, layers=layers, limit=limit, plural=plural)
