@@ -43,3 +43,34 @@ def test_ctrl_c_promises_a_resume_only_where_a_rerun_resumes(
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted") and ("resume" in err) == resume
+
+
+def test_a_neuron_and_a_matrix_option_that_disagree_are_refused(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["show", str(stories_atlas), "up:2:7", "--matrix", "down", "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "names matrix 'up'" in err and "'down'" in err and "Traceback" not in err
+    assert main(["show", str(stories_atlas), "up:2:7", "--matrix", "up", "--json"]) == 0
+    assert '"matrix": "up"' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["clamp", "MODEL", "--neuron", "0:1", "--concept", "dog", "--plot", "PLOT"],
+        ["stats", "ATLAS", "--plot", "PLOT"],
+        ["compare", "ATLAS", "ATLAS", "--plot", "PLOT"],
+    ],
+)
+def test_every_plot_option_wants_a_png_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The model and atlases do not exist: the file name is checked first, and nothing written.
+    plot = tmp_path / "sub" / "dose.jpg"
+    names = {"MODEL": str(tmp_path / "no-model"), "ATLAS": str(tmp_path / "no-atlas")}
+    argv = [names.get(a, str(plot) if a == "PLOT" else a) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "give a .png file name" in err and "Traceback" not in err
+    assert not plot.exists()

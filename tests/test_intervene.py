@@ -53,6 +53,11 @@ def test_neuron_parse() -> None:
             Neuron.parse(bad)
     with pytest.raises(NeuronError):
         Neuron(1, 2, "proj")  # type: ignore[arg-type]
+    assert Neuron.parse("down:2:7", matrix="down") == Neuron(2, 7, "down")
+    with pytest.raises(NeuronError, match="names matrix 'up' but the matrix given is 'down'"):
+        Neuron.parse("up:2:7", matrix="down")  # refused, not silently read as up
+    with pytest.raises(NeuronError, match="as a string"):
+        Neuron.parse(12)  # type: ignore[arg-type]
 
 
 # --- hooks vs the model itself -----------------------------------------------------------------

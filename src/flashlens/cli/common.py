@@ -8,6 +8,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from typer.core import TyperOption
 
 from ..atlas.concepts import TokenVariant
 from ..atlas.tokens import readable
+from ..errors import FlashlensError
 
 
 def _width(stream: Any) -> int | None:
@@ -44,6 +46,16 @@ def finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [finite(v) for v in value]
     return value
+
+
+def png_path(path: Path | None) -> Path | None:
+    """A --plot file name checked before any work (every plot is a PNG), its folder made."""
+    if path is None:
+        return None
+    if path.suffix.lower() != ".png":
+        raise FlashlensError(f"--plot {path}: give a .png file name, e.g. plot.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def show_variants(variants: Sequence[TokenVariant]) -> str:

@@ -14,7 +14,7 @@ from ..comparison import Comparison, Distance, Figures, compare
 from ..comparison.result import percent
 from ..errors import FlashlensError
 from . import app
-from .common import console, err_console, print_json, show_prob, show_token
+from .common import console, err_console, png_path, print_json, show_prob, show_token
 
 
 @app.command("compare")
@@ -72,8 +72,7 @@ def compare_command(
         raise FlashlensError("pass --json or --csv, not both")
     if limit < 0:
         raise FlashlensError("--limit must be 0 (all) or more")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise FlashlensError(f"--plot {plot}: give a .png file name")
+    png_path(plot)
     quiet = json_out or csv_out
     result = compare(
         a,

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import console, err_console, print_json, show_variants
+from .common import console, err_console, png_path, print_json, show_variants
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
@@ -72,7 +72,9 @@ def clamp_command(
         ..., help="LAYER:INDEX or MATRIX:LAYER:INDEX; repeatable (all are clamped together)."
     ),
     concept: str = typer.Option(..., help="The concept whose next-token probability to measure."),
-    matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
+    matrix: str = typer.Option(
+        None, help="Matrix of LAYER:INDEX neurons: up, gate or down (default: up)."
+    ),
     values: str = typer.Option(
         None,
         help="Clamp values, e.g. 0,5,10,20 (default: multiples "
@@ -106,6 +108,7 @@ def clamp_command(
     from ..progress import progress_bar
 
     how = _how(mode, positions, site)
+    png_path(plot)
     neurons = [Neuron.parse(n, matrix) for n in neuron]
     chosen_values = _floats(values, "--values") if values else None
     texts = read_prompts(prompts)
@@ -158,7 +161,7 @@ def clamp_command(
         err_console.print(f"plot -> {plot}")
 
 
-def _parse_clamp(spec: str, matrix: str) -> tuple[Any, float]:
+def _parse_clamp(spec: str, matrix: str | None) -> tuple[Any, float]:
     from ..intervene import Neuron
 
     neuron, sep, value = spec.rpartition("=")
@@ -190,7 +193,9 @@ def generate_command(
     ),
     seed: int = typer.Option(0, help="Random seed (the same for baseline and clamped)."),
     concept: str = typer.Option(None, help="Report the share of continuations mentioning it."),
-    matrix: str = typer.Option("up", help="Matrix of LAYER:INDEX neurons: up, gate or down."),
+    matrix: str = typer.Option(
+        None, help="Matrix of LAYER:INDEX neurons: up, gate or down (default: up)."
+    ),
     mode: str = typer.Option("set", help=_MODES),
     positions: str = typer.Option("all", help=_POSITIONS),
     site: str = typer.Option(None, help=_SITES),
@@ -314,7 +319,7 @@ def validate_command(
         raise FlashlensError(f"--limit must be at least 1 (got {limit})")
     check_factor(factor)  # (before the model loads)
     at = Atlas.open(atlas)
-    chosen = Neuron.parse_list(neurons, matrix or "up") if neurons else None
+    chosen = Neuron.parse_list(neurons, matrix) if neurons else None
     texts = read_prompts(prompts)
     mults = _floats(multiples, "--multiples")
     layer_list = parse_layers(layers, at.meta.n_layers) if layers else None

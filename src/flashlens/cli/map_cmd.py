@@ -164,7 +164,7 @@ def show_command(
     neuron: str = typer.Argument(
         ..., help="LAYER:INDEX (matrix from --matrix) or MATRIX:LAYER:INDEX, e.g. up:12:1234."
     ),
-    matrix: str = typer.Option("up", help="up, gate or down."),
+    matrix: str = typer.Option(None, help="up, gate or down (default: up)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Show what one neuron means: its top and bottom tokens with probabilities.

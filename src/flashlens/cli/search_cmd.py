@@ -15,7 +15,15 @@ from ..atlas.stats import KINDS
 from ..errors import FlashlensError
 from ..intervene.neuron import Neuron
 from . import app
-from .common import console, err_console, print_json, show_prob, show_token, show_variants
+from .common import (
+    console,
+    err_console,
+    png_path,
+    print_json,
+    show_prob,
+    show_token,
+    show_variants,
+)
 
 KIND_COLUMNS = {"punctuation": "punct", "whitespace": "space"}  # stats table headers
 
@@ -125,14 +133,12 @@ def stats_command(
 
         flashlens stats atlas/llama31-8b --plot stats.png
     """
+    png_path(plot)
     at = Atlas.open(atlas)
     st = at.stats(matrix=matrix, layers=_layers(at, layers), kurtosis=kurtosis, skew=skew)
     if plot is not None:
-        if plot.suffix.lower() != ".png":
-            raise FlashlensError(f"--plot {plot}: give a .png file name")
         from ..atlas.stats import plot_stats
 
-        plot.parent.mkdir(parents=True, exist_ok=True)
         plot_stats(st, str(plot))
         err_console.print(f"plot written to [green]{plot}[/]")
     if json_out:
@@ -171,7 +177,7 @@ def prob_command(
     ),
     token: str = typer.Argument(None, help='The token\'s text, e.g. " puppy" (one token).'),
     token_id: int = typer.Option(None, "--token-id", help="The token by vocabulary id instead."),
-    matrix: str = typer.Option("up", help="up, gate or down."),
+    matrix: str = typer.Option(None, help="up, gate or down (default: up)."),
     model: str = typer.Option(None, help="Model (id or folder) for the exact value of any token."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

@@ -39,11 +39,21 @@ class Neuron:
             )
 
     @classmethod
-    def parse(cls, spec: str, matrix: str = "up") -> Neuron:
-        """'up:12:1234' or '12:1234' (then `matrix`) -> Neuron."""
+    def parse(cls, spec: str, matrix: str | None = None) -> Neuron:
+        """'up:12:1234' or '12:1234' (then `matrix`, default up) -> Neuron. A spec that names
+        its matrix and a `matrix` that names another one are refused, not silently resolved."""
+        if not isinstance(spec, str):
+            raise NeuronError(f"bad neuron {spec!r}: write it as a string, e.g. '12:1234'")
         parts = spec.strip().split(":")
         if len(parts) == 3:
-            matrix, *parts = parts
+            named, *parts = parts
+            if matrix is not None and named != matrix:
+                raise NeuronError(
+                    f"neuron {spec!r} names matrix {named!r} but the matrix given is "
+                    f"{matrix!r}: drop one of them"
+                )
+            matrix = named
+        matrix = "up" if matrix is None else matrix
         try:
             layer, index = (int(p) for p in parts)
         except ValueError:
@@ -58,7 +68,7 @@ class Neuron:
         return cls(layer, index, cast(Matrix, matrix))
 
     @classmethod
-    def parse_list(cls, spec: str, matrix: str = "up") -> list[Neuron]:
+    def parse_list(cls, spec: str, matrix: str | None = None) -> list[Neuron]:
         """'12:1234,up:3:7' -> [Neuron(12, 1234, matrix), Neuron(3, 7, 'up')]."""
         neurons = [cls.parse(p, matrix) for p in spec.split(",") if p.strip()]
         if not neurons:
