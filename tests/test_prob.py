@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,3 +169,25 @@ def test_a_neuron_address_must_be_integers(stories_atlas: Path) -> None:
         with pytest.raises(NeuronError, match="must be an integer"):
             at.neuron(layer, index)  # type: ignore[arg-type]  # deliberately wrong types
     assert at.neuron(np.int64(2), np.int32(7)).index == 7
+
+
+def test_a_concept_a_token_and_a_token_id_of_the_wrong_type_are_named(stories_atlas: Path) -> None:
+    from flashlens import Neuron
+
+    at = Atlas.open(stories_atlas)
+
+    def wrong(value: Any) -> Any:  # a deliberately wrong type, hidden from mypy
+        return value
+
+    bad: list[tuple[Any, str]] = [
+        (lambda: at.search(wrong(5)), "the concept must be text, e.g. 'dog', not 5"),
+        (lambda: at.search(wrong(None)), "the concept must be text"),
+        (lambda: at.prob(2, 7, wrong(5)), "the token must be text"),
+        (lambda: at.prob(2, 7, token_id=wrong("5")), "the token id must be an integer, not '5'"),
+        (lambda: Neuron(wrong("1"), 2), "layer and index must be integers"),
+        (lambda: Neuron(1, wrong(2.5)), "layer and index must be integers"),
+    ]
+    for call, message in bad:
+        with pytest.raises(FlashlensError, match=re.escape(message)):
+            call()
+    assert at.prob(2, 7, token_id=at.neuron(2, 7).top[0].token_id).prob > 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..checks import is_integer
 from ..errors import AtlasError, NeuronError
 from .format import (
     FORMAT_VERSION,
@@ -142,7 +143,7 @@ class Atlas:
     def check_neuron(self, layer: int, index: int, matrix: str) -> None:
         m = self.meta
         for what, value in (("layer", layer), ("neuron index", index)):
-            if not _is_integer(value):
+            if not is_integer(value):
                 raise NeuronError(f"the {what} must be an integer, not {value!r}")
         if matrix not in m.matrices:
             raise NeuronError(
@@ -279,11 +280,6 @@ def format_layers(layers: list[int]) -> str:
     return ",".join(out)
 
 
-def _is_integer(value: object) -> bool:
-    """An int (or numpy integer), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 LayerSpec = str | int | Sequence[int]  # '0-5,9', 3, or [0, 1, 2]
 
 
@@ -292,7 +288,7 @@ def parse_layers(spec: LayerSpec, n_layers: int | None) -> list[int]:
     the model's layer count (None: the caller checks them)."""
     if not isinstance(spec, str):
         items: list[object] = [spec] if isinstance(spec, int | numbers.Integral) else list(spec)
-        if not all(_is_integer(x) for x in items):
+        if not all(is_integer(x) for x in items):
             raise NeuronError(
                 f"bad layers {spec!r}: give '0-5,9', a layer number or a list of them"
             )

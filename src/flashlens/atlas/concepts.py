@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
+from ..checks import require_text
 from ..errors import FlashlensError
 
 
@@ -186,7 +187,7 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
     A concept that is only whitespace ("\\n") is the tokens of exactly that text; one that no
     surface form writes but that is a token's tokenizer form ("<0x0A>", "▁and") is that token.
     """
-    text = unicodedata.normalize("NFC", concept)
+    text = unicodedata.normalize("NFC", require_text(concept, "concept", "dog"))
     base = text.strip()
     if not base:
         if vocab.ids(text):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checks import is_integer, require_text
 from ..errors import AtlasError, FlashlensError
 from .concepts import ConceptError
 from .query import AtlasDB
@@ -48,12 +49,15 @@ def resolve_token(
     if token_id is not None:
         if token is not None:
             raise FlashlensError("give a token text or --token-id, not both")
+        if not is_integer(token_id):
+            raise ConceptError(f"the token id must be an integer, not {token_id!r}")
         if not 0 <= token_id < atlas.meta.d_vocab:
             raise ConceptError(
                 f"token id {token_id} is out of range: the vocabulary has ids "
                 f"0-{atlas.meta.d_vocab - 1}"
             )
         return token_id
+    token = require_text(token, "token", " puppy")
     if not token:
         raise ConceptError("the token is empty: give its text, e.g. ' puppy', or --token-id N")
     ids = vocab.ids(token)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, cast
 
+from ..checks import is_integer
 from ..errors import NeuronError
 from ..families import MATRICES, Matrix
 
@@ -28,6 +29,10 @@ class Neuron:
     matrix: Matrix = "up"
 
     def __post_init__(self) -> None:
+        if not (is_integer(self.layer) and is_integer(self.index)):
+            raise NeuronError(
+                f"bad neuron {self.layer!r}:{self.index!r}: layer and index must be integers"
+            )
         if self.matrix not in MATRICES:
             raise NeuronError(
                 f"bad matrix {self.matrix!r} for neuron {self.layer}:{self.index}: "
