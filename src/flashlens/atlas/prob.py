@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from ..checks import is_integer, require_text
 from ..errors import AtlasError, FlashlensError
 from .concepts import ConceptError
@@ -201,6 +204,16 @@ def _from_model(
     )
 
 
+def norms_agree(
+    found: NDArray[np.floating], stored: NDArray[np.floating], rtol: float = 1e-4
+) -> NDArray[np.bool_]:
+    """Per neuron: does the |w| measured in a model match the |w| the atlas stores? Within
+    `rtol` (fp32 rounding by default) or 1e-6 absolute; a non-finite norm (a NaN weight)
+    matches the same non-finite stored norm. The one test `prob`, `validate` and `compare`
+    apply before reading a model's weights against an atlas."""
+    return np.isclose(found, stored, rtol=rtol, atol=1e-6, equal_nan=True)
+
+
 def check_weights(atlas: Atlas, rec: NeuronRecord, w: torch.Tensor, model: str | Path) -> None:
     """Refuse a neuron vector `w` (d_model,) whose norm is not the |w| the atlas stores for it:
     another checkpoint with the same config.json (fine-tuned, edited, retrained).
@@ -214,9 +227,7 @@ def check_weights(atlas: Atlas, rec: NeuronRecord, w: torch.Tensor, model: str |
     stored = getattr(torch, atlas.meta.weight_dtype, None)
     dtypes = [d for d in (stored, w.dtype) if isinstance(d, torch.dtype) and d.is_floating_point]
     rtol = 1e-4 if stored == w.dtype else max([1e-4] + [torch.finfo(d).eps for d in dtypes])
-    if math.isnan(found) and math.isnan(rec.w_norm):
-        return  # a non-finite weight vector, stored as such (as compare's check treats it)
-    if not math.isclose(found, rec.w_norm, rel_tol=rtol, abs_tol=1e-6):
+    if not norms_agree(np.array(found), np.array(rec.w_norm), rtol):
         raise AtlasError(
             f"{model} is not the model the atlas at {atlas.root} was mapped from "
             f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} has |w| "

@@ -22,6 +22,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
+from ..atlas.prob import norms_agree
 from ..decode.engine import Decoder
 from ..decode.norm import NormMode, apply_final_norm
 from ..errors import AtlasError
@@ -113,11 +114,8 @@ def _check_weights(
 ) -> None:
     """The atlas stores each neuron's |w|: refuse weights that are not the ones it decoded.
     A non-finite norm (a NaN or infinite weight) matches the same non-finite stored norm."""
-    got = W.float().norm(dim=1).numpy()
-    same = got.shape == w_norm.shape and np.allclose(
-        got, w_norm, rtol=1e-4, atol=1e-6, equal_nan=True
-    )
-    if not same:
+    got = W.float().norm(dim=1).numpy()  # read in the stored dtype: fp32 rounding applies
+    if got.shape != w_norm.shape or not norms_agree(got, w_norm).all():
         raise AtlasError(
             f"the weights at {source.folder} are not the ones its atlas decoded ({matrix} layer "
             f"{layer}: neuron norms differ); the model changed since it was mapped. Remap it, "
