@@ -446,10 +446,22 @@ def _decoder_in(
 
 
 def _load(source: ModelSource, job: tuple[Matrix, int], device: torch.device) -> torch.Tensor:
+    """A layer's neurons (d_mlp, d_model) on `device`, read on a loader thread."""
     W = source.neurons(*job).contiguous()  # materialise from the memory map (disk read here)
-    if device.type == "cuda":
-        W = W.pin_memory().to(device, non_blocking=True)
-    return W
+    return _to_cuda(W, device) if device.type == "cuda" else W
+
+
+def _to_cuda(W: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """W copied host-to-device on a stream of its own, so that the copy overlaps the blocks
+    computing on the default stream (a copy queued there would wait for them). It returns once
+    the copy is done, so the consumer needs no event; `record_stream` keeps the caching
+    allocator from reusing W's memory while the default stream's kernels still read it."""
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        W_dev = W.pin_memory().to(device, non_blocking=True)
+    stream.synchronize()
+    W_dev.record_stream(torch.cuda.default_stream(device))
+    return W_dev
 
 
 def _keep_sample(
