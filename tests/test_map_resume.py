@@ -204,6 +204,56 @@ def test_a_low_precision_run_resumes_to_identical_atlas(
     assert_same_atlas(out, whole)
 
 
+def test_a_resumed_run_keeps_the_interrupted_runs_dtype(
+    big_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One atlas never mixes dtypes: an explicit other --dtype is refused before anything is
+    written, and auto resumes in the dtype the interrupted run computed in (these fp32
+    weights alone would make auto choose fp32)."""
+    whole = tmp_path / "whole"
+    map_model(big_model, whole, compile="off", block=64, dtype="int8", layers="0-5")
+    out = tmp_path / "resumed"
+    fail_write(monkeypatch, 3)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    monkeypatch.undo()
+    before = (out / "atlas.json").read_text()
+    with pytest.raises(AtlasError, match=r"computed in int8.*--dtype bfloat16.*--dtype int8"):
+        map_model(big_model, out, compile="off", block=64, dtype="bfloat16", layers="0-5")
+    assert (out / "atlas.json").read_text() == before
+    summary = map_model(big_model, out, compile="off", block=64, layers="0-5")
+    assert summary.neurons_skipped == 2 * 256 and summary.compute_dtype == "int8"
+    assert Atlas.open(out).meta.compute_dtype == "int8"
+    assert_same_atlas(out, whole)
+
+
+def test_the_order_of_the_matrices_is_not_a_setting(big_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "atlas"
+    map_model(big_model, out, matrices="up,down", layers="0-1", compile="off")
+    summary = map_model(big_model, out, matrices="down,up", layers="0-1", compile="off")
+    assert summary.neurons_skipped == 2 * 2 * 256 and summary.neurons_mapped == 0
+    with pytest.raises(AtlasError, match=r"other settings.*matrices"):
+        map_model(big_model, out, matrices="down", layers="0-1", compile="off")
+
+
+def test_atlas_files_follow_the_umask(small_model: Path, tmp_path: Path) -> None:
+    """Written through temporary files (mkstemp makes them 0600), yet readable by others as
+    any new file is under a 022 umask: a server run by another user can read the atlas."""
+    import os
+
+    from flashlens.atlas import format as atlas_format
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert umask == atlas_format._UMASK
+    out = tmp_path / "atlas"
+    map_model(small_model, out, compile="off")
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) >= 5
+    want = 0o666 & ~umask
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(want)}
+
+
 def test_layers_written_since_the_last_save_of_the_resume_state_are_mapped_again(
     big_model: Path, reference_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

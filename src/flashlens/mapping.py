@@ -25,6 +25,7 @@ from .decode.engine import BlockResult, Decoder, warm_up
 from .decode.norm import NORM_MODES
 from .decode.pilot import PILOT, run_pilot
 from .decode.policy import (
+    DTYPES,
     block_size,
     dtype_label,
     fallback_dtype,
@@ -201,7 +202,10 @@ def _map(
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-    writer = AtlasWriter(out, meta, overwrite=overwrite)
+    asked = None if dtype_name == "auto" else dtype_label(compute_dtype)
+    writer = AtlasWriter(out, meta, overwrite=overwrite, dtype_asked=asked)
+    resumed = bool(writer.done)  # then meta holds the interrupted run's dtype and pilot
+    compute_dtype = DTYPES[meta.compute_dtype]
     B = block_size(source.d_vocab, source.d_mlp, device, block)
     every = [(m, layer) for m in matrices for layer in layers]  # the whole job, as on a first run
     jobs = [job for job in every if not writer.is_done(*job)]
@@ -253,7 +257,7 @@ def _map(
             decoder = decoder_job.result()
         del decoder_job  # (it would keep this decoder alive if the pilot replaces it)
         head_pool.shutdown()
-        if compute_dtype != torch.float32 and pilot > 0:
+        if compute_dtype != torch.float32 and pilot > 0 and not resumed:
             first = _pilot_rows(source, every, pilot, seed=1)
             second = functools.cache(lambda: _pilot_rows(source, every, pilot, seed=2))
             reports: list[dict[str, Any]] = []

@@ -173,10 +173,22 @@ def read_meta(path: Path) -> AtlasMeta:
         raise ValueError(str(err)) from None
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask sets it too, so not on a thread
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename over `path`."""
+    """Call write(tmp) on a temporary file beside `path`, fsync it, then rename over `path`.
+    The file gets the permissions of any new file (0666 less the umask), not mkstemp's 0600:
+    an atlas is shared (a server run by another user, a colleague's copy)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(name)
     try:

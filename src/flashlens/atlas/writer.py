@@ -40,12 +40,28 @@ from .format import (
 STATE = "reverse.safetensors"
 
 
+def _canonical(setting: str, value: Any) -> Any:
+    """A setting as compared between runs: the matrices as a set (their order is not a
+    setting)."""
+    return sorted(value) if setting == "matrices" and isinstance(value, list) else value
+
+
 def _key(matrix: str, layer: int) -> str:
     return f"{matrix}:{layer}"
 
 
 class AtlasWriter:
-    def __init__(self, root: Path, meta: AtlasMeta, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        meta: AtlasMeta,
+        overwrite: bool = False,
+        dtype_asked: str | None = None,
+    ) -> None:
+        """Start or resume the atlas at `root`. A resumed run (layers already written) computes
+        as the interrupted one did: `meta` takes its compute dtype and pilot report, and a
+        `dtype_asked` (an explicit --dtype, None for auto) that differs from it is refused,
+        before anything is written: one atlas never mixes dtypes."""
         self.root, self.meta = root, meta
         self.already_complete = False
         self.done: set[str] = set()  # layers recorded in the resume state
@@ -55,7 +71,7 @@ class AtlasWriter:
             diff = {
                 k: (v, meta.settings()[k])
                 for k, v in old.settings().items()
-                if v != meta.settings()[k]
+                if _canonical(k, v) != _canonical(k, meta.settings()[k])
             }
             if diff:
                 what = "; ".join(
@@ -72,9 +88,17 @@ class AtlasWriter:
                 meta.created = old.created
         if overwrite:
             remove_atlas(root)  # the atlas's own files only (validation.parquet included)
+        self.done = self._load_done()
+        if self.done and old is not None and not self.already_complete:
+            if dtype_asked is not None and dtype_asked != old.compute_dtype:
+                raise AtlasError(
+                    f"{root} holds an interrupted map computed in {old.compute_dtype}; this run "
+                    f"asks --dtype {dtype_asked}. Rerun with --dtype {old.compute_dtype} (or "
+                    "auto) to resume it, or pass --overwrite to start again"
+                )
+            meta.compute_dtype, meta.pilot = old.compute_dtype, old.pilot
         if not self.already_complete:
             write_json(root / META, meta.to_dict())
-        self.done = self._load_done()
 
     def _existing_meta(self, overwrite: bool) -> AtlasMeta | None:
         """The atlas already in the folder, None when there is none (or `overwrite` replaces
