@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from flashlens import map_model
 from flashlens.cli import main
@@ -278,6 +279,10 @@ def test_scope_intersection_and_bad_inputs(tmp_path: Path, stories: Path, tuned:
     assert r.matrices == ["up"] and r.layers == [1]
     assert any("layers only in A" in n and "0" in n for n in r.notes)
     assert any("matrices only in A" in n and "down" in n for n in r.notes)
+    # what --matrix and --layers leave out on purpose is not worth a note
+    asked = compare(tmp_path / "a", tmp_path / "b", matrices="up", layers="1")
+    assert asked.matrices == ["up"] and asked.layers == [1]
+    assert not any("only in" in n for n in asked.notes), asked.notes
     map_model(tuned, tmp_path / "c", matrices="up", layers="3", compile="off", block=BLOCK)
     assert "no matrix and layer in common" in _error(tmp_path / "a", tmp_path / "c")
     assert "not in both atlases" in _error(tmp_path / "a", tmp_path / "b", matrices="down")
@@ -299,6 +304,15 @@ def test_exact_distance_needs_the_right_weights(
     assert "not the ones its atlas decoded" in _error(stories_atlas, tmp_path / "drift-atlas")
     ok = compare(stories_atlas, tmp_path / "drift-atlas", distance="atlas")
     assert ok.figures().neurons == 172
+    # an edit that keeps every norm (a sign flipped) is refused too: the decode differs
+    flip = tmp_path / "flip"
+    shutil.copytree(stories, flip)
+    map_model(flip, tmp_path / "flip-atlas", matrices="up", layers="3", compile="off", block=BLOCK)
+    tensors = load_file(flip / "model.safetensors")
+    tensors["model.layers.3.mlp.up_proj.weight"][5:9] *= -1
+    save_file(tensors, flip / "model.safetensors", metadata={"format": "pt"})
+    err = _error(stories_atlas, tmp_path / "flip-atlas")
+    assert "neuron 5 decodes to other probabilities" in err, err
     shutil.rmtree(drift)  # the model is gone: auto falls back to the bounds, exact refuses
     auto = compare(stories_atlas, tmp_path / "drift-atlas")
     assert not auto.exact and any("exact distance unavailable" in n for n in auto.notes)
@@ -409,3 +423,22 @@ def test_a_share_below_one_never_reads_100_percent() -> None:
 def test_a_negative_limit_is_refused(result: Comparison) -> None:
     with pytest.raises(FlashlensError, match="limit must be 0"):
         result.changed(limit=-1)
+
+
+def test_top_k_compares_the_first_k_of_the_stored_lists(
+    stories_atlas: Path, tuned_atlas: Path, result: Comparison
+) -> None:
+    three = compare(stories_atlas, tuned_atlas, top_k=3, distance="atlas")
+    assert three.top_k == 3 and result.top_k == 10
+    t3, t10 = three.neurons, result.neurons
+    assert t3.top_ids_a.shape[1] == 3
+    assert np.array_equal(t3.top_ids_a, t10.top_ids_a[:, :3])
+    sets = [
+        len(set(a) & set(b)) / len(set(a) | set(b))
+        for a, b in zip(t10.top_ids_a[:, :3].tolist(), t10.top_ids_b[:, :3].tolist(), strict=True)
+    ]
+    assert np.allclose(t3.jaccard, sets)
+    assert not np.allclose(t3.jaccard, t10.jaccard)
+    for bad in (0, 11):
+        with pytest.raises(FlashlensError, match="store top-10 lists"):
+            compare(stories_atlas, tuned_atlas, top_k=bad, distance="atlas")

@@ -27,7 +27,9 @@ def compare_command(
     matrix: str = typer.Option(None, "--matrix", help="Matrices to compare, e.g. up or up,down."),
     layers: str = typer.Option(None, help="Layers to compare, e.g. 0-5,9 (default: all common)."),
     top_k: int = typer.Option(
-        None, help="Top-k when mapping models (default: the other atlas', else 10)."
+        None,
+        help="Top-k when mapping models (default: the other atlas', else 10); with two "
+        "atlases, compare the first K of their stored lists.",
     ),
     norm: str = typer.Option(None, help="Final norm when mapping models: model, gain, none."),
     distance: str = typer.Option(

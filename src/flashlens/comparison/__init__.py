@@ -25,7 +25,7 @@ from ..families import Matrix
 from ..progress import progress_bar
 from ..weights import ModelSource
 from ..weights.resolve import HUB_PATTERNS
-from .exact import ExactPair
+from .exact import ExactPair, Stored
 from .figures import topk_figures
 from .inputs import Request, check_compatible, common_scope, kind_of, open_pair
 from .result import Comparison, Figures, NeuronTable
@@ -70,6 +70,7 @@ def compare(
     A, B = open_pair(a, b, out, req)
     check_compatible(A, B)
     ms, ls, notes = common_scope(A, B, matrices, layers)
+    k = compared_top_k(A, top_k)
     if A.meta.compute_dtype != B.meta.compute_dtype:
         notes.append(
             f"the atlases were decoded in different precisions ({A.meta.compute_dtype} "
@@ -80,7 +81,7 @@ def compare(
     if folders is not None:
         pair = ExactPair(folders[0], folders[1], A.meta.norm, resolve_device(device))  # type: ignore[arg-type]
     try:
-        parts = _compare_layers(A, B, ms, ls, pair, progress)
+        parts = _compare_layers(A, B, ms, ls, k, pair, progress)
     finally:
         if pair is not None:
             pair.close()
@@ -103,7 +104,7 @@ def compare(
         model_b=B.meta.model,
         matrices=ms,
         layers=ls,
-        top_k=A.meta.top_k,
+        top_k=k,
         exact=pair is not None,
         neurons=neurons,
         texts=A.texts,
@@ -117,6 +118,7 @@ def _compare_layers(
     B: Atlas,
     matrices: list[str],
     layers: list[int],
+    k: int,
     pair: ExactPair | None,
     progress: bool,
 ) -> list[NeuronTable]:
@@ -129,9 +131,9 @@ def _compare_layers(
             for layer in layers:
                 what = f"{matrix} layer {layer}"
                 ta, tb = _layer(A, matrix, layer), _layer(B, matrix, layer)
-                fig = topk_figures(
-                    ta["top_ids"], ta["top_probs"], tb["top_ids"], tb["top_probs"], A.meta.d_vocab
-                )
+                ids_a, probs_a = ta["top_ids"][:, :k], ta["top_probs"][:, :k]
+                ids_b, probs_b = tb["top_ids"][:, :k], tb["top_probs"][:, :k]
+                fig = topk_figures(ids_a, probs_a, ids_b, probs_b, A.meta.d_vocab)
                 nan = np.full(d_mlp, np.nan)
                 jsd, tv = nan, nan.copy()
                 if pair is not None:
@@ -139,7 +141,8 @@ def _compare_layers(
                     def step(n: int, w: str = what) -> None:
                         advance(n, w)
 
-                    jsd, tv = pair.layer(_matrix(matrix), layer, (ta["w_norm"], tb["w_norm"]), step)
+                    stored = (Stored(**ta), Stored(**tb))
+                    jsd, tv = pair.layer(_matrix(matrix), layer, stored, step)
                 else:
                     advance(d_mlp, what)
                 parts.append(
@@ -153,13 +156,27 @@ def _compare_layers(
                         tv_hi=fig.tv_hi,
                         jsd=jsd,
                         tv=tv,
-                        top_ids_a=ta["top_ids"],
-                        top_probs_a=ta["top_probs"],
-                        top_ids_b=tb["top_ids"],
-                        top_probs_b=tb["top_probs"],
+                        top_ids_a=ids_a,
+                        top_probs_a=probs_a,
+                        top_ids_b=ids_b,
+                        top_probs_b=probs_b,
                     )
                 )
     return parts
+
+
+def compared_top_k(atlas: Atlas, top_k: int | None) -> int:
+    """The k of the compared top-k lists: `top_k` (the first k of each stored list) or, by
+    default, all the atlases store."""
+    stored = atlas.meta.top_k
+    if top_k is None:
+        return stored
+    if not 1 <= top_k <= stored:
+        raise FlashlensError(
+            f"--top-k {top_k}: the atlases store top-{stored} lists; compare the first 1-{stored} "
+            f"of them, or map again with --top-k {top_k} --overwrite"
+        )
+    return top_k
 
 
 def _matrix(name: str) -> Matrix:

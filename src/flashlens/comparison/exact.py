@@ -91,22 +91,40 @@ class ExactPair:
         self,
         matrix: Matrix,
         layer: int,
-        w_norms: tuple[NDArray[np.floating], NDArray[np.floating]],  # (d_mlp,) from each atlas
+        stored: tuple[Stored, Stored],  # what each atlas holds for this layer
         advance: Callable[[int], None] = lambda n: None,
     ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """(jsd, tv) of every neuron of one layer, each (d_mlp,)."""
+        """(jsd, tv) of every neuron of one layer, each (d_mlp,). Refuses weights that are not
+        the ones the atlases decoded (see `_check_weights`, `_check_probs`)."""
         W_a = self.a.source.neurons(matrix, layer)  # (d_mlp, d_model), stored dtype
         W_b = self.b.source.neurons(matrix, layer)
-        for head, W, w_norm in ((self.a, W_a, w_norms[0]), (self.b, W_b, w_norms[1])):
-            _check_weights(head.source, matrix, layer, W, w_norm)
+        for head, W, st in ((self.a, W_a, stored[0]), (self.b, W_b, stored[1])):
+            _check_weights(head.source, matrix, layer, W, st.w_norm)
         jsd, tv = [], []
         for lo in range(0, W_a.shape[0], self.block):
             hi = min(lo + self.block, W_a.shape[0])
-            j, t = distances(self.a.log_probs(W_a[lo:hi]), self.b.log_probs(W_b[lo:hi]))
+            lp_a, lp_b = self.a.log_probs(W_a[lo:hi]), self.b.log_probs(W_b[lo:hi])
+            for head, lp, st in ((self.a, lp_a, stored[0]), (self.b, lp_b, stored[1])):
+                _check_probs(head.source, matrix, layer, lo, lp, st)
+            j, t = distances(lp_a, lp_b)
             jsd.append(j.cpu())
             tv.append(t.cpu())
             advance(hi - lo)
         return torch.cat(jsd).numpy(), torch.cat(tv).numpy()
+
+
+@dataclass
+class Stored:
+    """What an atlas holds for one layer: w_norm (d_mlp,), top_ids and top_probs (d_mlp, k)."""
+
+    w_norm: NDArray[np.floating]
+    top_ids: NDArray[np.integer]
+    top_probs: NDArray[np.floating]
+
+
+# The atlas's top-k probabilities are within 1% of exact (the map's tolerance): 0.1 nat apart
+# in log-probability means the weights decode to something else.
+PROB_TOLERANCE_NATS = 0.1
 
 
 def _check_weights(
@@ -116,8 +134,36 @@ def _check_weights(
     A non-finite norm (a NaN or infinite weight) matches the same non-finite stored norm."""
     got = W.float().norm(dim=1).numpy()  # read in the stored dtype: fp32 rounding applies
     if got.shape != w_norm.shape or not norms_agree(got, w_norm).all():
+        raise AtlasError(_changed(source, matrix, layer, "neuron norms differ"))
+
+
+def _check_probs(
+    source: ModelSource, matrix: str, layer: int, lo: int, lp: Tensor, stored: Stored
+) -> None:
+    """Norm-preserving edits (a sign flipped, entries permuted) pass `_check_weights`: the
+    exact log-probabilities (B, V) of neurons lo.. must also give the atlas's top-k tokens the
+    probabilities it stores for them."""
+    rows = slice(lo, lo + lp.shape[0])  # (copies: Arrow's arrays are read-only)
+    ids = torch.from_numpy(np.array(stored.top_ids[rows], dtype=np.int64))
+    want = torch.from_numpy(np.array(stored.top_probs[rows], dtype=np.float64)).log()
+    got = lp.gather(1, ids.to(lp.device)).double().cpu()
+    off = (got - want).abs()
+    bad = off > PROB_TOLERANCE_NATS  # (NaN, a non-finite neuron on either side: not bad)
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0, 0])
         raise AtlasError(
-            f"the weights at {source.folder} are not the ones its atlas decoded ({matrix} layer "
-            f"{layer}: neuron norms differ); the model changed since it was mapped. Remap it, "
-            "or compare from the atlases alone with --distance atlas"
+            _changed(
+                source,
+                matrix,
+                layer,
+                f"neuron {lo + row} decodes to other probabilities for its stored top tokens",
+            )
         )
+
+
+def _changed(source: ModelSource, matrix: str, layer: int, what: str) -> str:
+    return (
+        f"the weights at {source.folder} are not the ones its atlas decoded ({matrix} layer "
+        f"{layer}: {what}); the model changed since it was mapped. Remap it, or compare from "
+        "the atlases alone with --distance atlas"
+    )

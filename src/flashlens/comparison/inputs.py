@@ -215,8 +215,9 @@ def common_scope(
     both_m: list[str] = [m for m in MATRICES if m in a.meta.matrices and m in b.meta.matrices]
     both_l = sorted(set(a.meta.layers) & set(b.meta.layers))
     for label, atlas, other in (("A", a, b), ("B", b, a)):
-        only_m = [m for m in atlas.meta.matrices if m not in other.meta.matrices]
-        only_l = sorted(set(atlas.meta.layers) - set(other.meta.layers))
+        # (what the user left out with --matrix or --layers is not worth a note)
+        only_m = [m for m in atlas.meta.matrices if m not in other.meta.matrices and not matrices]
+        only_l = sorted(set(atlas.meta.layers) - set(other.meta.layers)) if layers is None else []
         if only_m:
             notes.append(f"matrices only in {label} ({atlas.root}): {', '.join(only_m)}; skipped")
         if only_l:
