@@ -4,6 +4,7 @@ the generate and clamp commands."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any, cast
@@ -14,6 +15,7 @@ from torch import nn
 
 from flashlens.cli import main
 from flashlens.intervene import Neuron, clamp
+from flashlens.intervene.dose import ActivationRange, DoseResponse
 from flashlens.intervene.generate import generate_ids
 from flashlens.intervene.loading import load_tokenizer
 
@@ -98,7 +100,61 @@ def test_generate_command_json(stories: Path, capsys: pytest.CaptureFixture[str]
     assert [r["prompt"] for r in out["results"]] == PROMPTS[:2]
     assert all(len(r["baseline"]) == 2 and len(r["clamped"]) == 2 for r in out["results"])
     texts = [t for r in out["results"] for t in r["baseline"]]
-    assert out["baseline_share"] == sum("lily" in t.lower() for t in texts) / 4
+    assert out["baseline_share"] == sum(_word("lily", t) for t in texts) / 4
+    assert out["site"] is None and out["sites"] == {"up:2:40": "up", "down:3:100": "act"}
+
+
+def _word(concept: str, text: str) -> bool:
+    """A whole-word, case-insensitive mention, written here with \\b."""
+    return re.search(rf"\b{re.escape(concept)}\b", text, re.IGNORECASE) is not None
+
+
+def test_mentions_are_whole_words() -> None:
+    from flashlens.intervene.generate import mention_share
+
+    texts = [", there was a little girl named", "Then HE ran.", "the hero", "he-he"]
+    assert mention_share(texts, "he") == sum(_word("he", t) for t in texts) / len(texts)
+    assert mention_share(texts, "He") == mention_share(texts, "he")
+    assert mention_share(["I like C++.", "abc++"], "c++") == 0.5  # non-word edges
+
+
+def test_generate_counts_whole_words(stories: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", str(stories), "--clamp", "1:0=0", "--mode", "add", "--prompt"]
+    assert main([*args, PROMPTS[0], "--concept", "he", "--max-new-tokens", "9", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (text,) = out["results"][0]["baseline"]
+    assert "he" in text.lower()  # as a piece of a word ("there")
+    assert out["baseline_share"] == float(_word("he", text))
+
+
+def test_continuations_read_as_the_text_after_the_prompt(stories: Path) -> None:
+    from flashlens.intervene import steer
+
+    model, tok = load_reference_model(stories), load_tokenizer(stories)
+    steering = steer(model, tok, PROMPTS, NEURONS, VALUES, max_new_tokens=N_NEW, samples=2)
+    with clamp(model, NEURONS, value=VALUES):
+        new = generate_ids(model, tok, PROMPTS, N_NEW, samples=2, temperature=1.0)
+    texts = [t for r in steering.results for t in r.clamped]
+    for row, text in enumerate(texts):
+        prompt = PROMPTS[row // 2]
+        whole = tok.decode(tok(prompt)["input_ids"] + new[row].tolist(), skip_special_tokens=True)
+        assert prompt + text == whole
+    assert any(t.startswith(" ") for t in texts)  # a word-start space the new ids alone lose
+
+
+def test_generate_reports_site_and_long_prompts(
+    stories: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long = "Once upon a time " * 130  # > 512 tokens: stories260K's max_position_embeddings
+    args = ["generate", str(stories), "--clamp", "up:2:40=6", "--site", "act"]
+    assert main([*args, "--prompt", "Tom", "--max-new-tokens", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["site"] == "act" and out["sites"] == {"up:2:40": "act"} and out["notes"] == []
+    assert main([*args, "--prompt", long, "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "up:2:40 at act (down_proj input)" in captured.out
+    (note,) = [line for line in captured.err.splitlines() if "max_position_embeddings" in line]
+    assert note.startswith("note: the longest prompt has ") and "(512)" in note
 
 
 def _chat_model(tmp_path: Path) -> Path:
@@ -177,6 +233,49 @@ def test_clamp_command(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     r = out["ranges"]["up:4:38"]
     assert r["min"] <= r["next_mean"] <= r["max"] and r["absmax"] == max(-r["min"], r["max"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out["site"] is None and out["sites"] == {"up:4:38": "up"}
+
+
+def test_clamp_command_reports_its_site(
+    stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["clamp", str(stories), "--neuron", "up:1:0", "--concept", "Lily", "--site", "act"]
+    assert main([*args, "--values", "0,5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["site"] == "act" and out["sites"] == {"up:1:0": "act"}
+    assert main([*args, "--values", "0,5"]) == 0
+    text = capsys.readouterr().out
+    assert "up:1:0 natural activation at act (down_proj input)" in text and "site act" in text
+    long = tmp_path / "long.txt"
+    long.write_text("Once upon a time " * 130 + "\nTom\n")  # > 512 tokens
+    assert main([*args, "--values", "0", "--prompts", str(long), "--json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert sum("past the model's max_position_embeddings (512)" in n for n in notes) == 1
+
+
+def _dose(mode: str) -> DoseResponse:
+    ranges = {"up:1:0": ActivationRange(-1.0, 2.0, 2.0, 0.5), "up:2:3": ActivationRange(0, 1, 1, 0)}
+    return DoseResponse(
+        ["up:1:0", "up:2:3"], [5], mode, "all", 2, 0.1, [-4.0, 0.0, 4.0], [0.2, 0.1, 0.05], ranges
+    )
+
+
+@pytest.mark.parametrize("mode", ["set", "add", "scale"])
+def test_dose_plot_shades_the_natural_range_only_in_set_mode(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.figure import Figure
+
+    from flashlens.intervene.dose import plot_dose
+
+    saved: list[Figure] = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    plot_dose(_dose(mode), str(tmp_path / "dose.png"), "t")
+    (ax,) = saved[0].axes
+    spans = [p for p in ax.patches if p.get_alpha() == 0.12]
+    assert len(spans) == (2 if mode == "set" else 0)  # a shift or a factor is not a value
+    label = ax.get_xlabel()
+    assert {"set": "activation set", "add": "shift", "scale": "factor"}[mode] in label
 
 
 @pytest.mark.parametrize(
@@ -199,6 +298,27 @@ def test_clamp_command_errors(
     assert main(["clamp", str(stories), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert "clamping" not in err  # the neurons are checked before the progress bar starts
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--values", ""], "no --values in '': write e.g. 0,5,10,20"),
+        (
+            ["--dtype", "int8"],
+            "--dtype 'int8' cannot run a model: choose auto, float32, bfloat16 or float16",
+        ),
+        (["--matrix", "up,down"], "--matrix takes one matrix (up, gate, down), not a list"),
+    ],
+)
+def test_clamp_checks_options_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    missing = str(tmp_path / "no-model")  # never read
+    assert main(["clamp", missing, "--neuron", "1:1", "--concept", "Lily", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
 TEMPERATURE = "--temperature must be 0 (greedy) or a positive number"
@@ -212,6 +332,8 @@ TEMPERATURE = "--temperature must be 0 (greedy) or a positive number"
         (["--samples", "0"], "--samples must be at least 1 (got 0)"),
         (["--max-new-tokens", "-3"], "--max-new-tokens must be at least 1 (got -3)"),
         (["--clamp", "1:2=inf"], "bad --clamp '1:2=inf': 'inf' is not a finite number"),
+        (["--dtype", "int8"], "--dtype 'int8' cannot run a model: choose auto, float32"),
+        (["--matrix", "up,gate"], "--matrix takes one matrix (up, gate, down), not a list"),
     ],
 )
 def test_generate_checks_numbers_before_loading(

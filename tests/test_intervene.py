@@ -273,3 +273,42 @@ def test_a_non_finite_clamp_value_is_refused(tiny: tuple[nn.Module, object]) -> 
         with pytest.raises(FlashlensError, match="finite"), clamp(model, ["1:1", "1:2"], value):
             pass
     assert _hooks(model) == 0
+
+
+def test_a_bad_matrix_given_is_blamed_not_the_neuron(
+    stories_atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flashlens.cli import main
+
+    with pytest.raises(NeuronError) as info:
+        Neuron.parse("1:2", matrix="foo")
+    assert str(info.value) == "unknown matrix 'foo': choose up, gate, down"
+    with pytest.raises(NeuronError, match="bad neuron 'foo:1:2': matrix 'foo'"):
+        Neuron.parse("foo:1:2")  # the neuron named it: the neuron is blamed
+    assert main(["show", str(stories_atlas), "1:2", "--matrix", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: unknown matrix 'foo': choose up, gate, down\n"
+
+
+def test_load_model_refuses_a_dtype_it_cannot_run_before_loading(tmp_path: Path) -> None:
+    from flashlens.intervene import load_model
+
+    with pytest.raises(FlashlensError) as info:  # the model folder is never looked at
+        load_model(tmp_path / "no-model", dtype="int8")
+    assert str(info.value) == (
+        "--dtype 'int8' cannot run a model: choose auto, float32, bfloat16 or float16"
+    )
+
+
+def test_length_note_past_max_position_embeddings(tiny: tuple[nn.Module, object]) -> None:
+    from flashlens.intervene.prompts import length_note
+
+    model, tok = tiny
+    batch = _batch(tok)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    limit = cast(Any, model).config.max_position_embeddings
+    assert length_note(model, batch) is None
+    assert length_note(model, batch, new_tokens=limit - longest) is None
+    note = length_note(model, batch, new_tokens=limit - longest + 1)
+    assert note is not None and "\n" not in note
+    assert f"{longest} tokens + {limit - longest + 1} new" in note and f"({limit})" in note

@@ -13,12 +13,14 @@ import pytest
 from flashlens import Atlas
 from flashlens.cli import main
 from flashlens.intervene import Neuron, dose_response
+from flashlens.intervene.dose import DEFAULT_SCALES
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
+from flashlens.intervene.validate import read_validation
 
 from .helpers import load_reference_model, make_model, other_weights
 
-SCHEMA = pa.schema(
+OLD_SCHEMA = pa.schema(  # validation.parquet before it recorded the conditions
     [
         ("concept", pa.string()),
         ("layer", pa.int16()),
@@ -32,6 +34,17 @@ SCHEMA = pa.schema(
         ("model", pa.string()),
         ("created", pa.string()),
     ]
+)
+CONDITIONS = [
+    ("factor", pa.float32()),
+    ("mode", pa.string()),
+    ("positions", pa.string()),
+    ("n_prompts", pa.int32()),
+]
+SCHEMA = pa.schema(
+    [*OLD_SCHEMA][: OLD_SCHEMA.get_field_index("model")]
+    + [pa.field(n, t) for n, t in CONDITIONS]
+    + [OLD_SCHEMA.field("model"), OLD_SCHEMA.field("created")]
 )
 
 
@@ -80,7 +93,11 @@ def test_validate_neurons_matches_dose_response(
     assert table.schema.remove_metadata() == SCHEMA
     rows = table.to_pylist()
     assert [(r["layer"], r["matrix"], r["index"]) for r in rows] == [(0, "gate", 5), (4, "up", 38)]
-    assert {r["concept"] for r in rows} == {"lily"} and {r["model"] for r in rows} == {str(stories)}
+    assert {r["concept"] for r in rows} == {"lily"}
+    assert {r["model"] for r in rows} == {str(stories.resolve())}
+    assert {(r["factor"], r["mode"], r["positions"], r["n_prompts"]) for r in rows} == {
+        (2.0, "set", "all", len(DEFAULT_PROMPTS))
+    }
 
     # rerun one neuron with another factor, and another concept: rows merge, none duplicated
     again = _validate(
@@ -187,6 +204,13 @@ def test_validate_refuses_other_model(
         (["--factor", "-1"], "--factor must be positive and finite (got -1)"),
         (["--multiples", "1,inf"], "bad --multiples '1,inf': inf is not a finite number"),
         (["--prompts", "BIN"], "it must be UTF-8 text (byte 0 is 0xff)"),
+        (["--neurons", ""], "no neurons in '': write e.g. 12:1234,up:3:7"),
+        (["--matrix", "up,down"], "--matrix takes one matrix (up, gate, down), not a list"),
+        (["--matrix", "foo"], "unknown --matrix 'foo': choose up, gate, down"),
+        (
+            ["--dtype", "int8"],
+            "--dtype 'int8' cannot run a model: choose auto, float32, bfloat16 or float16",
+        ),
     ],
 )
 def test_validate_checks_options_before_loading(
@@ -230,3 +254,120 @@ def test_validate_unknown_concept(
 ) -> None:
     assert main(["validate", str(atlas), "elephant", "--model", str(stories)]) == 2
     assert "unknown concept 'elephant'" in capsys.readouterr().err
+
+
+def test_validate_scale_mode_clamps_at_plain_factors(
+    stories: Path, atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [str(atlas), "Lily", "--model", str(stories), "--neurons", "4:38,gate:0:5"]
+    out = _validate(capsys, *args, "--mode", "scale")
+    assert out["unit"] == "factor" and out["multiples"] == list(DEFAULT_SCALES)  # as clamp
+    model, tok = load_reference_model(stories), load_tokenizer(stories)
+    batch = encode(tok, DEFAULT_PROMPTS, model.device)
+    for r in out["results"]:
+        assert r["absmax"] != 1.0  # so a value multiplied by it would show
+        assert r["values"] == list(DEFAULT_SCALES)  # factors, not multiples of max|act|
+        n = Neuron(r["layer"], r["index"], r["matrix"])
+        dose = dose_response(model, batch, n, [317], DEFAULT_SCALES, mode="scale")
+        assert r["probs"] == pytest.approx(dose.probs, rel=1e-5)
+        assert r["best_value"] in DEFAULT_SCALES
+    given = _validate(capsys, *args, "--mode", "scale", "--multiples=-3,3")
+    assert all(r["values"] == [-3, 3] for r in given["results"])
+    shift = _validate(capsys, *args, "--mode", "add", "--multiples=-3,3")  # add: activation units
+    assert shift["unit"] == "activation"
+    assert all(r["values"] == [-3 * r["absmax"], 3 * r["absmax"]] for r in shift["results"])
+    rows = pq.read_table(atlas / "validation.parquet").to_pylist()
+    assert {r["mode"] for r in rows} == {"add"}  # the last run's conditions, one row each
+    assert main(["validate", *args, "--mode", "scale", "--no-write"]) == 0
+    text = capsys.readouterr().out
+    assert "factor" in text and "multiplies the activation" in text
+
+
+def test_validate_explicit_neurons_have_decoded_prob(
+    stories: Path, atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hits = Atlas.open(atlas).search("Lily", limit=4).hits
+    listed = ",".join(f"{h.matrix}:{h.layer}:{h.index}" for h in hits)
+    out = _validate(
+        capsys,
+        *(str(atlas), "Lily", "--model", str(stories), "--neurons", listed + ",gate:0:140"),
+        *("--multiples", "20", "--no-write"),
+    )
+    got = {(r["matrix"], r["layer"], r["index"]): r["concept_prob"] for r in out["results"]}
+    for h in hits:  # as search sums it
+        assert got[h.matrix, h.layer, h.index] == pytest.approx(h.concept_prob, rel=1e-6)
+    # gate:0:140 stores no variant of ' Lily' (search does not list it): below its top-k
+    assert ("gate", 0, 140) not in {(h.matrix, h.layer, h.index) for h in hits}
+    assert got["gate", 0, 140] == 0.0
+
+
+def test_validate_checks_the_record_before_clamping(
+    stories: Path, atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (atlas / "validation.parquet").write_bytes(b"not parquet")
+    missing = str(tmp_path / "no-model")  # refused before the model is even loaded
+    for model in (missing, str(stories)):
+        assert main(["validate", str(atlas), "Lily", "--model", model, "--neurons", "4:38"]) == 2
+        err = capsys.readouterr().err
+        assert "validation.parquet is unreadable" in err and "delete it" in err
+        assert "validating" not in err  # no progress bar: nothing was clamped
+    args = ["--model", str(stories), "--neurons", "4:38", "--multiples", "20", "--no-write"]
+    assert main(["validate", str(atlas), "Lily", *args]) == 0  # nothing to write: not read
+
+
+def test_validate_same_model_by_other_paths_is_one_row(
+    stories: Path,
+    atlas: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(stories, target_is_directory=True)
+    monkeypatch.chdir(stories.parent)
+    for model in (str(stories), str(link), stories.name, f"./{stories.name}/"):
+        out = _validate(
+            capsys, str(atlas), "Lily", "--model", model, "--neurons", "4:38", "--multiples", "20"
+        )
+        assert out["model"] == str(stories.resolve())
+    rows = pq.read_table(atlas / "validation.parquet").to_pylist()
+    assert [r["model"] for r in rows] == [str(stories.resolve())]
+
+
+def test_validate_merges_a_file_of_the_old_schema(
+    stories: Path, atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = str(stories.resolve())
+    hits = Atlas.open(atlas).search("Lily", layers=[4], matrix="up", limit=2).hits
+    other = next(h.index for h in hits if h.index != 38)  # another neuron search lists
+    old = {
+        "concept": "lily",
+        "layer": 4,
+        "matrix": "up",
+        "index": 38,
+        "baseline_prob": 0.1,
+        "clamped_prob": 0.1,
+        "best_value": 1.0,
+        "ratio": 1.0,
+        "validated": False,
+        "model": model,
+        "created": "2024-01-01T00:00:00+00:00",
+    }
+    kept = old | {"index": other, "validated": True}
+    pq.write_table(pa.Table.from_pylist([old, kept], OLD_SCHEMA), atlas / "validation.parquet")
+    out = _validate(
+        capsys, str(atlas), "Lily", "--model", model, "--neurons", "4:38", "--multiples", "20"
+    )
+    assert out["results"][0]["validated"]  # so the old row (not validated) must go
+    table = pq.read_table(atlas / "validation.parquet")
+    assert table.schema.remove_metadata() == SCHEMA
+    rows = {r["index"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted([38, other])  # the old row of 4:38 replaced, the other kept
+    assert rows[38]["validated"] and rows[38]["mode"] == "set"
+    assert rows[38]["n_prompts"] == len(DEFAULT_PROMPTS) and rows[38]["factor"] == 2.0
+    assert [rows[other][n] for n, _ in CONDITIONS] == [None] * len(CONDITIONS)  # unrecorded
+    assert rows[other]["validated"] and rows[other]["created"] == kept["created"]
+    assert read_validation(atlas, "Lily").schema.remove_metadata() == SCHEMA
+    # search reads the merged file
+    marks = Atlas.open(atlas).search("Lily", layers=[4], matrix="up", limit=2).hits
+    assert {h.index: h.validated for h in marks} == {38: True, other: True}

@@ -12,11 +12,13 @@ from rich.table import Table
 
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import console, err_console, png_path, print_json, show_variants
+from .common import console, err_console, png_path, print_json, show_prob, show_variants
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
 _SITES = "up (up_proj output), gate (gate_proj output), act (down_proj input); default: by matrix."
+# What a clamp value is, by mode: the name of its column.
+_X_COLUMNS = {"set": "clamp value", "add": "shift", "scale": "factor"}
 
 
 def _floats(spec: str, what: str) -> list[float]:
@@ -54,6 +56,28 @@ def _how(mode: str, positions: str, site: str | None = None) -> tuple[Any, Any, 
         if value is not None and value not in allowed:
             raise FlashlensError(f"unknown {option} {value!r}: choose {', '.join(allowed)}")
     return mode, positions, site
+
+
+def _matrix(
+    matrix: str | None, hint: str = "name each neuron's matrix, e.g. up:12:1234"
+) -> str | None:
+    """--matrix checked before the model is loaded: one matrix, not a list."""
+    from ..families import MATRICES
+
+    if matrix is not None and "," in matrix:
+        raise FlashlensError(
+            f"--matrix takes one matrix ({', '.join(MATRICES)}), not a list ({matrix!r}): {hint}"
+        )
+    if matrix is not None and matrix not in MATRICES:
+        raise FlashlensError(f"unknown --matrix {matrix!r}: choose {', '.join(MATRICES)}")
+    return matrix
+
+
+def _site(site: str) -> str:
+    """'act (down_proj input)'."""
+    from ..intervene.neuron import SITE_TENSORS
+
+    return f"{site} ({SITE_TENSORS[site]})"  # type: ignore[index]
 
 
 def _ratio(x: float) -> str:
@@ -102,20 +126,26 @@ def clamp_command(
     """
     from ..intervene import Neuron
     from ..intervene.concept import model_concept, variant_ids
-    from ..intervene.dose import dose_response, plot_dose
-    from ..intervene.loading import load_model
-    from ..intervene.prompts import encode, read_prompts
+    from ..intervene.dose import DEFAULT_MULTIPLES, DEFAULT_SCALES, dose_response, plot_dose
+    from ..intervene.hooks import check_neurons
+    from ..intervene.loading import check_dtype, load_model
+    from ..intervene.prompts import encode, length_note, read_prompts
     from ..progress import progress_bar
 
     how = _how(mode, positions, site)
+    check_dtype(dtype)
     png_path(plot)
-    neurons = [Neuron.parse(n, matrix) for n in neuron]
-    chosen_values = _floats(values, "--values") if values else None
+    neurons = [Neuron.parse(n, _matrix(matrix)) for n in neuron]
+    chosen_values = _floats(values, "--values") if values is not None else None
     texts = read_prompts(prompts)
     lm = load_model(model, device=device, dtype=dtype)
+    check_neurons(lm.model, neurons, how[2])  # before the progress bar
     exp = model_concept(concept, lm.folder, int(lm.config["vocab_size"]), _plural(variants))
     batch = encode(lm.tokenizer, texts, lm.device, chat=chat)
-    n_steps = 1 + (len(chosen_values) if chosen_values else 9)
+    note = length_note(lm.model, batch)
+    notes = exp.notes + ([note] if note else [])
+    default = DEFAULT_SCALES if mode == "scale" else DEFAULT_MULTIPLES
+    n_steps = 1 + len(chosen_values or default)
     with progress_bar(not json_out, n_steps, "clamping") as advance:
         dose = dose_response(
             lm.model,
@@ -134,22 +164,26 @@ def clamp_command(
             dose.to_dict()
             | {
                 "concept": exp.concept,
-                "notes": exp.notes,
+                "notes": notes,
                 "variants": [v.to_dict() for v in exp.variants],
                 "plot": str(plot) if plot else None,
             }
         )
         return
     err_console.print("variants: " + show_variants(exp.variants))
-    _note(exp.notes)
+    _note(notes)
     for name, r in dose.ranges.items():
         console.print(
-            f"[bold]{name}[/] natural activation on {dose.n_prompts} prompts: "
-            f"{r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})"
+            f"[bold]{name}[/] natural activation at {_site(dose.sites[name])} on "
+            f"{dose.n_prompts} prompts: {r.min:.3g} .. {r.max:.3g} (next-token position mean "
+            f"{r.next_mean:.3g})"
         )
-    console.print(f"[bold]{title}[/] ({dose.mode}, positions {dose.positions})")
+    console.print(
+        f"[bold]{title}[/] ({dose.mode}, positions {dose.positions}, site "
+        f"{dose.site or 'by matrix'})"
+    )
     table = Table(show_edge=False)
-    for col in ("clamp value", "P(concept)", "x baseline"):
+    for col in (_X_COLUMNS[dose.mode], "P(concept)", "x baseline"):
         table.add_column(col, justify="right")
     table.add_row("unclamped", f"{dose.baseline:.4g}", "1.00")
     best = dose.best()[0]
@@ -212,7 +246,8 @@ def generate_command(
     from ..atlas.concepts import ConceptError
     from ..intervene.concept import model_concept, variant_ids
     from ..intervene.generate import check_temperature, steer
-    from ..intervene.loading import load_model
+    from ..intervene.hooks import check_neurons
+    from ..intervene.loading import check_dtype, load_model
     from ..intervene.prompts import read_prompts
 
     for option, number in (("--max-new-tokens", max_new_tokens), ("--samples", samples)):
@@ -220,11 +255,13 @@ def generate_command(
             raise FlashlensError(f"{option} must be at least 1 (got {number})")
     check_temperature(temperature)  # (before the model loads)
     how = _how(mode, positions, site)
-    clamps = [_parse_clamp(c, matrix) for c in clamp]
+    check_dtype(dtype)
+    clamps = [_parse_clamp(c, _matrix(matrix)) for c in clamp]
     texts = list(prompt or []) + (read_prompts(prompts) if prompts else [])
     if not texts:
         raise FlashlensError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE")
     lm = load_model(model, device=device, dtype=dtype)
+    check_neurons(lm.model, [n for n, _ in clamps], how[2])  # before the spinner
     ids: list[int] = []
     if concept:
         try:
@@ -250,10 +287,12 @@ def generate_command(
     if json_out:
         print_json(result.to_dict())
         return
+    _note(result.notes)
     decoding = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
+    at = ", ".join(f"{n} at {_site(s)}" for n, s in result.sites.items())
     console.print(
         f"[bold]clamp[/] {', '.join(result.clamps)} ({result.mode}, positions "
-        f"{result.positions}); {decoding}, seed {result.seed}"
+        f"{result.positions}; {at}); {decoding}, seed {result.seed}"
     )
     for r in result.results:
         table = Table(title=repr(r.prompt), show_lines=True, expand=True)
@@ -266,7 +305,12 @@ def generate_command(
         console.print(
             f"continuations mentioning {result.concept!r}: baseline "
             f"{result.baseline_share:.0%}, clamped {result.clamped_share:.0%} "
-            f"(of {len(texts) * samples})"
+            f"(of {len(texts) * samples}; whole words, any case)"
+        )
+    if result.baseline_concept_tokens is not None:
+        console.print(
+            f"concept tokens per continuation (mean): baseline "
+            f"{result.baseline_concept_tokens:.3g}, clamped {result.clamped_concept_tokens:.3g}"
         )
 
 
@@ -285,8 +329,9 @@ def validate_command(
         2.0, help="Validated when the best clamp multiplies P(concept) by at least this."
     ),
     multiples: str = typer.Option(
-        "-20,-10,-5,-2,0,2,5,10,20",
-        help="Clamp values, in units of each neuron's natural max |activation|.",
+        None,
+        help="Clamp values: set, add: multiples of each neuron's natural max |activation| "
+        "(default -20,-10,-5,-2,0,2,5,10,20); scale: plain factors (default -10,-5,-2,0,2,5,10).",
     ),
     mode: str = typer.Option("set", help=_MODES),
     positions: str = typer.Option("all", help=_POSITIONS),
@@ -310,18 +355,22 @@ def validate_command(
     """
     from ..atlas import Atlas, parse_layers
     from ..intervene import Neuron
-    from ..intervene.loading import load_model
+    from ..intervene.loading import check_dtype, load_model
     from ..intervene.prompts import read_prompts
-    from ..intervene.validate import check_factor, validate
+    from ..intervene.validate import check_factor, check_validation, validate
 
     mode, positions, _ = _how(mode, positions)
     if limit < 1:
         raise FlashlensError(f"--limit must be at least 1 (got {limit})")
     check_factor(factor)  # (before the model loads)
+    check_dtype(dtype)
+    _matrix(matrix, "run once per matrix, or leave --matrix out to search all of them")
     at = Atlas.open(atlas)
-    chosen = Neuron.parse_list(neurons, matrix) if neurons else None
+    if write:
+        check_validation(at.root)
+    chosen = Neuron.parse_list(neurons, matrix) if neurons is not None else None
     texts = read_prompts(prompts)
-    mults = _floats(multiples, "--multiples")
+    mults = _floats(multiples, "--multiples") if multiples is not None else None
     layer_list = parse_layers(layers, at.meta.n_layers) if layers else None
     lm = load_model(model, device=device, dtype=dtype)
     report = validate(
@@ -346,15 +395,19 @@ def validate_command(
         return
     err_console.print("variants: " + show_variants(report.variants))
     _note(report.notes)
+    value_col = _X_COLUMNS[report.mode]
+    unit = "multiplies the activation" if report.unit == "factor" else "in activation units"
     console.print(
-        f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}) on "
-        f"{report.n_prompts} prompts; P = P(concept) at the next token"
+        f"[bold]{report.concept!r}[/]: each neuron clamped alone ({report.mode}, positions "
+        f"{report.positions}) on {report.n_prompts} prompts; P = P(concept) at the next "
+        f"token; the best {value_col} {unit}; P dec: the atlas' decoded probability"
     )
     table = Table(show_edge=False)
-    for col in ("neuron", "P dec", "max|act|", "value", "P before", "P after", "ratio", "ok"):
+    cols = ("neuron", "P dec", "max|act|", value_col, "P before", "P after", "ratio", "ok")
+    for col in cols:
         table.add_column(col, justify="left" if col in ("neuron", "ok") else "right", no_wrap=True)
     for r in report.results:
-        decoded = "" if r.concept_prob is None else f"{r.concept_prob:.3f}"
+        decoded = "" if r.concept_prob is None else show_prob(r.concept_prob)
         table.add_row(
             str(r.neuron),
             decoded,

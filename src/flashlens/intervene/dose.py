@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from .hooks import Mode, NeuronsLike, Positions, as_neurons, clamp, record
+from .hooks import Mode, NeuronsLike, Positions, as_neurons, clamp, clamp_sites, record
 from .neuron import Neuron, Site
 from .prompts import next_token_probs
 
@@ -41,7 +41,9 @@ class DoseResponse:
     baseline: float
     values: list[float]
     probs: list[float]
-    ranges: dict[str, ActivationRange]
+    ranges: dict[str, ActivationRange]  # at each neuron's clamp site
+    site: str | None = None  # the site asked for; None: each neuron's default (by matrix)
+    sites: dict[str, str] = field(default_factory=dict)  # where each neuron's clamp acted
 
     @property
     def ratios(self) -> list[float]:
@@ -151,11 +153,22 @@ def dose_response(
         values=[float(v) for v in values],
         probs=probs,
         ranges={str(n): r for n, r in ranges.items()},
+        site=site,
+        sites=dict(clamp_sites(chosen, site)),
     )
 
 
-def plot_dose(dose: DoseResponse, path: str, title: str) -> None:
-    """A PNG of the concept's probability against the clamp value, baseline dashed."""
+# The x axis of a dose-response plot, by mode: what the clamp value is.
+X_LABELS = {
+    "set": "clamp value: the activation set (activation units)",
+    "add": "shift added to the activation (activation units)",
+    "scale": "factor multiplying the activation",
+}
+
+
+def dose_figure(dose: DoseResponse, title: str) -> Any:
+    """A matplotlib figure of the concept's probability against the clamp value, baseline
+    dashed; in set mode (where the x axis is an activation) each neuron's natural range shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,12 +183,21 @@ def plot_dose(dose: DoseResponse, path: str, title: str) -> None:
         label=f"clamped ({dose.mode})",
     )
     ax.axhline(dose.baseline, color="grey", linestyle="--", label="unclamped")
-    for r in dose.ranges.values() if dose.mode != "scale" else ():
+    shade = dose.mode == "set"  # add: the axis is a shift; scale: a factor
+    for r in dose.ranges.values() if shade else ():
         ax.axvspan(r.min, r.max, color="tab:green", alpha=0.12)
-    ax.set_xlabel("clamp value" + (" (factor)" if dose.mode == "scale" else ""))
+    ax.set_xlabel(X_LABELS[dose.mode])
     ax.set_ylabel(f"P(concept) at next token, mean of {dose.n_prompts} prompts")
     ax.set_title(title)
-    ax.legend(title="shaded: natural range" if dose.mode != "scale" else None)
+    ax.legend(title="shaded: natural range" if shade else None)
     fig.tight_layout()
+    return fig
+
+
+def plot_dose(dose: DoseResponse, path: str, title: str) -> None:
+    """A PNG of `dose_figure`."""
+    import matplotlib.pyplot as plt
+
+    fig = dose_figure(dose, title)
     fig.savefig(path)
     plt.close(fig)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from ..errors import FlashlensError
-from .hooks import Mode, Positions, as_neurons, clamp
+from .hooks import Mode, Positions, check_neurons, clamp, clamp_sites
 from .neuron import Neuron, Site
-from .prompts import encode
+from .prompts import encode, length_note
 
 
 @dataclass
@@ -35,11 +36,15 @@ class Steering:
     seed: int
     chat: bool
     results: list[Continuations]
+    site: str | None = None  # the site asked for; None: each neuron's default (by matrix)
+    sites: dict[str, str] = field(default_factory=dict)  # where each neuron's clamp acted
     concept: str | None = None
-    baseline_share: float | None = None  # share of continuations that mention the concept
+    # share of continuations that mention the concept as a whole word, case-insensitive
+    baseline_share: float | None = None
     clamped_share: float | None = None
     baseline_concept_tokens: float | None = None  # concept tokens per continuation, mean
     clamped_concept_tokens: float | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,11 +117,11 @@ def steer(
     """Continue each prompt `samples` times without and with the clamp (same seed for both).
 
     temperature None: greedy for one sample, 1.0 when sampling several.
-    concept: counts the continuations that mention it (case-insensitive) and, with
-    concept_ids, the concept tokens they contain.
+    concept: counts the continuations that mention it (a whole word, case-insensitive) and,
+    with concept_ids, the mean number of concept tokens per continuation.
     """
     check_temperature(temperature)
-    chosen = as_neurons(neurons)
+    chosen = check_neurons(model, neurons, site)
     per_neuron = [float(values)] * len(chosen) if isinstance(values, (int, float)) else list(values)
     temp = (1.0 if samples > 1 else 0.0) if temperature is None else temperature
     kw = dict(
@@ -125,8 +130,9 @@ def steer(
     base_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
     with clamp(model, chosen, value=per_neuron, mode=mode, positions=positions, site=site):
         clamped_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
-    base_txt = tokenizer.batch_decode(base_ids, skip_special_tokens=True)
-    clamped_txt = tokenizer.batch_decode(clamped_ids, skip_special_tokens=True)
+    batch = encode(tokenizer, prompts, base_ids.device, chat=chat)
+    base_txt = continuations(tokenizer, batch, base_ids)
+    clamped_txt = continuations(tokenizer, batch, clamped_ids)
     results = [
         Continuations(
             p,
@@ -145,7 +151,11 @@ def steer(
         seed,
         chat,
         results,
+        site,
+        dict(clamp_sites(chosen, site)),
     )
+    note = length_note(model, batch, max_new_tokens)
+    steering.notes += [note] if note else []
     if concept:
         key = concept.strip().lower()
         steering.concept = key
@@ -157,9 +167,36 @@ def steer(
     return steering
 
 
+def continuations(tokenizer: Any, batch: dict[str, torch.Tensor], new: torch.Tensor) -> list[str]:
+    """The text of each row of `new` (len(prompts) * samples, new_tokens) as it reads after its
+    prompt: prompt + continuation decoded, less the decoded prompt. Decoding the new tokens
+    alone drops a word-start space (SentencePiece: ' loved' -> 'loved')."""
+    real = batch["attention_mask"].bool()  # (prompts, seq): left padding excluded
+    prompt_ids = [row[keep].tolist() for row, keep in zip(batch["input_ids"], real, strict=True)]
+    samples = new.shape[0] // len(prompt_ids)
+    out = []
+    for row, ids in enumerate(new.tolist()):
+        prompt = prompt_ids[row // samples]
+        head = tokenizer.decode(prompt, skip_special_tokens=True)
+        whole = tokenizer.decode(prompt + ids, skip_special_tokens=True)
+        out.append(
+            whole[len(head) :]
+            if whole.startswith(head)
+            else tokenizer.decode(ids, skip_special_tokens=True)
+        )
+    return out
+
+
+def mentions(text: str, concept: str) -> bool:
+    """Whether `text` mentions `concept` as a whole word, case-insensitive ('he' is not in
+    'there'; a concept that starts or ends with a non-word character matches there too)."""
+    pattern = rf"(?<!\w){re.escape(concept.strip())}(?!\w)"
+    return re.search(pattern, text, re.IGNORECASE) is not None
+
+
 def mention_share(texts: list[str], concept: str) -> float:
-    """Share of texts that contain `concept` (case-insensitive substring)."""
-    return sum(concept.lower() in t.lower() for t in texts) / max(len(texts), 1)
+    """Share of texts that mention `concept` (a whole word, case-insensitive)."""
+    return sum(mentions(t, concept) for t in texts) / max(len(texts), 1)
 
 
 def concept_token_rate(ids: torch.Tensor, concept_ids: Sequence[int]) -> float:

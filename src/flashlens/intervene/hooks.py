@@ -106,6 +106,19 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
     return SiteRef(module, name, site == "act", width)
 
 
+def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:
+    """The neurons, each checked against the model (layer, index, site) before any work."""
+    chosen = as_neurons(neurons)
+    for n in chosen:
+        resolve_site(model, n, site)
+    return chosen
+
+
+def clamp_sites(neurons: Iterable[Neuron], site: Site | None = None) -> dict[str, Site]:
+    """Where each neuron's clamp acts: {"up:12:1234": "up", ...} (`site`, else by matrix)."""
+    return {str(n): site or n.default_site for n in neurons}
+
+
 class _Edit:
     """The in-place edit one hook makes: h[..., idx] (set|add|scale) values."""
 

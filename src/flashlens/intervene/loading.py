@@ -8,9 +8,12 @@ from typing import Any
 
 import torch
 
-from ..decode.policy import resolve_device, resolve_dtype
+from ..decode.policy import fallback_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, FlashlensError
 from ..weights import ModelSource
+
+# The dtypes transformers runs a model in (flashlens map's int8 is its own kernel, not these).
+RUN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -41,12 +44,15 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     """
     from transformers import AutoModelForCausalLM
 
+    check_dtype(dtype)
     source = ModelSource.open(model)  # resolves, checks the family and the checkpoint
     try:
         dev = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, source.dtype, dev)
     finally:
         source.close()
+    if torch_dtype == torch.int8:  # auto on a CPU with fast int8: map's kernel, not a run dtype
+        torch_dtype = fallback_dtype(torch_dtype, dev)
     try:
         module: Any = AutoModelForCausalLM.from_pretrained(
             source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
@@ -64,6 +70,15 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         module,
         load_tokenizer(source.folder),
     )
+
+
+def check_dtype(dtype: str) -> None:
+    """Refuse a --dtype transformers cannot run a model in (checked before loading it)."""
+    if dtype not in RUN_DTYPES:
+        raise FlashlensError(
+            f"--dtype {dtype!r} cannot run a model: choose {', '.join(RUN_DTYPES[:-1])} "
+            f"or {RUN_DTYPES[-1]}"
+        )
 
 
 def load_tokenizer(folder: Path) -> Any:

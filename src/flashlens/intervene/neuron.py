@@ -16,6 +16,12 @@ from ..families import MATRICES, Matrix
 Site = Literal["up", "gate", "act"]
 SITES: tuple[Site, ...] = ("up", "gate", "act")
 
+SITE_TENSORS: dict[Site, str] = {
+    "up": "up_proj output",
+    "gate": "gate_proj output",
+    "act": "down_proj input",
+}
+
 # By default a clamp acts where the matrix a neuron was decoded from reads or writes.
 DEFAULT_SITE: dict[Matrix, Site] = {"up": "up", "gate": "gate", "down": "act"}
 
@@ -49,6 +55,8 @@ class Neuron:
         its matrix and a `matrix` that names another one are refused, not silently resolved."""
         if not isinstance(spec, str):
             raise NeuronError(f"bad neuron {spec!r}: write it as a string, e.g. '12:1234'")
+        if matrix is not None and matrix not in MATRICES:  # the matrix given, not the neuron
+            raise NeuronError(f"unknown matrix {matrix!r}: choose {', '.join(MATRICES)}")
         parts = spec.strip().split(":")
         if len(parts) == 3:
             named, *parts = parts

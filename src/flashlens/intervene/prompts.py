@@ -84,3 +84,17 @@ def next_token_probs(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
     """softmax of the logits at each prompt's next position, (batch, d_vocab), fp32."""
     logits = model(**batch, use_cache=False, logits_to_keep=1).logits[:, -1]  # (batch, d_vocab)
     return torch.softmax(logits.float(), dim=-1)
+
+
+def length_note(model: Any, batch: dict[str, torch.Tensor], new_tokens: int = 0) -> str | None:
+    """A warning when the longest prompt (plus `new_tokens` generated) runs past the model's
+    max_position_embeddings, where its outputs are no longer reliable; else None."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = int(batch["attention_mask"].sum(-1).max())
+    if not isinstance(limit, int) or longest + new_tokens <= limit:
+        return None
+    extra = f" + {new_tokens} new" if new_tokens else ""
+    return (
+        f"the longest prompt has {longest} tokens{extra}, past the model's "
+        f"max_position_embeddings ({limit}): results there are unreliable; shorten it"
+    )

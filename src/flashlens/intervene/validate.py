@@ -1,10 +1,11 @@
 """The paper's validation as a batch: which neurons causally raise their concept's probability.
 
-Each neuron is clamped alone at a few values (multiples of its largest natural |activation| on
-the prompts); it is validated when the best ratio P(concept | clamped) / P(concept) of the
-next token, averaged over prompts, reaches `factor`. Results go to ATLAS/validation.parquet
-(one row per concept, neuron and model; rerunning replaces that row), which `flashlens
-search` reads for its "validated" column.
+Each neuron is clamped alone at a few values: multiples of its largest natural |activation| on
+the prompts in set and add mode (activation units), plain factors in scale mode. It is
+validated when the best ratio P(concept | clamped) / P(concept) of the next token, averaged over
+prompts, reaches `factor`. Results go to ATLAS/validation.parquet with the conditions they hold
+under (factor, mode, positions, number of prompts): one row per concept, neuron and model;
+rerunning replaces that row. `flashlens search` reads it for its "validated" column.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ import pyarrow.parquet as pq
 import torch
 
 from ..atlas import Atlas
+from ..atlas.atlas import read_parquet
 from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import VALIDATION, atomic_write
 from ..atlas.prob import check_weights
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
 from .concept import concept_variants, single_token, variant_ids
-from .dose import DEFAULT_MULTIPLES, activation_ranges, clamped_probs, concept_prob
+from .dose import (
+    DEFAULT_MULTIPLES,
+    DEFAULT_SCALES,
+    activation_ranges,
+    clamped_probs,
+    concept_prob,
+)
 from .hooks import Mode, Positions, resolve_site
 from .loading import LoadedModel
 from .neuron import Neuron
-from .prompts import encode
+from .prompts import encode, length_note
 
 VALIDATION_SCHEMA = pa.schema(
     [
@@ -42,14 +50,20 @@ VALIDATION_SCHEMA = pa.schema(
         ("index", pa.int32()),
         ("baseline_prob", pa.float32()),
         ("clamped_prob", pa.float32()),  # at best_value
-        ("best_value", pa.float32()),
+        ("best_value", pa.float32()),  # activation units (set, add) or a factor (scale)
         ("ratio", pa.float32()),  # clamped_prob / baseline_prob
         ("validated", pa.bool_()),  # ratio >= factor
-        ("model", pa.string()),
+        ("factor", pa.float32()),  # the conditions `validated` holds under ...
+        ("mode", pa.string()),  # set, add or scale
+        ("positions", pa.string()),  # all or last
+        ("n_prompts", pa.int32()),
+        ("model", pa.string()),  # a local folder resolved, a hub id as given
         ("created", pa.string()),  # ISO 8601, UTC
     ]
 )
 KEY = ("concept", "layer", "matrix", "index", "model")
+# Columns added to the schema later: a file written before them reads them as nulls.
+ADDED = ("factor", "mode", "positions", "n_prompts")
 
 
 @dataclass
@@ -59,13 +73,13 @@ class NeuronValidation:
     index: int
     baseline_prob: float
     clamped_prob: float
-    best_value: float
+    best_value: float  # in the report's `unit`
     ratio: float
     validated: bool
-    absmax: float  # largest natural |activation| on the prompts (the unit of the values)
-    values: list[float]
+    absmax: float  # largest natural |activation| on the prompts (set, add: the multiples' unit)
+    values: list[float]  # in the report's `unit`
     probs: list[float]
-    concept_prob: float | None = None  # from search: the probability its decoded vector gives
+    concept_prob: float | None = None  # from the atlas: the probability its decoded vector gives
 
     @property
     def neuron(self) -> Neuron:
@@ -76,12 +90,13 @@ class NeuronValidation:
 class ValidationReport:
     concept: str
     variants: list[TokenVariant]  # the concept's tokens (as in search)
-    model: str
+    model: str  # a local folder resolved, a hub id as given
     factor: float
-    multiples: list[float]
+    multiples: list[float]  # set, add: of each neuron's max |activation|; scale: the factors
     n_prompts: int
     mode: str
     positions: str
+    unit: str  # of values and best_value: "activation" (set, add) or "factor" (scale)
     results: list[NeuronValidation]
     notes: list[str] = field(default_factory=list)
     path: str | None = None  # the validation.parquet written
@@ -111,6 +126,54 @@ def check_factor(factor: float) -> None:
         raise NeuronError(f"--factor must be positive and finite (got {factor:g})")
 
 
+def model_key(name: str) -> str:
+    """The model as validation.parquet records it: a local folder as its resolved path (the
+    same folder given through a symlink or a relative path is one model), a hub id as given."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def value_unit(mode: str) -> str:
+    """What a clamp value is in `mode`: a factor (scale) or an activation (set, add)."""
+    return "factor" if mode == "scale" else "activation"
+
+
+def clamp_values(mode: str, multiples: Sequence[float], absmax: float) -> list[float]:
+    """A neuron's clamp values: in scale mode the multiples are plain factors; in set and add
+    mode, multiples of its largest natural |activation| (1 for a neuron silent everywhere)."""
+    if mode == "scale":
+        return [float(m) for m in multiples]
+    unit = absmax or 1.0
+    return [m * unit for m in multiples]
+
+
+def decoded_prob(atlas: Atlas, neuron: Neuron, ids: Sequence[int]) -> float:
+    """The probability the neuron's decoded distribution gives the tokens `ids`, summed from
+    the atlas as search sums it: each token's probability stored in the neuron's top-k or in
+    the token's reverse-index entry; a token stored in neither is below both and counts 0."""
+    top = read_parquet(
+        atlas.layer_path(neuron.matrix, neuron.layer),
+        columns=["top_ids", "top_probs"],
+        filters=[("index", "=", neuron.index)],
+    ).to_pylist()
+    stored = dict(zip(top[0]["top_ids"], top[0]["top_probs"], strict=True)) if top else {}
+    wanted = sorted({t for t in ids if t not in stored})
+    if wanted:
+        rev = read_parquet(
+            atlas.reverse_path,
+            columns=["token_id", "prob"],
+            filters=[
+                ("token_id", "in", wanted),
+                ("layer", "=", neuron.layer),
+                ("matrix", "=", neuron.matrix),
+                ("index", "=", neuron.index),
+            ],
+        )
+        stored |= dict(zip(rev["token_id"].to_pylist(), rev["prob"].to_pylist(), strict=True))
+    probs = (stored.get(t) for t in set(ids))
+    return float(sum(p for p in probs if p is not None and not math.isnan(p)))
+
+
 def validate(
     atlas: Atlas,
     concept: str,
@@ -122,22 +185,29 @@ def validate(
     layers: list[int] | None = None,
     factor: float = 2.0,
     prompts: list[str],
-    multiples: Sequence[float] = DEFAULT_MULTIPLES,
+    multiples: Sequence[float] | None = None,
     mode: Mode = "set",
     positions: Positions = "all",
     plural: bool = False,
     write: bool = True,
     progress: bool = False,
 ) -> ValidationReport:
-    """Validate `neurons` (default: the top `limit` search hits for `concept`)."""
+    """Validate `neurons` (default: the top `limit` search hits for `concept`).
+
+    multiples: None for DEFAULT_MULTIPLES (set, add) or DEFAULT_SCALES (scale).
+    """
     check_model_matches(atlas, lm)
     check_factor(factor)
-    search_probs: dict[Neuron, float] = {}
+    if write:
+        check_validation(atlas.root)  # before any clamping, not when the results are written
+    if multiples is None:
+        multiples = DEFAULT_SCALES if mode == "scale" else DEFAULT_MULTIPLES
+    decoded: dict[Neuron, float] = {}
     if neurons is None:
         found = atlas.search(concept, matrix=matrix, layers=layers, limit=limit, plural=plural)
         expansion = single_token(Expansion(found.concept, found.variants, found.notes))
         chosen = [Neuron(h.layer, h.index, h.matrix) for h in found.hits]  # type: ignore[arg-type]
-        search_probs = {n: h.concept_prob for n, h in zip(chosen, found.hits, strict=True)}
+        decoded = {n: h.concept_prob for n, h in zip(chosen, found.hits, strict=True)}
     else:
         expansion = concept_variants(concept, atlas.tokens, atlas.texts, plural)
         chosen = list(dict.fromkeys(neurons))
@@ -148,15 +218,19 @@ def validate(
         w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
         check_weights(atlas, atlas.neuron(n.layer, n.index, n.matrix), w.detach(), lm.name)
     ids = variant_ids(expansion)
+    for n in chosen:
+        if n not in decoded:
+            decoded[n] = decoded_prob(atlas, n, ids)
     report = ValidationReport(
         expansion.concept.lower(),
         list(expansion.variants),
-        lm.name,
+        model_key(lm.name),
         factor,
         list(multiples),
         len(prompts),
         mode,
         positions,
+        value_unit(mode),
         [],
         list(expansion.notes),
     )
@@ -164,14 +238,15 @@ def validate(
         report.notes.append("no neurons to validate")
         return report
     batch = encode(lm.tokenizer, prompts, lm.device)
+    note = length_note(lm.model, batch)
+    report.notes += [note] if note else []
     with progress_bar(progress, 2 + len(chosen) * len(multiples), "validating") as advance:
         baseline = concept_prob(lm.model, batch, ids)
         advance()
         ranges = activation_ranges(lm.model, batch, chosen)
         advance()
         for n in chosen:
-            unit = ranges[n].absmax or 1.0  # a neuron silent on every prompt: unit 1
-            values = [m * unit for m in multiples]
+            values = clamp_values(mode, multiples, ranges[n].absmax)
             probs = clamped_probs(
                 lm.model, batch, [n], ids, values, mode, positions, advance=advance
             )
@@ -190,7 +265,7 @@ def validate(
                     ranges[n].absmax,
                     values,
                     probs,
-                    search_probs.get(n),
+                    decoded.get(n),
                 )
             )
     if write:
@@ -213,6 +288,10 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
             "best_value": r.best_value,
             "ratio": r.ratio,
             "validated": r.validated,
+            "factor": report.factor,
+            "mode": report.mode,
+            "positions": report.positions,
+            "n_prompts": report.n_prompts,
             "model": report.model,
             "created": created,
         }
@@ -220,12 +299,7 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
     ]
     new = pa.Table.from_pylist(rows, VALIDATION_SCHEMA)
     if path.is_file():
-        try:
-            old = pq.read_table(path).select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
-        except (pa.ArrowException, OSError, KeyError) as err:
-            raise AtlasError(
-                f"{path} is unreadable ({err}); delete it to start the validation record afresh"
-            ) from None
+        old = read_table(path)
         replaced = {tuple(r[k] for k in KEY) for r in rows}
         keep = [tuple(r[k] for k in KEY) not in replaced for r in old.select(KEY).to_pylist()]
         new = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())), new])
@@ -241,12 +315,35 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
     return path
 
 
+def read_table(path: Path) -> pa.Table:
+    """A validation.parquet in VALIDATION_SCHEMA; a file written before the ADDED columns
+    existed has them null. An AtlasError when it is unreadable."""
+    try:
+        table = pq.read_table(path)
+        for name in ADDED:
+            if name not in table.column_names:
+                kind = VALIDATION_SCHEMA.field(name).type
+                table = table.append_column(name, pa.nulls(table.num_rows, kind))
+        return table.select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
+    except (pa.ArrowException, OSError, KeyError) as err:
+        raise AtlasError(
+            f"{path} is unreadable ({err}); delete it to start the validation record afresh"
+        ) from None
+
+
+def check_validation(root: Path) -> None:
+    """Check that ROOT/validation.parquet, when there, can be read and merged into."""
+    path = Path(root) / VALIDATION
+    if path.is_file():
+        read_table(path)
+
+
 def read_validation(root: Path, concept: str | None = None) -> pa.Table:
     """ROOT/validation.parquet (optionally one concept's rows); empty when never validated."""
     path = Path(root) / VALIDATION
     if not path.is_file():
         return VALIDATION_SCHEMA.empty_table()
-    table = pq.read_table(path)
+    table = read_table(path)
     if concept is not None:
         table = table.filter(pc.equal(table["concept"], concept.strip().lower()))
     return table
