@@ -191,3 +191,67 @@ def test_a_concept_a_token_and_a_token_id_of_the_wrong_type_are_named(stories_at
         with pytest.raises(FlashlensError, match=re.escape(message)):
             call()
     assert at.prob(2, 7, token_id=at.neuron(2, 7).top[0].token_id).prob > 0
+
+
+def test_an_unreachable_hub_model_hints_at_prob_not_map(
+    stories_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    argv = ["prob", str(stories_atlas), "2:7", " and", "--model", "nobody-here/no-such-model"]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: cannot fetch 'nobody-here/no-such-model'")
+    assert "flashlens map" not in err and "--model" in err
+    assert Atlas.open(stories_atlas).meta.model in err  # the model the atlas was made from
+
+
+@pytest.fixture(scope="module")
+def ids_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An atlas mapped from a model folder with no tokenizer: its tokens read `<id N>`."""
+    from flashlens import map_model
+
+    root = tmp_path_factory.mktemp("ids-only")
+    model = make_model(root / "model", n_layers=1, tokenizer=None)
+    map_model(model, root / "atlas", matrices="up", compile="off", audit=0)
+    return root / "atlas"
+
+
+def test_an_atlas_without_a_tokenizer_says_so(
+    ids_only: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Text means nothing to an atlas of ids: the error says why and how to fix it, not that
+    the word is not in the vocabulary; a token named by its id still works."""
+    atlas = Atlas.open(ids_only)
+    assert atlas.tokens[5] == "<id 5>"
+    for concept in ("dog", "  "):
+        with pytest.raises(FlashlensError, match="this atlas has no tokenizer") as info:
+            atlas.search(concept)
+        assert "tokenizer.json" in str(info.value) and "--overwrite" in str(info.value)
+        assert "<id 42>" in str(info.value)  # searching by id
+    assert [v.token_id for v in atlas.search("<id 5>").variants] == [5]
+    with pytest.raises(FlashlensError, match="this atlas has no tokenizer") as info:
+        atlas.prob(0, 0, "x")
+    assert "--token-id" in str(info.value) and "(nothing)" not in str(info.value)
+    assert atlas.prob(0, 0, token_id=atlas.neuron(0, 0).top[0].token_id).source == "top-k"
+    assert main(["search", str(ids_only), "dog"]) == 2
+    err = capsys.readouterr().err
+    assert "has no token in this vocabulary" not in err and "no tokenizer" in err
+
+
+def test_a_split_without_the_model_tokenizer_is_called_approximate(
+    stories_atlas: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    moved = tmp_path / "atlas"
+    shutil.copytree(stories_atlas, moved)
+    meta = json.loads((moved / "atlas.json").read_text())
+    meta["model"] = str(tmp_path / "gone")
+    (moved / "atlas.json").write_text(json.dumps(meta))
+    with pytest.raises(FlashlensError, match="tokenizer was not found at") as info:
+        Atlas.open(moved).prob(2, 7, " puppydog")
+    assert "approximate" in str(info.value)
+    with pytest.raises(FlashlensError) as info:
+        Atlas.open(stories_atlas).prob(2, 7, " puppydog")  # the model folder is there
+    assert "not found" not in str(info.value)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from flashlens import Atlas, FlashlensError, map_model
 from flashlens.cli import main
 
-from .helpers import LLAMA3_TOKENIZER, make_model, reference_probs
+from .helpers import LLAMA3_TOKENIZER, STORIES, make_model, reference_probs, shared_path
 
 DOG = (2, 7)  # up_proj neuron planted along " dog"
 CALIFORNIA = [(0, 3), (1, 20), (2, 30)]  # up_proj neurons planted along " California"
@@ -165,10 +165,12 @@ def test_bad_input(
         atlas.search("\U00013000")  # an Egyptian hieroglyph: only byte pieces
     with pytest.raises(FlashlensError, match="layer 7 is not in this atlas"):
         atlas.search("dog", layers=[7])
+    with pytest.raises(FlashlensError, match="'1-7' is out of range: the model has layers 0-2"):
+        atlas.search("dog", layers="1-7")  # a range past the model: a typo, not a filter
     with pytest.raises(FlashlensError, match="matrix 'gate' is not in this atlas"):
         atlas.search("dog", matrix="gate")
-    with pytest.raises(FlashlensError, match="at least 1"):
-        atlas.search("dog", limit=0)
+    with pytest.raises(FlashlensError, match=r"^limit must be at least 1"):
+        atlas.search("dog", limit=0)  # no CLI flag name (--limit) outside the CLI
     # Nothing found: said, with the nearest tokens.
     res = atlas.search("dog", top1=True, layers=[0])
     assert not res.hits and any("nothing found" in n for n in res.notes)
@@ -297,3 +299,141 @@ def test_layers_read_the_same_everywhere_in_python(
         out = tmp_path / f"m{layers!r}"
         map_model(stories, out, matrices="up", layers=layers, compile="off", audit=0)
         assert Atlas.open(out).meta.layers == [0]
+
+
+def test_whitespace_concepts_search_exactly_their_text_on_the_cli(
+    planted: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several spaces are the token of several spaces (Llama 3 has them), not one space."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(planted[0] / "tokenizer.json"))
+    for concept in ("  ", "   ", "\t", "\n\n", " "):
+        (want,) = tok.encode(concept, add_special_tokens=False).ids  # one token each
+        assert main(["search", str(planted[1]), concept, "--limit", "1", "--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert [v["token_id"] for v in data["variants"]] == [want], repr(concept)
+        assert data["variants"][0]["text"] == concept and data["notes"] == []
+
+
+def test_split_without_the_model_folder_says_so_or_uses_the_atlas_tokenizer(
+    planted: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """When the model folder the atlas records is gone, a multi-token concept's split is
+    approximate and a note says so; a tokenizer.json kept in the atlas folder gives the exact
+    split again."""
+    from tokenizers import Tokenizer
+
+    model, atlas_dir = planted
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    moved = tmp_path / "atlas"
+    shutil.copytree(atlas_dir, moved)
+    meta = json.loads((moved / "atlas.json").read_text())
+    meta["model"] = str(tmp_path / "gone")  # the model folder was moved or deleted
+    (moved / "atlas.json").write_text(json.dumps(meta))
+    concept = "Schwarzenegger"
+    exact = [tok.encode(f, add_special_tokens=False).ids[0] for f in (" " + concept, concept)]
+    assert [v.token_id for v in Atlas.open(atlas_dir).search(concept).variants] == exact
+    res = Atlas.open(moved).search(concept)
+    (note,) = [n for n in res.notes if "tokenizer was not found" in n]
+    assert str(tmp_path / "gone" / "tokenizer.json") in note and "approximate" in note
+    assert [v.token_id for v in res.variants] != exact  # the greedy split differs here
+    shutil.copy(model / "tokenizer.json", moved / "tokenizer.json")
+    res = Atlas.open(moved).search(concept)
+    assert [v.token_id for v in res.variants] == exact
+    assert not any("tokenizer was not found" in n for n in res.notes)
+    # A tokenizer.json of another vocabulary in the atlas folder is not used.
+    other = shared_path(*STORIES.split("/")) / "tokenizer.json"
+    shutil.copy(other, moved / "tokenizer.json")
+    assert any("tokenizer was not found" in n for n in Atlas.open(moved).search(concept).notes)
+
+
+def test_degenerate_neurons_rank_nowhere(tmp_path: Path) -> None:
+    """An all-zero neuron's flat distribution lists some token first (a tie-break) and a NaN
+    neuron's probabilities are NaN: neither is a hit for any concept."""
+    from .test_stats import ZERO, map_damaged
+
+    atlas = Atlas.open(map_damaged(tmp_path))
+    zero = atlas.neuron(*ZERO, "up")
+    assert zero.w_norm == 0
+    res = atlas.search(zero.top[0].text, matrix="up", top1=True, limit=1000)
+    assert zero.top[0].token_id in {v.token_id for v in res.variants}
+    found = {(h.layer, h.index) for h in res.hits}
+    assert ZERO not in found
+    bad = set()
+    for layer in atlas.meta.layers:
+        norms = pq.read_table(atlas.layer_path("up", layer), columns=["w_norm"])["w_norm"]
+        bad |= {(layer, i) for i, w in enumerate(norms.to_pylist()) if not 0 < abs(w) < 1e30}
+    assert len(bad) == 2
+    for concept in ("the", zero.top[0].text, atlas.neuron(*sorted(bad)[0], "up").top[0].text):
+        hits = atlas.search(concept, limit=1000).hits
+        assert hits and not {(h.layer, h.index) for h in hits} & bad
+
+
+def test_a_corrupt_validation_file_says_to_delete_it(
+    planted: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    atlas_dir = tmp_path / "atlas"
+    shutil.copytree(planted[1], atlas_dir)
+    (atlas_dir / "validation.parquet").write_text("garbage\n")
+    assert main(["search", str(atlas_dir), "dog"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "validation.parquet is unreadable" in err and "delete it" in err
+    assert "--overwrite" not in err and "Traceback" not in err
+    # validate's newer records (more columns, another order) are read for what search needs.
+    n = 2
+    table = pa.table(
+        {
+            "created": pa.array(["2026-11-20T00:00:00", "2026-11-19T00:00:00"]),
+            "validated": pa.array([True, False]),
+            "factor": pa.array([4.0] * n, pa.float32()),
+            "mode": pa.array(["max"] * n),
+            "positions": pa.array([[1, 2]] * n, pa.list_(pa.int32())),
+            "n_prompts": pa.array([8] * n, pa.int32()),
+            "concept": pa.array(["dog"] * n),
+            "layer": pa.array([DOG[0]] * n, pa.int16()),
+            "matrix": pa.array(["up"] * n),
+            "index": pa.array([DOG[1]] * n, pa.int32()),
+        }
+    )
+    pq.write_table(table, atlas_dir / "validation.parquet")
+    assert Atlas.open(atlas_dir).search("dog").hits[0].validated is True
+    legacy = table.drop_columns(["factor", "mode", "positions", "n_prompts"])
+    pq.write_table(legacy, atlas_dir / "validation.parquet")
+    assert Atlas.open(atlas_dir).search("dog").hits[0].validated is True
+
+
+@pytest.fixture(scope="module")
+def odd_layers(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
+    """An atlas of stories260K (layers 0-4) that holds only layers 1 and 3."""
+    out = tmp_path_factory.mktemp("odd") / "atlas"
+    map_model(stories, out, matrices="up", layers="1,3", compile="off", audit=0)
+    return out
+
+
+def test_a_layer_range_searches_the_atlas_layers_inside_it(
+    odd_layers: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flashlens.atlas.atlas import atlas_layers
+
+    atlas = Atlas.open(odd_layers)
+    res = atlas.search("the", layers="0-2", limit=100_000)
+    assert res.hits and {h.layer for h in res.hits} == {1}
+    assert "layers 0,2 are not in this atlas; searched 1" in res.notes
+    everything = atlas.search("the", limit=100_000).hits
+    assert [h for h in everything if h.layer == 1] == res.hits
+    assert {h.layer for h in atlas.search("the", layers="0-4", limit=1000).hits} == {1, 3}
+    assert [r.layer for r in atlas.stats(layers="0-2").rows] == [1]
+    # A layer named alone must be in the atlas; a range must hold at least one of its layers.
+    for spec in ("0", [0], 2, "0,1", "1,2-2"):
+        with pytest.raises(
+            FlashlensError, match=r"layer [02] is not in this atlas; it has layers 1,3"
+        ):
+            atlas.search("the", layers=spec)
+    with pytest.raises(FlashlensError, match="no layer of 0-1 is in this atlas; it has layers 3"):
+        atlas_layers("0-1", [3], 5)
+    assert main(["search", str(odd_layers), "the", "--layers", "0-2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["hits"] and {h["layer"] for h in data["hits"]} == {1}
+    assert main(["stats", str(odd_layers), "--layers", "2", "--json"]) == 2
+    assert "layer 2 is not in this atlas" in capsys.readouterr().err

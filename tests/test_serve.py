@@ -319,6 +319,14 @@ def test_bad_searches_are_400(client: TestClient, query: str, message: str) -> N
     assert twin.status_code == 400 and message in twin.json()["error"]
 
 
+def test_a_limit_below_one_is_400_without_a_cli_flag_name(client: TestClient) -> None:
+    for path in ("/search.json?q=the&limit=0", "/search?q=the&limit=0"):
+        r = client.get(path)
+        text = r.json()["error"] if path.startswith("/search.json") else " ".join(Page(r.text).text)
+        assert r.status_code == 400 and "limit must be at least 1" in text
+        assert "--limit" not in text
+
+
 # --- escaping --------------------------------------------------------------------------------
 def test_markup_in_tokens_and_queries_is_escaped(client: TestClient, atlas: Atlas) -> None:
     marked = [i for i, t in enumerate(atlas.texts) if set(t) & set("<>&\"'")]

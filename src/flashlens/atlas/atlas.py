@@ -59,6 +59,30 @@ class NeuronRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def degenerate(self) -> bool:
+        """An all-zero or non-finite weight vector: its tokens are meaningless."""
+        return is_degenerate(self.w_norm)
+
+
+# The decoder floors the logits' variance at 1e-30 (std 1e-15): a std at that floor is a
+# constant distribution, whose skew and kurtosis are undefined.
+_STD_FLOOR = 2e-15
+
+
+def is_degenerate(w_norm: float) -> bool:
+    """A neuron whose weight vector is all zero or not finite (|w| is 0, NaN or inf): `map`
+    warns about them, `search` ranks them nowhere and `stats` counts them apart."""
+    return not (math.isfinite(w_norm) and w_norm != 0)
+
+
+def _moments(w_norm: float, std: float, skew: float, kurtosis: float) -> tuple[float, float]:
+    """Skew and excess kurtosis, both NaN (undefined) for a degenerate neuron or a constant
+    distribution (which the decoder stores as skew 0 and kurtosis NaN)."""
+    if is_degenerate(w_norm) or not std > _STD_FLOOR:
+        return math.nan, math.nan
+    return skew, kurtosis
+
 
 def read_parquet(path: Path, **kwargs: Any) -> pa.Table:
     """Read a table of the atlas; a missing or damaged file is an AtlasError."""
@@ -185,6 +209,9 @@ class Atlas:
             )
         row = {k: v[0] for k, v in table.to_pydict().items()}
         lse = row["logsumexp"]
+        skew, kurtosis = _moments(
+            row["w_norm"], row["logit_std"], row["logit_skew"], row["logit_kurtosis"]
+        )
         return NeuronRecord(
             layer=layer,
             matrix=matrix,
@@ -196,8 +223,8 @@ class Atlas:
             w_norm=row["w_norm"],
             logit_mean=row["logit_mean"],
             logit_std=row["logit_std"],
-            logit_skew=row["logit_skew"],
-            logit_kurtosis=row["logit_kurtosis"],
+            logit_skew=skew,
+            logit_kurtosis=kurtosis,
         )
 
     def _scores(self, ids: list[int], logits: list[float], lse: float) -> list[TokenScore]:
@@ -286,6 +313,41 @@ LayerSpec = str | int | Sequence[int]  # '0-5,9', 3, or [0, 1, 2]
 def parse_layers(spec: LayerSpec, n_layers: int | None) -> list[int]:
     """'0-5,9' -> [0,1,2,3,4,5,9] (also a layer number, or a list of them), checked against
     the model's layer count (None: the caller checks them)."""
+    return sorted({x for a, b in _layer_parts(spec, n_layers) for x in range(a, b + 1)})
+
+
+def atlas_layers(spec: LayerSpec, atlas_layers: list[int], n_layers: int) -> list[int]:
+    """The atlas layers a layer spec picks. A single layer ('9', 9, [3, 9]) must be in the
+    atlas; a range ('0-5') picks the atlas's layers inside it, and is an error only when the
+    whole spec picks none (an atlas mapped with --layers holds only some of the model's)."""
+    have = set(atlas_layers)
+    chosen: set[int] = set()
+    for a, b in _layer_parts(spec, None):
+        if a == b and a not in have:
+            raise NeuronError(
+                f"layer {a} is not in this atlas; it has layers {format_layers(atlas_layers)}"
+            )
+        if b >= n_layers:
+            raise NeuronError(
+                f"layer range '{a}-{b}' is out of range: the model has layers 0-{n_layers - 1}"
+            )
+        chosen.update(x for x in range(a, b + 1) if x in have)
+    if not chosen:
+        raise NeuronError(
+            f"no layer of {_spec_text(spec)} is in this atlas; it has layers "
+            f"{format_layers(atlas_layers)}"
+        )
+    return sorted(chosen)
+
+
+def _spec_text(spec: LayerSpec) -> str:
+    if isinstance(spec, str):
+        return spec.replace(" ", "")
+    return format_layers(parse_layers(spec, None))
+
+
+def _layer_parts(spec: LayerSpec, n_layers: int | None) -> list[tuple[int, int]]:
+    """'0-5,9' -> [(0, 5), (9, 9)]; a layer number or a list of them are single layers."""
     if not isinstance(spec, str):
         items: list[object] = [spec] if isinstance(spec, int | numbers.Integral) else list(spec)
         if not all(is_integer(x) for x in items):
@@ -293,7 +355,7 @@ def parse_layers(spec: LayerSpec, n_layers: int | None) -> list[int]:
                 f"bad layers {spec!r}: give '0-5,9', a layer number or a list of them"
             )
         spec = ",".join(str(x) for x in items)
-    layers: set[int] = set()
+    parts: list[tuple[int, int]] = []
     for part in spec.replace(" ", "").split(","):
         if not part:
             continue
@@ -310,7 +372,7 @@ def parse_layers(spec: LayerSpec, n_layers: int | None) -> list[int]:
             raise NeuronError(
                 f"layer range {part!r} is out of range: the model has layers 0-{n_layers - 1}"
             )
-        layers.update(range(a, b + 1))
-    if not layers:
+        parts.append((a, b))
+    if not parts:
         raise NeuronError(f"no layers in {spec!r}: use e.g. 0-5,9")
-    return sorted(layers)
+    return parts

@@ -101,9 +101,21 @@ def _title(text: str) -> str:
 class Vocab:
     """Token ids by decoded text, over the atlas' tokens table."""
 
-    def __init__(self, tokens: Sequence[str], texts: Sequence[str], tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        tokens: Sequence[str],
+        texts: Sequence[str],
+        tokenizer: Any = None,
+        no_tokenizer: str | None = None,
+    ) -> None:
         self.tokens, self.texts = tokens, texts
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer` of the model, when at hand
+        self.no_tokenizer = no_tokenizer  # without one: where it was looked for (a note)
+
+    @cached_property
+    def ids_only(self) -> bool:
+        """The atlas was mapped without a tokenizer: every token reads `<id N>`."""
+        return all(t == f"<id {i}>" for i, t in enumerate(self.tokens))
 
     @cached_property
     def by_text(self) -> dict[str, list[int]]:
@@ -181,6 +193,25 @@ def _is_byte_or_special(token: str) -> bool:
     )
 
 
+def no_tokenizer(instead: str) -> str:
+    """Why an atlas mapped without a tokenizer knows no text, and what to do."""
+    return (
+        "this atlas has no tokenizer (its tokens are ids only, e.g. '<id 42>'): put the "
+        "model's tokenizer files (tokenizer.json) in the model folder and map it again with "
+        f"--overwrite, or {instead}"
+    )
+
+
+def _by_id(text: str, vocab: Vocab) -> Expansion:
+    """A concept in an atlas of ids only: the token it names ('<id 42>')."""
+    ids = vocab.ids(text.strip())
+    if not ids:
+        raise ConceptError(
+            f"cannot search {text!r}: " + no_tokenizer("search a token by its id, e.g. '<id 42>'")
+        )
+    return Expansion(text.strip(), [vocab.variant(i) for i in ids], [])
+
+
 def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
     """A concept's token variants; a ConceptError when the vocabulary cannot write it.
 
@@ -189,6 +220,8 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
     """
     text = unicodedata.normalize("NFC", require_text(concept, "concept", "dog"))
     base = text.strip()
+    if text and vocab.ids_only:
+        return _by_id(text, vocab)
     if not base:
         if vocab.ids(text):
             return Expansion(text, [vocab.variant(i) for i in vocab.ids(text)], [])
@@ -227,6 +260,8 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
         notes.append(f"{base!r} is several tokens long ({splits}); searching by its first token")
     else:  # the tokenizer reads it as one token of another text (e.g. after normalizing)
         notes.append(f"{base!r} is no token's text here; the tokenizer reads it as ({splits})")
+    if vocab.tokenizer is None and vocab.no_tokenizer:
+        notes.append(vocab.no_tokenizer)
     near = vocab.nearest(base)
     if near:
         notes.append("nearest single tokens: " + ", ".join(map(repr, near)))

@@ -8,6 +8,7 @@ the neuron's top-k or in the token's reverse-index entry; otherwise the model is
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,13 +17,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..checks import is_integer, require_text
-from ..errors import AtlasError, FlashlensError
-from .concepts import ConceptError
+from ..errors import AtlasError, CheckpointError, FlashlensError
+from .concepts import ConceptError, no_tokenizer
 from .query import AtlasDB
 
 if TYPE_CHECKING:
     import torch
 
+    from ..weights import ModelSource
     from .atlas import Atlas, NeuronRecord
 
 
@@ -73,12 +75,23 @@ def resolve_token(
         )
     if token in vocab.by_token:
         return vocab.by_token[token]
-    pieces = [vocab.texts[i] for i in (_token_ids(token, model_folder) or vocab.encode(token))]
+    if vocab.ids_only:
+        raise ConceptError(
+            f"cannot read {token!r} as a token: "
+            + no_tokenizer("give the token by id: --token-id N")
+        )
+    exact = _token_ids(token, model_folder)
+    pieces = [vocab.texts[i] for i in (exact or vocab.encode(token))]
     near = vocab.nearest(token)
     hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
+    approx = (
+        f" ({vocab.no_tokenizer})"
+        if not exact and vocab.tokenizer is None and vocab.no_tokenizer
+        else ""
+    )
     raise ConceptError(
         f"{token!r} is not one token: it tokenizes as "
-        f"{' + '.join(map(repr, pieces)) or '(nothing)'}{hint}"
+        f"{' + '.join(map(repr, pieces)) or '(nothing)'}{approx}{hint}"
     )
 
 
@@ -164,10 +177,9 @@ def _from_model(
     import torch
 
     from ..decode.norm import apply_final_norm
-    from ..weights import ModelSource
 
     layer, index, matrix, lse = rec.layer, rec.index, rec.matrix, rec.logsumexp
-    source = ModelSource.open(model)
+    source = _open_model(atlas, model)
     try:
         if source.config_hash != atlas.meta.config_hash:
             raise AtlasError(
@@ -202,6 +214,21 @@ def _from_model(
         rank,
         "model",
     )
+
+
+_MAP_EXAMPLE = re.compile(r",? e\.g\. `flashlens map [^`]*`")
+
+
+def _open_model(atlas: Atlas, model: str | Path) -> ModelSource:
+    """The model of `--model`; its errors' hints fit `prob` (a hub id that cannot be fetched
+    is passed as a local folder to `--model`, not to `map`)."""
+    from ..weights import ModelSource
+
+    try:
+        return ModelSource.open(model)
+    except CheckpointError as err:
+        hint = f" to --model (the model this atlas was made from: {atlas.meta.model})"
+        raise CheckpointError(_MAP_EXAMPLE.sub(hint, str(err))) from None
 
 
 def norms_agree(

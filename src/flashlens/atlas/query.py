@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import AtlasError, NeuronError
 from .concepts import TokenVariant, Vocab, expand
 from .format import REVERSE, VALIDATION
-from .tokens import readable
+from .tokens import atlas_tokenizer, readable
 
 if TYPE_CHECKING:
     import duckdb
@@ -75,7 +75,8 @@ class AtlasDB:
         self.atlas = atlas
         self.con = duckdb.connect(":memory:")
         self.con.execute("SET enable_object_cache = true")  # Parquet metadata stays cached
-        self.vocab = Vocab(atlas.tokens, atlas.texts, _tokenizer(atlas.meta.model))
+        tokenizer, missing = atlas_tokenizer(atlas.root, atlas.meta.model, atlas.tokens)
+        self.vocab = Vocab(atlas.tokens, atlas.texts, tokenizer, missing)
         self._tables: set[str] = set()
 
     @classmethod
@@ -115,6 +116,7 @@ class AtlasDB:
         fwd_M:  token_id, layer, index, pos, prob: every neuron's top-k, one row per entry,
                 sorted by token (so `token_id = ?` touches one stretch of it)
         top5_M: layer, index, top5: each neuron's 5 best token ids, sorted by neuron
+        bad_M:  layer, matrix, index of the degenerate neurons (|w| zero or not finite)
         rev:    reverse.parquet, sorted by token
         """
         if matrix and matrix not in MATRICES:
@@ -127,6 +129,11 @@ class AtlasDB:
                 f"CREATE TABLE {name} AS SELECT * FROM (SELECT unnest(top_ids) AS token_id, "
                 'layer, "index", unnest(range(1, len(top_ids) + 1)) AS pos, '
                 "unnest(top_probs) AS prob FROM read_parquet(?)) ORDER BY token_id"
+            )
+        elif kind == "bad":
+            sql = (
+                f'CREATE TABLE {name} AS SELECT layer, matrix, "index" FROM read_parquet(?) '
+                "WHERE NOT (isfinite(w_norm) AND w_norm <> 0)"
             )
         elif kind == "top5":
             sql = (
@@ -154,32 +161,17 @@ class AtlasDB:
         return str(path)
 
 
-def _tokenizer(model: str) -> Any:
-    """The model's tokenizer when the atlas was made from a local folder that holds one."""
-    folder = Path(model).expanduser()
-    if not folder.is_dir():
-        return None
-    from .tokens import load_tokenizer
-
-    return load_tokenizer(folder)
-
-
 def select(
     atlas: Atlas, matrix: str | None, layers: LayerSpec | None
 ) -> tuple[list[str], list[int]]:
-    """Checked matrices and layers (None = all in the atlas)."""
+    """Checked matrices and layers (None = all in the atlas; a range = the atlas's layers in
+    it, see `atlas.atlas_layers`)."""
     m = atlas.meta
     if matrix is not None and matrix not in m.matrices:
         raise NeuronError(f"matrix {matrix!r} is not in this atlas; it has {', '.join(m.matrices)}")
-    from .atlas import format_layers, parse_layers
+    from .atlas import atlas_layers
 
-    chosen = parse_layers(layers, None) if layers is not None else list(m.layers)
-    missing = [x for x in chosen if x not in m.layers]
-    if missing or not chosen:
-        raise NeuronError(
-            f"layer {missing[0] if missing else '(none)'} is not in this atlas; "
-            f"it has layers {format_layers(m.layers)}"
-        )
+    chosen = list(m.layers) if layers is None else atlas_layers(layers, m.layers, m.n_layers)
     return ([matrix] if matrix else list(m.matrices)), chosen
 
 
@@ -196,17 +188,17 @@ def search(
 ) -> SearchResult:
     """Neurons ranked by the probability they give a concept's tokens (see module doc)."""
     if limit < 1:
-        raise NeuronError(f"--limit must be at least 1 (got {limit})")
+        raise NeuronError(f"limit must be at least 1 (got {limit})")
     db = AtlasDB.of(atlas)
     matrices, chosen = select(atlas, matrix, layers)
     exp = expand(concept, db.vocab, plural)
-    result = SearchResult(exp.concept, exp.variants, list(exp.notes))
+    result = SearchResult(exp.concept, exp.variants, list(exp.notes) + _layer_notes(layers, chosen))
     ids = [v.token_id for v in exp.variants]
     # fwd: (neuron, variant) pairs from the neurons' own top-k lists, with the rank there.
     # rev: (neuron, variant) pairs from each variant's top-N neurons.
     # One `token_id = ?` branch per variant and matrix: each reads one stretch of a sorted table.
-    # A NaN probability (a neuron with a non-finite weight vector) ranks nowhere: DuckDB would
-    # sort it above every number.
+    # A degenerate neuron (|w| zero or not finite) ranks nowhere: its "top tokens" are a flat
+    # distribution's tie-break or NaN (which DuckDB would sort above every number).
     fwd_parts, params = [], []
     for m in matrices:
         fwd = db.table("fwd", m)
@@ -221,15 +213,20 @@ def search(
         f'SELECT layer, matrix, "index", token_id, prob, NULL AS pos FROM {rev} WHERE token_id = ?'
     ] * len(ids)
     params += ids
+    bad = " UNION ALL ".join(
+        f'SELECT layer, matrix, "index" FROM {db.table("bad", m)}' for m in matrices
+    )
     sql = f"""
     WITH pairs AS (
         SELECT * FROM ({" UNION ALL ".join(fwd_parts + rev_parts)})
         WHERE list_contains(?::VARCHAR[], matrix) AND list_contains(?::INTEGER[], layer)
               AND NOT isnan(prob)
+    ), good AS (
+        SELECT * FROM pairs ANTI JOIN ({bad}) USING (layer, matrix, "index")
     ), known AS (
         SELECT layer, matrix, "index", token_id, arg_max(prob, pos IS NOT NULL) AS prob,
                min(pos) AS pos
-        FROM pairs GROUP BY ALL
+        FROM good GROUP BY ALL
     )
     SELECT layer, matrix, "index", sum(prob) AS concept_prob, min(pos) AS concept_rank
     FROM known GROUP BY ALL
@@ -264,6 +261,21 @@ def search(
     return result
 
 
+def _layer_notes(layers: LayerSpec | None, chosen: list[int]) -> list[str]:
+    """Which layers of the ranges asked for are not in the atlas (they are left out)."""
+    from .atlas import format_layers, parse_layers
+
+    if layers is None:
+        return []
+    absent = sorted(set(parse_layers(layers, None)) - set(chosen))
+    if not absent:
+        return []
+    are = "layers {} are" if len(absent) > 1 else "layer {} is"
+    return [
+        f"{are.format(format_layers(absent))} not in this atlas; searched {format_layers(chosen)}"
+    ]
+
+
 def _top_ids(
     db: AtlasDB, keys: list[tuple[int, str, int]]
 ) -> dict[tuple[int, str, int], list[int]]:
@@ -289,15 +301,26 @@ def _top_ids(
 
 
 def _mark_validated(db: AtlasDB, result: SearchResult) -> None:
-    """Fill `validated` from validation.parquet (latest row per neuron) when it exists."""
+    """Fill `validated` from validation.parquet (latest row per neuron) when it exists. Only
+    the columns read here are selected, so files with more columns (or in another order) work.
+    """
+    import duckdb
+
     path = Path(db.atlas.root) / VALIDATION
     if not path.is_file() or not result.hits:
         return
-    rows = db.rows(
-        'SELECT layer, matrix, "index", arg_max(validated, created) FROM read_parquet(?) '
-        "WHERE lower(concept) = ? GROUP BY ALL",
-        [str(path), result.concept.lower()],
-    )
+    try:
+        rows = db.con.execute(
+            'SELECT layer, matrix, "index", arg_max(validated, created) FROM read_parquet(?) '
+            "WHERE lower(concept) = ? GROUP BY ALL",
+            [str(path), result.concept.lower()],
+        ).fetchall()
+    except duckdb.Error as err:
+        first = str(err).strip().splitlines()[0]
+        raise AtlasError(
+            f"{path} is unreadable ({first}); it only holds the records of `flashlens "
+            "validate`, not the atlas: delete it (and validate again if you need them)"
+        ) from None
     seen = {(int(la), str(m), int(i)): bool(v) for la, m, i, v in rows if v is not None}
     for h in result.hits:
         h.validated = seen.get((h.layer, h.matrix, h.index))

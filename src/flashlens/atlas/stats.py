@@ -7,16 +7,23 @@
   kurtosis > KURTOSIS) with a long right tail (skew > SKEW: it promotes a small set of tokens,
   prediction) or left tail (skew < -SKEW: it suppresses a small set, suppression). A neuron whose
   logits are Gaussian over the vocabulary has excess kurtosis 0 and skew 0.
+
+A degenerate neuron (all-zero or non-finite weight vector, `atlas.is_degenerate`) says nothing:
+it is counted as kind `degenerate` and left out of the means, quantiles and the prediction and
+suppression counts (`skipped` says how many neurons were left out).
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from ..errors import FlashlensError
 from .query import AtlasDB, select
 
 if TYPE_CHECKING:
@@ -25,7 +32,9 @@ if TYPE_CHECKING:
 KURTOSIS = 10.0  # excess kurtosis above which a neuron's vocabulary logits are heavy-tailed
 SKEW = 1.0  # |skew| above which the heavy tail is one-sided
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
-KINDS = ("word", "subword", "number", "punctuation", "whitespace", "byte", "other")
+# Kinds of a neuron's top token (`token_kind`), and `degenerate` for a neuron whose weight
+# vector is all zero or not finite (its "top token" is a tie-break or NaN).
+KINDS = ("word", "subword", "number", "punctuation", "whitespace", "byte", "other", "degenerate")
 _SINGLE_LETTER_WORDS = {"a", "A", "I"}
 
 
@@ -51,11 +60,37 @@ def token_kind(token: str, text: str) -> str:
     return "other"
 
 
+class StatsError(FlashlensError):
+    """A threshold of `stats` that defines no prediction or suppression neurons."""
+
+
+def thresholds(kurtosis: object = None, skew: object = None) -> tuple[float, float]:
+    """The kurtosis and skew thresholds (None: the defaults), checked: finite numbers, and a
+    skew threshold of at least 0 (suppression is skew below minus it)."""
+    k = KURTOSIS if kurtosis is None else _finite(kurtosis, "kurtosis")
+    s = SKEW if skew is None else _finite(skew, "skew")
+    if s < 0:
+        raise StatsError(
+            f"the skew threshold must be at least 0, not {s:g}: prediction is skew above it "
+            "and suppression skew below minus it"
+        )
+    return k, s
+
+
+def _finite(value: object, what: str) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise StatsError(f"the {what} threshold must be a number, e.g. 1.0, not {value!r}")
+    if not math.isfinite(value):
+        raise StatsError(f"the {what} threshold must be a finite number, not {value}")
+    return float(value)
+
+
 @dataclass
 class LayerStats:
     matrix: str
     layer: int
     neurons: int
+    skipped: int  # left out of the means, quantiles and pred/supp counts (degenerate neurons)
     top1_prob_mean: float
     top1_prob_q: list[float]  # at QUANTILES
     entropy_mean: float
@@ -104,25 +139,38 @@ def atlas_stats(
     kurtosis: float | None = None,
     skew: float | None = None,
 ) -> AtlasStats:
-    kurtosis = KURTOSIS if kurtosis is None else float(kurtosis)
-    skew = SKEW if skew is None else float(skew)
+    kurtosis, skew = thresholds(kurtosis, skew)
     db = AtlasDB.of(atlas)
     matrices, chosen = select(atlas, matrix, layers)
     files = db.layer_files(matrices, chosen)
     db.register("token_kind", kinds_table(atlas.tokens, atlas.texts))
-    kind_cols = ", ".join(["count(*) FILTER (WHERE k.kind = ?)"] * len(KINDS))
+    kind_cols = ", ".join(["count(*) FILTER (WHERE kind = ?)"] * len(KINDS))
+    # ok: a neuron whose statistics count (DuckDB sorts NaN above every number, and NaN > x
+    # is true there, so a non-finite value must be filtered, not compared).
     rows = db.rows(
         f"""
-        SELECT n.matrix, n.layer, count(*), avg(n.top_probs[1]),
-               quantile_cont(n.top_probs[1], ?::DOUBLE[]), avg(n.entropy),
-               quantile_cont(n.entropy, ?::DOUBLE[]),
-               count(*) FILTER (WHERE n.logit_kurtosis > ? AND n.logit_skew > ?),
-               count(*) FILTER (WHERE n.logit_kurtosis > ? AND n.logit_skew < -?),
+        WITH n AS (
+            SELECT n.matrix, n.layer, n.top_probs[1] AS top1, n.entropy,
+                   n.logit_kurtosis AS kurt, n.logit_skew AS skew,
+                   NOT (isfinite(n.w_norm) AND n.w_norm <> 0) AS degenerate, k.kind AS token_kind
+            FROM read_parquet(?) n LEFT JOIN token_kind k ON k.token_id = n.top_ids[1]
+        ), m AS (
+            SELECT *, NOT degenerate AND isfinite(top1) AND isfinite(entropy) AS ok,
+                   CASE WHEN degenerate THEN 'degenerate' ELSE token_kind END AS kind
+            FROM n
+        )
+        SELECT matrix, layer, count(*), count(*) FILTER (WHERE NOT ok),
+               avg(top1) FILTER (WHERE ok), quantile_cont(top1, ?::DOUBLE[]) FILTER (WHERE ok),
+               avg(entropy) FILTER (WHERE ok),
+               quantile_cont(entropy, ?::DOUBLE[]) FILTER (WHERE ok),
+               count(*) FILTER (WHERE ok AND isfinite(kurt) AND isfinite(skew)
+                                AND kurt > ? AND skew > ?),
+               count(*) FILTER (WHERE ok AND isfinite(kurt) AND isfinite(skew)
+                                AND kurt > ? AND skew < -?),
                {kind_cols}
-        FROM read_parquet(?) n LEFT JOIN token_kind k ON k.token_id = n.top_ids[1]
-        GROUP BY n.matrix, n.layer
+        FROM m GROUP BY matrix, layer
         """,
-        [list(QUANTILES), list(QUANTILES), kurtosis, skew, kurtosis, skew, *KINDS, files],
+        [files, list(QUANTILES), list(QUANTILES), kurtosis, skew, kurtosis, skew, *KINDS],
     )
     order = {m: i for i, m in enumerate(matrices)}
     out = AtlasStats(kurtosis, skew)
@@ -132,16 +180,26 @@ def atlas_stats(
                 matrix=r[0],
                 layer=int(r[1]),
                 neurons=int(r[2]),
-                top1_prob_mean=float(r[3]),
-                top1_prob_q=[float(x) for x in r[4]],
-                entropy_mean=float(r[5]),
-                entropy_q=[float(x) for x in r[6]],
-                prediction=int(r[7]),
-                suppression=int(r[8]),
-                kinds={k: int(v) for k, v in zip(KINDS, r[9:], strict=True)},
+                skipped=int(r[3]),
+                top1_prob_mean=_float(r[4]),
+                top1_prob_q=_quantiles(r[5]),
+                entropy_mean=_float(r[6]),
+                entropy_q=_quantiles(r[7]),
+                prediction=int(r[8]),
+                suppression=int(r[9]),
+                kinds={k: int(v) for k, v in zip(KINDS, r[10:], strict=True)},
             )
         )
     return out
+
+
+def _float(x: float | None) -> float:
+    """NaN for no value (every neuron of the row was skipped)."""
+    return math.nan if x is None else float(x)
+
+
+def _quantiles(q: list[float] | None) -> list[float]:
+    return [math.nan] * len(QUANTILES) if q is None else [float(x) for x in q]
 
 
 def plot_stats(stats: AtlasStats, path: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -24,6 +26,70 @@ def load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
 
     path = folder / "tokenizer.json"
     return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+TOKENIZER = "tokenizer.json"  # in the atlas folder: the model's tokenizer kept with the atlas
+_CHECKED_IDS = 512  # ids compared between a tokenizer and the atlas' tokens table
+
+
+def atlas_tokenizer(root: Path, model: str, tokens: Sequence[str]) -> tuple[Any, str | None]:
+    """The tokenizer that splits text as the atlas' model does, and, when there is none, a
+    line that says where it was looked for. Tried in turn: tokenizer.json in the atlas folder,
+    in the model folder the atlas was made from, and (for a hub id) in the Hugging Face cache
+    (never the network). A tokenizer whose tokens are not the atlas' is passed over."""
+    places, where = [root / TOKENIZER], [str(root / TOKENIZER)]
+    folder = Path(model).expanduser()
+    if _is_hub_id(model) and not folder.is_dir():
+        places += _cached(model)
+        where.append(f"the Hugging Face cache of {model}")
+    else:
+        places.append(folder / TOKENIZER)
+        where.append(str(folder / TOKENIZER))
+    for path in places:
+        tok = _read(path)
+        if tok is not None and _same_tokens(tok, tokens):
+            return tok, None
+    return None, (
+        f"the model's tokenizer was not found at {' or '.join(where)}: this split is "
+        f"approximate (the longest vocabulary token first); copy the model's {TOKENIZER} "
+        f"into {root} for the model's own"
+    )
+
+
+def _is_hub_id(model: str) -> bool:
+    return not model.startswith((".", "/", "~")) and model.count("/") == 1
+
+
+def _cached(repo_id: str) -> list[Path]:
+    """The hub cache's tokenizer.json of `repo_id`, when it holds one (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id, TOKENIZER)
+    except Exception:  # not a valid hub id, an unreadable cache: nothing cached
+        return []
+    return [Path(cached)] if isinstance(cached, str) else []
+
+
+def _read(path: Path) -> Any:
+    """A tokenizer from a tokenizer.json file, None when it is missing or unreadable."""
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception:  # a damaged or foreign file: the tokenizers library's errors vary
+        return None
+
+
+def _same_tokens(tok: Any, tokens: Sequence[str]) -> bool:
+    """Does `tok` name the atlas' tokens as its tokens table does (ids spread over the
+    vocabulary)?"""
+    step = max(1, len(tokens) // _CHECKED_IDS)
+    return all(
+        (tok.id_to_token(i) or f"<id {i}>") == tokens[i] for i in range(0, len(tokens), step)
+    )
 
 
 def tokens_table(folder: Path, d_vocab: int) -> pa.Table:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from ..atlas import Atlas, parse_layers
-from ..atlas.stats import KINDS
+from ..atlas import Atlas
+from ..atlas.stats import KINDS, thresholds
 from ..errors import FlashlensError
 from ..intervene.neuron import Neuron
 from . import app
@@ -25,11 +26,8 @@ from .common import (
     show_variants,
 )
 
-KIND_COLUMNS = {"punctuation": "punct", "whitespace": "space"}  # stats table headers
-
-
-def _layers(atlas: Atlas, spec: str | None) -> list[int] | None:
-    return parse_layers(spec, atlas.meta.n_layers) if spec else None
+KIND_COLUMNS = {"punctuation": "punct", "whitespace": "space", "degenerate": "degen"}
+LAYERS_HELP = "Only these layers, e.g. 0-5,9 (a range: the atlas's layers in it; default: all)."
 
 
 @app.command("search")
@@ -37,7 +35,7 @@ def search_command(
     atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
     concept: str = typer.Argument(..., help='A word or phrase, e.g. dog or "New York".'),
     matrix: str = typer.Option(None, help="Only this matrix: up, gate or down (default: all)."),
-    layers: str = typer.Option(None, help="Only these layers, e.g. 0-5,9 (default: all)."),
+    layers: str = typer.Option(None, help=LAYERS_HELP),
     limit: int = typer.Option(20, help="Neurons to show."),
     top1: bool = typer.Option(False, "--top-1", help="Only neurons whose top token is a variant."),
     variants: str = typer.Option(
@@ -63,7 +61,7 @@ def search_command(
     res = at.search(
         concept,
         matrix=matrix,
-        layers=_layers(at, layers),
+        layers=layers,
         limit=limit,
         top1=top1,
         plural=variants == "plural",
@@ -120,7 +118,7 @@ def _yes(v: bool | None) -> str:
 def stats_command(
     atlas: Path = typer.Argument(..., help="Atlas folder written by `flashlens map`."),
     matrix: str = typer.Option(None, help="Only this matrix: up, gate or down (default: all)."),
-    layers: str = typer.Option(None, help="Only these layers, e.g. 0-5,9 (default: all)."),
+    layers: str = typer.Option(None, help=LAYERS_HELP),
     plot: Path = typer.Option(None, help="Write a PNG plot to this file."),
     kurtosis: float = typer.Option(10.0, help="Prediction/suppression: excess kurtosis above."),
     skew: float = typer.Option(1.0, help="Prediction: skew above; suppression: below minus it."),
@@ -133,9 +131,10 @@ def stats_command(
 
         flashlens stats atlas/llama31-8b --plot stats.png
     """
+    thresholds(kurtosis, skew)
     png_path(plot)
     at = Atlas.open(atlas)
-    st = at.stats(matrix=matrix, layers=_layers(at, layers), kurtosis=kurtosis, skew=skew)
+    st = at.stats(matrix=matrix, layers=layers, kurtosis=kurtosis, skew=skew)
     if plot is not None:
         from ..atlas.stats import plot_stats
 
@@ -156,8 +155,8 @@ def stats_command(
             r.matrix,
             str(r.layer),
             f"{r.neurons:,}",
-            f"{p[0]:.2f} {p[2]:.2f} {p[4]:.2f}",
-            f"{e[0]:.2f} {e[2]:.2f} {e[4]:.2f}",
+            " ".join(_number(x) for x in p[::2]),
+            " ".join(_number(x) for x in e[::2]),
             *(f"{r.kinds[k]:,}" for k in KINDS),
             f"{r.prediction:,}",
             f"{r.suppression:,}",
@@ -167,6 +166,17 @@ def stats_command(
         f"pred(iction): excess kurtosis > {st.kurtosis:g} and skew > {st.skew:g}; "
         f"supp(ression): excess kurtosis > {st.kurtosis:g} and skew < -{st.skew:g}"
     )
+    skipped = sum(r.skipped for r in st.rows)
+    if skipped:
+        console.print(
+            f"{skipped:,} {'neuron is' if skipped == 1 else 'neurons are'} left out of the "
+            "quantiles and pred/supp: degen(erate), an all-zero or non-finite weight vector"
+        )
+
+
+def _number(x: float) -> str:
+    """A quantile of the stats table; n/a when every neuron of the row was skipped."""
+    return f"{x:.2f}" if math.isfinite(x) else "n/a"
 
 
 @app.command("prob")
