@@ -319,9 +319,9 @@ def test_whitespace_concepts_search_exactly_their_text_on_the_cli(
 def test_split_without_the_model_folder_says_so_or_uses_the_atlas_tokenizer(
     planted: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """When the model folder the atlas records is gone, a multi-token concept's split is
-    approximate and a note says so; a tokenizer.json kept in the atlas folder gives the exact
-    split again."""
+    """The map keeps the model's tokenizer.json in the atlas, so a multi-token concept splits
+    as the model does after the model folder is gone; without it there, the split is
+    approximate and a note says so."""
     from tokenizers import Tokenizer
 
     model, atlas_dir = planted
@@ -334,6 +334,11 @@ def test_split_without_the_model_folder_says_so_or_uses_the_atlas_tokenizer(
     concept = "Schwarzenegger"
     exact = [tok.encode(f, add_special_tokens=False).ids[0] for f in (" " + concept, concept)]
     assert [v.token_id for v in Atlas.open(atlas_dir).search(concept).variants] == exact
+    assert (moved / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    kept = Atlas.open(moved).search(concept)
+    assert [v.token_id for v in kept.variants] == exact
+    assert not any("tokenizer was not found" in n for n in kept.notes)
+    (moved / "tokenizer.json").unlink()  # an atlas without it (or made before it was kept)
     res = Atlas.open(moved).search(concept)
     (note,) = [n for n in res.notes if "tokenizer was not found" in n]
     assert str(tmp_path / "gone" / "tokenizer.json") in note and "approximate" in note

@@ -327,6 +327,21 @@ def test_a_limit_below_one_is_400_without_a_cli_flag_name(client: TestClient) ->
         assert "--limit" not in text
 
 
+def test_layers_in_a_search_follow_the_command_lines_rule(client: TestClient, atlas: Atlas) -> None:
+    """A range given to the server searches the atlas's layers inside it, as `search
+    --layers` does; a layer past the model's last is a 400, not a server error."""
+    last = atlas.meta.layers[-1]
+    r = client.get(f"/search.json?q=the&layers=1-{last}&limit=400")
+    assert r.status_code == 200
+    assert {h["layer"] for h in r.json()["hits"]} <= set(range(1, last + 1))
+    same = atlas.search("the", layers=f"1-{last}", limit=400)
+    assert [(h["layer"], h["index"]) for h in r.json()["hits"]] == [
+        (h.layer, h.index) for h in same.hits
+    ]
+    bad = client.get(f"/search.json?q=the&layers={atlas.meta.n_layers + 3}")
+    assert bad.status_code == 400 and "layer" in bad.json()["error"]
+
+
 # --- escaping --------------------------------------------------------------------------------
 def test_markup_in_tokens_and_queries_is_escaped(client: TestClient, atlas: Atlas) -> None:
     marked = [i for i, t in enumerate(atlas.texts) if set(t) & set("<>&\"'")]

@@ -221,6 +221,19 @@ def test_moments_of_a_degenerate_neuron_are_undefined(damaged: Path) -> None:
     assert stored["logit_skew"][ZERO[1]] == 0  # as the decoder stores a constant distribution
 
 
+def test_show_writes_undefined_figures_as_n_a(
+    damaged: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flashlens.cli import main
+
+    assert main(["show", str(damaged), f"up:{ZERO[0]}:{ZERO[1]}"]) == 0
+    out = capsys.readouterr()
+    assert "skew n/a  kurtosis n/a" in out.out and "meaningless" in out.err
+    assert main(["show", str(damaged), "up:0:0"]) == 0
+    out = capsys.readouterr()
+    assert "n/a" not in out.out and "meaningless" not in out.err
+
+
 @pytest.mark.parametrize(
     ("kurtosis", "skew", "message"),
     [

@@ -341,6 +341,7 @@ def _map(
                     meta.compute_dtype,
                 )
         del decoder  # the LM-head (and its int8 copy): not needed to finish
+        writer.keep_tokenizer(source.folder)
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
             if not (source.folder / "tokenizer.json").is_file():

@@ -34,12 +34,13 @@ META = "atlas.json"
 TOKENS = "tokens.parquet"
 REVERSE = "reverse.parquet"
 VALIDATION = "validation.parquet"  # written by `flashlens validate`, derived from the atlas
+TOKENIZER = "tokenizer.json"  # the model's tokenizer, kept with the atlas (search splits text)
 STATE_DIR = ".state"
 MATRIX_DIRS = ("up", "gate", "down")
 
 # Final names of the atlas's own files, in its root and in its matrix folders. A temporary file
 # of `atomic_write` is the final name between "." and ".<random>.tmp".
-_ROOT_NAMES = "|".join(re.escape(n) for n in (META, TOKENS, REVERSE, VALIDATION))
+_ROOT_NAMES = "|".join(re.escape(n) for n in (META, TOKENS, REVERSE, VALIDATION, TOKENIZER))
 _LAYER_NAMES = r"layer_\d{3,}\.parquet"
 
 

@@ -8,7 +8,6 @@ the neuron's top-k or in the token's reverse-index entry; otherwise the model is
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,19 +215,16 @@ def _from_model(
     )
 
 
-_MAP_EXAMPLE = re.compile(r",? e\.g\. `flashlens map [^`]*`")
-
-
 def _open_model(atlas: Atlas, model: str | Path) -> ModelSource:
-    """The model of `--model`; its errors' hints fit `prob` (a hub id that cannot be fetched
-    is passed as a local folder to `--model`, not to `map`)."""
+    """The model of `--model`; an error names the model the atlas was made from."""
     from ..weights import ModelSource
 
     try:
         return ModelSource.open(model)
     except CheckpointError as err:
-        hint = f" to --model (the model this atlas was made from: {atlas.meta.model})"
-        raise CheckpointError(_MAP_EXAMPLE.sub(hint, str(err))) from None
+        raise CheckpointError(
+            f"{err}; --model takes the model this atlas was made from ({atlas.meta.model})"
+        ) from None
 
 
 def norms_agree(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .format import TOKENS_SCHEMA
+from .format import TOKENIZER, TOKENS_SCHEMA
 
 
 def readable(text: str, token: str | None = None) -> str:
@@ -28,7 +28,6 @@ def load_tokenizer(folder: Path):  # type: ignore[no-untyped-def]
     return Tokenizer.from_file(str(path)) if path.is_file() else None
 
 
-TOKENIZER = "tokenizer.json"  # in the atlas folder: the model's tokenizer kept with the atlas
 _CHECKED_IDS = 512  # ids compared between a tokenizer and the atlas' tokens table
 
 

@@ -27,6 +27,7 @@ from .format import (
     REVERSE,
     REVERSE_SCHEMA,
     STATE_DIR,
+    TOKENIZER,
     TOKENS,
     AtlasMeta,
     atlas_files,
@@ -162,6 +163,13 @@ class AtlasWriter:
 
     def write_tokens(self, table: pa.Table) -> None:
         atomic_write(self.root / TOKENS, lambda tmp: pq.write_table(table, tmp))
+
+    def keep_tokenizer(self, model_folder: Path) -> None:
+        """Copy the model's tokenizer.json into the atlas (when it has one): search splits a
+        concept as the model does even once the model folder has moved or gone."""
+        src = model_folder / TOKENIZER
+        if src.is_file() and not (self.root / TOKENIZER).is_file():
+            atomic_write(self.root / TOKENIZER, lambda tmp: shutil.copyfile(src, tmp))
 
     def write_layer(self, matrix: str, layer: int, results: list[BlockResult]) -> None:
         table = layer_table(matrix, layer, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +181,15 @@ def show_command(
         print_json(rec.to_dict())
         return
     console.print(
-        f"[bold]{matrix} {layer}:{index}[/]  entropy {rec.entropy:.2f} nats  "
-        f"logsumexp {rec.logsumexp:.2f}  |w| {rec.w_norm:.3f}  "
-        f"skew {rec.logit_skew:.2f}  kurtosis {rec.logit_kurtosis:.2f}"
+        f"[bold]{matrix} {layer}:{index}[/]  entropy {_num(rec.entropy)} nats  "
+        f"logsumexp {_num(rec.logsumexp)}  |w| {_num(rec.w_norm, 3)}  "
+        f"skew {_num(rec.logit_skew)}  kurtosis {_num(rec.logit_kurtosis)}"
     )
+    if rec.degenerate:
+        err_console.print(
+            "[yellow]note:[/] this neuron's weight vector is all zero or not finite: its "
+            "tokens are meaningless"
+        )
     table = Table(show_edge=False)
     for col in ("#", "top token", "prob", "logit", "bottom token", "logit "):
         table.add_column(col, justify="right" if col[0] in "#pl" else "left")
@@ -197,3 +203,8 @@ def show_command(
             f"{b.logit:.2f}",
         )
     console.print(table)
+
+
+def _num(x: float, digits: int = 2) -> str:
+    """A figure for `show`: n/a when undefined (NaN: a constant or damaged neuron)."""
+    return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"

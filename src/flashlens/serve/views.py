@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..atlas import Atlas, parse_layers
+from ..atlas import Atlas
 from ..atlas.tokens import readable
 from ..errors import AtlasError, FlashlensError, NeuronError
 
@@ -195,9 +195,9 @@ def search(
         "plural": plural,
     }
     try:
-        chosen = parse_layers(layers, atlas.meta.n_layers) if layers else None
+        # (as given: a range searches the atlas's layers inside it, as on the command line)
         result = atlas.search(
-            q, matrix=matrix, layers=chosen, limit=limit_n, top1=top1, plural=plural
+            q, matrix=matrix, layers=layers, limit=limit_n, top1=top1, plural=plural
         )
     except AtlasError:
         raise  # a damaged atlas is the server's problem, not the query's

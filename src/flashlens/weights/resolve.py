@@ -57,6 +57,6 @@ def _download(repo_id: str) -> Path:
             pass
         raise CheckpointError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}); "
-            "download it elsewhere and pass the local folder instead, "
-            "e.g. `flashlens map ./Llama-3.1-8B -o atlas/llama`"
+            "download it where the hub can be reached (e.g. `hf download "
+            f"{repo_id} --local-dir ./{repo_id.split('/')[-1]}`) and pass that folder instead"
         ) from None
