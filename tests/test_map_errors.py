@@ -159,7 +159,7 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
 ) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(CheckpointError, match=r"cannot fetch.*pass the local folder"):
+    with pytest.raises(CheckpointError, match=r"cannot fetch.*hf download.*pass that folder"):
         map_model("nobody-here/no-such-model", tmp_path / "a")
 
 
