@@ -134,9 +134,9 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def other_weights(model: Path, out: Path) -> Path:
-    """A copy of `model` (stories260K) with noise added to layer 4's MLP weights: the same
-    config.json, other weights."""
+def other_weights(model: Path, out: Path, flip: bool = False) -> Path:
+    """A copy of `model` (stories260K) with other weights in layer 4's MLP and the same
+    config.json: noise added, or (`flip`) every neuron's sign flipped, which keeps each norm."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -149,6 +149,6 @@ def other_weights(model: Path, out: Path) -> Path:
     gen = torch.Generator().manual_seed(0)
     for name, t in tensors.items():
         if ".layers.4.mlp." in name:
-            tensors[name] = t + 0.05 * torch.randn(t.shape, generator=gen)
+            tensors[name] = -t if flip else t + 0.05 * torch.randn(t.shape, generator=gen)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out

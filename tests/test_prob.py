@@ -135,6 +135,12 @@ def test_model_weights_must_match_the_atlas(
             atlas.prob(4, 7, matrix=matrix, token_id=5, model=other)
     # The neurons of unchanged layers are the atlas's: answered.
     assert atlas.prob(0, 7, token_id=5, model=other).source == "model"
+    # Signs flipped: every norm kept, the reading not, refused all the same.
+    flipped = other_weights(stories, tmp_path / "flipped", flip=True)
+    for matrix in ("up", "gate", "down"):
+        with pytest.raises(FlashlensError, match=f"neuron {matrix}:4:7 decodes to other logits"):
+            atlas.prob(4, 7, matrix=matrix, token_id=5, model=flipped)
+    assert atlas.prob(0, 7, token_id=5, model=flipped).source == "model"
     # The same weights rounded to bf16: within bf16 rounding of the stored norm, answered.
     assert atlas.meta.weight_dtype == "float32"
     r = atlas.prob(4, 123, " nam", model=stories_bf16)

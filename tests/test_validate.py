@@ -242,6 +242,9 @@ def test_validate_refusesother_weights(
     assert "neuron down:4:3 has |w|" in capsys.readouterr().err
     assert main([*args, "--layers", "4", "--limit", "2"]) == 2  # the search hits are checked
     assert "neuron " in capsys.readouterr().err
+    flipped = other_weights(stories, tmp_path / "flipped", flip=True)  # every norm kept
+    assert main(["validate", str(atlas), "Lily", "--model", str(flipped), "--neurons", "4:38"]) == 2
+    assert "neuron up:4:38 decodes to other logits" in capsys.readouterr().err
     assert not (atlas / "validation.parquet").exists()
     # Unchanged layers are the atlas's; the right model loaded in bf16 is within its rounding.
     assert _validate(capsys, *args[1:], "--neurons", "0:5", "--multiples", "20")["results"]

@@ -175,8 +175,6 @@ def _from_model(
 ) -> TokenProb:
     import torch
 
-    from ..decode.norm import apply_final_norm
-
     layer, index, matrix, lse = rec.layer, rec.index, rec.matrix, rec.logsumexp
     source = _open_model(atlas, model)
     try:
@@ -189,13 +187,8 @@ def _from_model(
         tid = resolve_token(atlas, token, token_id, source.folder)
         w = source.neurons(matrix, layer)[index]  # type: ignore[arg-type]  # (d_model,)
         check_weights(atlas, rec, w, model)
-        w = w.float()
-        x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
-        u = source.W_U()[tid].float()  # (d_model,): one row of the LM-head
-        logit = float(torch.dot(u, x))
-        cap = source.logit_softcap
-        if cap:
-            logit = math.tanh(logit / cap) * cap
+        logit = float(exact_logits(atlas, rec, source, torch.tensor([tid]))[0])
+        check_decodes(atlas, rec, source, model)
     finally:
         source.close()
     rank = next((r for r, s in enumerate(rec.top, 1) if s.token_id == tid), None)
@@ -225,6 +218,44 @@ def _open_model(atlas: Atlas, model: str | Path) -> ModelSource:
         raise CheckpointError(
             f"{err}; --model takes the model this atlas was made from ({atlas.meta.model})"
         ) from None
+
+
+def exact_logits(
+    atlas: Atlas, rec: NeuronRecord, source: ModelSource, ids: torch.Tensor
+) -> torch.Tensor:
+    """fp32 logits (n,) the neuron's vector in `source` gives tokens `ids` (n,): the final
+    norm as the atlas applied it, rows of the LM-head, the soft-cap when the family has one."""
+    import torch
+
+    from ..decode.norm import apply_final_norm
+
+    w = source.neurons(rec.matrix, rec.layer)[rec.index].float()  # type: ignore[arg-type]
+    x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
+    logits = source.W_U()[ids].float() @ x  # (n,)
+    cap = source.logit_softcap
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# The atlas's top-k logits are exact fp32 (rescored): 0.1 apart means other weights.
+LOGIT_TOLERANCE = 0.1
+
+
+def check_decodes(atlas: Atlas, rec: NeuronRecord, source: ModelSource, model: str | Path) -> None:
+    """Refuse weights that keep the neuron's norm but not its reading (a sign flipped, entries
+    permuted), which `check_weights` lets through: the neuron's stored top tokens must get,
+    from `source`'s weights, the logits the atlas stores for them."""
+    import torch
+
+    ids = torch.tensor([t.token_id for t in rec.top], dtype=torch.long)
+    want = torch.tensor([t.logit for t in rec.top], dtype=torch.float32)
+    got = exact_logits(atlas, rec, source, ids)
+    if bool(((got - want).abs() > LOGIT_TOLERANCE).any()):  # (NaN on both sides: not refused)
+        raise AtlasError(
+            f"{model} is not the model the atlas at {atlas.root} was mapped from "
+            f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} decodes to other "
+            f"logits for its stored top tokens (same config.json and |w|, other weights); map it "
+            f"into a new atlas (flashlens map {model} -o OUT), or pass --model {atlas.meta.model}"
+        )
 
 
 def norms_agree(

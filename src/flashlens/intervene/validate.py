@@ -26,9 +26,10 @@ from ..atlas import Atlas
 from ..atlas.atlas import read_parquet
 from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import VALIDATION, atomic_write
-from ..atlas.prob import check_weights
+from ..atlas.prob import check_decodes, check_weights
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
+from ..weights import ModelSource
 from .concept import concept_variants, single_token, variant_ids
 from .dose import (
     DEFAULT_MULTIPLES,
@@ -126,6 +127,24 @@ def check_factor(factor: float) -> None:
         raise NeuronError(f"--factor must be positive and finite (got {factor:g})")
 
 
+def check_model_weights(atlas: Atlas, lm: LoadedModel, neurons: Sequence[Neuron]) -> None:
+    """Refuse a model whose neurons are not the ones the atlas decoded: each neuron's |w| in
+    the loaded module, and its stored top tokens' logits from the checkpoint (an edit that
+    keeps the norm, such as a flipped sign, changes them)."""
+    source = ModelSource.open(lm.folder)
+    try:
+        for n in neurons:
+            atlas.check_neuron(n.layer, n.index, n.matrix)
+            rec = atlas.neuron(n.layer, n.index, n.matrix)
+            site = resolve_site(lm.model, n)  # the module of the neuron's matrix
+            W = cast(torch.Tensor, site.module.weight)
+            w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
+            check_weights(atlas, rec, w.detach(), lm.name)
+            check_decodes(atlas, rec, source, lm.name)
+    finally:
+        source.close()
+
+
 def model_key(name: str) -> str:
     """The model as validation.parquet records it: a local folder as its resolved path (the
     same folder given through a symlink or a relative path is one model), a hub id as given."""
@@ -211,12 +230,7 @@ def validate(
     else:
         expansion = concept_variants(concept, atlas.tokens, atlas.texts, plural)
         chosen = list(dict.fromkeys(neurons))
-    for n in chosen:
-        atlas.check_neuron(n.layer, n.index, n.matrix)
-        site = resolve_site(lm.model, n)  # the module of the neuron's matrix
-        W = cast(torch.Tensor, site.module.weight)
-        w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
-        check_weights(atlas, atlas.neuron(n.layer, n.index, n.matrix), w.detach(), lm.name)
+    check_model_weights(atlas, lm, chosen)
     ids = variant_ids(expansion)
     for n in chosen:
         if n not in decoded:
