@@ -11,9 +11,11 @@ concepts (median of repeats, after one warm-up query each).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -238,8 +240,9 @@ def write_results(
         [
             head,
             "",
-            "Date: 2026-11-21. Machine: 2-core x86-64 CPU (AVX512-BF16), 24 GiB "
-            f"(1-min load average {os.getloadavg()[0]:.1f} during the run: other jobs shared it).",
+            f"Date: {datetime.date.today().isoformat()}. Machine: {os.cpu_count()}-core "
+            f"{platform.machine()} CPU, 1-min load average {os.getloadavg()[0]:.1f} at the end "
+            "of the run.",
             "",
             f"Synthetic atlas, up matrix: {N_LAYERS} layers x {D_MLP:,} neurons "
             f"({N_LAYERS * D_MLP:,}), top-{TOP_K} over the real {D_VOCAB:,}-token Llama 3 "
@@ -255,6 +258,7 @@ def write_results(
             f"| target | < {TARGET_MS:.0f} ms median: {verdict} |",
             "",
             "Per concept (ms): " + json.dumps({k: round(v, 1) for k, v in per.items()}),
+            "",
             "",
         ]
     )
