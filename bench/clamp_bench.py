@@ -20,7 +20,9 @@ over repetitions of the paired ratio hooked / plain, minus 1. Prints a table and
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import platform
 import statistics
 import sys
 import time
@@ -140,7 +142,8 @@ def main() -> None:
     lines = [
         SECTION,
         "",
-        "Date: 2026-11-21. Machine: 2-core x86-64 CPU (AVX512-BF16), 24 GiB, torch "
+        f"Date: {datetime.date.today().isoformat()}. Machine: {os.cpu_count()}-core "
+        f"{platform.machine()} CPU, torch "
         f"{torch.__version__}, 1 torch thread; shared machine (load average {load:.1f} at the "
         f"end of the run). `python bench/clamp_bench.py --reps {args.reps}`.",
         "",
