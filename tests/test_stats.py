@@ -149,6 +149,18 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return map_damaged(tmp_path_factory.mktemp("damaged"))
 
 
+def test_degenerate_neurons_take_no_place_in_the_reverse_index(damaged: Path) -> None:
+    """A NaN probability sorted first and a flat distribution ties everywhere: neither may
+    push a real neuron out of a token's top N. Every token keeps N entries, all finite."""
+    atlas = Atlas.open(damaged)
+    rev = pq.read_table(atlas.reverse_path).to_pydict()
+    pairs = set(zip(rev["layer"], rev["index"], strict=True))
+    assert ZERO not in pairs and NAN not in pairs
+    assert np.isfinite(np.array(rev["prob"], dtype=np.float64)).all()
+    per_token = np.bincount(np.array(rev["token_id"]), minlength=atlas.meta.d_vocab)
+    assert (per_token == atlas.meta.reverse_n).all()
+
+
 def test_degenerate_neurons_are_their_own_kind_and_skipped(damaged: Path) -> None:
     """An all-zero or NaN neuron counts as kind `degenerate` and is left out of the means and
     quantiles (said in `skipped`), not a NaN mean for its whole layer nor a `byte` neuron."""

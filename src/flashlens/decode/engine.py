@@ -181,11 +181,15 @@ class Decoder:
             # (The exact tokens are among the candidates here, each token once.)
             delta = torch.exp(top_logits - lse[:, None]) - torch.exp(top_approx - lse[:, None])
             lse = lse + torch.log1p(delta.sum(1).clamp_min(-0.999999))
+        w_norm = W.float().norm(dim=1)  # (B,)
         if reverse is not None and refs is not None:
             # The chunk gaps were reduced against the table as it stands; the reverse index
             # compares them with the corrected logsumexp and checks the flagged chunks exactly.
+            # A degenerate neuron (all-zero or non-finite vector: a flat or NaN distribution,
+            # NaN sorting first) takes no place in it: its ref is -1, as a padding row's.
             gap = None if reverse.filling else st.chunk_gap
-            reverse.update(L, lse, refs.to(self.device), gap)
+            sound = torch.isfinite(w_norm) & (w_norm > 0)
+            reverse.update(L, lse, torch.where(sound, refs.to(self.device), -1), gap)
         k = self.top_k
         var = st.m2.clamp_min(1e-30)
         return BlockResult(
@@ -196,7 +200,7 @@ class Decoder:
             bottom_logits=bot_logits[:, :k].cpu(),
             logsumexp=lse.cpu(),
             entropy=st.entropy.cpu(),
-            w_norm=W.float().norm(dim=1).cpu(),
+            w_norm=w_norm.cpu(),
             logit_mean=mu.cpu(),
             logit_std=var.sqrt().cpu(),
             logit_skew=(st.m3 / var**1.5).cpu(),
