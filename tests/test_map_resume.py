@@ -227,6 +227,40 @@ def test_a_resumed_run_keeps_the_interrupted_runs_dtype(
     assert_same_atlas(out, whole)
 
 
+def test_another_checkpoint_of_the_same_config_is_refused_a_moved_folder_is_not(
+    big_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun into an atlas recorded from another folder resumes (or reuses) it only when
+    that folder holds the same neurons: one atlas never mixes two models."""
+    import shutil
+
+    out = tmp_path / "atlas"
+    fail_write(monkeypatch, 3)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64, layers="0-5")
+    monkeypatch.undo()
+    retrained = make_model(
+        tmp_path / "retrained",
+        d_vocab=4096,
+        d_model=64,
+        d_mlp=256,
+        n_layers=24,
+        tokenizer=None,
+        seed=1,
+    )  # the same config.json, other weights
+    assert (retrained / "config.json").read_text() == (big_model / "config.json").read_text()
+    before = (out / "atlas.json").read_text()
+    with pytest.raises(AtlasError, match=r"other weights with the same config.json.*--overwrite"):
+        map_model(retrained, out, compile="off", block=64, layers="0-5")
+    assert (out / "atlas.json").read_text() == before
+    moved = tmp_path / "moved"
+    shutil.copytree(big_model, moved)  # the same model in another folder: resumed
+    summary = map_model(moved, out, compile="off", block=64, layers="0-5")
+    assert summary.neurons_skipped == 2 * 256
+    with pytest.raises(AtlasError, match="other weights"):  # complete: not reused either
+        map_model(retrained, out, compile="off", block=64, layers="0-5")
+
+
 def test_the_order_of_the_matrices_is_not_a_setting(big_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
     map_model(big_model, out, matrices="up,down", layers="0-1", compile="off")

@@ -17,7 +17,8 @@ import torch
 
 from . import __version__, heap
 from .atlas.atlas import Atlas, LayerSpec, parse_layers, read_parquet
-from .atlas.format import AtlasMeta
+from .atlas.format import META, AtlasMeta, layer_file, read_meta
+from .atlas.prob import norms_agree
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
 from .decode.audit import AuditSample, run_audit
@@ -34,7 +35,7 @@ from .decode.policy import (
     use_compile,
 )
 from .decode.reverse import SPARE, ReverseIndex
-from .errors import FlashlensError
+from .errors import AtlasError, FlashlensError
 from .families import Matrix
 from .progress import progress_bar, status
 from .weights import ModelSource
@@ -202,6 +203,8 @@ def _map(
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+    if not overwrite:
+        _check_same_model(out, source)
     asked = None if dtype_name == "auto" else dtype_label(compute_dtype)
     writer = AtlasWriter(out, meta, overwrite=overwrite, dtype_asked=asked)
     resumed = bool(writer.done)  # then meta holds the interrupted run's dtype and pilot
@@ -356,6 +359,37 @@ def _map(
     atlas = Atlas.open(out)  # the finished atlas must open
     summary.warnings += _degenerate_neurons(atlas)
     return summary
+
+
+def _check_same_model(out: Path, source: ModelSource) -> None:
+    """An atlas in `out` recorded from another folder or hub id must hold this model's
+    neurons before a rerun resumes or reuses it: a moved folder is fine, another checkpoint
+    with the same config.json (a fine-tune, a retrain) is refused. One finished layer's
+    stored |w| is compared with the model's."""
+    try:
+        old = read_meta(out / META)
+    except (ValueError, OSError):
+        return  # no atlas there, or a damaged atlas.json: the writer says what to do
+    if old.model == source.model or old.config_hash != source.config_hash:
+        return  # (another config: the writer refuses it, naming the setting)
+    for matrix in old.matrices:
+        for layer in old.layers:
+            path = layer_file(out, matrix, layer)
+            if not path.is_file():
+                continue
+            try:
+                stored = read_parquet(path, columns=["w_norm"]).column("w_norm").to_numpy()
+            except AtlasError:
+                return  # a damaged layer file: the writer's checks name it
+            W = source.neurons(matrix, layer)  # type: ignore[arg-type]  # (d_mlp, d_model)
+            found = torch.cat([W[i : i + 1024].float().norm(dim=1) for i in range(0, len(W), 1024)])
+            if found.shape[0] != stored.shape[0] or not norms_agree(found.numpy(), stored).all():
+                raise AtlasError(
+                    f"{out} holds an atlas of {old.model}, and {source.model} has other weights "
+                    f"with the same config.json ({matrix} layer {layer}: neuron norms differ); "
+                    "choose another -o folder, or pass --overwrite to replace it"
+                )
+            return  # one layer tells
 
 
 def _degenerate_neurons(atlas: Atlas) -> list[str]:
