@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -244,6 +245,12 @@ def test_different_settings_are_refused(tmp_path: Path, stories: Path, stories_a
     )
     msg = _error(stories_atlas, tmp_path / "k5")
     assert "top-k: A has 10, B has 5" in msg and "norm mode: A has 'model', B has 'none'" in msg
+    assert "--top-k K" in msg
+    map_model(stories, tmp_path / "k5m", matrices="up", layers="0", top_k=5, compile="off")
+    assert "top-k: A has 10, B has 5" in _error(stories_atlas, tmp_path / "k5m")
+    five = compare(stories_atlas, tmp_path / "k5m", top_k=5, distance="atlas")  # fits both
+    assert five.top_k == 5 and five.figures("up").same_top1 == 1.0
+    assert "store top-5 lists" in _error(stories_atlas, tmp_path / "k5m", top_k=6)
 
 
 def test_different_shapes_and_architectures_are_refused(
@@ -439,6 +446,23 @@ def test_top_k_compares_the_first_k_of_the_stored_lists(
     ]
     assert np.allclose(t3.jaccard, sets)
     assert not np.allclose(t3.jaccard, t10.jaccard)
-    for bad in (0, 11):
-        with pytest.raises(FlashlensError, match="store top-10 lists"):
+    for bad, message in ((0, "give 1 to 10"), (11, "store top-10 lists")):
+        with pytest.raises(FlashlensError, match=message):
             compare(stories_atlas, tuned_atlas, top_k=bad, distance="atlas")
+
+
+def test_a_stored_probability_that_underflowed_to_zero_is_not_a_mismatch() -> None:
+    """A very peaked neuron stores 0.0 for its k-th token (exp underflow in fp32) while the
+    exact log-probability is finite (-120): the weights are the atlas's all the same."""
+    from types import SimpleNamespace
+
+    from flashlens.comparison.exact import Stored, _check_probs
+    from flashlens.errors import AtlasError
+
+    source: Any = SimpleNamespace(folder=Path("model"))
+    lp = torch.tensor([[-1e-6, -120.0, -130.0, -200.0]]).double()
+    stored = Stored(np.array([1.0]), np.array([[0, 1, 2]]), np.array([[1.0, 0.0, 0.0]]))
+    _check_probs(source, "up", 0, 0, lp, stored)  # no error
+    flipped = Stored(np.array([1.0]), np.array([[3, 1, 2]]), np.array([[1.0, 0.0, 0.0]]))
+    with pytest.raises(AtlasError, match="neuron 0 decodes to other probabilities"):
+        _check_probs(source, "up", 0, 0, lp, flipped)

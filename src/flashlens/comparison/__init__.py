@@ -68,9 +68,9 @@ def compare(
         raise FlashlensError(f"unknown distance {distance!r}: use auto, exact or atlas")
     req = Request(matrices, layers, top_k, norm, device, dtype, compile, block, overwrite, progress)
     A, B = open_pair(a, b, out, req)
-    check_compatible(A, B)
+    check_compatible(A, B, top_k)
     ms, ls, notes = common_scope(A, B, matrices, layers)
-    k = compared_top_k(A, top_k)
+    k = compared_top_k(A, B, top_k)
     if A.meta.compute_dtype != B.meta.compute_dtype:
         notes.append(
             f"the atlases were decoded in different precisions ({A.meta.compute_dtype} "
@@ -165,16 +165,18 @@ def _compare_layers(
     return parts
 
 
-def compared_top_k(atlas: Atlas, top_k: int | None) -> int:
+def compared_top_k(A: Atlas, B: Atlas, top_k: int | None) -> int:
     """The k of the compared top-k lists: `top_k` (the first k of each stored list) or, by
     default, all the atlases store."""
-    stored = atlas.meta.top_k
+    stored = min(A.meta.top_k, B.meta.top_k)
     if top_k is None:
         return stored
-    if not 1 <= top_k <= stored:
+    if top_k < 1:
+        raise FlashlensError(f"--top-k {top_k}: give 1 to {stored}")
+    if top_k > stored:
         raise FlashlensError(
-            f"--top-k {top_k}: the atlases store top-{stored} lists; compare the first 1-{stored} "
-            f"of them, or map again with --top-k {top_k} --overwrite"
+            f"--top-k {top_k}: the atlases store top-{stored} lists (at least one of them); "
+            f"compare the first 1-{stored} of them, or map again with --top-k {top_k} --overwrite"
         )
     return top_k
 

@@ -125,6 +125,7 @@ class Stored:
 # The atlas's top-k probabilities are within 1% of exact (the map's tolerance): 0.1 nat apart
 # in log-probability means the weights decode to something else.
 PROB_TOLERANCE_NATS = 0.1
+LOG_FLOOR = math.log(1e-30)
 
 
 def _check_weights(
@@ -147,7 +148,8 @@ def _check_probs(
     ids = torch.from_numpy(np.array(stored.top_ids[rows], dtype=np.int64))
     want = torch.from_numpy(np.array(stored.top_probs[rows], dtype=np.float64)).log()
     got = lp.gather(1, ids.to(lp.device)).double().cpu()
-    off = (got - want).abs()
+    # (a stored probability that underflowed to 0 is log 0: both sides floored at 1e-30)
+    off = (got.clamp_min(LOG_FLOOR) - want.clamp_min(LOG_FLOOR)).abs()
     bad = off > PROB_TOLERANCE_NATS  # (NaN, a non-finite neuron on either side: not bad)
     if bool(bad.any()):
         row = int(bad.any(1).nonzero()[0, 0])

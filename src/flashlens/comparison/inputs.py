@@ -178,12 +178,14 @@ SAME = ("architecture", "family", "d_model", "d_mlp", "n_layers", "d_vocab", "to
 LABELS = {"d_vocab": "vocabulary size", "top_k": "top-k", "norm": "norm mode"}
 
 
-def check_compatible(a: Atlas, b: Atlas) -> None:
-    """Refuse atlases whose figures would not be comparable, saying everything that differs."""
+def check_compatible(a: Atlas, b: Atlas, top_k: int | None = None) -> None:
+    """Refuse atlases whose figures would not be comparable, saying everything that differs.
+    With `top_k` (the first K of each list are compared) their stored k may differ."""
     diffs = [
         f"{LABELS.get(f, f)}: A has {getattr(a.meta, f)!r}, B has {getattr(b.meta, f)!r}"
+        + (" (or compare the first K of both lists with --top-k K)" if f == "top_k" else "")
         for f in SAME
-        if getattr(a.meta, f) != getattr(b.meta, f)
+        if getattr(a.meta, f) != getattr(b.meta, f) and not (f == "top_k" and top_k is not None)
     ]
     if diffs:
         raise AtlasError(
