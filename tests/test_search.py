@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -171,6 +172,9 @@ def test_bad_input(
         atlas.search("dog", matrix="gate")
     with pytest.raises(FlashlensError, match=r"^limit must be at least 1"):
         atlas.search("dog", limit=0)  # no CLI flag name (--limit) outside the CLI
+    wrong: Any = "5"
+    with pytest.raises(FlashlensError, match="limit must be an integer, not '5'"):
+        atlas.search("dog", limit=wrong)
     # Nothing found: said, with the nearest tokens.
     res = atlas.search("dog", top1=True, layers=[0])
     assert not res.hits and any("nothing found" in n for n in res.notes)

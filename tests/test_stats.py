@@ -238,6 +238,10 @@ def test_show_writes_undefined_figures_as_n_a(
 ) -> None:
     from flashlens.cli import main
 
+    assert main(["show", str(damaged), f"up:{NAN[0]}:{NAN[1]}"]) == 0
+    out = capsys.readouterr()
+    assert "skew n/a  kurtosis n/a" in out.out and "meaningless" in out.err
+    assert "nan" not in out.out.lower()  # the NaN neuron's table too: n/a, not nan
     assert main(["show", str(damaged), f"up:{ZERO[0]}:{ZERO[1]}"]) == 0
     out = capsys.readouterr()
     assert "skew n/a  kurtosis n/a" in out.out and "meaningless" in out.err

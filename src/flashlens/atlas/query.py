@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..checks import is_integer
 from ..errors import AtlasError, NeuronError
 from .concepts import TokenVariant, Vocab, expand
 from .format import REVERSE, VALIDATION
@@ -187,6 +188,8 @@ def search(
     plural: bool = False,
 ) -> SearchResult:
     """Neurons ranked by the probability they give a concept's tokens (see module doc)."""
+    if not is_integer(limit):
+        raise NeuronError(f"limit must be an integer, not {limit!r}")
     if limit < 1:
         raise NeuronError(f"limit must be at least 1 (got {limit})")
     db = AtlasDB.of(atlas)

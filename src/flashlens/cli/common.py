@@ -70,6 +70,8 @@ def show_variants(variants: Sequence[TokenVariant]) -> str:
 def show_prob(p: float) -> str:
     """A probability for a table: 4 decimals, or 3 significant digits below 0.001 (never a
     bare 0.0000 for a small but real probability)."""
+    if math.isnan(p):
+        return "n/a"  # (a degenerate neuron's NaN distribution)
     return f"{p:.4f}" if p >= 1e-3 or p == 0 else f"{p:.2e}"
 
 

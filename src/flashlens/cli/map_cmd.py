@@ -198,13 +198,13 @@ def show_command(
             str(i),
             show_token(t.text, t.token),
             show_prob(t.prob),
-            f"{t.logit:.2f}",
+            _num(t.logit),
             show_token(b.text, b.token),
-            f"{b.logit:.2f}",
+            _num(b.logit),
         )
     console.print(table)
 
 
 def _num(x: float, digits: int = 2) -> str:
     """A figure for `show`: n/a when undefined (NaN: a constant or damaged neuron)."""
-    return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"
+    return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
