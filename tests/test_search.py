@@ -432,7 +432,12 @@ def test_a_layer_range_searches_the_atlas_layers_inside_it(
     everything = atlas.search("the", limit=100_000).hits
     assert [h for h in everything if h.layer == 1] == res.hits
     assert {h.layer for h in atlas.search("the", layers="0-4", limit=1000).hits} == {1, 3}
-    assert [r.layer for r in atlas.stats(layers="0-2").rows] == [1]
+    st = atlas.stats(layers="0-2")
+    assert [r.layer for r in st.rows] == [1]
+    assert st.notes == ["layers 0,2 are not in this atlas; the table shows 1"]
+    assert atlas.stats().notes == [] and atlas.stats(layers="1-3").notes == [
+        "layer 2 is not in this atlas; the table shows 1,3"
+    ]
     # A layer named alone must be in the atlas; a range must hold at least one of its layers.
     for spec in ("0", [0], 2, "0,1", "1,2-2"):
         with pytest.raises(

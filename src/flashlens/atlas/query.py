@@ -195,7 +195,7 @@ def search(
     db = AtlasDB.of(atlas)
     matrices, chosen = select(atlas, matrix, layers)
     exp = expand(concept, db.vocab, plural)
-    result = SearchResult(exp.concept, exp.variants, list(exp.notes) + _layer_notes(layers, chosen))
+    result = SearchResult(exp.concept, exp.variants, list(exp.notes) + layer_notes(layers, chosen))
     ids = [v.token_id for v in exp.variants]
     # fwd: (neuron, variant) pairs from the neurons' own top-k lists, with the rank there.
     # rev: (neuron, variant) pairs from each variant's top-N neurons.
@@ -264,8 +264,9 @@ def search(
     return result
 
 
-def _layer_notes(layers: LayerSpec | None, chosen: list[int]) -> list[str]:
-    """Which layers of the ranges asked for are not in the atlas (they are left out)."""
+def layer_notes(layers: LayerSpec | None, chosen: list[int], done: str = "searched") -> list[str]:
+    """Which layers of the ranges asked for are not in the atlas (they are left out); `done`
+    says what was done with the others."""
     from .atlas import format_layers, parse_layers
 
     if layers is None:
@@ -275,7 +276,7 @@ def _layer_notes(layers: LayerSpec | None, chosen: list[int]) -> list[str]:
         return []
     are = "layers {} are" if len(absent) > 1 else "layer {} is"
     return [
-        f"{are.format(format_layers(absent))} not in this atlas; searched {format_layers(chosen)}"
+        f"{are.format(format_layers(absent))} not in this atlas; {done} {format_layers(chosen)}"
     ]
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from ..errors import FlashlensError
-from .query import AtlasDB, select
+from .query import AtlasDB, layer_notes, select
 
 if TYPE_CHECKING:
     from .atlas import Atlas, LayerSpec
@@ -106,6 +106,7 @@ class AtlasStats:
     skew: float
     quantiles: list[float] = field(default_factory=lambda: list(QUANTILES))
     rows: list[LayerStats] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. layers of a range not in the atlas
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +118,7 @@ class AtlasStats:
             },
             "quantiles": self.quantiles,
             "rows": [asdict(r) for r in self.rows],
+            "notes": self.notes,
         }
 
 
@@ -173,7 +175,7 @@ def atlas_stats(
         [files, list(QUANTILES), list(QUANTILES), kurtosis, skew, kurtosis, skew, *KINDS],
     )
     order = {m: i for i, m in enumerate(matrices)}
-    out = AtlasStats(kurtosis, skew)
+    out = AtlasStats(kurtosis, skew, notes=layer_notes(layers, chosen, "the table shows"))
     for r in sorted(rows, key=lambda r: (order[r[0]], r[1])):
         out.rows.append(
             LayerStats(

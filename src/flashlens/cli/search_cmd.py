@@ -143,6 +143,8 @@ def stats_command(
     if json_out:
         print_json(st.to_dict())
         return
+    for note in st.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
     title = f"{at.meta.model}: per layer (top-1 prob, entropy in nats: p10 median p90)"
     table = Table(show_edge=False, title=title)
     kinds = [KIND_COLUMNS.get(k, k) for k in KINDS]  # every kind: a row's kinds sum to its neurons
