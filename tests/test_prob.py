@@ -262,3 +262,12 @@ def test_a_split_without_the_model_tokenizer_is_called_approximate(
     with pytest.raises(FlashlensError) as info:
         Atlas.open(stories_atlas).prob(2, 7, " puppydog")  # the model folder is there
     assert "not found" not in str(info.value)
+
+
+def test_a_word_without_its_leading_space_names_the_one_token_meant(stories_atlas: Path) -> None:
+    """SentencePiece reads 'Once' as the one token ' Once': the error gives that text rather
+    than calling 'Once' several tokens."""
+    at = Atlas.open(stories_atlas)
+    with pytest.raises(FlashlensError, match=r"reads it as ' Once', one token: give that text"):
+        at.prob(2, 7, "Once")
+    assert at.prob(2, 7, " Once", model=at.meta.model).token == "▁Once"

@@ -88,6 +88,12 @@ def resolve_token(
         if not exact and vocab.tokenizer is None and vocab.no_tokenizer
         else ""
     )
+    if len(pieces) == 1 and pieces[0] != token:
+        # one token of another text: a SentencePiece tokenizer adds a word-start space
+        raise ConceptError(
+            f"{token!r} is no token's text here; the tokenizer reads it as {pieces[0]!r}, one "
+            f"token: give that text, e.g. {pieces[0]!r}"
+        )
     raise ConceptError(
         f"{token!r} is not one token: it tokenizes as "
         f"{' + '.join(map(repr, pieces)) or '(nothing)'}{approx}{hint}"
