@@ -142,6 +142,15 @@ def test_complete_rerun_is_a_no_op(big_model: Path, reference_atlas: Path) -> No
     summary = map_model(big_model, reference_atlas, compile="off", block=64)
     assert summary.neurons_mapped == 0 and summary.neurons_skipped == 3 * 24 * 256
     assert (reference_atlas / "atlas.json").read_text() == before
+    assert summary.warnings == [] and summary.compute_dtype == "float32"
+    # another --dtype is not applied to a complete atlas, and the summary says so
+    other = map_model(big_model, reference_atlas, compile="off", block=64, dtype="bfloat16")
+    assert other.neurons_mapped == 0 and other.compute_dtype == "float32"
+    assert other.warnings == [
+        "the atlas was computed in float32, not in the --dtype bfloat16 asked for; pass "
+        "--overwrite to map it again in bfloat16"
+    ]
+    assert (reference_atlas / "atlas.json").read_text() == before
 
 
 def test_other_settings_refused_unless_overwrite(big_model: Path, tmp_path: Path) -> None:

@@ -219,6 +219,13 @@ def _map(
     if writer.already_complete:
         summary.neurons_skipped = total
         summary.seconds = time.perf_counter() - start
+        assert writer.existing is not None
+        made_in = summary.compute_dtype = writer.existing.compute_dtype
+        if asked is not None and asked != made_in:
+            summary.warnings.append(
+                f"the atlas was computed in {made_in}, not in the --dtype {asked} asked for; "
+                f"pass --overwrite to map it again in {asked}"
+            )
         return summary
     load = lambda job: _load(source, job, device)  # noqa: E731
     sample = AuditSample(len(jobs), source.d_mlp, audit)

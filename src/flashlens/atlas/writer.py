@@ -68,6 +68,7 @@ class AtlasWriter:
         self.done: set[str] = set()  # layers recorded in the resume state
         self._written: set[str] = set()  # layers written since, not yet recorded
         old = self._existing_meta(overwrite)
+        self.existing = None if overwrite else old  # the atlas found in the folder, if any
         if old is not None and not overwrite:
             diff = {
                 k: (v, meta.settings()[k])

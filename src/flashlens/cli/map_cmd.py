@@ -91,6 +91,7 @@ def map_command(
     s = summary
     if s.neurons_mapped == 0:
         err_console.print(f"[green]{out}[/] is already complete ({s.neurons_skipped:,} neurons).")
+        _print_warnings(s.warnings)
         return
     resumed = f", {s.neurons_skipped:,} resumed" if s.neurons_skipped else ""
     err_console.print(
