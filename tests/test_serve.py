@@ -432,3 +432,16 @@ def test_a_damaged_atlas_is_a_500_that_says_so(stories_atlas: Path, tmp_path: Pa
         twin = client.get(path + ("&" if "?" in path else "?") + "format=json")
         assert twin.status_code == 500 and "damaged" in twin.json()["error"]
     assert client.get("/neuron/up/1/7").status_code == 200  # the rest still serves
+
+
+def test_a_degenerate_neuron_page_says_so_and_writes_no_nan(tmp_path: Path) -> None:
+    from .test_stats import NAN, ZERO, map_damaged
+
+    client = TestClient(make_app(Atlas.open(map_damaged(tmp_path))))
+    for layer, index in (NAN, ZERO):
+        r = client.get(f"/neuron/up/{layer}/{index}")
+        assert r.status_code == 200
+        assert "all zero or not finite" in r.text
+        assert ">nan<" not in r.text and 'title="nan"' not in r.text  # n/a instead
+    sound = client.get("/neuron/up/0/0")
+    assert sound.status_code == 200 and "all zero or not finite" not in sound.text

@@ -35,6 +35,7 @@ main { padding:1rem 1.5rem 3rem; max-width:72rem; }
 h1 { font-size:1.5rem; margin:.4rem 0 .2rem; overflow-wrap:anywhere; }
 h2 { font-size:1.1rem; margin:1.6rem 0 .5rem; }
 .sub { color:var(--muted); margin:0 0 1rem; }
+.note { color:#8a5a00; margin:0 0 1rem; }
 .nav { display:flex; gap:1rem; margin:.3rem 0 1rem; flex-wrap:wrap; }
 .nav .off { color:#b0b6c0; }
 table { border-collapse:collapse; font-size:14px; }
@@ -119,13 +120,17 @@ def top_cells(ids: list[int], vocab: dict[str, dict[str, str]]) -> str:
     return f'<span class="tokens">{cells}</span>'
 
 
-def prob(p: float) -> str:
+def prob(p: float | None) -> str:
+    if p is None or math.isnan(p):
+        return "n/a"  # (a degenerate neuron's NaN distribution)
     if not math.isfinite(p):
         return str(p)
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def num(x: float, digits: int = 2) -> str:
+def num(x: float | None, digits: int = 2) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
     return f"{x:.{digits}f}" if math.isfinite(x) else str(x)
 
 
@@ -179,6 +184,16 @@ def table(head: list[str], rows: list[list[str]], num_cols: set[int] | None = No
         for row in rows
     )
     return f"<table>\n<thead><tr>{ths}</tr></thead>\n<tbody>\n{trs}</tbody>\n</table>"
+
+
+def _degenerate_note(w_norm: float | None) -> str:
+    """A note above a neuron whose weight vector is all zero or not finite."""
+    if w_norm is not None and math.isfinite(w_norm) and w_norm != 0:
+        return ""
+    return (
+        '<p class="note">This neuron\'s weight vector is all zero or not finite: its tokens '
+        "are meaningless (a pruned or damaged checkpoint?).</p>\n"
+    )
 
 
 def kv(pairs: list[tuple[str, str]]) -> str:
@@ -288,7 +303,7 @@ def neuron_page(data: dict[str, Any]) -> str:
     body = f"""<h1>Neuron {esc(name)}</h1>
 <p class="sub">What this {esc(d["matrix"])} neuron writes, read through the LM-head:
 softmax(W_U · final_norm(w)).</p>
-{nav}
+{_degenerate_note(d["w_norm"])}{nav}
 <div class="grid">
 <section><h2>Top tokens (promoted)</h2>{top}</section>
 <section><h2>Moments</h2>{stats}</section>
