@@ -178,7 +178,7 @@ def test_a_neuron_address_must_be_integers(stories_atlas: Path) -> None:
 
 
 def test_a_concept_a_token_and_a_token_id_of_the_wrong_type_are_named(stories_atlas: Path) -> None:
-    from flashlens import Neuron
+    from flashlens import Neuron, compare, map_model
 
     at = Atlas.open(stories_atlas)
 
@@ -192,6 +192,9 @@ def test_a_concept_a_token_and_a_token_id_of_the_wrong_type_are_named(stories_at
         (lambda: at.prob(2, 7, token_id=wrong("5")), "the token id must be an integer, not '5'"),
         (lambda: Neuron(wrong("1"), 2), "layer and index must be integers"),
         (lambda: Neuron(1, wrong(2.5)), "layer and index must be integers"),
+        (lambda: Atlas.open(wrong(5)), "the atlas folder must be a path or a name, not 5"),
+        (lambda: map_model(wrong(5), "out"), "the model (a folder or a Hugging Face id) must"),
+        (lambda: compare(wrong(None), stories_atlas), "the model or atlas to compare must be"),
     ]
     for call, message in bad:
         with pytest.raises(FlashlensError, match=re.escape(message)):

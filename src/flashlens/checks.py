@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numbers
+import os
 
 from .errors import FlashlensError
 
@@ -18,4 +19,11 @@ def require_text(value: object, what: str, example: str) -> str:
     e.g. 'dog', not 5"."""
     if not isinstance(value, str):
         raise FlashlensError(f"the {what} must be text, e.g. {example!r}, not {value!r}")
+    return value
+
+
+def require_path(value: object, what: str) -> str | os.PathLike[str]:
+    """`value` if it is a path (a str or a PathLike); else a FlashlensError naming `what`."""
+    if not isinstance(value, str | os.PathLike):
+        raise FlashlensError(f"the {what} must be a path or a name, not {value!r}")
     return value

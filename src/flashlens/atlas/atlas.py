@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..checks import is_integer
+from ..checks import is_integer, require_path
 from ..errors import AtlasError, NeuronError
 from .format import (
     FORMAT_VERSION,
@@ -116,7 +116,7 @@ class Atlas:
 
     @classmethod
     def open(cls, path: str | Path) -> Atlas:
-        root = Path(path).expanduser()
+        root = Path(require_path(path, "atlas folder")).expanduser()
         if not root.is_dir():
             raise AtlasError(
                 f"no atlas at {root}: the folder does not exist; make one with "

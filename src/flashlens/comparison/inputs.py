@@ -15,6 +15,7 @@ from typing import Literal
 from ..atlas import Atlas, AtlasMeta, format_layers, parse_layers
 from ..atlas.atlas import LayerSpec
 from ..atlas.format import META
+from ..checks import require_path
 from ..errors import AtlasError, FlashlensError
 from ..families import MATRICES
 from ..mapping import map_model, parse_matrices
@@ -40,7 +41,7 @@ class Request:
 
 
 def kind_of(arg: str | Path) -> Kind:
-    path = Path(arg).expanduser()
+    path = Path(require_path(arg, "model or atlas to compare")).expanduser()
     if path.is_dir():
         if (path / META).is_file():
             return "atlas"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..checks import require_path
 from ..errors import CheckpointError
 
 # What `map` needs from the hub: never optimizer states, ONNX exports, GGUF, ...
@@ -21,7 +22,7 @@ HUB_FALLBACK_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
     """A local folder as is, or a hub id downloaded (config, tokenizer, safetensors only)."""
-    path = Path(model).expanduser()
+    path = Path(require_path(model, "model (a folder or a Hugging Face id)")).expanduser()
     if path.exists():
         if not path.is_dir():
             raise CheckpointError(f"{path} is a file; pass the folder that holds config.json")
