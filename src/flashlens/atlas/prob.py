@@ -191,7 +191,7 @@ def _from_model(
                 f"has config {source.config_hash})"
             )
         tid = resolve_token(atlas, token, token_id, source.folder)
-        w = source.neurons(matrix, layer)[index]  # type: ignore[arg-type]  # (d_model,)
+        w = source.neuron_rows(matrix, layer, torch.tensor([index]))[0]  # type: ignore[arg-type]
         check_weights(atlas, rec, w, model)
         logit = float(exact_logits(atlas, rec, source, torch.tensor([tid]))[0])
         check_decodes(atlas, rec, source, model)
@@ -235,7 +235,8 @@ def exact_logits(
 
     from ..decode.norm import apply_final_norm
 
-    w = source.neurons(rec.matrix, rec.layer)[rec.index].float()  # type: ignore[arg-type]
+    one = torch.tensor([rec.index])  # the neuron's row alone, not a copy of its layer
+    w = source.neuron_rows(rec.matrix, rec.layer, one)[0].float()  # type: ignore[arg-type]
     x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
     logits = source.W_U()[ids].float() @ x  # (n,)
     cap = source.logit_softcap
