@@ -27,3 +27,8 @@ def require_path(value: object, what: str) -> str | os.PathLike[str]:
     if not isinstance(value, str | os.PathLike):
         raise FlashlensError(f"the {what} must be a path or a name, not {value!r}")
     return value
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a model name reads as a Hugging Face id (org/name), not a local path."""
+    return not name.startswith((".", "/", "~")) and name.count("/") == 1

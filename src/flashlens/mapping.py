@@ -17,7 +17,7 @@ import torch
 
 from . import __version__, heap
 from .atlas.atlas import Atlas, LayerSpec, parse_layers, read_parquet
-from .atlas.format import META, AtlasMeta, layer_file, read_meta
+from .atlas.format import META, TOKENIZER, AtlasMeta, layer_file, read_meta
 from .atlas.prob import norms_agree
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
@@ -354,7 +354,7 @@ def _map(
         writer.keep_tokenizer(source.folder)
         if tokens_job is not None:
             writer.write_tokens(tokens_job.result())
-            if not (source.folder / "tokenizer.json").is_file():
+            if not (source.folder / TOKENIZER).is_file():
                 summary.warnings.append(
                     f"no tokenizer found in {source.folder} (no tokenizer.json): the atlas's "
                     "tokens read <id N> and search cannot find words; put the model's "

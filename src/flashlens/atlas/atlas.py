@@ -86,22 +86,20 @@ def _moments(w_norm: float, std: float, skew: float, kurtosis: float) -> tuple[f
 
 def read_parquet(path: Path, **kwargs: Any) -> pa.Table:
     """Read a table of the atlas; a missing or damaged file is an AtlasError."""
-    if not path.is_file():
-        raise AtlasError(f"{path} is missing; the atlas is damaged: map it again with --overwrite")
-    try:
-        return pq.read_table(path, **kwargs)
-    except (pa.ArrowException, OSError) as err:
-        raise AtlasError(
-            f"{path} is unreadable ({err}); the atlas is damaged: map it again with --overwrite"
-        ) from None
+    return _read_table(pq.read_table, path, **kwargs)
 
 
 def check_parquet(path: Path) -> None:
     """Check that a table of the atlas is there and its footer reads (no data is read)."""
+    _read_table(pq.read_metadata, path)
+
+
+def _read_table(read: Any, path: Path, **kwargs: Any) -> Any:
+    """read(path, **kwargs), a missing or unreadable file an AtlasError that says to remap."""
     if not path.is_file():
         raise AtlasError(f"{path} is missing; the atlas is damaged: map it again with --overwrite")
     try:
-        pq.read_metadata(path)
+        return read(path, **kwargs)
     except (pa.ArrowException, OSError) as err:
         raise AtlasError(
             f"{path} is unreadable ({err}); the atlas is damaged: map it again with --overwrite"

@@ -193,8 +193,7 @@ def _from_model(
         tid = resolve_token(atlas, token, token_id, source.folder)
         w = source.neuron_rows(matrix, layer, torch.tensor([index]))[0]  # type: ignore[arg-type]
         check_weights(atlas, rec, w, model)
-        logit = float(exact_logits(atlas, rec, source, torch.tensor([tid]))[0])
-        check_decodes(atlas, rec, source, model)
+        logit = float(checked_logits(atlas, rec, source, model, [tid])[0])
     finally:
         source.close()
     rank = next((r for r, s in enumerate(rec.top, 1) if s.token_id == tid), None)
@@ -247,22 +246,38 @@ def exact_logits(
 LOGIT_TOLERANCE = 0.1
 
 
-def check_decodes(atlas: Atlas, rec: NeuronRecord, source: ModelSource, model: str | Path) -> None:
-    """Refuse weights that keep the neuron's norm but not its reading (a sign flipped, entries
-    permuted), which `check_weights` lets through: the neuron's stored top tokens must get,
-    from `source`'s weights, the logits the atlas stores for them."""
+def checked_logits(
+    atlas: Atlas, rec: NeuronRecord, source: ModelSource, model: str | Path, ids: list[int]
+) -> torch.Tensor:
+    """fp32 logits (n,) the neuron gives tokens `ids` in `source`, after checking that its
+    stored top tokens get there the logits the atlas stores for them (within LOGIT_TOLERANCE):
+    weights that keep the neuron's norm but not its reading (a sign flipped, entries
+    permuted), which `check_weights` lets through, are refused. One decode serves both."""
     import torch
 
-    ids = torch.tensor([t.token_id for t in rec.top], dtype=torch.long)
+    top = [t.token_id for t in rec.top]
+    logits = exact_logits(atlas, rec, source, torch.tensor(top + ids, dtype=torch.long))
     want = torch.tensor([t.logit for t in rec.top], dtype=torch.float32)
-    got = exact_logits(atlas, rec, source, ids)
-    if bool(((got - want).abs() > LOGIT_TOLERANCE).any()):  # (NaN on both sides: not refused)
+    if bool(((logits[: len(top)] - want).abs() > LOGIT_TOLERANCE).any()):  # (NaN: not refused)
         raise AtlasError(
-            f"{model} is not the model the atlas at {atlas.root} was mapped from "
-            f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} decodes to other "
-            f"logits for its stored top tokens (same config.json and |w|, other weights); map it "
-            f"into a new atlas (flashlens map {model} -o OUT), or pass --model {atlas.meta.model}"
+            _not_the_model(
+                atlas,
+                rec,
+                model,
+                "decodes to other logits for its stored top tokens (same "
+                "config.json and |w|, other weights)",
+            )
         )
+    return logits[len(top) :]
+
+
+def _not_the_model(atlas: Atlas, rec: NeuronRecord, model: str | Path, what: str) -> str:
+    """The refusal of a model whose neuron `rec` is not the atlas's, and the two ways out."""
+    return (
+        f"{model} is not the model the atlas at {atlas.root} was mapped from "
+        f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} {what}; map it "
+        f"into a new atlas (flashlens map {model} -o OUT), or pass --model {atlas.meta.model}"
+    )
 
 
 def norms_agree(
@@ -290,9 +305,11 @@ def check_weights(atlas: Atlas, rec: NeuronRecord, w: torch.Tensor, model: str |
     rtol = 1e-4 if stored == w.dtype else max([1e-4] + [torch.finfo(d).eps for d in dtypes])
     if not norms_agree(np.array(found), np.array(rec.w_norm), rtol):
         raise AtlasError(
-            f"{model} is not the model the atlas at {atlas.root} was mapped from "
-            f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} has |w| "
-            f"{found:.6g} in it but {rec.w_norm:.6g} in the atlas (same config.json, other "
-            f"weights); map it into a new atlas (flashlens map {model} -o OUT), or pass "
-            f"--model {atlas.meta.model}"
+            _not_the_model(
+                atlas,
+                rec,
+                model,
+                f"has |w| {found:.6g} in it but {rec.w_norm:.6g} in the "
+                "atlas (same config.json, other weights)",
+            )
         )

@@ -134,7 +134,7 @@ class AtlasDB:
         elif kind == "bad":
             sql = (
                 f'CREATE TABLE {name} AS SELECT layer, matrix, "index" FROM read_parquet(?) '
-                "WHERE NOT (isfinite(w_norm) AND w_norm <> 0)"
+                f"WHERE {degenerate_sql()}"
             )
         elif kind == "top5":
             sql = (
@@ -160,6 +160,11 @@ class AtlasDB:
                 f"{path} is missing; the atlas is damaged: map it again with --overwrite"
             )
         return str(path)
+
+
+def degenerate_sql(w_norm: str = "w_norm") -> str:
+    """SQL true for a degenerate neuron (|w| zero or not finite: `atlas.is_degenerate`)."""
+    return f"NOT (isfinite({w_norm}) AND {w_norm} <> 0)"
 
 
 def select(

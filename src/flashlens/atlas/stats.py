@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from ..errors import FlashlensError
-from .query import AtlasDB, layer_notes, select
+from .query import AtlasDB, degenerate_sql, layer_notes, select
 
 if TYPE_CHECKING:
     from .atlas import Atlas, LayerSpec
@@ -154,7 +154,7 @@ def atlas_stats(
         WITH n AS (
             SELECT n.matrix, n.layer, n.top_probs[1] AS top1, n.entropy,
                    n.logit_kurtosis AS kurt, n.logit_skew AS skew,
-                   NOT (isfinite(n.w_norm) AND n.w_norm <> 0) AS degenerate, k.kind AS token_kind
+                   {degenerate_sql("n.w_norm")} AS degenerate, k.kind AS token_kind
             FROM read_parquet(?) n LEFT JOIN token_kind k ON k.token_id = n.top_ids[1]
         ), m AS (
             SELECT *, NOT degenerate AND isfinite(top1) AND isfinite(entropy) AS ok,

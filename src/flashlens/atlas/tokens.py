@@ -8,6 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..checks import is_hub_id
 from .format import TOKENIZER, TOKENS_SCHEMA
 
 
@@ -38,7 +39,7 @@ def atlas_tokenizer(root: Path, model: str, tokens: Sequence[str]) -> tuple[Any,
     (never the network). A tokenizer whose tokens are not the atlas' is passed over."""
     places, where = [root / TOKENIZER], [str(root / TOKENIZER)]
     folder = Path(model).expanduser()
-    if _is_hub_id(model) and not folder.is_dir():
+    if is_hub_id(model) and not folder.is_dir():
         places += _cached(model)
         where.append(f"the Hugging Face cache of {model}")
     else:
@@ -53,10 +54,6 @@ def atlas_tokenizer(root: Path, model: str, tokens: Sequence[str]) -> tuple[Any,
         f"approximate (the longest vocabulary token first); copy the model's {TOKENIZER} "
         f"into {root} for the model's own"
     )
-
-
-def _is_hub_id(model: str) -> bool:
-    return not model.startswith((".", "/", "~")) and model.count("/") == 1
 
 
 def _cached(repo_id: str) -> list[Path]:

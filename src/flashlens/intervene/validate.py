@@ -26,7 +26,7 @@ from ..atlas import Atlas
 from ..atlas.atlas import read_parquet
 from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import VALIDATION, atomic_write
-from ..atlas.prob import check_decodes, check_weights
+from ..atlas.prob import check_weights, checked_logits
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
 from ..weights import ModelSource
@@ -140,7 +140,7 @@ def check_model_weights(atlas: Atlas, lm: LoadedModel, neurons: Sequence[Neuron]
             W = cast(torch.Tensor, site.module.weight)
             w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
             check_weights(atlas, rec, w.detach(), lm.name)
-            check_decodes(atlas, rec, source, lm.name)
+            checked_logits(atlas, rec, source, lm.name, [])
     finally:
         source.close()
 

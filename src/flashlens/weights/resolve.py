@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..checks import require_path
+from ..checks import is_hub_id, require_path
 from ..errors import CheckpointError
 
 # What `map` needs from the hub: never optimizer states, ONNX exports, GGUF, ...
@@ -30,7 +30,7 @@ def resolve_model(model: str | os.PathLike[str]) -> Path:
             raise CheckpointError(f"no config.json in {path}; pass a Hugging Face model folder")
         return path
     text = str(model)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+    if not is_hub_id(text):
         raise CheckpointError(
             f"model folder {text} does not exist (nor is it a Hugging Face id like org/name)"
         )
