@@ -348,10 +348,11 @@ def validate_command(
 
         flashlens validate atlas/llama31-8b dog --model meta-llama/Llama-3.1-8B --limit 20
 
-    Each neuron is clamped alone at --multiples of its natural max |activation| on the prompts;
-    it is validated when the best value raises the concept's next-token probability (mean over
-    prompts) by at least --factor. Results are merged into ATLAS/validation.parquet, which
-    `flashlens search` shows as its "validated" column.
+    Each neuron is clamped alone at --multiples of its natural max |activation| on the prompts
+    (with --mode scale, at --multiples as plain factors); it is validated when the best value
+    raises the concept's next-token probability (mean over prompts) by at least --factor.
+    Results are merged into ATLAS/validation.parquet, which `flashlens search` shows as its
+    "validated" column.
     """
     from ..atlas import Atlas, parse_layers
     from ..intervene import Neuron
