@@ -289,3 +289,30 @@ def test_atlas_files_without_atlas_json(
     with pytest.raises(AtlasError, match=r"not empty and holds no atlas"):
         map_model(model, other, overwrite=True)
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+
+def test_a_model_folder_is_never_an_atlas(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model folder passed where an atlas goes (an easy slip) is named as a model folder: its
+    tokenizer.json is not taken for a damaged atlas's file, and `map -o` the model folder,
+    --overwrite or not, writes and deletes nothing there."""
+    m = copy_model(model, tmp_path / "m")
+    before = sorted(p.name for p in m.iterdir())
+    assert "tokenizer.json" in before
+    for cmd in (["show", str(m), "0:0"], ["search", str(m), "dog"], ["stats", str(m)]):
+        err = cli_error(capsys, *cmd)
+        assert f"{m} is a model folder (it has config.json), not an atlas" in err, cmd
+        assert "--overwrite" not in err
+    for extra in ([], ["--overwrite"]):
+        err = cli_error(capsys, "map", str(m), "-o", str(m), *extra)
+        assert f"{m} is a model folder (it has config.json); choose another -o folder" in err
+    assert sorted(p.name for p in m.iterdir()) == before
+    # A lone tokenizer.json (the user's) does not make a folder look like a damaged atlas.
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(m / "tokenizer.json", tok / "tokenizer.json")
+    assert "is not an atlas (no atlas.json)" in cli_error(capsys, "show", str(tok), "0:0")
+    with pytest.raises(AtlasError, match=r"not empty and holds no atlas"):
+        map_model(model, tok, overwrite=True)
+    assert [p.name for p in tok.iterdir()] == ["tokenizer.json"]

@@ -22,6 +22,7 @@ from .format import (
     TOKENS,
     AtlasMeta,
     atlas_files,
+    is_model_folder,
     layer_file,
     read_meta,
 )
@@ -121,6 +122,11 @@ class Atlas:
                 f"`flashlens map MODEL -o {root}`"
             )
         meta_path = root / META
+        if is_model_folder(root):
+            raise AtlasError(
+                f"{root} is a model folder (it has config.json), not an atlas; map it into "
+                f"one with `flashlens map {root} -o ATLAS` and pass ATLAS"
+            )
         if not meta_path.is_file():
             if atlas_files(root):
                 raise AtlasError(

@@ -9,7 +9,8 @@
       .state/                    resume state of an unfinished run (removed when complete)
 
 These are the atlas's own files (`atlas_files`): `map --overwrite` removes them and keeps
-anything else in the folder.
+anything else in the folder. A model folder (one with a config.json) is never an atlas: its
+tokenizer.json is the model's.
 
 A file is written to a dot-prefixed temporary name in its folder and renamed into place, so a
 half-written file never carries a final name.
@@ -38,9 +39,13 @@ TOKENIZER = "tokenizer.json"  # the model's tokenizer, kept with the atlas (sear
 STATE_DIR = ".state"
 MATRIX_DIRS = ("up", "gate", "down")
 
+MODEL_CONFIG = "config.json"  # marks a model folder, which is never an atlas
+
 # Final names of the atlas's own files, in its root and in its matrix folders. A temporary file
-# of `atomic_write` is the final name between "." and ".<random>.tmp".
-_ROOT_NAMES = "|".join(re.escape(n) for n in (META, TOKENS, REVERSE, VALIDATION, TOKENIZER))
+# of `atomic_write` is the final name between "." and ".<random>.tmp". The tokenizer copy counts
+# only beside the others: alone, a tokenizer.json is not a sign of an atlas.
+_ROOT_NAMES = "|".join(re.escape(n) for n in (META, TOKENS, REVERSE, VALIDATION))
+_KEPT_NAMES = re.escape(TOKENIZER)
 _LAYER_NAMES = r"layer_\d{3,}\.parquet"
 
 
@@ -52,10 +57,17 @@ def _own(name: str, names: str) -> bool:
     return re.fullmatch(rf"(?:{names})|\.(?:{names})\..+\.tmp", name) is not None
 
 
+def is_model_folder(root: Path) -> bool:
+    """A folder holding a model (its config.json): `map` never writes an atlas into it, and its
+    files are never taken for a damaged atlas's."""
+    return (root / MODEL_CONFIG).is_file()
+
+
 def atlas_files(root: Path) -> list[Path]:
     """The atlas's own files found in `root` (atlas.json, its tables, validation.parquet, the
-    resume state and temporary files of interrupted writes); anything else is the user's."""
-    if not root.is_dir():
+    tokenizer copy, the resume state and temporary files of interrupted writes); anything else
+    is the user's. A model folder holds none."""
+    if not root.is_dir() or is_model_folder(root):
         return []
     found = [p for p in root.iterdir() if p.is_file() and _own(p.name, _ROOT_NAMES)]
     if (root / STATE_DIR).is_dir():
@@ -65,6 +77,8 @@ def atlas_files(root: Path) -> list[Path]:
             found += [
                 p for p in (root / sub).iterdir() if p.is_file() and _own(p.name, _LAYER_NAMES)
             ]
+    if found:
+        found += [p for p in root.iterdir() if p.is_file() and _own(p.name, _KEPT_NAMES)]
     return sorted(found)
 
 

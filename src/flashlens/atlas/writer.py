@@ -32,6 +32,7 @@ from .format import (
     AtlasMeta,
     atlas_files,
     atomic_write,
+    is_model_folder,
     layer_file,
     read_meta,
     remove_atlas,
@@ -109,6 +110,11 @@ class AtlasWriter:
             return None
         if not self.root.is_dir():
             raise AtlasError(f"{self.root} is a file; choose a folder for the atlas")
+        if is_model_folder(self.root):
+            raise AtlasError(
+                f"{self.root} is a model folder (it has config.json); choose another -o "
+                "folder for the atlas, such as atlas/<model name>"
+            )
         path = self.root / META
         if not path.is_file():
             own = atlas_files(self.root)
