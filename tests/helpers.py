@@ -134,9 +134,10 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
-def other_weights(model: Path, out: Path, flip: bool = False) -> Path:
-    """A copy of `model` (stories260K) with other weights in layer 4's MLP and the same
-    config.json: noise added, or (`flip`) every neuron's sign flipped, which keeps each norm."""
+def other_weights(model: Path, out: Path, flip: bool = False, part: str = ".layers.4.mlp.") -> Path:
+    """A copy of `model` (stories260K) with other weights in the tensors whose names hold
+    `part` (default: layer 4's MLP) and the same config.json: noise added, or (`flip`) every
+    value's sign flipped, which keeps each neuron's norm."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -148,7 +149,7 @@ def other_weights(model: Path, out: Path, flip: bool = False) -> Path:
     tensors = load_file(model / "model.safetensors")
     gen = torch.Generator().manual_seed(0)
     for name, t in tensors.items():
-        if ".layers.4.mlp." in name:
+        if part in name:
             tensors[name] = -t if flip else t + 0.05 * torch.randn(t.shape, generator=gen)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out

@@ -268,6 +268,12 @@ def test_another_checkpoint_of_the_same_config_is_refused_a_moved_folder_is_not(
     assert summary.neurons_skipped == 2 * 256
     with pytest.raises(AtlasError, match="other weights"):  # complete: not reused either
         map_model(retrained, out, compile="off", block=64, layers="0-5")
+    # The atlas records the weights' fingerprint: the same folder, its weights replaced in
+    # place (a fine-tune saved over it), is refused too.
+    assert Atlas.open(out).meta.model == str(moved)
+    shutil.copy(retrained / "model.safetensors", moved / "model.safetensors")
+    with pytest.raises(AtlasError, match=r"other weights.*weights fingerprint"):
+        map_model(moved, out, compile="off", block=64, layers="0-5")
 
 
 def test_the_order_of_the_matrices_is_not_a_setting(big_model: Path, tmp_path: Path) -> None:

@@ -225,15 +225,50 @@ def test_validate_checks_options_before_loading(
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_validate_refusesother_weights(
+def test_validate_refuses_other_weights(
     stories: Path, atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A clamp's effect depends on every weight, so the model must hold the atlas's weights
+    (its fingerprint), not only the validated neurons: an edit of layer 4's MLP refuses
+    neurons of layer 0 too, and so does an attention-only edit, flipped signs included."""
+    fingerprint = Atlas.open(atlas).meta.weights_fingerprint
+    assert fingerprint is not None
+    edits = {
+        "other": other_weights(stories, tmp_path / "other"),
+        "flipped": other_weights(stories, tmp_path / "flipped", flip=True),  # norms kept
+        "attention": other_weights(stories, tmp_path / "attn", part=".layers.2.self_attn.q_proj"),
+    }
+    for name, other in edits.items():
+        assert (
+            main(["validate", str(atlas), "Lily", "--model", str(other), "--neurons", "0:5"]) == 2
+        )
+        full = capsys.readouterr().err
+        err = full.splitlines()[-1]  # one line, after transformers' loading bar
+        assert "Traceback" not in full, name
+        assert f"error: model {other} is not the one the atlas at {atlas} was mapped from" in err
+        assert "same config.json, other weights (weights fingerprint " in err, name
+        assert f"the atlas's {fingerprint})" in err and f"flashlens map {other} -o OUT" in err
+    assert not (atlas / "validation.parquet").exists()
+    # The model itself by another path, and loaded in bf16, is the atlas's.
+    moved = Path(shutil.copytree(stories, tmp_path / "moved"))
+    right = ["validate", str(atlas), "Lily", "--model", str(moved), "--neurons", "4:38"]
+    assert main([*right, "--dtype", "bfloat16", "--multiples", "20", "--no-write"]) == 0
+
+
+def test_validate_checks_neurons_of_an_atlas_without_fingerprint(
+    stories: Path, atlas: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An atlas from before weights fingerprints: the validated neurons' weights are checked,
+    their |w| and their stored top tokens' logits (a flipped sign keeps the norm)."""
+    meta = json.loads((atlas / "atlas.json").read_text())
+    del meta["weights_fingerprint"]
+    (atlas / "atlas.json").write_text(json.dumps(meta))
     other = other_weights(stories, tmp_path / "other")
     stored = Atlas.open(atlas).neuron(4, 38, "up").w_norm
     args = ["validate", str(atlas), "Lily", "--model", str(other)]
     assert main([*args, "--neurons", "0:5,up:4:38"]) == 2
     full = capsys.readouterr().err
-    err = full.splitlines()[-1]  # one line, after transformers' loading bar
+    err = full.splitlines()[-1]
     assert "Traceback" not in full
     assert f"error: {other} is not the model the atlas at {atlas} was mapped from" in err
     assert "neuron up:4:38 has |w| " in err and f"but {stored:.6g} in the atlas" in err
@@ -246,10 +281,8 @@ def test_validate_refusesother_weights(
     assert main(["validate", str(atlas), "Lily", "--model", str(flipped), "--neurons", "4:38"]) == 2
     assert "neuron up:4:38 decodes to other logits" in capsys.readouterr().err
     assert not (atlas / "validation.parquet").exists()
-    # Unchanged layers are the atlas's; the right model loaded in bf16 is within its rounding.
+    # Without a fingerprint, unchanged layers are taken as the atlas's.
     assert _validate(capsys, *args[1:], "--neurons", "0:5", "--multiples", "20")["results"]
-    right = ["validate", str(atlas), "Lily", "--model", str(stories), "--neurons", "4:38"]
-    assert main([*right, "--dtype", "bfloat16", "--multiples", "20", "--no-write"]) == 0
 
 
 def test_validate_unknown_concept(

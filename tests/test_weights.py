@@ -60,3 +60,44 @@ def test_a_local_folder_is_named_by_its_absolute_path(
             assert source.model == str(folder), typed
         finally:
             source.close()
+
+
+def _fingerprint(folder: Path) -> str:
+    with Checkpoint(folder) as ckpt:
+        return ckpt.fingerprint()
+
+
+def test_the_weights_fingerprint_follows_the_values(tmp_path: Path) -> None:
+    """The same values give the same fingerprint however they are stored (bf16 or fp32, one
+    file or shards, safetensors or .bin); any tensor's changed values, another."""
+    bf16 = make_model(tmp_path / "bf16", dtype=torch.bfloat16, tokenizer=None)
+    with Checkpoint(bf16) as ckpt:
+        tensors = {name: ckpt.get(name) for name in ckpt}
+    as_fp32 = {k: v.float() for k, v in tensors.items()}  # the same values, exactly
+    layouts = {"fp32": tmp_path / "fp32", "bin": tmp_path / "bin", "shards": tmp_path / "sh"}
+    for folder in layouts.values():
+        folder.mkdir()
+    save_file(as_fp32, layouts["fp32"] / "model.safetensors")
+    torch.save(as_fp32, layouts["bin"] / "pytorch_model.bin")
+    names = sorted(tensors)
+    for i, part in enumerate((names[::2], names[1::2])):
+        save_file({k: tensors[k] for k in part}, layouts["shards"] / f"model-{i}.safetensors")
+    want = _fingerprint(bf16)
+    assert len(want) == 16
+    for label, folder in layouts.items():
+        assert _fingerprint(folder) == want, label
+    # One value changed in the middle of one tensor (a window there), or a whole tensor.
+    name = "model.layers.1.self_attn.q_proj.weight"
+    for edit in ("one", "all"):
+        changed = dict(as_fp32)
+        t = changed[name].clone()
+        if edit == "one":
+            flat = t.view(-1)
+            flat[round(7 * (flat.numel() - 64) / 15)] += 1.0  # the eighth of 16 windows
+        else:
+            t += 0.01
+        changed[name] = t
+        folder = tmp_path / edit
+        folder.mkdir()
+        save_file(changed, folder / "model.safetensors")
+        assert _fingerprint(folder) != want, edit

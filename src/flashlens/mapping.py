@@ -184,6 +184,7 @@ def _map(
     # GEMM work of the whole job (a resumed run decides as the first run did)
     flops = 2.0 * len(matrices) * len(layers) * source.d_mlp * source.d_vocab * source.d_model
     compute_dtype = resolve_dtype(dtype_name, weight_dtype, device, flops)
+    fingerprint = source.fingerprint()
     meta = AtlasMeta(
         model=source.model,
         config_hash=source.config_hash,
@@ -202,9 +203,10 @@ def _map(
         compute_dtype=dtype_label(compute_dtype),
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        weights_fingerprint=fingerprint,
     )
     if not overwrite:
-        _check_same_model(out, source)
+        _check_same_model(out, source, fingerprint)
     asked = None if dtype_name == "auto" else dtype_label(compute_dtype)
     writer = AtlasWriter(out, meta, overwrite=overwrite, dtype_asked=asked)
     resumed = bool(writer.done)  # then meta holds the interrupted run's dtype and pilot
@@ -368,17 +370,29 @@ def _map(
     return summary
 
 
-def _check_same_model(out: Path, source: ModelSource) -> None:
-    """An atlas in `out` recorded from another folder or hub id must hold this model's
-    neurons before a rerun resumes or reuses it: a moved folder is fine, another checkpoint
-    with the same config.json (a fine-tune, a retrain) is refused. One finished layer's
-    stored |w| is compared with the model's."""
+def _check_same_model(out: Path, source: ModelSource, fingerprint: str) -> None:
+    """An atlas in `out` must hold this model's neurons before a rerun resumes or reuses it:
+    a moved folder is fine, another checkpoint with the same config.json (a fine-tune, a
+    retrain, the same folder's weights changed) is refused. The atlas's weights fingerprint
+    is compared with the model's; an atlas from before fingerprints, recorded from another
+    folder or hub id, has one finished layer's stored |w| compared instead."""
     try:
         old = read_meta(out / META)
     except (ValueError, OSError):
         return  # no atlas there, or a damaged atlas.json: the writer says what to do
-    if old.model == source.model or old.config_hash != source.config_hash:
+    if old.config_hash != source.config_hash:
         return  # (another config: the writer refuses it, naming the setting)
+    if old.weights_fingerprint is not None:
+        if old.weights_fingerprint != fingerprint:
+            raise AtlasError(
+                f"{out} holds an atlas of {old.model}, and {source.model} has other weights "
+                f"with the same config.json (weights fingerprint {fingerprint}, the atlas's "
+                f"{old.weights_fingerprint}); choose another -o folder, or pass --overwrite "
+                "to replace it"
+            )
+        return
+    if old.model == source.model:
+        return
     for matrix in old.matrices:
         for layer in old.layers:
             path = layer_file(out, matrix, layer)

@@ -161,6 +161,8 @@ class AtlasMeta:
     audit: dict[str, Any] | None = None  # decode.audit: the last run's sample vs exact fp32
     pilot: dict[str, Any] | None = None  # decode.pilot: how the low-precision GEMM was checked
     extra: dict[str, Any] = field(default_factory=dict)
+    # Checkpoint.fingerprint of the weights mapped (None: an atlas from before it was recorded)
+    weights_fingerprint: str | None = None
 
     # Fields that define the result: a rerun must match them to resume.
     SETTINGS = ("config_hash", "matrices", "layers", "norm", "top_k", "reverse_n", "d_vocab")

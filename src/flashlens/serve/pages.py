@@ -225,10 +225,12 @@ def overview_page(data: dict[str, Any]) -> str:
             "weight_dtype",
             "compute_dtype",
             "config_hash",
+            "weights_fingerprint",
             "flashlens_version",
             "created",
             "format_version",
         )
+        if m.get(k) is not None  # (weights_fingerprint: not in atlases made before it)
     ]
     if m.get("seconds") is not None:
         settings.append(("mapped in", f"{m['seconds']:.1f} s"))

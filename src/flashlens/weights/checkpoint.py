@@ -9,6 +9,7 @@ fallback, loaded with `mmap=True`. The transformers model is never built here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import struct
@@ -35,6 +36,8 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+# The fingerprint reads this many windows of this many values from every tensor.
+FINGERPRINT_WINDOWS, FINGERPRINT_VALUES = 16, 64
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -158,6 +161,43 @@ class Checkpoint:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
         return out
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights' values: every tensor's name and shape, and 16 windows
+        of 64 values spread evenly over it (the first and last included), read in fp32 so the
+        same values stored as bf16 or fp32, in one file or sharded, safetensors or .bin, give
+        the same hash. About 1,000 values a tensor, read without readahead: a fraction of a
+        second on an 8B model from a cold disk. It tells apart any fine-tune, retrain or merged
+        LoRA delta (they move every value of the tensors they touch); an edit of a few rows
+        can fall between the windows."""
+        h = hashlib.sha256()
+        self._advise(mmap.MADV_RANDOM)  # fault in the windows alone, not 128 KiB around each
+        try:
+            for name in sorted(self._where):
+                h.update(self._windows(name))
+        finally:
+            self._advise(mmap.MADV_NORMAL)
+        return h.hexdigest()[:16]
+
+    def _advise(self, advice: int) -> None:
+        for mm in self._maps.values():
+            if hasattr(mm, "madvise"):
+                mm.madvise(advice)
+
+    def _windows(self, name: str) -> bytes:
+        """Tensor `name`'s part of the fingerprint: its name, shape and sampled values."""
+        file = self._file(name)
+        try:
+            view = self._view(file, name) if file in self._maps else None
+            flat = (view if view is not None else self.get(name)).reshape(-1)
+            n, w, k = flat.numel(), FINGERPRINT_VALUES, FINGERPRINT_WINDOWS
+            starts = sorted({round(i * max(n - w, 0) / (k - 1)) for i in range(k)} if n else ())
+            parts = [flat[lo : lo + w] for lo in starts]
+            values = [p.float() if p.is_floating_point() else p.long() for p in parts]
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
+        head = f"{name}{list(self.shape(name))}".encode()
+        return head + b"".join(v.numpy().tobytes() for v in values)
 
     def _view(self, file: Path, name: str) -> torch.Tensor | None:
         """A zero-copy, read-only view of tensor `name` in the memory map (None: a dtype this

@@ -88,6 +88,11 @@ class ModelSource:
     def config_hash(self) -> str:
         return config_hash(self.config)
 
+    def fingerprint(self) -> str:
+        """The weights' own fingerprint (`Checkpoint.fingerprint`): config.json says what the
+        model is shaped like, this says which trained weights it holds."""
+        return self.checkpoint.fingerprint()
+
     # --- tensors by role ---------------------------------------------------------------
     @property
     def W_U_name(self) -> str:
