@@ -102,6 +102,38 @@ def test_generate_command_json(stories: Path, capsys: pytest.CaptureFixture[str]
     texts = [t for r in out["results"] for t in r["baseline"]]
     assert out["baseline_share"] == sum(_word("lily", t) for t in texts) / 4
     assert out["site"] is None and out["sites"] == {"up:2:40": "up", "down:3:100": "act"}
+    # Each neuron's natural range at its site on the prompts, as the model's own modules give
+    # it, one prompt at a time (no padding): up_proj's output, down_proj's input.
+    want = _natural_ranges(stories, PROMPTS[:2])
+    for name, (lo, hi) in want.items():
+        got = out["ranges"][name]
+        assert got["min"] == pytest.approx(lo, rel=1e-4, abs=1e-5), name
+        assert got["max"] == pytest.approx(hi, rel=1e-4, abs=1e-5), name
+    assert main(args[:-1]) == 0  # the text names them too
+    text = capsys.readouterr().out
+    assert "up:2:40 natural activation at up (up_proj output) on 2 prompts: " in text
+    assert f"{want['up:2:40'][0]:.3g} .. {want['up:2:40'][1]:.3g}" in text
+
+
+@torch.no_grad()
+def _natural_ranges(model_dir: Path, prompts: list[str]) -> dict[str, tuple[float, float]]:
+    model = load_reference_model(model_dir)
+    tok = load_tokenizer(model_dir)
+    seen: dict[str, list[torch.Tensor]] = {"up:2:40": [], "down:3:100": []}
+    mlp2, mlp3 = model.model.layers[2].mlp, model.model.layers[3].mlp
+    hooks = [
+        mlp2.up_proj.register_forward_hook(lambda m, i, o: seen["up:2:40"].append(o[0, :, 40])),
+        mlp3.down_proj.register_forward_hook(
+            lambda m, i, o: seen["down:3:100"].append(i[0][0, :, 100])
+        ),
+    ]
+    try:
+        for p in prompts:
+            model(**tok([p], return_tensors="pt"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (float(torch.cat(v).min()), float(torch.cat(v).max())) for k, v in seen.items()}
 
 
 def _word(concept: str, text: str) -> bool:

@@ -172,12 +172,7 @@ def clamp_command(
         return
     err_console.print("variants: " + show_variants(exp.variants))
     _note(notes)
-    for name, r in dose.ranges.items():
-        console.print(
-            f"[bold]{name}[/] natural activation at {_site(dose.sites[name])} on "
-            f"{dose.n_prompts} prompts: {r.min:.3g} .. {r.max:.3g} (next-token position mean "
-            f"{r.next_mean:.3g})"
-        )
+    _print_ranges(dose.ranges, dose.sites, dose.n_prompts)
     console.print(
         f"[bold]{title}[/] ({dose.mode}, positions {dose.positions}, site "
         f"{dose.site or 'by matrix'})"
@@ -288,6 +283,7 @@ def generate_command(
         print_json(result.to_dict())
         return
     _note(result.notes)
+    _print_ranges(result.ranges, result.sites, len(texts))
     decoding = "greedy" if result.temperature == 0 else f"temperature {result.temperature:g}"
     at = ", ".join(f"{n} at {_site(s)}" for n, s in result.sites.items())
     console.print(
@@ -311,6 +307,15 @@ def generate_command(
         console.print(
             f"concept tokens per continuation (mean): baseline "
             f"{result.baseline_concept_tokens:.3g}, clamped {result.clamped_concept_tokens:.3g}"
+        )
+
+
+def _print_ranges(ranges: dict[str, Any], sites: dict[str, str], n_prompts: int) -> None:
+    """Each neuron's natural activation at its clamp site: what a clamp value is measured by."""
+    for name, r in ranges.items():
+        console.print(
+            f"[bold]{name}[/] natural activation at {_site(sites[name])} on {n_prompts} "
+            f"prompts: {r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})"
         )
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import FlashlensError
+from .dose import ActivationRange, activation_ranges
 from .hooks import Mode, Positions, check_neurons, clamp, clamp_sites
 from .neuron import Neuron, Site
 from .prompts import encode, length_note
@@ -38,6 +39,8 @@ class Steering:
     results: list[Continuations]
     site: str | None = None  # the site asked for; None: each neuron's default (by matrix)
     sites: dict[str, str] = field(default_factory=dict)  # where each neuron's clamp acted
+    # each neuron's natural activation at its site on the prompts: what a value is measured by
+    ranges: dict[str, ActivationRange] = field(default_factory=dict)
     concept: str | None = None
     # share of continuations that mention the concept as a whole word, case-insensitive
     baseline_share: float | None = None
@@ -127,10 +130,11 @@ def steer(
     kw = dict(
         max_new_tokens=max_new_tokens, samples=samples, temperature=temp, seed=seed, chat=chat
     )
+    batch = encode(tokenizer, prompts, next(model.parameters()).device, chat=chat)
+    ranges = activation_ranges(model, batch, chosen, site)
     base_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
     with clamp(model, chosen, value=per_neuron, mode=mode, positions=positions, site=site):
         clamped_ids = generate_ids(model, tokenizer, prompts, **kw)  # type: ignore[arg-type]
-    batch = encode(tokenizer, prompts, base_ids.device, chat=chat)
     base_txt = continuations(tokenizer, batch, base_ids)
     clamped_txt = continuations(tokenizer, batch, clamped_ids)
     results = [
@@ -153,6 +157,7 @@ def steer(
         results,
         site,
         dict(clamp_sites(chosen, site)),
+        {str(n): r for n, r in ranges.items()},
     )
     note = length_note(model, batch, max_new_tokens)
     steering.notes += [note] if note else []
