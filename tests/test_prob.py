@@ -274,3 +274,23 @@ def test_a_word_without_its_leading_space_names_the_one_token_meant(stories_atla
     with pytest.raises(FlashlensError, match=r"reads it as ' Once', one token: give that text"):
         at.prob(2, 7, "Once")
     assert at.prob(2, 7, " Once", model=at.meta.model).token == "▁Once"
+
+
+def test_the_atlas_own_model_changed_since_is_mapped_again(
+    stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When the refused model is the atlas's own folder, its weights changed after the map:
+    the way out is to map it again, not to pass the same folder."""
+    import shutil
+
+    from flashlens import map_model
+
+    model = Path(shutil.copytree(stories, tmp_path / "m"))
+    out = tmp_path / "atlas"
+    map_model(model, out, matrices="up", layers="4", compile="off")
+    shutil.copy(other_weights(stories, tmp_path / "o") / "model.safetensors", model)
+    assert main(["prob", str(out), "up:4:123", " nam", "--model", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert f"the weights at {model} changed since the atlas at {out} was mapped from them" in err
+    assert f"map the model again (flashlens map {model} -o {out} --overwrite)" in err
+    assert "--model" not in err.split("(flashlens map")[1]

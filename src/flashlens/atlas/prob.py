@@ -272,7 +272,15 @@ def checked_logits(
 
 
 def _not_the_model(atlas: Atlas, rec: NeuronRecord, model: str | Path, what: str) -> str:
-    """The refusal of a model whose neuron `rec` is not the atlas's, and the two ways out."""
+    """The refusal of a model whose neuron `rec` is not the atlas's, and the ways out: the
+    atlas's own model folder, changed since, can only be mapped again."""
+    local = Path(model).expanduser()
+    if local.is_dir() and local.resolve() == Path(atlas.meta.model).expanduser().resolve():
+        return (
+            f"the weights at {model} changed since the atlas at {atlas.root} was mapped from "
+            f"them: neuron {rec.matrix}:{rec.layer}:{rec.index} {what}; map the model again "
+            f"(flashlens map {model} -o {atlas.root} --overwrite)"
+        )
     return (
         f"{model} is not the model the atlas at {atlas.root} was mapped from "
         f"({atlas.meta.model}): neuron {rec.matrix}:{rec.layer}:{rec.index} {what}; map it "
