@@ -87,6 +87,9 @@ def test_variants_that_read_alike_carry_the_tokenizers_form() -> None:
         TokenVariant(3, "H", "H"),
     ]
     assert show_variants(variants) == "' H', 'H' (<0x48>), 'H' (H)"
+    # A byte token that is no character alone reads in its tokenizer form, not as U+FFFD.
+    bytes_ = [TokenVariant(4, "<0xE2>", "\ufffd"), TokenVariant(5, "<0x98>", "\ufffd")]
+    assert show_variants(bytes_) == "<0xE2>, <0x98>"
     assert show_token("\ufffd", "<0xE2>") == "<0xE2>" and show_token(" dog", "Ġdog") == "' dog'"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -279,6 +280,22 @@ def test_whitespace_that_no_token_writes_is_named(stories_atlas: Path) -> None:
         at.search("   ")
     with pytest.raises(ConceptError, match="the concept is empty"):
         at.search("")
+
+
+def test_a_symbol_of_byte_pieces_names_them(stories_atlas: Path) -> None:
+    """A character no token writes is named with the byte pieces the tokenizer writes it as,
+    and the first of them is then searchable by its tokenizer form."""
+    from flashlens import Atlas
+    from flashlens.atlas.concepts import ConceptError
+
+    at = Atlas.open(stories_atlas)
+    want = "the tokenizer writes it as 3 byte pieces ('<0xE2>', '<0x98>', '<0x83>')"
+    with pytest.raises(
+        ConceptError, match=re.escape(f"'\u2603' has no token in this vocabulary: {want}")
+    ):
+        at.search("\u2603")  # snowman: UTF-8 E2 98 83
+    (variant,) = at.search("<0xE2>").variants
+    assert variant.token == "<0xE2>"
 
 
 def test_layers_read_the_same_everywhere_in_python(

@@ -155,6 +155,14 @@ class Vocab:
                 return list(ids)
         return self.segment(text)
 
+    def pieces(self, text: str) -> list[str]:
+        """The tokens (tokenizer forms) the model's tokenizer writes `text` with, less a
+        SentencePiece word-start piece that writes only the space ([] without a tokenizer)."""
+        if self.tokenizer is None:
+            return []
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.tokens[i] for i in ids if 0 <= i < len(self.texts) and self.texts[i].strip()]
+
     def segment(self, text: str) -> list[int]:
         """Greedy longest-match split of `text` into token ids (an approximation of BPE)."""
         out: list[int] = []
@@ -251,6 +259,13 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
     if not firsts:
         near = vocab.nearest(base)
         hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
+        pieces = vocab.pieces(base)
+        if pieces:  # byte pieces: each is searchable by its tokenizer form
+            hint = (
+                f": the tokenizer writes it as {len(pieces)} byte piece"
+                f"{'s' if len(pieces) > 1 else ''} ({', '.join(map(repr, pieces))}); search "
+                f"one by its tokenizer form, e.g. {pieces[0]!r}{hint}"
+            )
         raise ConceptError(f"{base!r} has no token in this vocabulary{hint}")
     splits = "; ".join(
         f"{form!r} -> " + " + ".join(repr(vocab.texts[i]) for i in seg)

@@ -60,11 +60,15 @@ def png_path(path: Path | None) -> Path | None:
 
 def show_variants(variants: Sequence[TokenVariant]) -> str:
     """A concept's token variants on one line; variants that read alike (a byte token and a
-    token of the same character) carry the tokenizer's form, e.g. 'H' (<0x48>)."""
+    token of the same character) carry the tokenizer's form, e.g. 'H' (<0x48>); a byte token
+    reads in its tokenizer form (show_token)."""
     seen = Counter(v.text for v in variants)
-    return ", ".join(
-        show_token(v.text) + (f" ({v.token})" if seen[v.text] > 1 else "") for v in variants
-    )
+    out = []
+    for v in variants:
+        shown = show_token(v.text, v.token)
+        alike = seen[v.text] > 1 and shown != v.token
+        out.append(shown + (f" ({v.token})" if alike else ""))
+    return ", ".join(out)
 
 
 def show_prob(p: float) -> str:
