@@ -100,7 +100,8 @@ def test_unknown_architecture_and_unsupported_config(model: Path, tmp_path: Path
         map_model(bad, tmp_path / "a")
     quantised = {**config, "quantization_config": {"quant_method": "gptq"}}
     (bad / "config.json").write_text(json.dumps(quantised))
-    with pytest.raises(UnsupportedModelError, match=r"quantization_config"):
+    what = r"quantization_config.*map the model's bf16, fp16 or fp32 release"
+    with pytest.raises(UnsupportedModelError, match=what):
         map_model(bad, tmp_path / "a")
 
 
@@ -169,6 +170,12 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
         (["--layers", "0-9"], "out of range"),
         (["--layers", "1-0"], "start is after end"),
         (["--layers", "x"], "bad layer range"),
+        (["--layers", "0,,1"], "bad layers '0,,1': an empty item between commas"),
+        (["--layers", "-1"], "bad layer range '-1': layers count from 0"),
+        (["--layers", "+1"], "bad layer range '+1'"),
+        (["--layers", "1_0"], "bad layer range '1_0'"),
+        (["--layers", "\u0661"], "bad layer range '\u0661'"),  # Arabic-Indic one: int() takes it
+        (["--layers", " "], "no layers in ' '"),
         (["--matrices", "up,ffn"], "unknown matrix ffn"),
         (["--norm", "layer"], "unknown norm mode"),
         (["--dtype", "int4"], "unknown dtype"),

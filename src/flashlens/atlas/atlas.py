@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -350,6 +351,9 @@ def _spec_text(spec: LayerSpec) -> str:
     return format_layers(parse_layers(spec, None))
 
 
+_LAYER_PART = re.compile(r"[0-9]+(?:-[0-9]+)?")
+
+
 def _layer_parts(spec: LayerSpec, n_layers: int | None) -> list[tuple[int, int]]:
     """'0-5,9' -> [(0, 5), (9, 9)]; a layer number or a list of them are single layers."""
     if not isinstance(spec, str):
@@ -360,18 +364,20 @@ def _layer_parts(spec: LayerSpec, n_layers: int | None) -> list[tuple[int, int]]
             )
         spec = ",".join(str(x) for x in items)
     parts: list[tuple[int, int]] = []
-    for part in spec.replace(" ", "").split(","):
+    text = spec.replace(" ", "")
+    if not text:
+        raise NeuronError(f"no layers in {spec!r}: use e.g. 0-5,9")
+    for part in text.split(","):
         if not part:
-            continue
-        try:
-            lo, _, hi = part.partition("-")
-            a, b = int(lo), int(hi) if hi else int(lo)
-        except ValueError:
-            raise NeuronError(f"bad layer range {part!r}: use e.g. 0-5,9") from None
+            raise NeuronError(f"bad layers {spec!r}: an empty item between commas; use e.g. 0-5,9")
+        if part.startswith("-"):
+            raise NeuronError(f"bad layer range {part!r}: layers count from 0")
+        if not _LAYER_PART.fullmatch(part):  # (not int(): it takes '+3', '3_0', '٣')
+            raise NeuronError(f"bad layer range {part!r}: use e.g. 0-5,9")
+        lo, _, hi = part.partition("-")
+        a, b = int(lo), int(hi) if hi else int(lo)
         if a > b:
             raise NeuronError(f"bad layer range {part!r}: start is after end")
-        if a < 0:
-            raise NeuronError(f"bad layer range {part!r}: layers count from 0")
         if n_layers is not None and b >= n_layers:
             raise NeuronError(
                 f"layer range {part!r} is out of range: the model has layers 0-{n_layers - 1}"

@@ -63,5 +63,6 @@ class Family:
         if bad:
             raise UnsupportedModelError(
                 f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
-                "flashlens decodes unquantised floating-point checkpoints of the standard layout."
+                "flashlens decodes unquantised floating-point checkpoints of the standard "
+                "layout: map the model's bf16, fp16 or fp32 release instead"
             )
