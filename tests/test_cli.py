@@ -17,6 +17,8 @@ def test_every_command_has_an_example_in_its_help() -> None:
     for name, command in commands.items():
         help_text = command.help or ""
         assert "Example" in help_text and "flashlens " + name in help_text, name
+    top = typer.main.get_command(app).epilog or ""
+    assert "Example: flashlens map " in top and "flashlens search " in top
 
 
 def test_show_json_keys(stories_atlas: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,10 @@ from ..errors import FlashlensError
 app = typer.Typer(
     name="flashlens",
     help="Explain every MLP neuron of a language model through its own LM-head.",
+    epilog=(
+        "Example: flashlens map meta-llama/Llama-3.1-8B -o atlas/llama31-8b, then "
+        "flashlens search atlas/llama31-8b dog. Each command's --help has its own examples."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
