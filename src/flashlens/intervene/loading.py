@@ -43,6 +43,9 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     is fast at it (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX), else fp32.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
 
     check_dtype(dtype)
     source = ModelSource.open(model)  # resolves, checks the family and the checkpoint
