@@ -323,3 +323,10 @@ def test_a_model_folder_is_never_an_atlas(
     with pytest.raises(AtlasError, match=r"not empty and holds no atlas"):
         map_model(model, tok, overwrite=True)
     assert [p.name for p in tok.iterdir()] == ["tokenizer.json"]
+
+
+def test_a_file_is_not_an_atlas_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    for cmd in (["show", str(f), "0:0"], ["serve", str(f), "--get", "/"]):
+        assert f"{f} is a file, not an atlas folder" in cli_error(capsys, *cmd)

@@ -175,6 +175,11 @@ def test_neuron_neighbours_cross_layers(client: TestClient, atlas: Atlas) -> Non
         ("/neuron/mlp/2/7", "matrix 'mlp' is not in this atlas; it has up, gate, down"),
         ("/neuron/up/two/7", "layer 'two' is not a whole number"),
         ("/neuron/up/2/-1", "neuron index -1 is negative"),
+        # one address per page: no other spelling of a number (int() reads all of these)
+        ("/neuron/up/2/3_0", "neuron index '3_0' is not a whole number"),
+        ("/neuron/up/2/+3", "neuron index '+3' is not a whole number"),
+        ("/neuron/up/02x/3", "layer '02x' is not a whole number"),
+        ("/token/\u0663", "token id '\u0663' is not a whole number"),
         ("/token/512", "token id 512 is out of range: the vocabulary has 512 tokens (0-511)"),
         ("/nothing/here", "no page at /nothing/here"),
     ],
@@ -300,6 +305,20 @@ def test_a_neuron_address_in_the_search_box_jumps_to_it(client: TestClient) -> N
         assert r.status_code == 303 and r.headers["location"] == target
         r = client.get("/search.json", params={"q": q}, follow_redirects=False)
         assert r.headers["location"] == target + ".json"
+    # Without a matrix in the text, the form's matrix; a word that is no matrix is a concept.
+    r = client.get("/search", params={"q": "1:5", "matrix": "gate"}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/neuron/gate/1/5"
+    r = client.get("/search.json", params={"q": "the 1:5"}, follow_redirects=False)
+    assert r.status_code in (200, 400) and r.json()["query"]["q"] == "the 1:5"
+
+
+def test_pages_answer_head_requests(client: TestClient) -> None:
+    """Link checkers ask HEAD: every page answers it as it answers GET."""
+    for path in ("/", "/neuron/up/2/7", "/token/5", "/search?q=the", "/style.css"):
+        head, get = client.head(path), client.get(path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.headers["content-type"] == get.headers["content-type"], path
+    assert client.head("/neuron/up/2/999").status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -375,6 +394,11 @@ def test_visible_whitespace() -> None:
     assert visible("\t x") == "⇥␣x"
     assert visible("") == "∅"
     assert visible("a\x01") == "a\\x01"
+    # Invisible characters read as Python (and the CLI) writes them: a bidi override, a
+    # zero-width space, a no-break space, a C1 control; printable text is left alone.
+    assert visible("\u202bx") == "\\u202bx" and visible("\u200b") == "\\u200b"
+    assert visible("\xa0a") == "\\xa0a" and visible("\x80") == "\\x80"
+    assert visible("é犬") == "é犬"
     assert display(" dog", "▁dog") == "␣dog"
     assert display("\ufffd", "<0xE2>") == "<0xE2>"  # a byte token shows its own form
 
@@ -391,6 +415,16 @@ def test_serve_get_prints_one_response(
     assert json.loads(capsys.readouterr().out)["index"] == 7  # the redirect is followed
     assert main(["serve", str(stories_atlas), "--get", "/"]) == 0
     assert capsys.readouterr().out.startswith("<!doctype html>")
+    # A path and query as typed (not percent-encoded) read as a browser would send them.
+    for typed, encoded in [
+        ("/search.json?q=\u00e9&limit=1", "/search.json?q=%C3%A9&limit=1"),
+        ("/token/%31.json", "/token/1.json"),
+    ]:
+        codes = [main(["serve", str(stories_atlas), "--get", p]) for p in (typed, encoded)]
+        outs = capsys.readouterr().out.split("\n}\n")
+        assert codes[0] == codes[1] and outs[0] == outs[1], typed
+    assert main(["serve", str(stories_atlas), "--get", "/search.json?q=\u00e9"]) in (0, 1)
+    assert json.loads(capsys.readouterr().out)["query"]["q"] == "\u00e9"
 
 
 def test_serve_get_errors(

@@ -117,6 +117,11 @@ class Atlas:
     @classmethod
     def open(cls, path: str | Path) -> Atlas:
         root = Path(require_path(path, "atlas folder")).expanduser()
+        if root.is_file():
+            raise AtlasError(
+                f"{root} is a file, not an atlas folder; pass the folder that "
+                "`flashlens map MODEL -o FOLDER` wrote"
+            )
         if not root.is_dir():
             raise AtlasError(
                 f"no atlas at {root}: the folder does not exist; make one with "

@@ -315,7 +315,8 @@ def _print_ranges(ranges: dict[str, Any], sites: dict[str, str], n_prompts: int)
     for name, r in ranges.items():
         console.print(
             f"[bold]{name}[/] natural activation at {_site(sites[name])} on {n_prompts} "
-            f"prompt{'s' if n_prompts != 1 else ''}: {r.min:.3g} .. {r.max:.3g} (next-token position mean {r.next_mean:.3g})"
+            f"prompt{'s' if n_prompts != 1 else ''}: {r.min:.3g} .. {r.max:.3g} "
+            f"(next-token position mean {r.next_mean:.3g})"
         )
 
 

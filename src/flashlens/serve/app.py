@@ -26,6 +26,9 @@ from ..atlas import Atlas
 from ..errors import FlashlensError
 from . import pages, views
 
+# HEAD as well as GET: link checkers ask HEAD (the ASGI server sends the headers alone)
+PAGE_METHODS = ["GET", "HEAD"]
+
 JSON_FLAG = "flashlens.json"
 
 
@@ -106,23 +109,23 @@ def make_app(atlas: Atlas) -> FastAPI:
     async def atlas_error(request: Request, exc: FlashlensError) -> Response:
         return error(request, 500, str(exc))  # e.g. a damaged atlas file
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=PAGE_METHODS, response_class=HTMLResponse)
     def overview(request: Request) -> Response:
         return respond(request, lambda: views.overview(atlas), pages.overview_page)
 
-    @app.get("/neuron/{matrix}/{layer}/{index}")
+    @app.api_route("/neuron/{matrix}/{layer}/{index}", methods=PAGE_METHODS)
     def neuron(request: Request, matrix: str, layer: str, index: str) -> Response:
         return respond(
             request, lambda: views.neuron(atlas, matrix, layer, index), pages.neuron_page
         )
 
-    @app.get("/token/{token_id}")
+    @app.api_route("/token/{token_id}", methods=PAGE_METHODS)
     def token(request: Request, token_id: str) -> Response:
         return respond(
             request, lambda: views.token(atlas, token_id), lambda d: pages.token_page(d, model)
         )
 
-    @app.get("/search")
+    @app.api_route("/search", methods=PAGE_METHODS)
     def search(
         request: Request,
         q: str = "",
@@ -132,7 +135,7 @@ def make_app(atlas: Atlas) -> FastAPI:
         top1: str = "",
         plural: str = "",
     ) -> Response:
-        address = views.neuron_address(q, atlas)
+        address = views.neuron_address(q, atlas, matrix)
         if address is not None:  # "up 2:7" jumps to the neuron
             suffix = ".json" if wants_json(request) else ""
             return RedirectResponse(address + suffix, status_code=303)
@@ -150,7 +153,7 @@ def make_app(atlas: Atlas) -> FastAPI:
             lambda d: pages.search_page(d, model, atlas.meta.matrices),
         )
 
-    @app.get("/style.css")
+    @app.api_route("/style.css", methods=PAGE_METHODS)
     def style() -> Response:
         return Response(pages.CSS, media_type="text/css")
 

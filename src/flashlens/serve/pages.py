@@ -42,8 +42,9 @@ table { border-collapse:collapse; font-size:14px; }
 th, td { padding:.25rem .7rem; border-bottom:1px solid var(--line); text-align:left;
          vertical-align:middle; }
 th { color:var(--muted); font-weight:600; font-size:12px; text-transform:uppercase; }
-td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 .tok { font-family:ui-monospace, "SFMono-Regular", Menlo, monospace; white-space:pre;
+       unicode-bidi:isolate;
        background:var(--soft); border:1px solid var(--line); border-radius:4px;
        padding:0 .3rem; }
 .tok .ws { color:#98a2b3; }
@@ -57,6 +58,7 @@ dl.kv dt { color:var(--muted); } dl.kv dd { margin:0; font-variant-numeric:tabul
 .notes { color:#8a5a00; background:#fff8e6; border:1px solid #f5e2b3; border-radius:6px;
          padding:.4rem .8rem; margin:.6rem 0; }
 .notes p { margin:.2rem 0; }
+.notes, .error, h1, h2 { overflow-wrap:anywhere; }
 .error { color:#912018; background:#fef3f2; border:1px solid #fecdca; border-radius:6px;
          padding:.6rem .9rem; }
 .tokens .tok { margin-right:.25rem; }
@@ -81,15 +83,18 @@ def esc(value: object) -> str:
 
 
 def visible(text: str) -> str:
-    """A decoded token with its whitespace and control characters made visible."""
+    """A decoded token with its whitespace and invisible characters made visible: space,
+    newline, tab and return as symbols; any other character Python does not print (controls,
+    format characters such as bidi overrides and zero-width spaces, other spaces such as
+    NBSP) escaped as Python writes it, e.g. \\x01, \\xa0, \\u202b: as the CLI shows them."""
     if text == "":
         return "∅"
     out = []
     for ch in text:
         if ch in _WHITESPACE:
             out.append(_WHITESPACE[ch])
-        elif ord(ch) < 32 or ord(ch) == 127:
-            out.append(f"\\x{ord(ch):02x}")
+        elif not ch.isprintable():
+            out.append(repr(ch)[1:-1])
         else:
             out.append(ch)
     return "".join(out)

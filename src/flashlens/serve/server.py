@@ -7,6 +7,7 @@ import errno
 import socket
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, unquote
 
 from ..errors import FlashlensError
 
@@ -29,14 +30,18 @@ def get(app: Any, path: str) -> Reply:
             f"--get needs a path that starts with /, e.g. /neuron/up/2/7.json (got {path!r})"
         )
     route, _, query = path.partition("?")
+    # As a browser sends them: the query percent-encoded (raw UTF-8 would be read as latin-1),
+    # the path both as sent (raw_path) and decoded (path), as ASGI servers give it.
+    query = quote(query, safe="=&+%/:,;@!$'()*?")
+    raw = quote(route, safe="/%:@!$&'()*+,;=")
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
-        "path": route,
-        "raw_path": route.encode(),
+        "path": unquote(raw),
+        "raw_path": raw.encode(),
         "root_path": "",
         "query_string": query.encode(),
         "headers": [(b"host", b"localhost")],

@@ -40,13 +40,13 @@ def vocab(atlas: Atlas, ids: list[int]) -> dict[str, dict[str, str]]:
 
 
 def _int(value: str, what: str, example: str, status: int = 404) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise ViewError(status, f"{what} {value!r} is not a whole number, e.g. {example}") from None
-    if number < 0:
-        raise ViewError(status, f"{what} {number} is negative")
-    return number
+    """A number in an address: ASCII digits only, so that each page has one address (int()
+    also reads '+3', '3_0', ' 3' and other scripts' digits)."""
+    if re.fullmatch(r"-[0-9]+", value):
+        raise ViewError(status, f"{what} {value} is negative")
+    if not re.fullmatch(r"[0-9]+", value):
+        raise ViewError(status, f"{what} {value!r} is not a whole number, e.g. {example}")
+    return int(value)
 
 
 # --- / -------------------------------------------------------------------------------------
@@ -160,16 +160,21 @@ def _top_ids(
 
 
 # --- /search?q= ------------------------------------------------------------------------------
-_ADDRESS = re.compile(r"^\s*(?:([A-Za-z_]+)\s*[ /:]\s*)?(\d+)\s*:\s*(\d+)\s*$")
+_ADDRESS = re.compile(r"^\s*(?:([A-Za-z_]+)\s*[ /:]\s*)?([0-9]+)\s*:\s*([0-9]+)\s*$", re.ASCII)
 
 
-def neuron_address(q: str, atlas: Atlas) -> str | None:
-    """'2:7', 'up 2:7' or 'gate/2:7' -> the neuron's path (default matrix: the atlas' first)."""
+def neuron_address(q: str, atlas: Atlas, matrix: str = "") -> str | None:
+    """'2:7', 'up 2:7' or 'gate/2:7' -> the neuron's path; without a matrix in the text, the
+    form's `matrix` or the atlas's first. Words that name no matrix of the atlas ('the 2:7')
+    are a concept to search, not an address."""
     match = _ADDRESS.match(q)
     if not match:
         return None
-    matrix = match.group(1) or atlas.meta.matrices[0]
-    return neuron_path(matrix, int(match.group(2)), int(match.group(3)))
+    named = match.group(1)
+    if named is not None and named not in atlas.meta.matrices:
+        return None
+    chosen = named or (matrix if matrix in atlas.meta.matrices else atlas.meta.matrices[0])
+    return neuron_path(chosen, int(match.group(2)), int(match.group(3)))
 
 
 def search(
