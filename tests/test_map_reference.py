@@ -223,3 +223,21 @@ def test_layers_and_matrices_subset(tmp_path: Path) -> None:
     assert atlas.meta.layers == [1, 3] and atlas.meta.matrices == ["down"]
     check_exact(atlas, model, "down", 3, "model")
     assert not (tmp_path / "a" / "up").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_a_softcap_key_left_out_of_config_is_transformers_default(
+    tmp_path: Path, family: str
+) -> None:
+    """Without final_logit_softcapping in config.json, transformers caps Gemma 2's logits at
+    its default (30.0) and Gemma 3's not at all: the atlas decodes as the model does."""
+    import json
+
+    model = make_model(tmp_path / "m", family, n_layers=1)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("final_logit_softcapping", None)
+    (model / "config.json").write_text(json.dumps(config))
+    map_model(model, tmp_path / "a", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    for matrix in MATRICES:
+        check_exact(atlas, model, matrix, 0, "model")

@@ -178,3 +178,11 @@ def test_pages_fit_a_narrow_screen_and_log_no_errors(
         assert width <= 400, f"/{path} scrolls sideways on a 400 px screen ({width} px)"
         assert page.locator("header button").is_visible()
     assert errors == []  # no favicon 404 either
+
+
+def test_sigterm_stops_the_server_cleanly(server: tuple[subprocess.Popen[str], str]) -> None:
+    """A service manager stops the viewer with SIGTERM: a clean stop, as Ctrl-C is."""
+    proc, _ = server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stderr is not None and "stopped" in proc.stderr.read()

@@ -57,6 +57,6 @@ def serve_command(
             fg="yellow",
             err=True,
         )
-    click.echo(f"flashlens: serving {atlas} at {url(sock)} (Ctrl-C to stop)", err=True)
-    run(viewer, sock)
+    announce = f"flashlens: serving {atlas} at {url(sock)} (Ctrl-C to stop)"
+    run(viewer, sock, ready=lambda: click.echo(announce, err=True))
     click.echo("flashlens: stopped", err=True)

@@ -39,6 +39,9 @@ class Family:
     norm_eps_key: str = "rms_norm_eps"
     norm_weight_offset: float = 0.0  # Gemma-style norms multiply by (1 + weight)
     logit_softcap_key: str | None = None  # config key of a tanh soft-cap on logits, if any
+    # the cap transformers applies when config.json omits that key (its config class default;
+    # an explicit null turns the cap off)
+    logit_softcap_default: float | None = None
     tie_default: bool = False  # value of tie_word_embeddings when the config omits it
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)

@@ -9,7 +9,12 @@ from .registry import register
 _MLP = "model.layers.{layer}.mlp"
 
 
-def _gemma(name: str, architecture: str, softcap_key: str | None = None) -> Family:
+def _gemma(
+    name: str,
+    architecture: str,
+    softcap_key: str | None = None,
+    softcap_default: float | None = None,
+) -> Family:
     return register(
         Family(
             name=name,
@@ -20,11 +25,16 @@ def _gemma(name: str, architecture: str, softcap_key: str | None = None) -> Fami
             final_norm="model.norm.weight",
             norm_weight_offset=1.0,
             logit_softcap_key=softcap_key,
+            logit_softcap_default=softcap_default,
             tie_default=True,
         )
     )
 
 
 GEMMA = _gemma("gemma", "GemmaForCausalLM")
-GEMMA2 = _gemma("gemma2", "Gemma2ForCausalLM", softcap_key="final_logit_softcapping")
+# transformers' Gemma2Config caps at 30.0 when config.json omits the key; Gemma3's default is
+# no cap
+GEMMA2 = _gemma(
+    "gemma2", "Gemma2ForCausalLM", softcap_key="final_logit_softcapping", softcap_default=30.0
+)
 GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM", softcap_key="final_logit_softcapping")

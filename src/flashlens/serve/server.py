@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import signal
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote
@@ -100,14 +103,27 @@ def url(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
-def run(app: Any, sock: socket.socket) -> None:
-    """Serve `app` on the bound socket until Ctrl-C (or SIGTERM); then return."""
+def run(app: Any, sock: socket.socket, ready: Callable[[], None] = lambda: None) -> None:
+    """Serve `app` on the bound socket until Ctrl-C (or SIGTERM); then return. `ready` runs
+    once either signal stops it cleanly (e.g. to print the address)."""
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False)
+    # uvicorn shuts down cleanly on SIGINT and SIGTERM, then raises the signal again with the
+    # handler found before it: for SIGTERM, Python's default would kill the process (143).
+    # Both end as a KeyboardInterrupt here instead, the normal way to stop a viewer.
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
+        ready()
         uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after a clean shutdown: that is the
-        pass  # normal way to stop a viewer, not an interruption to resume
+    except KeyboardInterrupt:
+        pass
     finally:
         sock.close()
+        if main:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -75,8 +75,12 @@ class ModelSource:
 
     @property
     def logit_softcap(self) -> float | None:
+        """The tanh soft-cap on the logits, as transformers reads it: the config's value (null:
+        none), or the family's default when config.json omits the key."""
         key = self.family.logit_softcap_key
-        value = self.config.get(key) if key else None
+        if key is None:
+            return None
+        value = self.config.get(key, self.family.logit_softcap_default)  # (null: no cap)
         return float(value) if value else None
 
     @property
