@@ -189,9 +189,37 @@ def test_a_failed_layer_write_stops_the_run_and_a_rerun_resumes(
         map_model(big_model, out, compile="off", block=64)
     assert written == [0, 1, 2]  # the fourth layer's write was never started
     monkeypatch.undo()
+    # what a kill during writes leaves: temporary files, never under a final name
+    stale = [out / "up" / ".layer_005.parquet.x1.tmp", out / ".reverse.parquet.x2.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
     summary = map_model(big_model, out, compile="off", block=64)
     assert summary.neurons_skipped == 2 * 256
     assert_same_atlas(out, reference_atlas)
+    assert not any(p.exists() for p in stale)
+    # The audit checks the same sample as an uninterrupted run's, the layers mapped before
+    # the interruption read from their files.
+    assert Atlas.open(out).meta.audit == Atlas.open(reference_atlas).meta.audit
+
+
+def test_a_run_interrupted_after_its_last_layer_keeps_its_audit(
+    big_model: Path, reference_atlas: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every layer written, the reverse index not: the rerun maps nothing and still audits."""
+    out = tmp_path / "atlas"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device (simulated)")
+
+    monkeypatch.setattr(AtlasWriter, "finish", fail)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64)
+    monkeypatch.undo()
+    summary = map_model(big_model, out, compile="off", block=64)
+    assert summary.neurons_mapped == 0
+    assert summary.audit is not None and summary.audit["sample"] == 32
+    assert_same_atlas(out, reference_atlas)
+    assert Atlas.open(out).meta.audit == Atlas.open(reference_atlas).meta.audit
 
 
 def test_a_low_precision_run_resumes_to_identical_atlas(

@@ -230,7 +230,10 @@ def _map(
             )
         return summary
     load = lambda job: _load(source, job, device)  # noqa: E731
-    sample = AuditSample(len(jobs), source.d_mlp, audit)
+    # The audit's sample is drawn over the whole job, as on a first run: a resumed run checks
+    # the same neurons, those of layers mapped before the interruption read from their files.
+    sample = AuditSample(len(every), source.d_mlp, audit)
+    place = {job: j for j, job in enumerate(every)}
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-head") as head_pool,
@@ -310,7 +313,7 @@ def _map(
                     refs = torch.arange(base + lo, base + lo + n)
                     results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
                     advance(n, f"{matrix} layer {layer}")
-                _keep_sample(sample, i, W, results)
+                _keep_sample(sample, place[matrix, layer], W, results)
                 if writing is not None:
                     writing.result()
                 heap.trim()  # this layer's temporaries and the last write's (see heap)
@@ -340,6 +343,9 @@ def _map(
         tokens_job = None
         if not writer.has_tokens():
             tokens_job = pool.submit(tokens_table, source.folder, source.d_vocab)
+        for done in every:
+            if done not in jobs:  # mapped before an interruption: as the atlas stores it
+                _keep_stored(sample, place[done], source, out, *done)
         checked = None
         if len(sample):
             with status(progress, f"checking {len(sample)} neurons against an exact fp32 decode"):
@@ -533,6 +539,29 @@ def _keep_sample(
         return
     r = BlockResult.cat(results).rows(rows)
     sample.add(W[rows.to(W.device)], r.top_ids, r.top_logits, r.top_probs, r.logsumexp)
+
+
+def _keep_stored(
+    sample: AuditSample, job: int, source: ModelSource, out: Path, matrix: Matrix, layer: int
+) -> None:
+    """Record the audit sample's rows of a job written by an earlier run: raw vectors read
+    from the checkpoint, and what the atlas stores for them."""
+    rows = sample.rows(job)
+    if rows.numel() == 0:
+        return
+    columns = ["top_ids", "top_logits", "top_probs", "logsumexp"]
+    t = read_parquet(layer_file(out, matrix, layer), columns=columns).take(rows.numpy())
+
+    def stored(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(t.column(name).to_pylist(), dtype=np.float64))
+
+    sample.add(
+        source.neuron_rows(matrix, layer, rows),
+        stored("top_ids").long(),
+        stored("top_logits"),
+        stored("top_probs"),
+        stored("logsumexp"),
+    )
 
 
 def _write_layer(

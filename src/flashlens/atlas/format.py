@@ -82,6 +82,13 @@ def atlas_files(root: Path) -> list[Path]:
     return sorted(found)
 
 
+def remove_temporary(root: Path) -> None:
+    """Delete the temporary files interrupted writes left in `root` (never a final name)."""
+    for path in atlas_files(root):
+        if path.is_file() and path.name.endswith(".tmp"):
+            path.unlink(missing_ok=True)
+
+
 def remove_atlas(root: Path) -> None:
     """Delete the atlas's own files in `root` (and its matrix folders once empty); the user's
     other files stay."""

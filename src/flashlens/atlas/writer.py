@@ -36,6 +36,7 @@ from .format import (
     layer_file,
     read_meta,
     remove_atlas,
+    remove_temporary,
     write_json,
 )
 
@@ -91,6 +92,8 @@ class AtlasWriter:
                 meta.created = old.created
         if overwrite:
             remove_atlas(root)  # the atlas's own files only (validation.parquet included)
+        elif not self.already_complete:
+            remove_temporary(root)  # half-written files of an interrupted run
         self.done = self._load_done()
         if self.done and old is not None and not self.already_complete:
             if dtype_asked is not None and dtype_asked != old.compute_dtype:
