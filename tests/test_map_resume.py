@@ -200,6 +200,8 @@ def test_a_failed_layer_write_stops_the_run_and_a_rerun_resumes(
     # The audit checks the same sample as an uninterrupted run's, the layers mapped before
     # the interruption read from their files.
     assert Atlas.open(out).meta.audit == Atlas.open(reference_atlas).meta.audit
+    # atlas.json's seconds count the first run's mapping (to its last save) too
+    assert Atlas.open(out).meta.seconds > summary.seconds
 
 
 def test_a_run_interrupted_after_its_last_layer_keeps_its_audit(

@@ -320,7 +320,7 @@ def _map(
                 state = None
                 if i == len(jobs) - 1 or time.perf_counter() - last_commit >= commit_every:
                     state, last_commit = reverse.state(), time.perf_counter()  # as of this layer
-                job = (matrix, layer, results, state)
+                job = (matrix, layer, results, state, time.perf_counter() - start)
                 writing = write_pool.submit(_write_layer, writer, *job)
                 summary.neurons_mapped += source.d_mlp
         if writing is not None:
@@ -570,10 +570,11 @@ def _write_layer(
     layer: int,
     results: list[BlockResult],
     state: dict[str, torch.Tensor] | None,
+    seconds: float,
 ) -> None:
     writer.write_layer(matrix, layer, results)
     if state is not None:
-        writer.commit(state)
+        writer.commit(state, seconds)
 
 
 def commit_interval() -> float:

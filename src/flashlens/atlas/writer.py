@@ -69,6 +69,7 @@ class AtlasWriter:
         self.already_complete = False
         self.done: set[str] = set()  # layers recorded in the resume state
         self._written: set[str] = set()  # layers written since, not yet recorded
+        self.seconds_before = 0.0  # mapping time of earlier runs, up to their last save
         old = self._existing_meta(overwrite)
         self.existing = None if overwrite else old  # the atlas found in the folder, if any
         if old is not None and not overwrite:
@@ -157,7 +158,9 @@ class AtlasWriter:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            named = set(json.loads((fh.metadata() or {}).get("done", "[]")))
+            saved = fh.metadata() or {}
+        named = set(json.loads(saved.get("done", "[]")))
+        self.seconds_before = float(saved.get("seconds", 0.0))
         return {k for k in named if layer_file(self.root, *_split(k)).is_file()}
 
     def is_done(self, matrix: str, layer: int) -> bool:
@@ -186,13 +189,15 @@ class AtlasWriter:
         atomic_write(layer_file(self.root, matrix, layer), lambda tmp: pq.write_table(table, tmp))
         self._written.add(_key(matrix, layer))
 
-    def commit(self, state: dict[str, torch.Tensor]) -> None:
+    def commit(self, state: dict[str, torch.Tensor], seconds: float = 0.0) -> None:
         """Record the layers written so far as done, together with the reverse index that
-        includes them (its `ReverseIndex.state()` taken right after the last of them). A layer
-        written but not yet committed is mapped again by a resumed run."""
+        includes them (its `ReverseIndex.state()` taken right after the last of them), and
+        the `seconds` this run had mapped for by then. A layer written but not yet committed is
+        mapped again by a resumed run."""
         self.done |= self._written
         self._written.clear()
-        meta = {"done": json.dumps(sorted(self.done))}
+        total = self.seconds_before + seconds
+        meta = {"done": json.dumps(sorted(self.done)), "seconds": f"{total:.3f}"}
         atomic_write(self._state_path(), lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     def finish(
@@ -201,7 +206,7 @@ class AtlasWriter:
         table = reverse_table(reverse, self.meta)
         atomic_write(self.root / REVERSE, lambda tmp: pq.write_table(table, tmp))
         self.meta.complete = True
-        self.meta.seconds = round(seconds, 3)
+        self.meta.seconds = round(self.seconds_before + seconds, 3)  # over every run
         if audit is not None:
             self.meta.audit = audit
         write_json(self.root / META, self.meta.to_dict())
