@@ -238,10 +238,16 @@ def test_validate_refuses_other_weights(
         "flipped": other_weights(stories, tmp_path / "flipped", flip=True),  # norms kept
         "attention": other_weights(stories, tmp_path / "attn", part=".layers.2.self_attn.q_proj"),
     }
+    import flashlens.intervene.loading as loading
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded before its weights were checked")
+
     for name, other in edits.items():
-        assert (
-            main(["validate", str(atlas), "Lily", "--model", str(other), "--neurons", "0:5"]) == 2
-        )
+        args = ["validate", str(atlas), "Lily", "--model", str(other), "--neurons", "0:5"]
+        with pytest.MonkeyPatch.context() as mp:  # refused before the model loads
+            mp.setattr(loading, "load_model", never)
+            assert main(args) == 2
         full = capsys.readouterr().err
         err = full.splitlines()[-1]  # one line, after transformers' loading bar
         assert "Traceback" not in full, name

@@ -101,3 +101,31 @@ def test_the_weights_fingerprint_follows_the_values(tmp_path: Path) -> None:
         folder.mkdir()
         save_file(changed, folder / "model.safetensors")
         assert _fingerprint(folder) != want, edit
+
+
+def test_the_fingerprint_leaves_out_what_only_some_saves_hold(tmp_path: Path) -> None:
+    """A tied model saved with torch.save(state_dict) also holds the head's copy of the
+    embedding, and old saves hold rotary buffers; save_pretrained's files hold neither. The
+    model's fingerprint is the same for both."""
+    import shutil
+
+    tied = make_model(tmp_path / "tied", tie=True, tokenizer=None)
+    with Checkpoint(tied) as ckpt:
+        state = {name: ckpt.get(name) for name in ckpt}
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(4)
+    other = tmp_path / "bin"
+    other.mkdir()
+    shutil.copy(tied / "config.json", other / "config.json")
+    torch.save(state, other / "pytorch_model.bin")
+
+    def fingerprint(folder: Path) -> str:
+        source = ModelSource.open(folder)
+        try:
+            return source.fingerprint()
+        finally:
+            source.close()
+
+    assert fingerprint(other) == fingerprint(tied)
+    assert _fingerprint(other) != _fingerprint(tied)  # the whole checkpoint's: they differ

@@ -364,7 +364,12 @@ def validate_command(
     from ..intervene import Neuron
     from ..intervene.loading import check_dtype, load_model
     from ..intervene.prompts import read_prompts
-    from ..intervene.validate import check_factor, check_validation, validate
+    from ..intervene.validate import (
+        check_factor,
+        check_model_matches,
+        check_validation,
+        validate,
+    )
 
     mode, positions, _ = _how(mode, positions)
     if limit < 1:
@@ -379,6 +384,7 @@ def validate_command(
     texts = read_prompts(prompts)
     mults = _floats(multiples, "--multiples") if multiples is not None else None
     layer_list = parse_layers(layers, at.meta.n_layers) if layers else None
+    check_model_matches(at, model)  # config and weights fingerprint, before the model loads
     lm = load_model(model, device=device, dtype=dtype)
     report = validate(
         at,

@@ -29,7 +29,7 @@ from ..atlas.format import VALIDATION, atomic_write
 from ..atlas.prob import check_weights, checked_logits
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
-from ..weights import Checkpoint, ModelSource
+from ..weights import ModelSource
 from .concept import concept_variants, single_token, variant_ids
 from .dose import (
     DEFAULT_MULTIPLES,
@@ -110,28 +110,32 @@ class ValidationReport:
         return asdict(self) | {"n_validated": self.n_validated}
 
 
-def check_model_matches(atlas: Atlas, lm: LoadedModel) -> None:
+def check_model_matches(atlas: Atlas, model: str | Path, name: str | None = None) -> None:
     """Refuse a model that is not the one the atlas was mapped from: another config.json, or
     other weights (the atlas's weights fingerprint; an atlas from before fingerprints has
     only the validated neurons checked, in `check_model_weights`). A clamp's effect depends on
-    every weight of the model, not only on the neuron's."""
-    if lm.config_hash != atlas.meta.config_hash:
-        raise AtlasError(
-            f"model {lm.name} does not match the atlas at {atlas.root}: its config hash is "
-            f"{lm.config_hash}, the atlas was mapped from {atlas.meta.model} (config hash "
-            f"{atlas.meta.config_hash}); pass the model the atlas was made from"
-        )
-    want = atlas.meta.weights_fingerprint
-    if want is None:
-        return
-    with Checkpoint(lm.folder) as checkpoint:
-        found = checkpoint.fingerprint()
+    every weight of the model, not only on the neuron's. Reads no more than config.json and
+    the fingerprint's windows: the CLI checks before it loads the model. `name`: the model as
+    the user gave it, for messages (default: `model`)."""
+    source = ModelSource.open(model)
+    model = name or model
+    try:
+        if source.config_hash != atlas.meta.config_hash:
+            raise AtlasError(
+                f"model {model} does not match the atlas at {atlas.root}: its config hash is "
+                f"{source.config_hash}, the atlas was mapped from {atlas.meta.model} (config "
+                f"hash {atlas.meta.config_hash}); pass the model the atlas was made from"
+            )
+        want = atlas.meta.weights_fingerprint
+        found = source.fingerprint() if want is not None else None
+    finally:
+        source.close()
     if found != want:
         raise AtlasError(
-            f"model {lm.name} is not the one the atlas at {atlas.root} was mapped from "
+            f"model {model} is not the one the atlas at {atlas.root} was mapped from "
             f"({atlas.meta.model}): same config.json, other weights (weights fingerprint "
             f"{found}, the atlas's {want}), such as a fine-tune. Pass the model the atlas was "
-            f"made from, or map this one into its own atlas (flashlens map {lm.name} -o OUT)"
+            f"made from, or map this one into its own atlas (flashlens map {model} -o OUT)"
         )
 
 
@@ -229,7 +233,7 @@ def validate(
 
     multiples: None for DEFAULT_MULTIPLES (set, add) or DEFAULT_SCALES (scale).
     """
-    check_model_matches(atlas, lm)
+    check_model_matches(atlas, lm.folder, lm.name)
     check_factor(factor)
     if write:
         check_validation(atlas.root)  # before any clamping, not when the results are written

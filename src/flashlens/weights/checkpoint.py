@@ -14,7 +14,7 @@ import json
 import mmap
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -162,18 +162,19 @@ class Checkpoint:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
         return out
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, skip: Callable[[str], bool] = lambda name: False) -> str:
         """A short hash of the weights' values: every tensor's name and shape, and 16 windows
         of 64 values spread evenly over it (the first and last included), read in fp32 so the
         same values stored as bf16 or fp32, in one file or sharded, safetensors or .bin, give
         the same hash. About 1,000 values a tensor, read without readahead: a fraction of a
         second on an 8B model from a cold disk. It tells apart any fine-tune, retrain or merged
         LoRA delta (they move every value of the tensors they touch); an edit of a few rows
-        can fall between the windows."""
+        can fall between the windows. `skip`: tensors some copies of the same model hold and
+        others not (a tied head's copy of the embedding, rotary buffers)."""
         h = hashlib.sha256()
         self._advise(mmap.MADV_RANDOM)  # fault in the windows alone, not 128 KiB around each
         try:
-            for name in sorted(self._where):
+            for name in sorted(n for n in self._where if not skip(n)):
                 h.update(self._windows(name))
         finally:
             self._advise(mmap.MADV_NORMAL)

@@ -94,8 +94,12 @@ class ModelSource:
 
     def fingerprint(self) -> str:
         """The weights' own fingerprint (`Checkpoint.fingerprint`): config.json says what the
-        model is shaped like, this says which trained weights it holds."""
-        return self.checkpoint.fingerprint()
+        model is shaped like, this says which trained weights it holds. Left out: what one
+        save of a model holds and another not, the tied head's copy of the embedding (in a
+        `torch.save(state_dict)`, not in `save_pretrained`'s files) and buffers such as
+        rotary `inv_freq`."""
+        copy = self.family.W_U if self.tied else None
+        return self.checkpoint.fingerprint(lambda n: n == copy or n.endswith(".inv_freq"))
 
     # --- tensors by role ---------------------------------------------------------------
     @property
