@@ -330,3 +330,23 @@ def test_a_file_is_not_an_atlas_folder(tmp_path: Path, capsys: pytest.CaptureFix
     f.write_text("mine")
     for cmd in (["show", str(f), "0:0"], ["serve", str(f), "--get", "/"]):
         assert f"{f} is a file, not an atlas folder" in cli_error(capsys, *cmd)
+
+
+def test_an_atlas_beside_a_config_json_is_still_an_atlas(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An atlas mapped into a model folder (as an older flashlens allowed) opens and maps
+    again with --overwrite; the model's tokenizer.json beside it is never removed."""
+    mixed = copy_model(model, tmp_path / "mixed")
+    out = tmp_path / "a"
+    map_model(model, out, compile="off")
+    for p in out.iterdir():
+        if p.name != "tokenizer.json":
+            shutil.move(str(p), mixed / p.name)
+    before = (mixed / "tokenizer.json").read_bytes()
+    assert main(["show", str(mixed), "1:0"]) == 0
+    assert main(["map", str(model), "-o", str(mixed), "--overwrite", "--compile", "off"]) == 0
+    capsys.readouterr()
+    assert (mixed / "tokenizer.json").read_bytes() == before
+    assert (mixed / "config.json").is_file() and (mixed / "model.safetensors").is_file()
+    assert Atlas.open(mixed).meta.complete

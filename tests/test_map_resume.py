@@ -309,9 +309,15 @@ def test_another_checkpoint_of_the_same_config_is_refused_a_moved_folder_is_not(
 
 def test_the_order_of_the_matrices_is_not_a_setting(big_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "atlas"
-    map_model(big_model, out, matrices="up,down", layers="0-1", compile="off")
-    summary = map_model(big_model, out, matrices="down,up", layers="0-1", compile="off")
+    map_model(big_model, out, matrices="down,up", layers="0-1", compile="off")
+    assert Atlas.open(out).meta.matrices == ["up", "down"]  # the family's order, as recorded
+    summary = map_model(big_model, out, matrices="up,down", layers="0-1", compile="off")
     assert summary.neurons_skipped == 2 * 2 * 256 and summary.neurons_mapped == 0
+    # Mapped, sampled and audited in one order: any spelling gives the same atlas and audit.
+    other = tmp_path / "other"
+    map_model(big_model, other, matrices="up,down", layers="0-1", compile="off")
+    assert_same_atlas(out, other)
+    assert Atlas.open(out).meta.audit == Atlas.open(other).meta.audit
     with pytest.raises(AtlasError, match=r"other settings.*matrices"):
         map_model(big_model, out, matrices="down", layers="0-1", compile="off")
 

@@ -81,6 +81,8 @@ class MapSummary:
 
 
 def parse_matrices(spec: str | list[str], available: tuple[str, ...]) -> list[Matrix]:
+    """The matrices asked for, in the family's order (up, gate, down) whatever order they
+    were given in: a run maps, samples and records them the same way for any spelling."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
     bad = [n for n in names if n not in available]
@@ -88,7 +90,7 @@ def parse_matrices(spec: str | list[str], available: tuple[str, ...]) -> list[Ma
         raise FlashlensError(
             f"unknown matrix {', '.join(bad) or '(none)'}: choose from {', '.join(available)}"
         )
-    return list(dict.fromkeys(names))  # type: ignore[arg-type]
+    return [m for m in available if m in names]  # type: ignore[misc]
 
 
 def map_model(

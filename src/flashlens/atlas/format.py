@@ -58,9 +58,10 @@ def _own(name: str, names: str) -> bool:
 
 
 def is_model_folder(root: Path) -> bool:
-    """A folder holding a model (its config.json): `map` never writes an atlas into it, and its
-    files are never taken for a damaged atlas's."""
-    return (root / MODEL_CONFIG).is_file()
+    """A folder holding a model (its config.json) and no atlas.json: `map` never writes an
+    atlas into it, and its files are never taken for a damaged atlas's. (An atlas that has a
+    config.json beside it is still an atlas.)"""
+    return (root / MODEL_CONFIG).is_file() and not (root / META).is_file()
 
 
 def atlas_files(root: Path) -> list[Path]:
@@ -77,7 +78,7 @@ def atlas_files(root: Path) -> list[Path]:
             found += [
                 p for p in (root / sub).iterdir() if p.is_file() and _own(p.name, _LAYER_NAMES)
             ]
-    if found:
+    if found and not (root / MODEL_CONFIG).is_file():  # (beside a config.json: the model's)
         found += [p for p in root.iterdir() if p.is_file() and _own(p.name, _KEPT_NAMES)]
     return sorted(found)
 
