@@ -308,8 +308,15 @@ def test_a_neuron_address_in_the_search_box_jumps_to_it(client: TestClient) -> N
     # Without a matrix in the text, the form's matrix; a word that is no matrix is a concept.
     r = client.get("/search", params={"q": "1:5", "matrix": "gate"}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/neuron/gate/1/5"
-    r = client.get("/search.json", params={"q": "the 1:5"}, follow_redirects=False)
-    assert r.status_code in (200, 400) and r.json()["query"]["q"] == "the 1:5"
+    r = client.get("/search", params={"q": "Up 1:5"}, follow_redirects=False)  # auto-capitalised
+    assert r.status_code == 303 and r.headers["location"] == "/neuron/up/1/5"
+    for path in ("/search", "/search.json"):  # a word that is no matrix: said, query kept
+        r = client.get(path, params={"q": "mlp 1:5"}, follow_redirects=False)
+        assert r.status_code == 400
+        text = r.json()["error"] if path.endswith(".json") else " ".join(Page(r.text).text)
+        assert "'mlp 1:5' reads as a neuron address, but 'mlp' is no matrix of this atlas" in text
+        assert "it has up, gate, down (e.g. up 1:5)" in text
+    assert 'value="mlp 1:5"' in client.get("/search", params={"q": "mlp 1:5"}).text
 
 
 def test_pages_answer_head_requests(client: TestClient) -> None:

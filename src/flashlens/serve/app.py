@@ -135,7 +135,10 @@ def make_app(atlas: Atlas) -> FastAPI:
         top1: str = "",
         plural: str = "",
     ) -> Response:
-        address = views.neuron_address(q, atlas, matrix)
+        try:
+            address = views.neuron_address(q, atlas, matrix)
+        except views.ViewError as err:  # "mlp 2:7": an address with no such matrix
+            return error(request, err.status, err.message)
         if address is not None:  # "up 2:7" jumps to the neuron
             suffix = ".json" if wants_json(request) else ""
             return RedirectResponse(address + suffix, status_code=303)

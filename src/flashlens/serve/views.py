@@ -164,15 +164,20 @@ _ADDRESS = re.compile(r"^\s*(?:([A-Za-z_]+)\s*[ /:]\s*)?([0-9]+)\s*:\s*([0-9]+)\
 
 
 def neuron_address(q: str, atlas: Atlas, matrix: str = "") -> str | None:
-    """'2:7', 'up 2:7' or 'gate/2:7' -> the neuron's path; without a matrix in the text, the
-    form's `matrix` or the atlas's first. Words that name no matrix of the atlas ('the 2:7')
-    are a concept to search, not an address."""
+    """'2:7', 'up 2:7', 'Up 2:7' or 'gate/2:7' -> the neuron's path; without a matrix in the
+    text, the form's `matrix` or the atlas's first. A word that names no matrix of the atlas
+    ('mlp 2:7') is a 400 that says which matrices it has (no concept is written that way)."""
     match = _ADDRESS.match(q)
     if not match:
         return None
-    named = match.group(1)
+    named = match.group(1).lower() if match.group(1) else None
     if named is not None and named not in atlas.meta.matrices:
-        return None
+        raise ViewError(
+            400,
+            f"{q.strip()!r} reads as a neuron address, but {match.group(1)!r} is no matrix of "
+            f"this atlas: it has {', '.join(atlas.meta.matrices)} (e.g. "
+            f"{atlas.meta.matrices[0]} {match.group(2)}:{match.group(3)})",
+        )
     chosen = named or (matrix if matrix in atlas.meta.matrices else atlas.meta.matrices[0])
     return neuron_path(chosen, int(match.group(2)), int(match.group(3)))
 
