@@ -312,3 +312,17 @@ def test_length_note_past_max_position_embeddings(tiny: tuple[nn.Module, object]
     note = length_note(model, batch, new_tokens=limit - longest + 1)
     assert note is not None and "\n" not in note
     assert f"{longest} tokens + {limit - longest + 1} new" in note and f"({limit})" in note
+
+
+def test_loading_a_model_keeps_the_callers_progress_bar_setting(stories: Path) -> None:
+    """flashlens hides transformers' loading bar while it loads, and leaves the setting as the
+    caller had it (a Python session's own choice)."""
+    from transformers.utils import logging as hf_logging
+
+    from flashlens.intervene.loading import load_model
+
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        load_model(stories, dtype="float32")
+        assert hf_logging.is_progress_bar_enabled() is enabled
+    hf_logging.enable_progress_bar()

@@ -170,7 +170,7 @@ def test_hub_unreachable_says_how_to_pass_a_folder(
         (["--layers", "0-9"], "out of range"),
         (["--layers", "1-0"], "start is after end"),
         (["--layers", "x"], "bad layer range"),
-        (["--layers", "0,,1"], "bad layers '0,,1': an empty item between commas"),
+        (["--layers", "0,,1"], "bad layers '0,,1': an empty item in the list"),
         (["--layers", "-1"], "bad layer range '-1': layers count from 0"),
         (["--layers", "+1"], "bad layer range '+1'"),
         (["--layers", "1_0"], "bad layer range '1_0'"),
@@ -350,3 +350,9 @@ def test_an_atlas_beside_a_config_json_is_still_an_atlas(
     assert (mixed / "tokenizer.json").read_bytes() == before
     assert (mixed / "config.json").is_file() and (mixed / "model.safetensors").is_file()
     assert Atlas.open(mixed).meta.complete
+
+
+def test_layer_specs_take_any_whitespace() -> None:
+    from flashlens.atlas.atlas import parse_layers
+
+    assert parse_layers("\t1,\n3 - 4 ", 5) == [1, 3, 4]

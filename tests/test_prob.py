@@ -294,3 +294,15 @@ def test_the_atlas_own_model_changed_since_is_mapped_again(
     assert f"the weights at {model} changed since the atlas at {out} was mapped from them" in err
     assert f"map the model again (flashlens map {model} -o {out} --overwrite)" in err
     assert "--model" not in err.split("(flashlens map")[1]
+
+
+def test_the_atlas_own_hub_model_refused_is_said_to_have_changed(stories_atlas: Path) -> None:
+    """The same branch for a hub id the atlas records: no advice to pass the same id."""
+    from flashlens.atlas.prob import _not_the_model
+
+    atlas = Atlas.open(stories_atlas)
+    rec = atlas.neuron(4, 7, "up")
+    atlas.meta.model = "org/some-model"
+    message = _not_the_model(atlas, rec, "org/some-model", "has |w| 1 in it")
+    assert message.startswith("the weights at org/some-model changed since the atlas at ")
+    assert "--model" not in message

@@ -289,7 +289,7 @@ def test_a_symbol_of_byte_pieces_names_them(stories_atlas: Path) -> None:
     from flashlens.atlas.concepts import ConceptError
 
     at = Atlas.open(stories_atlas)
-    want = "the tokenizer writes it as 3 byte pieces ('<0xE2>', '<0x98>', '<0x83>')"
+    want = "the tokenizer writes it as 3 pieces ('<0xE2>', '<0x98>', '<0x83>')"
     with pytest.raises(
         ConceptError, match=re.escape(f"'\u2603' has no token in this vocabulary: {want}")
     ):

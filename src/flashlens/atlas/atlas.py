@@ -369,12 +369,12 @@ def _layer_parts(spec: LayerSpec, n_layers: int | None) -> list[tuple[int, int]]
             )
         spec = ",".join(str(x) for x in items)
     parts: list[tuple[int, int]] = []
-    text = spec.replace(" ", "")
+    text = "".join(spec.split())  # (any whitespace)
     if not text:
         raise NeuronError(f"no layers in {spec!r}: use e.g. 0-5,9")
     for part in text.split(","):
         if not part:
-            raise NeuronError(f"bad layers {spec!r}: an empty item between commas; use e.g. 0-5,9")
+            raise NeuronError(f"bad layers {spec!r}: an empty item in the list; use e.g. 0-5,9")
         if part.startswith("-"):
             raise NeuronError(f"bad layer range {part!r}: layers count from 0")
         if not _LAYER_PART.fullmatch(part):  # (not int(): it takes '+3', '3_0', '٣')

@@ -260,9 +260,9 @@ def expand(concept: str, vocab: Vocab, with_plural: bool = False) -> Expansion:
         near = vocab.nearest(base)
         hint = f"; nearest tokens: {', '.join(map(repr, near))}" if near else ""
         pieces = vocab.pieces(base)
-        if pieces:  # byte pieces: each is searchable by its tokenizer form
+        if pieces:  # (byte pieces, mostly): each is searchable by its tokenizer form
             hint = (
-                f": the tokenizer writes it as {len(pieces)} byte piece"
+                f": the tokenizer writes it as {len(pieces)} piece"
                 f"{'s' if len(pieces) > 1 else ''} ({', '.join(map(repr, pieces))}); search "
                 f"one by its tokenizer form, e.g. {pieces[0]!r}{hint}"
             )

@@ -275,7 +275,10 @@ def _not_the_model(atlas: Atlas, rec: NeuronRecord, model: str | Path, what: str
     """The refusal of a model whose neuron `rec` is not the atlas's, and the ways out: the
     atlas's own model folder, changed since, can only be mapped again."""
     local = Path(model).expanduser()
-    if local.is_dir() and local.resolve() == Path(atlas.meta.model).expanduser().resolve():
+    same = str(model) == atlas.meta.model  # (a hub id as recorded, or the same path)
+    if same or (
+        local.is_dir() and local.resolve() == Path(atlas.meta.model).expanduser().resolve()
+    ):
         return (
             f"the weights at {model} changed since the atlas at {atlas.root} was mapped from "
             f"them: neuron {rec.matrix}:{rec.layer}:{rec.index} {what}; map the model again "

@@ -45,8 +45,6 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
-
     check_dtype(dtype)
     source = ModelSource.open(model)  # resolves, checks the family and the checkpoint
     try:
@@ -56,12 +54,17 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         source.close()
     if torch_dtype == torch.int8:  # auto on a CPU with fast int8: map's kernel, not a run dtype
         torch_dtype = fallback_dtype(torch_dtype, dev)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
     try:
         module: Any = AutoModelForCausalLM.from_pretrained(
             source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
         )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"transformers cannot load {model} ({err})") from None
+    finally:
+        if bars:  # as the caller had them (a Python session keeps its own setting)
+            hf_logging.enable_progress_bar()
     if dev.type == "cpu":
         module = module.to(dev)
     module.eval()
