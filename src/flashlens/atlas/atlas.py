@@ -352,7 +352,7 @@ def atlas_layers(spec: LayerSpec, atlas_layers: list[int], n_layers: int) -> lis
 
 def _spec_text(spec: LayerSpec) -> str:
     if isinstance(spec, str):
-        return spec.replace(" ", "")
+        return "".join(spec.split())  # (as _layer_parts reads it)
     return format_layers(parse_layers(spec, None))
 
 
@@ -388,6 +388,4 @@ def _layer_parts(spec: LayerSpec, n_layers: int | None) -> list[tuple[int, int]]
                 f"layer range {part!r} is out of range: the model has layers 0-{n_layers - 1}"
             )
         parts.append((a, b))
-    if not parts:
-        raise NeuronError(f"no layers in {spec!r}: use e.g. 0-5,9")
-    return parts
+    return parts  # (never empty: an empty text or item is refused above)

@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from ..atlas import format_layers
+from ..atlas.atlas import is_degenerate
 from ..atlas.tokens import readable
 from .views import neuron_path, token_path
 
@@ -192,8 +193,9 @@ def table(head: list[str], rows: list[list[str]], num_cols: set[int] | None = No
 
 
 def _degenerate_note(w_norm: float | None) -> str:
-    """A note above a neuron whose weight vector is all zero or not finite."""
-    if w_norm is not None and math.isfinite(w_norm) and w_norm != 0:
+    """A note above a neuron whose weight vector is all zero or not finite (a JSON null |w|:
+    a non-finite one)."""
+    if w_norm is not None and not is_degenerate(w_norm):
         return ""
     return (
         '<p class="note">This neuron\'s weight vector is all zero or not finite: its tokens '
