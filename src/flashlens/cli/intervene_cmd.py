@@ -237,6 +237,9 @@ def generate_command(
     Example:
 
         flashlens generate ./Llama-3.1-8B-Instruct --clamp up:12:1234=10 --prompt "Hi" --chat
+
+    First it prints each clamped neuron's natural activation range on the prompts
+    (`ranges` in --json): a value such as =10 reads against it.
     """
     from ..atlas.concepts import ConceptError
     from ..intervene.concept import model_concept, variant_ids
