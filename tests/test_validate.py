@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from flashlens import Atlas
+from flashlens.atlas.validation import read_validation
 from flashlens.cli import main
 from flashlens.intervene import Neuron, dose_response
 from flashlens.intervene.dose import DEFAULT_SCALES
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
-from flashlens.intervene.validate import read_validation
 
 from .helpers import load_reference_model, make_model, other_weights
 
@@ -413,3 +413,96 @@ def test_validate_merges_a_file_of_the_old_schema(
     # search reads the merged file
     marks = Atlas.open(atlas).search("Lily", layers=[4], matrix="up", limit=2).hits
     assert {h.index: h.validated for h in marks} == {38: True, other: True}
+
+
+def test_show_and_the_viewer_list_a_neurons_causal_checks(
+    stories: Path, atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from flashlens.atlas.validation import ratio_text
+    from flashlens.serve import make_app
+
+    model = str(stories.resolve())
+    lily = _validate(
+        capsys, str(atlas), "Lily", "--model", model, "--neurons", "4:38", "--multiples", "20"
+    )["results"][0]
+    # the same neuron on another concept, under a factor no clamp reaches
+    s = _validate(
+        capsys,
+        str(atlas),
+        "s",
+        "--model",
+        model,
+        "--neurons",
+        "4:38",
+        "--multiples",
+        "20",
+        "--mode",
+        "add",
+        "--factor",
+        "1e9",
+    )["results"][0]
+    assert lily["validated"] and not s["validated"]
+
+    assert main(["show", str(atlas), "up:4:38", "--json"]) == 0
+    checks = json.loads(capsys.readouterr().out)["validations"]
+    assert [c["concept"] for c in checks] == ["lily", "s"]
+    for c, r, mode, factor in ((checks[0], lily, "set", 2.0), (checks[1], s, "add", 1e9)):
+        assert c["validated"] == r["validated"] and c["model"] == model
+        assert c["ratio"] == pytest.approx(r["ratio"], rel=1e-6)  # (stored as float32)
+        assert c["baseline_prob"] == pytest.approx(r["baseline_prob"], rel=1e-6)
+        assert c["clamped_prob"] == pytest.approx(r["clamped_prob"], rel=1e-6)
+        assert c["best_value"] == pytest.approx(r["best_value"], rel=1e-6)
+        assert (c["mode"], c["factor"], c["n_prompts"]) == (mode, factor, len(DEFAULT_PROMPTS))
+    assert main(["show", str(atlas), "up:4:38"]) == 0
+    text = capsys.readouterr().out
+    assert "causal checks" in text
+    lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.split()[:1] in (["lily"], ["s"])}
+    assert "yes" in lines["lily"] and ratio_text(checks[0]["ratio"]) in lines["lily"]
+    assert "yes" not in lines["s"] and "add" in lines["s"]
+    # a neuron never validated has none, and no table
+    assert main(["show", str(atlas), "up:4:37", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["validations"] == []
+    assert main(["show", str(atlas), "up:4:37"]) == 0
+    assert "causal checks" not in capsys.readouterr().out
+
+    client = TestClient(make_app(Atlas.open(atlas)))
+    assert client.get("/neuron/up/4/38.json").json()["validations"] == checks
+    page = client.get("/neuron/up/4/38").text
+    assert 'href="/search?q=lily&amp;matrix=up"' in page
+    assert page.count("✓ yes") == 1 and page.count("✗ no") == 1
+    assert ratio_text(checks[0]["ratio"]) in page and "add " in page
+    blank = client.get("/neuron/up/4/37").text
+    assert "Not validated yet" in blank and "--neurons up:4:37" in blank
+    assert client.get("/neuron/gate/4/38.json").json()["validations"] == []  # (another matrix)
+
+
+def test_checks_from_a_file_of_the_old_schema_show_their_conditions_unknown(
+    stories: Path, atlas: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    row = {
+        "concept": "lily",
+        "layer": 4,
+        "matrix": "up",
+        "index": 38,
+        "baseline_prob": 0.125,  # (exact in float32)
+        "clamped_prob": 0.375,
+        "best_value": 1.0,
+        "ratio": 3.0,
+        "validated": True,
+        "model": str(stories.resolve()),
+        "created": "2024-01-01T00:00:00+00:00",
+    }
+    pq.write_table(pa.Table.from_pylist([row], OLD_SCHEMA), atlas / "validation.parquet")
+    (check,) = Atlas.open(atlas).validations(4, 38, "up")
+    assert check.to_dict() == {
+        k: v for k, v in row.items() if k not in ("layer", "matrix", "index")
+    } | {
+        "factor": None,
+        "mode": None,
+        "positions": None,
+        "n_prompts": None,
+    }
+    assert main(["show", str(atlas), "up:4:38"]) == 0
+    assert "? 1" in capsys.readouterr().out  # the clamp's mode was not recorded

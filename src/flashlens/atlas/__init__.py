@@ -2,5 +2,14 @@
 
 from .atlas import Atlas, NeuronRecord, TokenScore, format_layers, parse_layers
 from .format import AtlasMeta
+from .validation import ValidationRecord
 
-__all__ = ["Atlas", "AtlasMeta", "NeuronRecord", "TokenScore", "format_layers", "parse_layers"]
+__all__ = [
+    "Atlas",
+    "AtlasMeta",
+    "NeuronRecord",
+    "TokenScore",
+    "ValidationRecord",
+    "format_layers",
+    "parse_layers",
+]

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .prob import TokenProb
     from .query import SearchResult
     from .stats import AtlasStats
+    from .validation import ValidationRecord
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,14 @@ class Atlas:
             logit_skew=skew,
             logit_kurtosis=kurtosis,
         )
+
+    def validations(self, layer: int, index: int, matrix: str = "up") -> list[ValidationRecord]:
+        """What `flashlens validate` recorded for this neuron (validation.parquet): one record
+        per concept and model, empty when it was never validated."""
+        from .validation import neuron_validations
+
+        self.check_neuron(layer, index, matrix)
+        return neuron_validations(self.root, layer, index, matrix)
 
     def _scores(self, ids: list[int], logits: list[float], lse: float) -> list[TokenScore]:
         return [

@@ -10,9 +10,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from ..atlas.validation import ratio_text
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import console, err_console, png_path, print_json, show_prob, show_variants
+from .common import (
+    console,
+    err_console,
+    png_path,
+    print_json,
+    show_prob,
+    show_variants,
+)
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."
@@ -78,10 +86,6 @@ def _site(site: str) -> str:
     from ..intervene.neuron import SITE_TENSORS
 
     return f"{site} ({SITE_TENSORS[site]})"  # type: ignore[index]
-
-
-def _ratio(x: float) -> str:
-    return f"{x:.3g}" if x < 1000 else f"{x:,.0f}"
 
 
 def _note(notes: list[str]) -> None:
@@ -184,7 +188,7 @@ def clamp_command(
     best = dose.best()[0]
     for v, p, x in zip(dose.values, dose.probs, dose.ratios, strict=True):
         style = "bold green" if v == best and x > 1 else None
-        table.add_row(f"{v:.4g}", f"{p:.4g}", _ratio(x), style=style)
+        table.add_row(f"{v:.4g}", f"{p:.4g}", ratio_text(x), style=style)
     console.print(table)
     if plot:
         err_console.print(f"plot -> {plot}")
@@ -364,15 +368,11 @@ def validate_command(
     "validated" column.
     """
     from ..atlas import Atlas, parse_layers
+    from ..atlas.validation import check_validation
     from ..intervene import Neuron
     from ..intervene.loading import check_dtype, load_model
     from ..intervene.prompts import read_prompts
-    from ..intervene.validate import (
-        check_factor,
-        check_model_matches,
-        check_validation,
-        validate,
-    )
+    from ..intervene.validate import check_factor, check_model_matches, validate
 
     mode, positions, _ = _how(mode, positions)
     if limit < 1:
@@ -431,7 +431,7 @@ def validate_command(
             f"{r.best_value:.3g}",
             f"{r.baseline_prob:.2e}",
             f"{r.clamped_prob:.2e}",
-            _ratio(r.ratio),
+            ratio_text(r.ratio),
             "[green]yes[/]" if r.validated else "no",
         )
     console.print(table)

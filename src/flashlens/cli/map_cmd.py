@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..atlas import Atlas
+from ..atlas.validation import ValidationRecord, ratio_text
 from ..decode.audit import REL_LOGIT, REL_PROB
 from ..decode.pilot import PILOT
 from ..intervene.neuron import Neuron
@@ -171,15 +172,20 @@ def show_command(
 ) -> None:
     """Show what one neuron means: its top and bottom tokens with probabilities.
 
+    When `flashlens validate` has clamped it, what each check found follows (concept, whether
+    the best clamp raised P(concept) by the factor asked, the probabilities, the model).
+
     Example:
 
         flashlens show atlas/llama31-8b 12:1234 --matrix up
     """
     n = Neuron.parse(neuron, matrix)
     layer, index, matrix = n.layer, n.index, n.matrix
-    rec = Atlas.open(atlas).neuron(layer, index, matrix)
+    at = Atlas.open(atlas)
+    rec = at.neuron(layer, index, matrix)
+    checks = at.validations(layer, index, matrix)
     if json_out:
-        print_json(rec.to_dict())
+        print_json(rec.to_dict() | {"validations": [c.to_dict() for c in checks]})
         return
     console.print(
         f"[bold]{matrix} {layer}:{index}[/]  entropy {_num(rec.entropy)} nats  "
@@ -204,6 +210,28 @@ def show_command(
             _num(b.logit),
         )
     console.print(table)
+    if checks:
+        console.print(_validation_table(checks))
+
+
+def _validation_table(checks: list[ValidationRecord]) -> Table:
+    """What `flashlens validate` recorded for the neuron: one row per concept and model."""
+    table = Table(title="causal checks (flashlens validate)", show_edge=False)
+    for col in ("concept", "ok", "ratio", "P before", "P after", "best clamp", "model"):
+        table.add_column(col, justify="right" if col[0] in "rP" else "left", no_wrap=True)
+    for c in checks:
+        asked = "" if c.factor is None else f" (>= {c.factor:g}x)"
+        clamp = f"{c.mode or '?'} {c.best_value:.3g}"
+        table.add_row(
+            escape(c.concept),
+            ("[green]yes[/]" if c.validated else "no") + asked,
+            ratio_text(c.ratio),
+            f"{c.baseline_prob:.2e}",
+            f"{c.clamped_prob:.2e}",
+            clamp,
+            escape(c.model),
+        )
+    return table
 
 
 def _num(x: float, digits: int = 2) -> str:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -27,6 +26,12 @@ from ..atlas.atlas import read_parquet
 from ..atlas.concepts import Expansion, TokenVariant
 from ..atlas.format import VALIDATION, atomic_write
 from ..atlas.prob import check_weights, checked_logits
+from ..atlas.validation import (
+    KEY,
+    VALIDATION_SCHEMA,
+    check_validation,
+    read_table,
+)
 from ..errors import AtlasError, NeuronError
 from ..progress import progress_bar
 from ..weights import ModelSource
@@ -42,29 +47,6 @@ from .hooks import Mode, Positions, resolve_site
 from .loading import LoadedModel
 from .neuron import Neuron
 from .prompts import encode, length_note
-
-VALIDATION_SCHEMA = pa.schema(
-    [
-        ("concept", pa.string()),  # lowercased
-        ("layer", pa.int16()),
-        ("matrix", pa.string()),
-        ("index", pa.int32()),
-        ("baseline_prob", pa.float32()),
-        ("clamped_prob", pa.float32()),  # at best_value
-        ("best_value", pa.float32()),  # activation units (set, add) or a factor (scale)
-        ("ratio", pa.float32()),  # clamped_prob / baseline_prob
-        ("validated", pa.bool_()),  # ratio >= factor
-        ("factor", pa.float32()),  # the conditions `validated` holds under ...
-        ("mode", pa.string()),  # set, add or scale
-        ("positions", pa.string()),  # all or last
-        ("n_prompts", pa.int32()),
-        ("model", pa.string()),  # a local folder resolved, a hub id as given
-        ("created", pa.string()),  # ISO 8601, UTC
-    ]
-)
-KEY = ("concept", "layer", "matrix", "index", "model")
-# Columns added to the schema later: a file written before them reads them as nulls.
-ADDED = ("factor", "mode", "positions", "n_prompts")
 
 
 @dataclass
@@ -345,37 +327,3 @@ def write_validation(root: Path, report: ValidationReport) -> Path:
     )
     atomic_write(path, lambda tmp: pq.write_table(new, tmp))
     return path
-
-
-def read_table(path: Path) -> pa.Table:
-    """A validation.parquet in VALIDATION_SCHEMA; a file written before the ADDED columns
-    existed has them null. An AtlasError when it is unreadable."""
-    try:
-        table = pq.read_table(path)
-        for name in ADDED:
-            if name not in table.column_names:
-                kind = VALIDATION_SCHEMA.field(name).type
-                table = table.append_column(name, pa.nulls(table.num_rows, kind))
-        return table.select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
-    except (pa.ArrowException, OSError, KeyError) as err:
-        raise AtlasError(
-            f"{path} is unreadable ({err}); delete it to start the validation record afresh"
-        ) from None
-
-
-def check_validation(root: Path) -> None:
-    """Check that ROOT/validation.parquet, when there, can be read and merged into."""
-    path = Path(root) / VALIDATION
-    if path.is_file():
-        read_table(path)
-
-
-def read_validation(root: Path, concept: str | None = None) -> pa.Table:
-    """ROOT/validation.parquet (optionally one concept's rows); empty when never validated."""
-    path = Path(root) / VALIDATION
-    if not path.is_file():
-        return VALIDATION_SCHEMA.empty_table()
-    table = read_table(path)
-    if concept is not None:
-        table = table.filter(pc.equal(table["concept"], concept.strip().lower()))
-    return table

@@ -10,10 +10,12 @@ from __future__ import annotations
 import html
 import math
 from typing import Any
+from urllib.parse import urlencode
 
 from ..atlas import format_layers
 from ..atlas.atlas import is_degenerate
 from ..atlas.tokens import readable
+from ..atlas.validation import ratio_text
 from .views import neuron_path, token_path
 
 CSS = """
@@ -318,8 +320,52 @@ softmax(W_U · final_norm(w)).</p>
 <section><h2>Moments</h2>{stats}</section>
 </div>
 <h2>Bottom tokens (suppressed)</h2>
-{bottom}"""
+{bottom}
+{_validation_section(d)}"""
     return page(name, body, model=d["model"])
+
+
+_CHECK_COLUMNS = [
+    "concept",
+    "validated",
+    "ratio",
+    "P before",
+    "P after",
+    "best clamp",
+    "prompts",
+    "model",
+]
+
+
+def _validation_section(d: dict[str, Any]) -> str:
+    """What `flashlens validate` recorded for a neuron page's neuron, or how to check it."""
+    checks = d["validations"]
+    if not checks:
+        example = f"flashlens validate ATLAS CONCEPT --model MODEL --neurons {d['matrix']}:"
+        return (
+            '<h2>Causal checks</h2>\n<p class="sub">Not validated yet: clamp it on a concept '
+            f"with <code>{esc(example)}{d['layer']}:{d['index']}</code>.</p>"
+        )
+    rows = []
+    for c in checks:
+        search = "/search?" + urlencode({"q": c["concept"], "matrix": d["matrix"]})
+        asked = "" if c["factor"] is None else f" (≥ {c['factor']:g}×)"
+        rows.append(
+            [
+                link(search, c["concept"]),
+                ("✓ yes" if c["validated"] else "✗ no") + esc(asked),
+                "n/a" if c["ratio"] is None else ratio_text(c["ratio"]),
+                prob(c["baseline_prob"]),
+                prob(c["clamped_prob"]),
+                esc(f"{c['mode'] or '?'} {c['best_value']:.3g}"),
+                str(c["n_prompts"] or "?"),
+                esc(c["model"]),
+            ]
+        )
+    return f"""<h2>Causal checks</h2>
+<p class="sub">Recorded by <code>flashlens validate</code>: the neuron clamped alone; P is the
+concept's next-token probability, mean over the prompts, before and at the best clamp.</p>
+{table(_CHECK_COLUMNS, rows, num_cols={2, 3, 4, 6})}"""
 
 
 def token_page(data: dict[str, Any], model: str) -> str:

@@ -87,6 +87,7 @@ def neuron(atlas: Atlas, matrix: str, layer: str, index: str) -> dict[str, Any]:
     return {
         **rec.to_dict(),
         "model": m.model,
+        "validations": [c.to_dict() for c in atlas.validations(layer_n, index_n, matrix)],
         "links": {
             "prev": prev,
             "next": next_,
