@@ -476,6 +476,14 @@ def test_show_and_the_viewer_list_a_neurons_causal_checks(
     blank = client.get("/neuron/up/4/37").text
     assert "Not validated yet" in blank and "--neurons up:4:37" in blank
     assert client.get("/neuron/gate/4/38.json").json()["validations"] == []  # (another matrix)
+    # the token page of ' Lily' marks the neurons checked for "lily" among those it lists
+    token = client.get("/token/317.json").json()
+    assert token["concept"] == "lily"
+    marks = {(n["matrix"], n["layer"], n["index"]): n["validated"] for n in token["neurons"]}
+    assert marks.pop(("up", 4, 38)) is True
+    assert set(marks.values()) == {None}
+    page = client.get("/token/317").text
+    assert "validated: lily" in page and page.count("✓ yes") == 1
 
 
 def test_checks_from_a_file_of_the_old_schema_show_their_conditions_unknown(

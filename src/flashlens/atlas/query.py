@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checks import is_integer
 from ..errors import AtlasError, NeuronError
 from .concepts import TokenVariant, Vocab, expand
-from .format import REVERSE, VALIDATION
+from .format import REVERSE
 from .tokens import atlas_tokenizer, readable
+from .validation import validated_marks
 
 if TYPE_CHECKING:
     import duckdb
@@ -310,26 +310,9 @@ def _top_ids(
 
 
 def _mark_validated(db: AtlasDB, result: SearchResult) -> None:
-    """Fill `validated` from validation.parquet (latest row per neuron) when it exists. Only
-    the columns read here are selected, so files with more columns (or in another order) work.
-    """
-    import duckdb
-
-    path = Path(db.atlas.root) / VALIDATION
-    if not path.is_file() or not result.hits:
+    """Fill `validated` from validation.parquet (latest row per neuron) when it exists."""
+    if not result.hits:
         return
-    try:
-        rows = db.con.execute(
-            'SELECT layer, matrix, "index", arg_max(validated, created) FROM read_parquet(?) '
-            "WHERE lower(concept) = ? GROUP BY ALL",
-            [str(path), result.concept.lower()],
-        ).fetchall()
-    except duckdb.Error as err:
-        first = str(err).strip().splitlines()[0]
-        raise AtlasError(
-            f"{path} is unreadable ({first}); it only holds the records of `flashlens "
-            "validate`, not the atlas: delete it (and validate again if you need them)"
-        ) from None
-    seen = {(int(la), str(m), int(i)): bool(v) for la, m, i, v in rows if v is not None}
+    seen = validated_marks(db.atlas.root, result.concept)
     for h in result.hits:
         h.validated = seen.get((h.layer, h.matrix, h.index))

@@ -113,3 +113,28 @@ def neuron_validations(root: Path, layer: int, index: int, matrix: str) -> list[
     )
     rows = table.filter(mask).sort_by([("concept", "ascending"), ("model", "ascending")])
     return [ValidationRecord(**r) for r in rows.drop(["layer", "matrix", "index"]).to_pylist()]
+
+
+def validated_marks(root: Path, concept: str) -> dict[tuple[int, str, int], bool]:
+    """Whether each neuron checked for `concept` (any case) was validated, by its latest row
+    over every model: {(layer, matrix, index): validated}; empty when never validated. Only
+    these columns are read (DuckDB), so files with more columns, or another order, work."""
+    import duckdb
+
+    path = Path(root) / VALIDATION
+    if not path.is_file():
+        return {}
+    try:
+        with duckdb.connect(":memory:") as con:
+            rows = con.execute(
+                'SELECT layer, matrix, "index", arg_max(validated, created) '
+                "FROM read_parquet(?) WHERE lower(concept) = ? GROUP BY ALL",
+                [str(path), concept.strip().lower()],
+            ).fetchall()
+    except duckdb.Error as err:
+        first = str(err).strip().splitlines()[0]
+        raise AtlasError(
+            f"{path} is unreadable ({first}); it only holds the records of `flashlens "
+            "validate`, not the atlas: delete it (and validate again if you need them)"
+        ) from None
+    return {(int(la), str(m), int(i)): bool(v) for la, m, i, v in rows if v is not None}

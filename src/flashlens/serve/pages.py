@@ -379,13 +379,14 @@ def token_page(data: dict[str, Any], model: str) -> str:
             prob(n["prob"]),
             num(n["logit"]),
             top_cells(n["top_token_ids"], d["vocab"]),
+            _MARKS[n["validated"]],
         ]
         for n in d["neurons"]
     ]
+    head = ["#", "neuron", "probability", "", "logit", "its top tokens"]
+    head.append(f"validated: {d['concept']}" if d["concept"] else "validated")
     neurons = (
-        table(
-            ["#", "neuron", "probability", "", "logit", "its top tokens"], rows, num_cols={0, 3, 4}
-        )
+        table(head, rows, num_cols={0, 3, 4})
         if rows
         else '<p class="notes">No neuron stores this token.</p>'
     )
@@ -396,6 +397,10 @@ The {len(d["neurons"])} neurons (of the {d["reverse_n"]} kept per token) that gi
 probability, across all layers and matrices.</p>
 {neurons}"""
     return page(f"token {d['token_id']}", body, model=model)
+
+
+# A neuron's latest causal check for the page's concept (validation.parquet); blank: none.
+_MARKS = {None: "", True: "✓ yes", False: "✗ no"}
 
 
 def search_page(data: dict[str, Any], model: str, matrices: list[str]) -> str:
@@ -421,7 +426,7 @@ def search_page(data: dict[str, Any], model: str, matrices: list[str]) -> str:
     rows = []
     for h in d["hits"]:
         rank = "—" if h["concept_rank"] is None else str(h["concept_rank"])
-        valid = {None: "", True: "✓ yes", False: "✗ no"}[h["validated"]]
+        valid = _MARKS[h["validated"]]
         rows.append(
             [
                 f'<a href="{esc(neuron_path(h["matrix"], h["layer"], h["index"]))}">'

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..atlas import Atlas
 from ..atlas.tokens import readable
+from ..atlas.validation import validated_marks
 from ..errors import AtlasError, FlashlensError, NeuronError
 
 N_NEURON_TOKENS = 5  # top tokens shown beside each neuron on the token page
@@ -112,6 +113,8 @@ def token(atlas: Atlas, token_id: str) -> dict[str, Any]:
     table = read_parquet(atlas.reverse_path, filters=[("token_id", "=", tid)])
     rows = sorted(table.to_pylist(), key=lambda r: r["rank"])
     tops = _top_ids(atlas, [(r["matrix"], r["layer"], r["index"]) for r in rows])
+    concept = atlas.texts[tid].strip().lower()  # as `flashlens validate` records a concept
+    marks = validated_marks(atlas.root, concept) if concept else {}
     neurons = []
     for r in rows:
         ids = tops[(r["matrix"], r["layer"], r["index"])]
@@ -125,12 +128,14 @@ def token(atlas: Atlas, token_id: str) -> dict[str, Any]:
                 "logit": r["logit"],
                 "top_tokens": [readable(atlas.texts[i], atlas.tokens[i]) for i in ids],
                 "top_token_ids": ids,
+                "validated": marks.get((r["layer"], r["matrix"], r["index"])),
             }
         )
     return {
         "token_id": tid,
         "token": atlas.tokens[tid],
         "text": atlas.texts[tid],
+        "concept": concept,
         "reverse_n": atlas.meta.reverse_n,
         "neurons": neurons,
         "vocab": vocab(atlas, [i for n in neurons for i in n["top_token_ids"]]),
