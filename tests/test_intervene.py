@@ -51,6 +51,11 @@ def test_neuron_parse() -> None:
     for bad in ("12", "x:1:2", "up:a:2", "1:2:3:4", "-1:3"):
         with pytest.raises(NeuronError):
             Neuron.parse(bad)
+    # ASCII digits only, as layer specs and the viewer's addresses: one spelling per neuron
+    for bad in ("+3:7", "3:+7", "1_0:7", "\u0663:7", "3:\uff17", "3:"):
+        with pytest.raises(NeuronError, match="write LAYER:INDEX"):
+            Neuron.parse(bad)
+    assert Neuron.parse(" 3 : 7 ") == Neuron(3, 7)  # (spaces around the numbers are fine)
     with pytest.raises(NeuronError):
         Neuron(1, 2, "proj")  # type: ignore[arg-type]
     assert Neuron.parse("down:2:7", matrix="down") == Neuron(2, 7, "down")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -15,6 +16,7 @@ from ..families import MATRICES, Matrix
 #   act  - the input of down_proj (d_mlp,)      the neuron's activation act_fn(gate) * up
 Site = Literal["up", "gate", "act"]
 SITES: tuple[Site, ...] = ("up", "gate", "act")
+_NUMBER = re.compile(r"-?[0-9]+")
 
 SITE_TENSORS: dict[Site, str] = {
     "up": "up_proj output",
@@ -67,13 +69,15 @@ class Neuron:
                 )
             matrix = named
         matrix = "up" if matrix is None else matrix
-        try:
-            layer, index = (int(p) for p in parts)
-        except ValueError:
+        numbers = [p.strip() for p in parts]
+        # ASCII digits only, as layer specs and the viewer read them (int() also takes '+3',
+        # '1_0' and other scripts' digits); a sign is read so that '-3' is named as negative
+        if len(numbers) != 2 or not all(_NUMBER.fullmatch(p) for p in numbers):
             raise NeuronError(
                 f"bad neuron {spec!r}: write LAYER:INDEX or MATRIX:LAYER:INDEX, "
                 "e.g. 12:1234 or up:12:1234"
-            ) from None
+            )
+        layer, index = (int(p) for p in numbers)
         if matrix not in MATRICES:
             raise NeuronError(
                 f"bad neuron {spec!r}: matrix {matrix!r} is not one of {', '.join(MATRICES)}"
