@@ -241,3 +241,52 @@ def test_a_softcap_key_left_out_of_config_is_transformers_default(
     atlas = Atlas.open(tmp_path / "a")
     for matrix in MATRICES:
         check_exact(atlas, model, matrix, 0, "model")
+
+
+def test_the_atlas_records_how_the_head_was_applied(tmp_path: Path) -> None:
+    """atlas.json says which soft-cap, norm eps and head tying the map resolved. A rerun of an
+    atlas made before that was recorded, whose cap comes from the family's default (Gemma 2
+    without the key), is refused: earlier versions mapped it uncapped. The key given in
+    config.json, an old atlas resumes as before."""
+    import json
+
+    from flashlens.errors import AtlasError
+
+    model = make_model(tmp_path / "m", "gemma2", n_layers=2)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("final_logit_softcapping", None)
+    (model / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "a"
+    map_model(model, out, compile="off", layers="0")
+    meta_path = out / "atlas.json"
+    meta = json.loads(meta_path.read_text())
+    eps = config["rms_norm_eps"]
+    tied = config.get("tie_word_embeddings", True)
+    assert meta["decoding"] == {"norm_eps": eps, "logit_softcap": 30.0, "tied": tied}
+    assert Atlas.open(out).meta.decoding == meta["decoding"]
+
+    # another resolved cap with the same config (a later version's default): refused, named
+    meta_path.write_text(json.dumps(meta | {"decoding": meta["decoding"] | {"logit_softcap": 50}}))
+    with pytest.raises(AtlasError, match="decoding"):
+        map_model(model, out, compile="off", layers="0")
+
+    # an atlas from before `decoding`: refused, with the way out, and nothing removed
+    del meta["decoding"]
+    meta_path.write_text(json.dumps(meta))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(AtlasError, match=r"soft-cap.*--overwrite"):
+        map_model(model, out, compile="off", layers="0")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    map_model(model, out, compile="off", layers="0", overwrite=True)
+    assert Atlas.open(out).meta.decoding == {"norm_eps": eps, "logit_softcap": 30.0, "tied": tied}
+
+    # the cap written in config.json: earlier versions read it, so an old atlas is kept
+    config["final_logit_softcapping"] = 30.0
+    (model / "config.json").write_text(json.dumps(config))
+    out2 = tmp_path / "b"
+    map_model(model, out2, compile="off", layers="0")
+    meta = json.loads((out2 / "atlas.json").read_text())
+    del meta["decoding"]
+    (out2 / "atlas.json").write_text(json.dumps(meta))
+    summary = map_model(model, out2, compile="off", layers="0")
+    assert summary.neurons_mapped == 0 and summary.neurons_skipped > 0  # (complete: reused)

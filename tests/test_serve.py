@@ -111,6 +111,8 @@ def test_overview_shows_the_atlas_meta(client: TestClient, atlas: Atlas) -> None
     m = atlas.meta
     for value in (m.model, m.architecture, m.norm, m.config_hash, f"{m.d_mlp}", f"{m.d_vocab}"):
         assert value in text
+    assert m.decoding is not None and m.decoding["logit_softcap"] is None  # (a Llama)
+    assert f"norm eps {m.decoding['norm_eps']:g}" in text and "logit soft-cap none" in text
     expected = {f"/neuron/{mat}/{layer}/0" for mat in m.matrices for layer in m.layers}
     assert expected <= set(page.links)
 

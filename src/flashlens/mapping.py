@@ -206,6 +206,11 @@ def _map(
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         weights_fingerprint=fingerprint,
+        decoding={
+            "norm_eps": source.norm_eps,
+            "logit_softcap": source.logit_softcap,
+            "tied": source.tied,
+        },
     )
     if not overwrite:
         _check_same_model(out, source, fingerprint)
@@ -383,13 +388,23 @@ def _check_same_model(out: Path, source: ModelSource, fingerprint: str) -> None:
     a moved folder is fine, another checkpoint with the same config.json (a fine-tune, a
     retrain, the same folder's weights changed) is refused. The atlas's weights fingerprint
     is compared with the model's; an atlas from before fingerprints, recorded from another
-    folder or hub id, has one finished layer's stored |w| compared instead."""
+    folder or hub id, has one finished layer's stored |w| compared instead. An atlas from
+    before `decoding` was recorded, of a config whose logit soft-cap comes from the family's
+    default, is refused too: earlier versions mapped it uncapped."""
     try:
         old = read_meta(out / META)
     except (ValueError, OSError):
         return  # no atlas there, or a damaged atlas.json: the writer says what to do
     if old.config_hash != source.config_hash:
         return  # (another config: the writer refuses it, naming the setting)
+    key, cap = source.family.logit_softcap_key, source.logit_softcap
+    if old.decoding is None and key is not None and key not in source.config and cap:
+        raise AtlasError(
+            f"{out} holds an atlas of {old.model} made before flashlens recorded the logit "
+            f"soft-cap, and earlier versions read a {source.family.name} config.json "
+            f"without {key} as no cap (transformers caps at {cap:g}, as this version does); "
+            "pass --overwrite to map it again with the cap, so that no layers are mixed"
+        )
     if old.weights_fingerprint is not None:
         if old.weights_fingerprint != fingerprint:
             raise AtlasError(

@@ -171,9 +171,22 @@ class AtlasMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     # Checkpoint.fingerprint of the weights mapped (None: an atlas from before it was recorded)
     weights_fingerprint: str | None = None
+    # How the final norm and W_U were applied, as resolved from config.json and the family's
+    # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied"}. None: an atlas from
+    # before it was recorded (then only config_hash says it).
+    decoding: dict[str, Any] | None = None
 
     # Fields that define the result: a rerun must match them to resume.
-    SETTINGS = ("config_hash", "matrices", "layers", "norm", "top_k", "reverse_n", "d_vocab")
+    SETTINGS = (
+        "config_hash",
+        "matrices",
+        "layers",
+        "norm",
+        "top_k",
+        "reverse_n",
+        "d_vocab",
+        "decoding",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

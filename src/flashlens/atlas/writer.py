@@ -77,6 +77,7 @@ class AtlasWriter:
                 k: (v, meta.settings()[k])
                 for k, v in old.settings().items()
                 if _canonical(k, v) != _canonical(k, meta.settings()[k])
+                and not (k == "decoding" and v is None)  # (unrecorded: see map's checks)
             }
             if diff:
                 what = "; ".join(

@@ -241,6 +241,11 @@ def overview_page(data: dict[str, Any]) -> str:
         )
         if m.get(k) is not None  # (weights_fingerprint: not in atlases made before it)
     ]
+    if m.get("decoding"):  # (not in atlases made before it)
+        cap = m["decoding"]["logit_softcap"]
+        settings.append(("norm eps", f"{m['decoding']['norm_eps']:g}"))
+        settings.append(("logit soft-cap", "none" if cap is None else f"{cap:g}"))
+        settings.append(("tied head", "yes" if m["decoding"]["tied"] else "no"))
     if m.get("seconds") is not None:
         settings.append(("mapped in", f"{m['seconds']:.1f} s"))
     links = data["links"]["neurons"]
