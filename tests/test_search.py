@@ -136,6 +136,11 @@ def test_cli_json_and_csv(planted: tuple[Path, Path], capsys: pytest.CaptureFixt
     assert main(["search", atlas, "dog", "--limit", "4", "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert len(rows) == 4 and (rows[0]["layer"], rows[0]["index"]) == ("2", "7")
+    hits = Atlas.open(atlas).search("dog", limit=4).hits
+    assert [r["lower_bound"] for r in rows] == ["yes" if h.lower_bound else "no" for h in hits]
+    assert main(["search", atlas, "dog", "--limit", "4"]) == 0
+    shown = [ln for ln in capsys.readouterr().out.splitlines() if ">=" in ln]
+    assert len(shown) == sum(h.lower_bound for h in hits)
     assert main(["search", atlas, "dog", "--variants", "plural"]) == 0
     out = capsys.readouterr()
     assert "' dogs'" in out.err and "2:7" in out.out
@@ -220,6 +225,10 @@ def test_stories_search_matches_brute_force(stories: Path, stories_atlas: Path) 
     assert set(got) == set(expected)
     for key, h in got.items():
         assert h.concept_prob == pytest.approx(expected[key], rel=1e-4, abs=1e-7)
+    # a hit is marked a lower bound exactly when a variant's probability is not stored for it
+    partial = {keys[n] for n in torch.nonzero(~stored.all(1)).flatten().tolist()}
+    assert {k for k, h in got.items() if h.lower_bound} == partial & set(got)
+    assert 0 < len(partial & set(got)) < len(got)  # (both kinds occur)
     # The best neuron by the full distributions is the first hit, with its exact rank and top 5.
     full = probs[:, ids].sum(1)
     best = int(full.argmax())

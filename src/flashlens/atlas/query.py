@@ -42,6 +42,9 @@ class SearchHit:
     top_tokens: list[str]  # decoded texts of the neuron's top 5 tokens (tokens.readable)
     top_token_ids: list[int]  # their vocabulary ids
     validated: bool | None = None  # from validation.parquet, None when never validated
+    # concept_prob leaves out a variant the atlas does not store for this neuron (below its
+    # top-k and the token's reverse list): the true sum is higher (`prob --model` has it)
+    lower_bound: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -236,7 +239,8 @@ def search(
                min(pos) AS pos
         FROM good GROUP BY ALL
     )
-    SELECT layer, matrix, "index", sum(prob) AS concept_prob, min(pos) AS concept_rank
+    SELECT layer, matrix, "index", sum(prob) AS concept_prob, min(pos) AS concept_rank,
+           count(*) AS n_stored
     FROM known GROUP BY ALL
     {"HAVING min(pos) = 1" if top1 else ""}
     ORDER BY concept_prob DESC, layer, matrix, "index"
@@ -246,7 +250,8 @@ def search(
     rows = db.rows(sql, params)
     tops = _top_ids(db, [(int(r[0]), str(r[1]), int(r[2])) for r in rows])
     texts, names = db.vocab.texts, db.vocab.tokens
-    for layer, mat, index, prob, rank in rows:
+    n_variants = len(set(ids))
+    for layer, mat, index, prob, rank, n_stored in rows:
         top = tops[(int(layer), str(mat), int(index))]
         result.hits.append(
             SearchHit(
@@ -257,6 +262,7 @@ def search(
                 None if rank is None else int(rank),
                 [readable(texts[i], names[i]) for i in top],
                 [int(i) for i in top],
+                lower_bound=int(n_stored) < n_variants,
             )
         )
     _mark_validated(db, result)

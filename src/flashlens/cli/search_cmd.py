@@ -77,7 +77,8 @@ def search_command(
         err_console.print(f"[yellow]note:[/] {note}")
     if csv_out:
         out = csv.writer(sys.stdout, lineterminator="\n")
-        cols = ["layer", "matrix", "index", "concept_prob", "concept_rank", "top_tokens"]
+        cols = ["layer", "matrix", "index", "concept_prob", "lower_bound", "concept_rank"]
+        cols.append("top_tokens")
         out.writerow(cols + (["validated"] if validated else []))
         for h in res.hits:
             cells = [
@@ -85,6 +86,7 @@ def search_command(
                 h.matrix,
                 h.index,
                 f"{h.concept_prob:.6g}",
+                "yes" if h.lower_bound else "no",
                 "" if h.concept_rank is None else h.concept_rank,
                 json.dumps(h.top_tokens, ensure_ascii=False),
             ]
@@ -102,7 +104,7 @@ def search_command(
             str(i),
             f"{h.layer}:{h.index}",
             h.matrix,
-            show_prob(h.concept_prob),
+            (">=" if h.lower_bound else "") + show_prob(h.concept_prob),
             "-" if h.concept_rank is None else str(h.concept_rank),
             " ".join(show_token(at.texts[i], at.tokens[i]) for i in h.top_token_ids),
         ]

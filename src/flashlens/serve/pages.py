@@ -437,7 +437,7 @@ def search_page(data: dict[str, Any], model: str, matrices: list[str]) -> str:
                 f'<a href="{esc(neuron_path(h["matrix"], h["layer"], h["index"]))}">'
                 f"{esc(label(h['matrix'], h['layer'], h['index']))}</a>",
                 bar(h["concept_prob"]),
-                prob(h["concept_prob"]),
+                ("≥ " if h["lower_bound"] else "") + prob(h["concept_prob"]),
                 rank,
                 top_cells(h["top_token_ids"], d["vocab"]),
                 valid,
