@@ -2,7 +2,7 @@
 
 One row per (concept, neuron, model): the clamp that raised P(concept) most, its ratio over the
 unclamped run, whether that reached the factor asked for, and the conditions it holds under.
-Only pyarrow here, so that the viewer and `show` read it without loading a model.
+pyarrow and DuckDB only: the viewer, `search` and `show` read it without loading a model.
 """
 
 from __future__ import annotations
@@ -80,9 +80,7 @@ def read_table(path: Path) -> pa.Table:
                 table = table.append_column(name, pa.nulls(table.num_rows, kind))
         return table.select(VALIDATION_SCHEMA.names).cast(VALIDATION_SCHEMA)
     except (pa.ArrowException, OSError, KeyError) as err:
-        raise AtlasError(
-            f"{path} is unreadable ({err}); delete it to start the validation record afresh"
-        ) from None
+        raise _unreadable(path, str(err)) from None
 
 
 def check_validation(root: Path) -> None:
@@ -132,9 +130,13 @@ def validated_marks(root: Path, concept: str) -> dict[tuple[int, str, int], bool
                 [str(path), concept.strip().lower()],
             ).fetchall()
     except duckdb.Error as err:
-        first = str(err).strip().splitlines()[0]
-        raise AtlasError(
-            f"{path} is unreadable ({first}); it only holds the records of `flashlens "
-            "validate`, not the atlas: delete it (and validate again if you need them)"
-        ) from None
+        raise _unreadable(path, str(err)) from None
     return {(int(la), str(m), int(i)): bool(v) for la, m, i, v in rows if v is not None}
+
+
+def _unreadable(path: Path, why: str) -> AtlasError:
+    first = why.strip().splitlines()[0] if why.strip() else "unknown error"
+    return AtlasError(
+        f"{path} is unreadable ({first}); it only holds the records of `flashlens validate`, "
+        "not the atlas: delete it (and validate again if you need them)"
+    )

@@ -13,14 +13,7 @@ from rich.table import Table
 from ..atlas.validation import ratio_text
 from ..errors import FlashlensError, NeuronError
 from . import app
-from .common import (
-    console,
-    err_console,
-    png_path,
-    print_json,
-    show_prob,
-    show_variants,
-)
+from .common import console, err_console, png_path, print_json, show_prob, show_variants
 
 _MODES = "set (h = v), add (h + v) or scale (h * v)."
 _POSITIONS = "all, or last (the next-token position and each generated token)."

@@ -205,6 +205,10 @@ def _degenerate_note(w_norm: float | None) -> str:
     )
 
 
+# Whether a causal check (validation.parquet) validated a neuron; blank: never checked.
+_MARKS = {None: "", True: "✓ yes", False: "✗ no"}
+
+
 def kv(pairs: list[tuple[str, str]]) -> str:
     return '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
 
@@ -358,12 +362,12 @@ def _validation_section(d: dict[str, Any]) -> str:
         rows.append(
             [
                 link(search, c["concept"]),
-                ("✓ yes" if c["validated"] else "✗ no") + esc(asked),
+                _MARKS[c["validated"]] + esc(asked),
                 "n/a" if c["ratio"] is None else ratio_text(c["ratio"]),
                 prob(c["baseline_prob"]),
                 prob(c["clamped_prob"]),
                 esc(f"{c['mode'] or '?'} {c['best_value']:.3g}"),
-                str(c["n_prompts"] or "?"),
+                "?" if c["n_prompts"] is None else str(c["n_prompts"]),
                 esc(c["model"]),
             ]
         )
@@ -402,10 +406,6 @@ The {len(d["neurons"])} neurons (of the {d["reverse_n"]} kept per token) that gi
 probability, across all layers and matrices.</p>
 {neurons}"""
     return page(f"token {d['token_id']}", body, model=model)
-
-
-# A neuron's latest causal check for the page's concept (validation.parquet); blank: none.
-_MARKS = {None: "", True: "✓ yes", False: "✗ no"}
 
 
 def search_page(data: dict[str, Any], model: str, matrices: list[str]) -> str:
