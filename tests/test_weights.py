@@ -129,3 +129,27 @@ def test_the_fingerprint_leaves_out_what_only_some_saves_hold(tmp_path: Path) ->
 
     assert fingerprint(other) == fingerprint(tied)
     assert _fingerprint(other) != _fingerprint(tied)  # the whole checkpoint's: they differ
+
+
+def _resident_file_kib() -> int:
+    """This process's resident file-backed memory (Linux /proc), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_the_fingerprint_leaves_no_checkpoint_pages_resident(tmp_path: Path) -> None:
+    """Its windows are read through the memory map; a fault there can map far more than the
+    window (a freshly written file sits in the page cache in large folios), and none of it may
+    stay in the process's resident memory: map's peak RSS would grow by GBs on an 8B model."""
+    tensors = {f"t{i}": torch.randn(4096, 2048).bfloat16() for i in range(8)}  # 8 x 16 MiB
+    save_file(tensors, tmp_path / "model.safetensors")  # (in the page cache: just written)
+    with Checkpoint(tmp_path) as ckpt:
+        before = _resident_file_kib()
+        ckpt.fingerprint()
+        grown = _resident_file_kib() - before
+        assert grown < 4096, f"{grown} KiB of the checkpoint left resident"
+        ckpt.get("t0")  # (a tensor copied out releases its pages too)
+        assert _resident_file_kib() - before < 4096
