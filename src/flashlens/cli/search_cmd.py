@@ -77,8 +77,15 @@ def search_command(
         err_console.print(f"[yellow]note:[/] {note}")
     if csv_out:
         out = csv.writer(sys.stdout, lineterminator="\n")
-        cols = ["layer", "matrix", "index", "concept_prob", "lower_bound", "concept_rank"]
-        cols.append("top_tokens")
+        cols = [
+            "layer",
+            "matrix",
+            "index",
+            "concept_prob",
+            "lower_bound",
+            "concept_rank",
+            "top_tokens",
+        ]
         out.writerow(cols + (["validated"] if validated else []))
         for h in res.hits:
             cells = [
@@ -86,7 +93,7 @@ def search_command(
                 h.matrix,
                 h.index,
                 f"{h.concept_prob:.6g}",
-                "yes" if h.lower_bound else "no",
+                _yes(h.lower_bound),
                 "" if h.concept_rank is None else h.concept_rank,
                 json.dumps(h.top_tokens, ensure_ascii=False),
             ]
