@@ -397,7 +397,8 @@ def test_exact_pairs_before_and_after_the_gemm_is_released(compiled: bool) -> No
     torch.testing.assert_close(before.double(), want, rtol=1e-5, atol=1e-5)
     assert dec.W_UT_c.numel() == W_U.numel()
     dec.release_gemm()
-    assert dec.W_UT_c.numel() == 0  # the int8 copy is gone
+    assert dec.W_UT_c.numel() == 0  # the int8 copy is gone, its memory too (not an empty view)
+    assert dec.W_UT_c.untyped_storage().nbytes() == 0
     torch.testing.assert_close(dec.exact_pairs(W, rows, tokens), before, rtol=0, atol=0)
     with pytest.raises(RuntimeError):
         dec.decode(W.float())
@@ -427,3 +428,34 @@ def test_float_rows_converts_every_row_through_one_buffer() -> None:
         assert part.dtype == torch.float32
         seen[lo : lo + part.shape[0]] = part
     assert torch.equal(seen, W.float())
+
+
+def test_a_converted_gemm_operand_is_contiguous_and_exact() -> None:
+    """A head converted for the GEMM (bf16 stored, fp32 computed: CPUs without fast bf16) is
+    copied once into (d_model, d_vocab) order, slice by slice (a vocabulary that is no multiple
+    of the slice), with the same values as the transposed view it replaces; the head's own
+    dtype stays a view (no copy); decoding on the copy matches the fp64 reference, and
+    release_gemm frees it."""
+    from flashlens.decode.engine import gemm_operand
+    from flashlens.decode.slices import transposed_copy
+
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(1000, 24, generator=g).bfloat16()
+    T = transposed_copy(W, torch.float32, rows=96)
+    assert T.shape == (24, 1000) and T.is_contiguous() and T.dtype == torch.float32
+    assert torch.equal(T, W.float().T)
+    view = gemm_operand(W, torch.bfloat16)
+    assert view.data_ptr() == W.data_ptr() and view.shape == (24, 1000)
+    assert gemm_operand(W, torch.float32).is_contiguous()
+
+    dec, W_U = _decoder(700, torch.bfloat16, seed=3, compute=torch.float32)
+    assert dec.W_UT_c.is_contiguous() and torch.equal(dec.W_UT_c, W_U.float().T)
+    W_n = torch.randn(9, W_U.shape[1], generator=g)
+    want = _reference(dec, W_U, W_n)
+    res = dec.decode(W_n)
+    assert torch.equal(res.top_ids[:, 0].long(), want.argmax(1))
+    torch.testing.assert_close(
+        res.logsumexp.double(), torch.logsumexp(want, 1), rtol=1e-5, atol=1e-5
+    )
+    dec.release_gemm()
+    assert dec.W_UT_c.untyped_storage().nbytes() == 0
