@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashlens.cli import main
 
@@ -74,3 +75,27 @@ def test_every_plot_option_wants_a_png_before_any_work(
     err = capsys.readouterr().err
     assert "give a .png file name" in err and "Traceback" not in err
     assert not plot.exists()
+
+
+def test_map_refuses_a_dtype_this_cpu_has_no_fast_kernel_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An explicit --dtype int8 on a CPU without VNNI (its product ~100x slower than fp32 there)
+    is one line naming the way out, before any work: no atlas folder is made."""
+    from flashlens.decode import policy
+
+    from .helpers import make_model
+
+    model = make_model(tmp_path / "m", dtype=torch.bfloat16, tokenizer=None)
+    capsys.readouterr()  # (what building the model printed)
+    monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: False)
+    monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(policy, "LOW_PRECISION_FLOPS", 1.0)  # this tiny job counts as big
+    out = tmp_path / "atlas"
+    assert main(["map", str(model), "-o", str(out), "--dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--dtype int8 has no fast kernel on this CPU" in err and "--dtype auto" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    assert main(["map", str(model), "-o", str(out), "--json"]) == 0  # auto: fp32 here, maps
+    assert '"compute_dtype": "float32"' in capsys.readouterr().out

@@ -101,3 +101,27 @@ def test_compile_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not use_compile("auto", CUDA, big)  # GPU without triton: eager
     with pytest.raises(FlashlensError, match="unknown --compile"):
         use_compile("sometimes", CPU, big)
+
+
+def test_an_explicit_dtype_without_a_fast_cpu_kernel_is_refused_for_big_jobs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a CPU without VNNI / AVX512-BF16 / AVX512-FP16, torch's int8, bf16 and fp16 products
+    run several to a hundred times slower than fp32: a big map in them would never end."""
+    from flashlens.decode.policy import check_gemm_dtype
+
+    small, big = policy.LOW_PRECISION_FLOPS / 2, policy.LOW_PRECISION_FLOPS * 2
+    for name in ("int8", "bf16", "fp16"):
+        monkeypatch.setattr(policy, f"cpu_has_fast_{name}", lambda: False)
+    for dtype, needs in (
+        (torch.int8, "VNNI"),
+        (torch.bfloat16, "AVX512-BF16"),
+        (torch.float16, "AVX512-FP16"),
+    ):
+        with pytest.raises(FlashlensError, match=f"no fast kernel on this CPU.*{needs}"):
+            check_gemm_dtype(dtype, CPU, big)
+        check_gemm_dtype(dtype, CPU, small)  # seconds in any dtype
+        check_gemm_dtype(dtype, CUDA, big)  # not a CPU question
+    check_gemm_dtype(torch.float32, CPU, big)
+    monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: True)
+    check_gemm_dtype(torch.int8, CPU, big)

@@ -28,6 +28,7 @@ from .decode.pilot import PILOT, run_pilot
 from .decode.policy import (
     DTYPES,
     block_size,
+    check_gemm_dtype,
     dtype_label,
     fallback_dtype,
     resolve_device,
@@ -186,6 +187,8 @@ def _map(
     # GEMM work of the whole job (a resumed run decides as the first run did)
     flops = 2.0 * len(matrices) * len(layers) * source.d_mlp * source.d_vocab * source.d_model
     compute_dtype = resolve_dtype(dtype_name, weight_dtype, device, flops)
+    if dtype_name != "auto":
+        check_gemm_dtype(compute_dtype, device, flops)
     fingerprint = source.fingerprint()
     meta = AtlasMeta(
         model=source.model,

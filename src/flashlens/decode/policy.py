@@ -46,6 +46,13 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def cpu_has_fast_fp16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
 def cpu_has_fast_int8() -> bool:
     """VNNI (AVX512-VNNI, AVX-VNNI or AMX): int8 products at about twice the bf16 rate."""
     try:
@@ -82,6 +89,35 @@ def resolve_dtype(
     if cpu_has_fast_int8():
         return torch.int8
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+# What a CPU needs for a fast GEMM in each low-precision dtype. Without it torch falls back to
+# kernels far slower than fp32: on a 2-core AVX2 machine (no VNNI, no AVX512-BF16) the
+# (512 x 4096) @ (4096 x V) product ran at 1 GFLOP/s in int8, 19 in bf16, 24 in fp16 and
+# 103-128 in fp32 (bench/RESULTS.md).
+_CPU_KERNELS = {
+    torch.int8: (lambda: cpu_has_fast_int8(), "VNNI (AVX512-VNNI, AVX-VNNI or AMX)"),
+    torch.bfloat16: (lambda: cpu_has_fast_bf16(), "AVX512-BF16 or AMX"),
+    torch.float16: (lambda: cpu_has_fast_fp16(), "AVX512-FP16 or AMX"),
+}
+
+
+def check_gemm_dtype(dtype: torch.dtype, device: torch.device, flops: float) -> None:
+    """Refuse a map's explicit low-precision dtype that this CPU has no fast GEMM for: a job of
+    `flops` would run tens of times slower than in fp32 (and less exactly). Small jobs (under
+    LOW_PRECISION_FLOPS) pass: they take seconds in any dtype. (Running a model in bf16 is
+    another matter: it halves its memory, so `load_model` does not check this.)"""
+    if device.type != "cpu" or dtype not in _CPU_KERNELS or flops < LOW_PRECISION_FLOPS:
+        return
+    fast, needs = _CPU_KERNELS[dtype]
+    if not fast():
+        name = dtype_label(dtype)
+        raise FlashlensError(
+            f"--dtype {name} has no fast kernel on this CPU (it needs {needs}): its product "
+            f"runs several to a hundred times slower than float32 here; use --dtype auto, "
+            f"which picks the fastest dtype this CPU has (float32 here), or map fewer "
+            f"--layers to try {name} on a small job"
+        )
 
 
 def fallback_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
