@@ -123,5 +123,8 @@ def test_an_explicit_dtype_without_a_fast_cpu_kernel_is_refused_for_big_jobs(
         check_gemm_dtype(dtype, CPU, small)  # seconds in any dtype
         check_gemm_dtype(dtype, CUDA, big)  # not a CPU question
     check_gemm_dtype(torch.float32, CPU, big)
+    # the way out names what auto picks on this CPU (VNNI without AVX512-BF16: Cascade Lake)
     monkeypatch.setattr(policy, "cpu_has_fast_int8", lambda: True)
     check_gemm_dtype(torch.int8, CPU, big)
+    with pytest.raises(FlashlensError, match=r"--dtype auto, which .* \(int8 here\)"):
+        check_gemm_dtype(torch.bfloat16, CPU, big)

@@ -112,10 +112,11 @@ def check_gemm_dtype(dtype: torch.dtype, device: torch.device, flops: float) -> 
     fast, needs = _CPU_KERNELS[dtype]
     if not fast():
         name = dtype_label(dtype)
+        best = "int8" if cpu_has_fast_int8() else "bfloat16" if cpu_has_fast_bf16() else "float32"
         raise FlashlensError(
             f"--dtype {name} has no fast kernel on this CPU (it needs {needs}): its product "
             f"runs several to a hundred times slower than float32 here; use --dtype auto, "
-            f"which picks the fastest dtype this CPU has (float32 here), or map fewer "
+            f"which picks the fastest dtype this CPU has ({best} here), or map fewer "
             f"--layers to try {name} on a small job"
         )
 
