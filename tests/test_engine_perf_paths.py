@@ -307,7 +307,13 @@ def test_reverse_sparse_merge_equals_one_dense_merge() -> None:
 
 @pytest.mark.parametrize(
     ("compute", "softcap"),
-    [(torch.bfloat16, None), (torch.bfloat16, 20.0), (torch.int8, None), (torch.int8, 20.0)],
+    [
+        (torch.bfloat16, None),
+        (torch.bfloat16, 20.0),
+        (torch.int8, None),
+        (torch.int8, 20.0),
+        (torch.float32, None),  # over the bf16 head: CPUs with no fast bf16 or int8
+    ],
 )
 def test_warm_up_compiles_exactly_what_the_decoder_calls(
     compute: torch.dtype, softcap: float | None
@@ -323,7 +329,8 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(
     if stats is None or exact is None:
         pytest.skip("no C compiler for inductor")
     # shapes no other test compiles
-    V, d, B, k = 203 + (softcap is not None) + 2 * (compute == torch.int8), 24, 8, 4
+    V = 203 + (softcap is not None) + 2 * (compute == torch.int8) + 4 * (compute == torch.float32)
+    d, B, k = 24, 8, 4
     g = torch.Generator().manual_seed(11)
     W_U = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
     gain = 1 + torch.rand(d, generator=g)
@@ -430,32 +437,33 @@ def test_float_rows_converts_every_row_through_one_buffer() -> None:
     assert torch.equal(seen, W.float())
 
 
-def test_a_converted_gemm_operand_is_contiguous_and_exact() -> None:
-    """A head converted for the GEMM (bf16 stored, fp32 computed: CPUs without fast bf16) is
-    copied once into (d_model, d_vocab) order, slice by slice (a vocabulary that is no multiple
-    of the slice), with the same values as the transposed view it replaces; the head's own
-    dtype stays a view (no copy); decoding on the copy matches the fp64 reference, and
-    release_gemm frees it."""
-    from flashlens.decode.engine import gemm_operand
-    from flashlens.decode.slices import transposed_copy
+def test_an_fp32_gemm_over_a_bf16_head_keeps_one_fp32_copy() -> None:
+    """Computing in fp32 from a bf16 head (CPUs without fast bf16/int8), the decoder keeps one
+    fp32 copy of the head, holding the stored values exactly, that the GEMM reads as a
+    transposed view: the bf16 head is not kept beside it. Decoding matches the fp64 reference,
+    and release_gemm leaves the shared copy in place (the exact paths read it)."""
+    from flashlens.decode.engine import rows_dtype
 
-    g = torch.Generator().manual_seed(9)
-    W = torch.randn(1000, 24, generator=g).bfloat16()
-    T = transposed_copy(W, torch.float32, rows=96)
-    assert T.shape == (24, 1000) and T.is_contiguous() and T.dtype == torch.float32
-    assert torch.equal(T, W.float().T)
-    view = gemm_operand(W, torch.bfloat16)
-    assert view.data_ptr() == W.data_ptr() and view.shape == (24, 1000)
-    assert gemm_operand(W, torch.float32).is_contiguous()
+    assert rows_dtype(torch.bfloat16, torch.float32) == torch.float32
+    assert rows_dtype(torch.float16, torch.float32) == torch.float32
+    for head, compute in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.int8)):
+        assert rows_dtype(head, compute) == head
+    assert rows_dtype(torch.float32, torch.bfloat16) == torch.float32
 
     dec, W_U = _decoder(700, torch.bfloat16, seed=3, compute=torch.float32)
-    assert dec.W_UT_c.is_contiguous() and torch.equal(dec.W_UT_c, W_U.float().T)
+    assert dec.W_U.dtype == torch.float32 and torch.equal(dec.W_U, W_U.float())
+    assert dec.W_UT_c.data_ptr() == dec.W_U.data_ptr() and dec.W_UT_c.shape == (32, 700)
+    g = torch.Generator().manual_seed(9)
     W_n = torch.randn(9, W_U.shape[1], generator=g)
     want = _reference(dec, W_U, W_n)
     res = dec.decode(W_n)
-    assert torch.equal(res.top_ids[:, 0].long(), want.argmax(1))
+    assert torch.equal(res.top_ids.long(), want.topk(5, dim=1).indices)
+    torch.testing.assert_close(
+        res.top_logits.double(), want.topk(5, dim=1).values, rtol=1e-5, atol=1e-5
+    )
+    assert dec.exact and dec.n_top == 5  # an fp32 GEMM: no low-precision margins
     torch.testing.assert_close(
         res.logsumexp.double(), torch.logsumexp(want, 1), rtol=1e-5, atol=1e-5
     )
     dec.release_gemm()
-    assert dec.W_UT_c.untyped_storage().nbytes() == 0
+    assert dec.W_U.untyped_storage().nbytes() == 700 * 32 * 4

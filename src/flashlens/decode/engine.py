@@ -35,7 +35,7 @@ from .logits import Logits, quantize_head, quantize_rows
 from .norm import NormMode, apply_final_norm, norm_factors
 from .policy import check_device
 from .reverse import ReverseIndex
-from .slices import float_rows, transposed_copy
+from .slices import float_rows
 
 
 @dataclass
@@ -85,16 +85,18 @@ class Decoder:
         self.norm, self.eps, self.top_k, self.softcap = norm, norm_eps, top_k, softcap
         self.gain = norm_gain.to(device, torch.float32)
         check_device(compute_dtype, device)
-        self.W_U = W_U.to(device)  # stored dtype: exact rows for rescoring
+        # The head's rows for the exact paths (rescoring): the stored dtype, or one fp32 copy
+        # that the fp32 GEMM shares (see rows_dtype)
+        self.W_U = W_U.to(device, rows_dtype(W_U.dtype, compute_dtype))
         # The GEMM's right operand W_U^T (d_model, d_vocab) in the compute dtype: a view of
-        # the head if the same dtype, else a copy (see gemm_operand), or for int8 a contiguous
-        # quantised copy with per-token scales s_U (V,)
+        # the head (the same tensor if the same dtype), or for int8 a contiguous quantised copy
+        # with per-token scales s_U (V,)
         self.int8 = compute_dtype == torch.int8
         self.s_U: Tensor | None = None
         if self.int8:
             self.W_UT_c, self.s_U = quantize_head(self.W_U)
         else:
-            self.W_UT_c = gemm_operand(self.W_U, compute_dtype)
+            self.W_UT_c = self.W_U.to(compute_dtype).T
         self.d_vocab, self.d_model = W_U.shape
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
@@ -358,23 +360,22 @@ class Decoder:
         return out
 
 
-def gemm_operand(W_U: Tensor, dtype: torch.dtype) -> Tensor:
-    """The GEMM's right operand W_U^T (d_model, d_vocab) in `dtype`, for a head W_U (V, d).
-
-    In the head's own dtype: a transposed view, no copy. In another dtype a copy is made
-    anyway; on the CPU it is made contiguous in (d_model, d_vocab) order, slice by slice (no
-    second full-size temporary): the fp32 GEMM ran ~5% faster on it than on a transposed view
-    of (V, d) rows on an AVX2 CPU (112 vs 107 GFLOP/s, 8 interleaved pairs at Llama-3.1-8B
-    shapes), as `_int_mm` does on the int8 copy; making it costs 2.4 s instead of 1.0 s for
-    that head, repaid by the seventh block. Elsewhere the copy keeps the rows' layout."""
-    if W_U.dtype == dtype or W_U.device.type != "cpu":
-        return W_U.to(dtype).T
-    return transposed_copy(W_U, dtype)
+def rows_dtype(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Decoder keeps the head's rows in (its W_U): the stored dtype, except for an
+    fp32 GEMM over a bf16/fp16 head (CPUs without fast low-precision kernels). Then one fp32
+    copy serves both the GEMM, as a transposed view, and the exact paths: it holds the stored
+    values exactly, and the stored head is not kept beside it (1 GiB less at Llama-3.1-8B
+    shapes: 2.1 GiB of head instead of 3.1)."""
+    low = (torch.bfloat16, torch.float16)
+    return torch.float32 if compute_dtype == torch.float32 and head_dtype in low else head_dtype
 
 
 def exact_path(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
-    """The GEMM itself is fp32 and exact: no margin of extra candidates, no logsumexp fix-up."""
-    return compute_dtype == torch.float32 and head_dtype == torch.float32
+    """The GEMM itself is fp32 and exact: no margin of extra candidates, no logsumexp fix-up,
+    no spare reverse-index entries made exact at the end. So it is over a bf16/fp16 head too,
+    whose fp32 copy (rows_dtype) holds the stored values exactly (before 2026-12-06 such maps
+    took the low-precision path: the same values, and an end phase of needless work)."""
+    return compute_dtype == torch.float32 and rows_dtype(head_dtype, compute_dtype) == torch.float32
 
 
 def scales_in_kernel(compute_dtype: torch.dtype, softcap: float | None) -> bool:
@@ -420,7 +421,8 @@ def warm_up(
             stats.prepare(L, mu, thr)
     if exact_fn is not None:
         # Untouched placeholder pages cost nothing: only row 0 is read.
-        W_U = torch.empty((V, d_model), dtype=head_dtype, device=device)
+        rows = rows_dtype(head_dtype, compute_dtype)  # the Decoder's W_U
+        W_U = torch.empty((V, d_model), dtype=rows, device=device)
         ids = torch.zeros((B, n_cand), dtype=torch.int64, device=device)
         exact_fn.prepare(W_U, ids, torch.zeros((B, d_model), device=device))
 

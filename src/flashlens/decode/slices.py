@@ -23,13 +23,3 @@ def float_rows(W: Tensor, rows: int) -> Iterator[tuple[int, Tensor]]:
         part = buf[: min(rows, n - lo)]
         part.copy_(W[lo : lo + rows])
         yield lo, part
-
-
-def transposed_copy(W: Tensor, dtype: torch.dtype, rows: int = 512) -> Tensor:
-    """W (n, d) as a contiguous (d, n) tensor in `dtype`, converted and transposed one slice
-    of `rows` rows at a time: no full-size temporary besides the result."""
-    n, d = W.shape
-    out = torch.empty((d, n), dtype=dtype, device=W.device)
-    for lo in range(0, n, rows):
-        out[:, lo : lo + rows].copy_(W[lo : lo + rows].T)
-    return out
