@@ -94,7 +94,7 @@ def resolve_dtype(
 # What a CPU needs for a fast GEMM in each low-precision dtype. Without it torch falls back to
 # kernels far slower than fp32: on a 2-core AVX2 machine (no VNNI, no AVX512-BF16) the
 # (512 x 4096) @ (4096 x V) product ran at 1 GFLOP/s in int8, 19 in bf16, 24 in fp16 and
-# 103-128 in fp32 (bench/RESULTS.md).
+# 90-140 in fp32 (bench/RESULTS.md, runs 21-22).
 _CPU_KERNELS = {
     torch.int8: (lambda: cpu_has_fast_int8(), "VNNI (AVX512-VNNI, AVX-VNNI or AMX)"),
     torch.bfloat16: (lambda: cpu_has_fast_bf16(), "AVX512-BF16 or AMX"),
