@@ -31,7 +31,10 @@ def map_command(
     norm: str = typer.Option("model", help="Final norm: model (RMSNorm), gain, none."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     dtype: str = typer.Option(
-        "auto", help="Compute dtype: auto, float32, bfloat16, float16, int8 (CPU)."
+        "auto",
+        help="Compute dtype: auto, float32, bfloat16, float16, int8 (CPU). On a CPU without "
+        "a fast kernel for it (VNNI for int8, AVX512-BF16/FP16 or AMX), a low-precision dtype "
+        "is refused for big jobs; auto picks the fastest the CPU has.",
     ),
     block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
     compile: str = typer.Option("auto", help="Fuse reductions with torch.compile: auto/on/off."),

@@ -86,6 +86,12 @@ def resolve_dtype(
         return torch.float32
     if device.type == "cuda":
         return weight_dtype
+    return fastest_cpu_dtype()
+
+
+def fastest_cpu_dtype() -> torch.dtype:
+    """The fastest GEMM dtype this CPU has: int8 with VNNI, else bf16 with AVX512-BF16 or AMX,
+    else fp32."""
     if cpu_has_fast_int8():
         return torch.int8
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
@@ -112,7 +118,7 @@ def check_gemm_dtype(dtype: torch.dtype, device: torch.device, flops: float) -> 
     fast, needs = _CPU_KERNELS[dtype]
     if not fast():
         name = dtype_label(dtype)
-        best = "int8" if cpu_has_fast_int8() else "bfloat16" if cpu_has_fast_bf16() else "float32"
+        best = dtype_label(fastest_cpu_dtype())
         raise FlashlensError(
             f"--dtype {name} has no fast kernel on this CPU (it needs {needs}): its product "
             f"runs several to a hundred times slower than float32 here; use --dtype auto, "
