@@ -20,7 +20,7 @@ any block where most chunks are flagged, is merged densely, per token, in vocabu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -91,46 +91,51 @@ class ReverseIndex:
         if flag.numel() and float(flag.float().mean()) > DENSE_ABOVE:
             self._update_dense(L, lse, refs, valid)  # early in a run: most chunks hold a hit
             return
-        b, v = self._hits(L, lse, valid, flag)  # (C,) rows and tokens that beat the table
-        if b.numel() == 0:
-            return
+        merged = 0
+        for b, v in self._hits(L, lse, valid, flag):  # (C,) rows and tokens that beat the table
+            merged += b.numel()
+            self._merge_hits(L, lse, refs, b, v)
+        if merged > BIG_MERGE:
+            heap.trim()  # its temporaries stay resident otherwise (see flashlens.heap)
+
+    def _merge_hits(self, L: Logits, lse: Tensor, refs: Tensor, b: Tensor, v: Tensor) -> None:
+        """Merge the entries at rows b and tokens v (C,) of the block into the table."""
         B = L.shape[0]
         key = v * B + b  # token-major: sorted, it groups by token, then row
         key = key.sort().values if B * self.d_vocab >= 2**31 else key.int().sort().values.long()
         v, b = key // B, key % B
         logit = L.at(L.data.view(-1).index_select(0, b * L.shape[1] + v), b, v)
         self._merge_candidates(v, logit - lse[b], logit, refs[b])
-        if b.numel() > BIG_MERGE:
-            heap.trim()  # its temporaries stay resident otherwise (see flashlens.heap)
 
-    def _hits(self, L: Logits, lse: Tensor, valid: Tensor, flag: Tensor) -> tuple[Tensor, Tensor]:
+    def _hits(
+        self, L: Logits, lse: Tensor, valid: Tensor, flag: Tensor
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         """Rows and tokens (C,) of the entries whose log-probability L - lse beats the table,
-        given the chunks (B, n_chunks) that may hold one."""
+        given the chunks (B, n_chunks) that may hold one, in batches of at most GATHER
+        entries checked: the caller merges each batch before the next is checked (against
+        thresholds it may have raised), so that early in a run, when millions of entries
+        pass, they are never all held at once (0.4 GiB at Llama-3.1-8B shapes)."""
         V = L.shape[1]
         n_chunks = flag.shape[1]
         n_full = n_chunks * CHUNK
         rows, chunks = flag.nonzero(as_tuple=True)  # (F,) ascending by row, then chunk
-        bs, vs = [], []
         if rows.numel():  # (with no flagged chunk, L may be too small for the window view)
-            thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)
             offs = torch.arange(CHUNK, device=lse.device)
             step = max(1, GATHER // CHUNK)
             for lo in range(0, rows.numel(), step):
                 r, c = rows[lo : lo + step], chunks[lo : lo + step]
                 logit = L.chunks(r, c, CHUNK)  # (F, CHUNK)
+                thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)  # (as of now)
                 ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
+                del logit
                 i, j = ok.nonzero(as_tuple=True)
-                bs.append(r[i])
-                vs.append(c[i] * CHUNK + offs[j])
+                if i.numel():
+                    yield r[i], c[i] * CHUNK + offs[j]
         if n_full < V:  # the tail past the last full chunk: checked directly
             ok = (L.columns(n_full, V) - lse[:, None] > self.threshold[n_full:]) & valid[:, None]
             i, j = ok.nonzero(as_tuple=True)
-            bs.append(i)
-            vs.append(j + n_full)
-        if not bs:
-            empty = torch.empty(0, dtype=torch.int64, device=lse.device)
-            return empty, empty
-        return torch.cat(bs), torch.cat(vs)
+            if i.numel():
+                yield i, j + n_full
 
     def _merge_candidates(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
         """Merge candidates sorted by token v (C,) into the table rows of the tokens they touch.
