@@ -38,6 +38,8 @@ _DTYPES = {
 }
 # The fingerprint reads this many windows of this many values from every tensor.
 FINGERPRINT_WINDOWS, FINGERPRINT_VALUES = 16, 64
+# A tensor is copied out of the memory map in slices of this many bytes of the file.
+COPY_BYTES = 64 << 20
 ST_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -139,13 +141,15 @@ class Checkpoint:
                 return _DTYPES[code]
         return self.get(name).dtype
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype, as a fresh copy (safetensors: out of the memory map)."""
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor as a fresh copy (safetensors: out of the memory map), in its stored dtype
+        or converted to `dtype` as it is copied (no copy in the stored dtype beside it)."""
         file = self._file(name)
         try:
             if file in self._maps:
-                return self._copy_out(file, name)
-            return self._bin[file][name]
+                return self._copy_out(file, name, dtype)
+            tensor = self._bin[file][name]
+            return tensor if dtype is None else tensor.to(dtype)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
 
@@ -218,18 +222,33 @@ class Checkpoint:
             view = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=hi - lo, offset=lo)
         return view.view(dtype).reshape(info["shape"])
 
-    def _copy_out(self, file: Path, name: str) -> torch.Tensor:
+    def _copy_out(self, file: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        """Tensor `name` copied out of the memory map in slices of about COPY_BYTES, each
+        slice's pages released from this process once copied: the file's pages of a large
+        tensor (the LM-head: 1 GiB at Llama-3.1-8B shapes) are never all resident beside the
+        copy."""
         view = self._view(file, name)
         if view is None:  # rare dtypes (the library converts) and empty tensors
-            return self._st[file].get_tensor(name)
-        tensor = view.clone()
+            tensor = self._st[file].get_tensor(name)
+            return tensor if dtype is None else tensor.to(dtype)
+        out = torch.empty(view.shape, dtype=dtype or view.dtype)
+        flat_in, flat_out = view.reshape(-1), out.view(-1)
+        step = max(1, COPY_BYTES // view.element_size())
+        start, header = self._layout[file]
+        lo0 = start + header[name]["data_offsets"][0]
+        for i in range(0, flat_in.numel(), step):
+            j = min(i + step, flat_in.numel())
+            flat_out[i:j].copy_(flat_in[i:j])
+            self._release(file, lo0 + i * view.element_size(), lo0 + j * view.element_size())
+        return out
+
+    def _release(self, file: Path, lo: int, hi: int) -> None:
+        """Drop this process's pages of bytes [lo, hi) of `file`'s memory map, from the page
+        that holds byte lo (a page shared with the bytes before is read again if needed)."""
         mm = self._maps[file]
         if hasattr(mm, "madvise"):
-            start, header = self._layout[file]
-            lo, hi = (start + o for o in header[name]["data_offsets"])
             page = mmap.PAGESIZE
             mm.madvise(mmap.MADV_DONTNEED, lo // page * page, hi - lo // page * page)
-        return tensor
 
     def _file(self, name: str) -> Path:
         try:

@@ -109,9 +109,10 @@ class ModelSource:
             return f.W_U
         return f.W_E  # tied (or an untied config whose head was saved as the embedding)
 
-    def W_U(self) -> torch.Tensor:
-        """The LM-head / unembedding, (d_vocab, d_model), stored dtype."""
-        return self.checkpoint.get(self.W_U_name)
+    def W_U(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The LM-head / unembedding, (d_vocab, d_model), in its stored dtype or converted to
+        `dtype` while read (no stored-dtype copy of the whole head beside it)."""
+        return self.checkpoint.get(self.W_U_name, dtype)
 
     def norm_weight(self) -> torch.Tensor:
         """The final norm's weight as the model applies it, (d_model,), fp32."""
