@@ -22,7 +22,7 @@ from .atlas.prob import norms_agree
 from .atlas.tokens import tokens_table
 from .atlas.writer import AtlasWriter, neuron_ref
 from .decode.audit import AuditSample, run_audit
-from .decode.engine import BlockResult, Decoder, warm_up
+from .decode.engine import BlockResult, Decoder, rows_dtype, warm_up
 from .decode.norm import NORM_MODES
 from .decode.pilot import PILOT, run_pilot
 from .decode.policy import (
@@ -252,9 +252,13 @@ def _map(
         # Start-up work overlaps: the first layer and the LM-head (+ its row mean) are read on
         # threads while this one compiles the kernels for the block shape.
         first_layer = pool.submit(load, jobs[0]) if jobs else None
+        head_dtype = source.checkpoint.dtype(source.W_U_name)
+        # read straight into the dtype the decoder keeps it in (an fp32 map of a bf16 head:
+        # fp32, without the 1 GiB bf16 copy beside it at Llama-3.1-8B shapes)
+        rows = rows_dtype(head_dtype, compute_dtype)
         decoder_job = head_pool.submit(
             lambda: Decoder(
-                source.W_U(),
+                source.W_U(rows),
                 source.norm_weight(),
                 source.norm_eps,
                 norm,  # type: ignore[arg-type]
@@ -268,7 +272,6 @@ def _map(
         what = "reading the LM-head" + (" and preparing the compiled kernels" if compiled else "")
         with status(progress, what):
             if compiled:
-                head_dtype = source.checkpoint.dtype(source.W_U_name)
                 warm_up(
                     B,
                     source.d_vocab,
@@ -315,13 +318,17 @@ def _map(
         writing: Future[None] | None = None
         last_commit = time.perf_counter()
         with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
-            for i, ((matrix, layer), W) in enumerate(_prefetched(pool, load, jobs, first_layer)):
+            layers_read = _prefetched(pool, load, jobs, first_layer)
+            del first_layer  # (its future holds the first layer: the generator alone keeps it)
+            for i, ((matrix, layer), W) in enumerate(layers_read):
                 base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
                 results: list[BlockResult] = []
                 for lo in range(0, source.d_mlp, B):
                     n = min(B, source.d_mlp - lo)
                     refs = torch.arange(base + lo, base + lo + n)
                     results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
+                    if device.type == "cpu":  # the block's temporaries: ~3 ms, <1% of a block
+                        heap.trim()
                     advance(n, f"{matrix} layer {layer}")
                 _keep_sample(sample, place[matrix, layer], W, results)
                 if writing is not None:
@@ -332,6 +339,7 @@ def _map(
                     state, last_commit = reverse.state(), time.perf_counter()  # as of this layer
                 job = (matrix, layer, results, state, time.perf_counter() - start)
                 writing = write_pool.submit(_write_layer, writer, *job)
+                del job, state, results  # the writer holds them until written, no longer
                 summary.neurons_mapped += source.d_mlp
         if writing is not None:
             writing.result()
@@ -470,6 +478,7 @@ def _prefetched(
     """Each job with its layer (d_mlp, d_model), in order, each read on `pool` while the
     previous one is used. `first`: the first job's read, if already submitted."""
     pending = first if first is not None or not jobs else pool.submit(load, jobs[0])
+    del first  # a layer's weights are freed once it is mapped and the next one is asked for
     for i, job in enumerate(jobs):
         assert pending is not None
         W = pending.result()
