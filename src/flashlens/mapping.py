@@ -327,7 +327,7 @@ def _map(
                     n = min(B, source.d_mlp - lo)
                     refs = torch.arange(base + lo, base + lo + n)
                     results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
-                    if device.type == "cpu":  # the block's temporaries: ~3 ms, <1% of a block
+                    if device.type == "cpu":  # the block's temporaries: ~5 ms, <1% of a block
                         heap.trim()
                     advance(n, f"{matrix} layer {layer}")
                 _keep_sample(sample, place[matrix, layer], W, results)
