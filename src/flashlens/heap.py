@@ -3,8 +3,9 @@
 glibc serves allocations of up to 32 MB (its dynamic mmap threshold) from the heap, and keeps
 the pages of freed ones resident: a map's per-block temporaries (gathers, merges, the dense
 reverse-index slices) and each layer's write leave ~0.3 GiB of freed memory counted in the
-process's resident set at Llama-3.1-8B shapes. `trim()` returns it (malloc_trim) at a few
-points of a map; it costs milliseconds. A no-op where the C library has no malloc_trim.
+process's resident set at Llama-3.1-8B shapes. `trim()` returns it (malloc_trim): a CPU map
+calls it after every block and at each layer boundary; it costs milliseconds. A no-op
+where the C library has no malloc_trim.
 """
 
 from __future__ import annotations

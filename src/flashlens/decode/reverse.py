@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .. import heap
 from ..errors import FlashlensError
 from .kernels import CHUNK
 from .logits import Logits
@@ -46,8 +45,6 @@ DENSE_ABOVE = 0.66
 # rounding can swap neurons near the N-th place; the entries are made exact at the end
 # (ReverseIndex.rescore) and the best N written, so a swap needs an error past the spares.
 SPARE = 8
-# A merge of more candidates than this (early in a run) gives its freed memory back (heap.trim)
-BIG_MERGE = 1 << 20
 
 
 class ReverseIndex:
@@ -91,12 +88,8 @@ class ReverseIndex:
         if flag.numel() and float(flag.float().mean()) > DENSE_ABOVE:
             self._update_dense(L, lse, refs, valid)  # early in a run: most chunks hold a hit
             return
-        merged = 0
         for b, v in self._hits(L, lse, valid, flag):  # (C,) rows and tokens that beat the table
-            merged += b.numel()
             self._merge_hits(L, lse, refs, b, v)
-        if merged > BIG_MERGE:
-            heap.trim()  # its temporaries stay resident otherwise (see flashlens.heap)
 
     def _merge_hits(self, L: Logits, lse: Tensor, refs: Tensor, b: Tensor, v: Tensor) -> None:
         """Merge the entries at rows b and tokens v (C,) of the block into the table."""
@@ -233,7 +226,6 @@ class ReverseIndex:
                 self.threshold[lo : lo + step] = top.amin(1)
                 continue
             self._merge_rows(cols, top, logit, refs[rows])
-        heap.trim()  # its ~16 MB slices stay resident otherwise (see flashlens.heap)
 
     def _merge_rows(self, tokens: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
         """Table rows of `tokens` (T,) := top-N of themselves and candidates (T, K) each."""
