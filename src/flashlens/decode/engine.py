@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import pages
 from .kernels import (
     CHUNK,
     PAIRS,
@@ -134,7 +135,7 @@ class Decoder:
         if self._L is None or self._L.shape[0] != B:
             self._L = None  # free the old block before allocating the new one
             out_dtype = torch.int32 if self.int8 else self.dtype
-            self._L = torch.empty((B, self.d_vocab), dtype=out_dtype, device=self.device)
+            self._L = pages.empty((B, self.d_vocab), out_dtype, self.device)
         if self.int8:
             q_x, s_x = quantize_rows(x)  # (B, d_model) int8, (B,)
             L = Logits(torch._int_mm(q_x, self.W_UT_c, out=self._L), s_x, self.s_U)

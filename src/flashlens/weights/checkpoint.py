@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .. import pages
 from ..errors import CheckpointError
 
 _DTYPES = {
@@ -231,7 +232,7 @@ class Checkpoint:
         if view is None:  # rare dtypes (the library converts) and empty tensors
             tensor = self._st[file].get_tensor(name)
             return tensor if dtype is None else tensor.to(dtype)
-        out = torch.empty(view.shape, dtype=dtype or view.dtype)
+        out = pages.empty(tuple(view.shape), dtype or view.dtype)  # huge pages if large
         flat_in, flat_out = view.reshape(-1), out.view(-1)
         step = max(1, COPY_BYTES // view.element_size())
         start, header = self._layout[file]

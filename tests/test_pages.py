@@ -1,0 +1,70 @@
+"""Huge pages for the map's large CPU tensors (flashlens.pages): the LM-head as read from the
+checkpoint and the decoder's reused logits block are advised MADV_HUGEPAGE before they are
+written, so hosts whose transparent huge pages are `madvise`-only back them with 2 MiB pages."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flashlens import pages
+from flashlens.decode.engine import Decoder
+from flashlens.weights import Checkpoint
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+pytestmark = pytest.mark.skipif(
+    not THP.is_file(), reason="needs Linux with transparent huge pages built in"
+)
+
+
+def _vm_flags(t: torch.Tensor) -> list[str]:
+    """The VmFlags of the mapping that holds `t`'s first whole page (/proc/self/smaps)."""
+    addr = -(-t.untyped_storage().data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        field = line.split()[0]
+        if "-" in field and not field.endswith(":"):  # a mapping's header: lo-hi perms ...
+            lo, hi = (int(v, 16) for v in field.split("-"))
+            inside = lo <= addr < hi
+        elif inside and field == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds address {addr:#x}")
+
+
+def test_a_large_tensor_gets_huge_pages_and_a_small_one_is_left_alone() -> None:
+    big = pages.empty((pages.HUGE_MIN_BYTES // 4,), torch.float32)
+    small = pages.empty((1 << 18,), torch.float32)  # 1 MiB: may share the C heap's pages
+    assert "hg" in _vm_flags(big)  # VM_HUGEPAGE: the kernel gives its faults 2 MiB pages
+    assert "hg" not in _vm_flags(small)
+    big.fill_(3.0)  # an ordinary tensor otherwise
+    assert big.shape == (pages.HUGE_MIN_BYTES // 4,) and float(big.sum()) == 3.0 * big.numel()
+    assert pages.advise_huge(big[:10]) is True  # a view advises its whole storage
+    assert pages.advise_huge(small) is False
+
+
+def test_the_lm_head_is_read_into_huge_pages(tmp_path: Path) -> None:
+    """A tensor as large as a head (64 MiB here; 2 GiB in fp32 at Llama-3.1-8B shapes) is
+    copied out of the checkpoint into huge pages, in the stored dtype or converted; a
+    layer-norm gain is not."""
+    W_U = torch.randn(8192, 2048).bfloat16()  # 32 MiB stored, 64 MiB in fp32
+    gain = torch.randn(2048)
+    save_file({"lm_head.weight": W_U, "norm.weight": gain}, tmp_path / "model.safetensors")
+    with Checkpoint(tmp_path) as ckpt:
+        got = ckpt.get("lm_head.weight", torch.float32)
+        assert torch.equal(got, W_U.float()) and "hg" in _vm_flags(got)
+        assert "hg" not in _vm_flags(ckpt.get("lm_head.weight"))  # 32 MiB: below the minimum
+        assert "hg" not in _vm_flags(ckpt.get("norm.weight"))
+
+
+def test_the_decoder_s_logits_block_is_on_huge_pages() -> None:
+    V, d_model, B = 32768, 16, 512  # a (B, V) fp32 block of 64 MiB
+    W_U = torch.randn(V, d_model)
+    dec = Decoder(W_U, torch.ones(d_model), 1e-5, "model", 5, torch.device("cpu"), torch.float32)
+    x = torch.randn(B, d_model)
+    L = dec.logits(x)
+    assert "hg" in _vm_flags(L)
+    torch.testing.assert_close(L, x @ W_U.T)
