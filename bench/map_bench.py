@@ -7,7 +7,7 @@ Builds once (cached under bench/.cache/) synthetic bf16 checkpoints with Llama-3
 and 8 layers, then in one run measures:
 
   peak     the machine's GEMM rate for the engine's shapes and dtype (block x d_model @ W_U^T),
-           operands on huge pages as the engine's; after the maps also its median over a minute
+           with its operands on huge pages as the engine's (before and after the maps)
   map      `flashlens map --matrices up` as a subprocess on 2 and 8 layers: neurons/s, effective
            FLOP/s and its ratio to the peak (end to end, and marginal: the 6 extra layers over the
            extra seconds, which removes start-up), peak RSS of each, the extrapolated time for all
@@ -400,9 +400,6 @@ def main() -> None:
     # The peak is measured again after the map runs, and the higher best is used: this VM's
     # GEMM rate drifts by several percent over minutes, and a ratio to a low peak would flatter.
     best1, median1 = gemm_rates(B, dev, dtype)
-    # And over about a minute (50 products per layout): the rate a long map can expect, as
-    # context for the ratios (they use the best, the peak).
-    sustained = gemm_rates(B, dev, dtype, reps=50)[1]
     peak = max(best0, best1)
     res["peak"] = {
         "dtype": str(dtype),
@@ -412,11 +409,9 @@ def main() -> None:
         "best_after": best1,
         "median_before": median0,
         "median_after": median1,
-        "median_sustained": sustained,
     }
     print(
         f"GEMM after the map runs: best {best1 / 1e9:.0f}, median {median1 / 1e9:.0f} GFLOP/s; "
-        f"median over a minute {sustained / 1e9:.0f} GFLOP/s; "
         f"peak used for the ratios: {peak / 1e9:.0f} GFLOP/s",
         flush=True,
     )
@@ -445,7 +440,6 @@ def main() -> None:
     res["map"].update(
         marginal_ratio=ratio,
         marginal_ratio_to_median_gemm=marginal * FLOP_PER_NEURON / typical,
-        marginal_ratio_to_sustained_gemm=marginal * FLOP_PER_NEURON / sustained,
         extrapolated_458752_s=full,
         extrapolated_ratio=LLAMA_UP_NEURONS * FLOP_PER_NEURON / full / peak,
         rss_8L_over_2L=m8["rss_gib"] / m2["rss_gib"],
@@ -465,8 +459,7 @@ def main() -> None:
         )
     print(
         f"  marginal: {marginal:.0f} neurons/s = {ratio:.2f} of peak "
-        f"({marginal * FLOP_PER_NEURON / typical:.2f} of the median GEMM, "
-        f"{marginal * FLOP_PER_NEURON / sustained:.2f} of the minute's); start-up {fixed:.1f} s; "
+        f"({marginal * FLOP_PER_NEURON / typical:.2f} of the median GEMM); start-up {fixed:.1f} s; "
         f"all 458,752 up neurons of Llama 3.1 8B: {full / 60:.1f} min "
         f"({res['map']['extrapolated_ratio']:.2f} of peak end to end); "
         f"RSS 8L/2L = {res['map']['rss_8L_over_2L']:.3f}",

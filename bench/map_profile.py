@@ -1,13 +1,15 @@
 """Where `flashlens map` spends its time, step by step (issue 6's profile). Not a test.
 
-    .venv/bin/python bench/map_profile.py [CHECKPOINT] [--layers 0-3] [--json]
+    .venv/bin/python bench/map_profile.py [CHECKPOINT] [--layers 0-3] [--probe N] [--json]
 
 Runs `map_model` (matrices up, compile on) on a checkpoint (default: the 8-layer synthetic
 Llama-3.1-8B-shaped one that bench/map_bench.py builds) with timers around the engine's steps,
 and prints the seconds spent in each, per call (overall, and over the run's first and last
 tenth of calls: the reverse index gets cheaper as its table fills) and as a fraction of the
 GEMM. The timers wrap methods from outside; the engine is unchanged. CPU only (no device
-synchronisation).
+synchronisation). With --probe N (fp32 maps), every N blocks two bare GEMMs are timed on the
+map's own head, so the map's rate is compared with the GEMM's through the same minutes
+rather than with a peak measured before or after (this VM's rate drifts by tens of percent).
 """
 
 from __future__ import annotations
@@ -16,16 +18,20 @@ import argparse
 import collections
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import flashlens.atlas.writer as writer_mod
 import flashlens.decode.engine as engine_mod
 import flashlens.decode.reverse as reverse_mod
 import flashlens.mapping as mapping_mod
+from flashlens import pages
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 TIMES: dict[str, list[float]] = collections.defaultdict(list)  # seconds of each call
@@ -83,13 +89,59 @@ def instrument() -> None:
     D.__init__ = traced_init  # type: ignore[method-assign]
 
 
+PROBES: list[float] = []  # FLOP/s of each probe product
+PROBE_SECONDS: list[float] = []  # wall time of each probe, taken out of the map's
+PROBE_INFO: dict[str, float] = {}
+
+
+def probe_gemm(every: int, reps: int = 2) -> None:
+    """Every `every` blocks, before the block, time `reps` products of the block's shape on the
+    decoder's own head (the same memory, page backing and layout the map's GEMM reads) into a
+    buffer of its own: the GEMM's rate at that moment, against which the map's is measured.
+    This VM's GEMM rate drifts by tens of percent over minutes, so a peak measured before and
+    after a long map says little about the rate while it ran."""
+    D = engine_mod.Decoder
+    decode = D.decode
+    count = [0]
+    out: dict[str, Any] = {}
+
+    def probed(self: Any, W: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if count[0] % every == 0 and self.dtype == torch.float32:  # (the fp32 GEMM only)
+            start = time.perf_counter()
+            B = W.shape[0]
+            if "L" not in out:
+                out["L"] = pages.empty((B, self.d_vocab), torch.float32)
+                out["x"] = torch.randn(B, self.d_model)
+            flop = 2 * B * self.d_model * self.d_vocab
+            out["flop_per_neuron"] = PROBE_INFO["flop_per_neuron"] = flop / B
+            for _ in range(reps):
+                t = time.perf_counter()
+                torch.matmul(out["x"], self.W_UT_c, out=out["L"])
+                PROBES.append(flop / (time.perf_counter() - t))
+            PROBE_SECONDS.append(time.perf_counter() - start)
+        count[0] += 1
+        return decode(self, W, *args, **kwargs)
+
+    D.decode = probed  # type: ignore[method-assign]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", nargs="?", default=str(CACHE / "llama31-8b-shapes-8L"))
     ap.add_argument("--layers", default="0-3")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N blocks, time 2 bare GEMMs on the map's own head (fp32 maps): the map's "
+        "rate as a fraction of the GEMM's, measured through the same run",
+    )
     args = ap.parse_args()
     instrument()
+    if args.probe:
+        probe_gemm(args.probe)
     out = Path(tempfile.mkdtemp(prefix="flashlens-profile-"))
     try:
         start = time.perf_counter()
@@ -118,11 +170,40 @@ def main() -> None:
                 "of_gemm": round(sum(ts) / gemm, 3) if gemm else None,
             }
         )
-    result = {"total_s": round(total, 2), "neurons": s.neurons_mapped, "steps": rows}
+    result: dict[str, Any] = {
+        "total_s": round(total, 2),
+        "neurons": s.neurons_mapped,
+        "steps": rows,
+    }
+    if PROBES:
+        mapped = total - sum(PROBE_SECONDS)  # the map's own wall time
+        rate = s.neurons_mapped * PROBE_INFO["flop_per_neuron"] / mapped
+        best, median = max(PROBES), statistics.median(PROBES)
+        in_map = gemm and s.neurons_mapped * PROBE_INFO["flop_per_neuron"] / gemm
+        result["probe"] = {
+            "products": len(PROBES),
+            "map_s_without_probes": round(mapped, 2),
+            "map_flops": rate,
+            "gemm_in_map_flops": in_map,
+            "probe_best_flops": best,
+            "probe_median_flops": median,
+            "map_over_probe_best": rate / best,
+            "map_over_probe_median": rate / median,
+        }
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"map_model: {s.neurons_mapped} neurons in {total:.1f} s")
+    if PROBES:
+        p = result["probe"]
+        print(
+            f"probes: {p['products']} bare GEMMs through the run, best "
+            f"{p['probe_best_flops'] / 1e9:.0f}, median {p['probe_median_flops'] / 1e9:.0f} "
+            f"GFLOP/s; the map without them {p['map_s_without_probes']:.1f} s = "
+            f"{p['map_flops'] / 1e9:.0f} GFLOP/s end to end (its GEMM "
+            f"{p['gemm_in_map_flops'] / 1e9:.0f}) = {p['map_over_probe_best']:.2f} of the "
+            f"probes' best, {p['map_over_probe_median']:.2f} of their median"
+        )
     print(
         f"{'step':40s} {'seconds':>8s} {'calls':>6s} {'ms/call':>9s} {'first 10%':>10s} "
         f"{'last 10%':>9s} {'of GEMM':>8s}"

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from flashlens import pages
 from flashlens.decode.engine import Decoder
+from flashlens.decode.logits import quantize_head
 from flashlens.weights import Checkpoint
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -60,7 +61,7 @@ def test_the_lm_head_is_read_into_huge_pages(tmp_path: Path) -> None:
         assert "hg" not in _vm_flags(ckpt.get("norm.weight"))
 
 
-def test_the_decoder_s_logits_block_is_on_huge_pages() -> None:
+def test_the_decoder_s_logits_block_and_int8_head_copy_are_on_huge_pages() -> None:
     V, d_model, B = 32768, 16, 512  # a (B, V) fp32 block of 64 MiB
     W_U = torch.randn(V, d_model)
     dec = Decoder(W_U, torch.ones(d_model), 1e-5, "model", 5, torch.device("cpu"), torch.float32)
@@ -68,3 +69,5 @@ def test_the_decoder_s_logits_block_is_on_huge_pages() -> None:
     L = dec.logits(x)
     assert "hg" in _vm_flags(L)
     torch.testing.assert_close(L, x @ W_U.T)
+    q_T, _ = quantize_head(torch.randn(V, 2048))  # (2048, V) int8: 64 MiB, as _int_mm reads it
+    assert q_T.shape == (2048, V) and q_T.is_contiguous() and "hg" in _vm_flags(q_T)

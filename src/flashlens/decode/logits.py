@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import pages
+
 INT8_MAX = 127
 
 
@@ -39,7 +41,7 @@ def quantize_head(W_U: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
     operand: `_int_mm` runs about 5% faster on it than on a transposed view of (V, d) rows
     (1561 vs 1476 GFLOP/s median, interleaved, at Llama-3.1-8B shapes), and the scales s (V,)."""
     V, d = W_U.shape
-    q_T = torch.empty((d, V), dtype=torch.int8, device=W_U.device)
+    q_T = pages.empty((d, V), torch.int8, W_U.device)  # (huge pages where large, on CPU)
     s = torch.empty(V, dtype=torch.float32, device=W_U.device)
     for lo in range(0, V, rows):
         q, s[lo : lo + rows] = quantize_rows(W_U[lo : lo + rows])
