@@ -4,6 +4,7 @@ written, so hosts whose transparent huge pages are `madvise`-only back them with
 
 from __future__ import annotations
 
+import gc
 import mmap
 from pathlib import Path
 
@@ -22,29 +23,51 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _vm_flags(t: torch.Tensor) -> list[str]:
-    """The VmFlags of the mapping that holds `t`'s first whole page (/proc/self/smaps)."""
+def _mapping(t: torch.Tensor) -> tuple[int, int, list[str]] | None:
+    """(lo, hi, VmFlags) of the mapping that holds `t`'s first whole page (/proc/self/smaps)."""
     addr = -(-t.untyped_storage().data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
-    inside = False
+    return _mapping_at(addr)
+
+
+def _mapping_at(addr: int) -> tuple[int, int, list[str]] | None:
+    span: tuple[int, int] | None = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         field = line.split()[0]
         if "-" in field and not field.endswith(":"):  # a mapping's header: lo-hi perms ...
             lo, hi = (int(v, 16) for v in field.split("-"))
-            inside = lo <= addr < hi
-        elif inside and field == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds address {addr:#x}")
+            span = (lo, hi) if lo <= addr < hi else None
+        elif span and field == "VmFlags:":
+            return (*span, line.split()[1:])
+    return None
 
 
-def test_a_large_tensor_gets_huge_pages_and_a_small_one_is_left_alone() -> None:
-    big = pages.empty((pages.HUGE_MIN_BYTES // 4,), torch.float32)
-    small = pages.empty((1 << 18,), torch.float32)  # 1 MiB: may share the C heap's pages
-    assert "hg" in _vm_flags(big)  # VM_HUGEPAGE: the kernel gives its faults 2 MiB pages
+def _vm_flags(t: torch.Tensor) -> list[str]:
+    found = _mapping(t)
+    assert found is not None, "the tensor's memory is not mapped"
+    return found[2]
+
+
+def test_a_large_tensor_gets_huge_pages_in_a_mapping_of_its_own() -> None:
+    """Advice on the C allocator's memory would outlive the tensor (a large malloc can come
+    from the heap): a large tensor gets a mapping of its own, advised, and unmapped when it is
+    freed. A small one is left to torch's allocator."""
+    n = pages.HUGE_MIN_BYTES // 4
+    big = pages.empty((n,), torch.float32)
+    small = pages.empty((1 << 18,), torch.float32)  # 1 MiB
+    found = _mapping(big)
+    assert found is not None
+    lo, hi, flags = found
+    assert "hg" in flags  # VM_HUGEPAGE: the kernel gives its faults 2 MiB pages
+    assert lo == big.data_ptr() and hi - lo == big.numel() * 4  # its own mapping, no neighbours
     assert "hg" not in _vm_flags(small)
-    big.fill_(3.0)  # an ordinary tensor otherwise
-    assert big.shape == (pages.HUGE_MIN_BYTES // 4,) and float(big.sum()) == 3.0 * big.numel()
-    assert pages.advise_huge(big[:10]) is True  # a view advises its whole storage
-    assert pages.advise_huge(small) is False
+    big[1:].fill_(3.0)  # an ordinary tensor otherwise
+    view = big[1:]
+    del big
+    gc.collect()
+    assert view.numel() == n - 1 and bool((view == 3.0).all())  # a view keeps the mapping
+    del view
+    gc.collect()
+    assert _mapping_at(lo) is None or "hg" not in _mapping_at(lo)[2]  # type: ignore[index]
 
 
 def test_the_lm_head_is_read_into_huge_pages(tmp_path: Path) -> None:
