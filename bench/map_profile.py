@@ -113,7 +113,7 @@ def probe_gemm(every: int, reps: int = 2) -> None:
                 out["L"] = pages.empty((B, self.d_vocab), torch.float32)
                 out["x"] = torch.randn(B, self.d_model)
             flop = 2 * B * self.d_model * self.d_vocab
-            out["flop_per_neuron"] = PROBE_INFO["flop_per_neuron"] = flop / B
+            PROBE_INFO["flop_per_neuron"] = flop / B
             for _ in range(reps):
                 t = time.perf_counter()
                 torch.matmul(out["x"], self.W_UT_c, out=out["L"])
