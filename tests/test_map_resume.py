@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import signal
 import subprocess
@@ -48,23 +49,36 @@ def reference_atlas(big_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return out
 
 
+def _sigint_as_from_a_shell() -> None:
+    # A child inherits an ignored SIGINT (Python then installs no KeyboardInterrupt handler);
+    # a map started from a terminal never has it ignored.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_map(model: Path, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "flashlens", "map", str(model), "-o", str(out), *MAP_ARGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_sigint_as_from_a_shell,
     )
 
 
 def wait_for_layers(out: Path, proc: subprocess.Popen[bytes], n: int) -> None:
-    """Block until the run has committed n layers (its resume state names them)."""
+    """Block until the run has committed n layers (its resume state names them). The garbage
+    collector is off meanwhile: late in the full suite a full collection of this process can
+    take longer than the rest of the run, which would then finish before it is interrupted."""
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done = list((out / "up").glob("layer_*.parquet")) if (out / "up").exists() else []
-        if len(done) >= n and (out / ".state").exists():
-            return
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        time.sleep(0.005)
+    gc.disable()
+    try:
+        while time.monotonic() < deadline:
+            done = list((out / "up").glob("layer_*.parquet")) if (out / "up").exists() else []
+            if len(done) >= n and (out / ".state").exists():
+                return
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.005)
+    finally:
+        gc.enable()
     pytest.fail("the run never got going")
 
 
