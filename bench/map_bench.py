@@ -176,35 +176,46 @@ def gemm_rates(
     """(best, median) FLOP/s of (block, d_model) @ (d_model, V) for the engine's shapes, dtype
     and out= buffer, over `reps` timed products after a warm-up, for the faster of the right
     operand's two layouts (a transposed view of (V, d_model) rows, or contiguous (d_model, V);
-    timed alternately), whichever of them the engine uses: the machine's peak for the product."""
+    timed alternately), whichever of them the engine uses: the machine's peak for the product.
+    int8 on CPUs without VNNI: oneDNN's u8 x s8 kernel on its packed head (decode.int8)."""
     from flashlens import pages  # the engine's allocations: huge pages where the OS has them
+    from flashlens.decode import int8
 
     g = torch.Generator().manual_seed(1)
-    if dtype == torch.int8:  # the engine's int8 GEMM: int8 operands, exact int32 products
-        W_U = torch.randint(-127, 128, (D_VOCAB, D_MODEL), generator=g, dtype=torch.int8)
-        x = torch.randint(-127, 128, (block, D_MODEL), generator=g, dtype=torch.int8)
-        out = pages.empty((block, D_VOCAB), torch.int32)
-        mm: Any = torch._int_mm
+    products: list[Any]  # the product on each layout, as a call
+    if dtype == torch.int8 and int8.kernel() == "u7":
+        # oneDNN's u8 x s8 product on its packed head (one layout only), as the engine calls
+        # it: the head quantised and packed, 7-bit activations, into the reused fp32 buffer
+        head = int8.Int8Head(torch.randn(D_VOCAB, D_MODEL, generator=g), "u7")
+        q_x, _ = head.quantize(torch.randn(block, D_MODEL, generator=g))
+        out_u7 = pages.empty((block, D_VOCAB), head.out_dtype)
+        products = [lambda: head.mm(q_x, out_u7)]
     else:
-        W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02).to(device, dtype)
-        x = torch.randn(block, D_MODEL, generator=g).to(device, dtype)
-        out = pages.empty((block, D_VOCAB), dtype, device)
-        mm = torch.matmul
-    # Both layouts of the right operand are copied into fresh allocations as the engine makes
-    # them (pages.empty: huge pages on CPU where the OS offers them), so the peak is measured
-    # on the same page backing as the map's head.
-    rows = pages.empty(tuple(W_U.shape), W_U.dtype, device)
-    cols = pages.empty(tuple(W_U.T.shape), W_U.dtype, device)
-    rows.copy_(W_U)
-    cols.copy_(W_U.T)
-    del W_U
-    layouts = [rows.T, cols]
-    times: list[list[float]] = [[], []]
+        if dtype == torch.int8:  # the engine's int8 GEMM: int8 operands, exact int32 products
+            W_U = torch.randint(-127, 128, (D_VOCAB, D_MODEL), generator=g, dtype=torch.int8)
+            x = torch.randint(-127, 128, (block, D_MODEL), generator=g, dtype=torch.int8)
+            out = pages.empty((block, D_VOCAB), torch.int32)
+            mm: Any = torch._int_mm
+        else:
+            W_U = (torch.randn(D_VOCAB, D_MODEL, generator=g) * 0.02).to(device, dtype)
+            x = torch.randn(block, D_MODEL, generator=g).to(device, dtype)
+            out = pages.empty((block, D_VOCAB), dtype, device)
+            mm = torch.matmul
+        # Both layouts of the right operand are copied into fresh allocations as the engine
+        # makes them (pages.empty: huge pages on CPU where the OS offers them), so the peak is
+        # measured on the same page backing as the map's head.
+        rows = pages.empty(tuple(W_U.shape), W_U.dtype, device)
+        cols = pages.empty(tuple(W_U.T.shape), W_U.dtype, device)
+        rows.copy_(W_U)
+        cols.copy_(W_U.T)
+        del W_U
+        products = [lambda: mm(x, rows.T, out=out), lambda: mm(x, cols, out=out)]
+    times: list[list[float]] = [[] for _ in products]
     for i in range(reps + 1):
-        for k in (0, 1) if i % 2 else (1, 0):
+        for k in range(len(products)) if i % 2 else reversed(range(len(products))):
             _sync(device)
             t = time.perf_counter()
-            mm(x, layouts[k], out=out)
+            products[k]()
             _sync(device)
             if i:  # the first of each is a warm-up
                 times[k].append(time.perf_counter() - t)

@@ -106,17 +106,24 @@ def probe_gemm(every: int, reps: int = 2) -> None:
     out: dict[str, Any] = {}
 
     def probed(self: Any, W: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if count[0] % every == 0 and self.dtype == torch.float32:  # (the fp32 GEMM only)
+        if count[0] % every == 0 and self.dtype in (torch.float32, torch.int8):
             start = time.perf_counter()
             B = W.shape[0]
+            head8 = self.head8
             if "L" not in out:
-                out["L"] = pages.empty((B, self.d_vocab), torch.float32)
+                dtype = head8.out_dtype if head8 is not None else torch.float32
+                out["L"] = pages.empty((B, self.d_vocab), dtype)
                 out["x"] = torch.randn(B, self.d_model)
+                if head8 is not None:
+                    out["x"] = head8.quantize(out["x"])[0]
             flop = 2 * B * self.d_model * self.d_vocab
             PROBE_INFO["flop_per_neuron"] = flop / B
             for _ in range(reps):
                 t = time.perf_counter()
-                torch.matmul(out["x"], self.W_UT_c, out=out["L"])
+                if head8 is not None:  # the int8 kernel's product alone, as the engine calls it
+                    head8.mm(out["x"], out["L"])
+                else:
+                    torch.matmul(out["x"], self.W_UT_c, out=out["L"])
                 PROBES.append(flop / (time.perf_counter() - t))
             PROBE_SECONDS.append(time.perf_counter() - start)
         count[0] += 1

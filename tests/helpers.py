@@ -26,6 +26,28 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def _has_u7() -> bool:
+    from flashlens.decode import int8
+
+    return int8._has_u7()
+
+
+U7_ONLY = pytest.mark.skipif(
+    not _has_u7(),
+    reason="oneDNN's u8 x s8 kernel needs an x86 CPU with AVX2 or AVX512 and torch with oneDNN",
+)
+# Both int8 kernels, whatever this CPU's fast one is: _int_mm runs everywhere (a reference loop
+# without VNNI: small shapes only), "u7" wherever oneDNN has it.
+INT8_KERNELS = ["int_mm", pytest.param("u7", marks=U7_ONLY)]
+
+
+def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """int8 Decoders made in this test use `kernel` (the map, its warm-up and the pilot)."""
+    from flashlens.decode import int8
+
+    monkeypatch.setattr(int8, "kernel", lambda: kernel)
+
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 

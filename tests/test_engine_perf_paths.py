@@ -402,10 +402,10 @@ def test_exact_pairs_before_and_after_the_gemm_is_released(compiled: bool) -> No
     want = _reference(dec, W_U, W.float())[rows, tokens]  # fp64
     before = dec.exact_pairs(W, rows, tokens)
     torch.testing.assert_close(before.double(), want, rtol=1e-5, atol=1e-5)
-    assert dec.W_UT_c.numel() == W_U.numel()
+    assert dec.head8 is not None and dec.head8.operand.numel() == W_U.numel()
     dec.release_gemm()
-    assert dec.W_UT_c.numel() == 0  # the int8 copy is gone, its memory too (not an empty view)
-    assert dec.W_UT_c.untyped_storage().nbytes() == 0
+    assert dec.head8.operand.numel() == 0  # the int8 copy is gone, its memory too
+    assert dec.head8.operand.untyped_storage().nbytes() == 0  # (not an empty view of it)
     torch.testing.assert_close(dec.exact_pairs(W, rows, tokens), before, rtol=0, atol=0)
     with pytest.raises(RuntimeError):
         dec.decode(W.float())

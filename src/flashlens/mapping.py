@@ -35,7 +35,7 @@ from .decode.policy import (
     resolve_dtype,
     use_compile,
 )
-from .decode.reverse import SPARE, ReverseIndex
+from .decode.reverse import ReverseIndex
 from .errors import AtlasError, FlashlensError
 from .families import Matrix
 from .progress import progress_bar, status
@@ -309,7 +309,7 @@ def _map(
             writer.save_meta()
             heap.trim()
         # low precision: spare entries per token, cut to the best reverse_n once made exact
-        reverse = ReverseIndex(source.d_vocab, reverse_n + (0 if decoder.exact else SPARE), device)
+        reverse = ReverseIndex(source.d_vocab, reverse_n + decoder.reverse_spare, device)
         writer.load_reverse(reverse)
         # A layer's Parquet file and resume state are written (and fsynced) on a thread while
         # the next layer maps; at most one is in flight, and its errors surface at the next.

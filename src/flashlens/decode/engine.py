@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import pages
+from . import int8
 from .kernels import (
     CHUNK,
     PAIRS,
@@ -32,10 +33,10 @@ from .kernels import (
     exact_logits,
     pair_logits,
 )
-from .logits import Logits, quantize_head, quantize_rows
+from .logits import Logits
 from .norm import NormMode, apply_final_norm, norm_factors
 from .policy import check_device
-from .reverse import ReverseIndex
+from .reverse import SPARE, ReverseIndex
 from .slices import float_rows
 
 
@@ -89,13 +90,12 @@ class Decoder:
         # The head's rows for the exact paths (rescoring): the stored dtype, or one fp32 copy
         # that the fp32 GEMM shares (see rows_dtype)
         self.W_U = W_U.to(device, rows_dtype(W_U.dtype, compute_dtype))
-        # The GEMM's right operand W_U^T (d_model, d_vocab) in the compute dtype: a view of
-        # the head (the same tensor if the same dtype), or for int8 a contiguous quantised copy
-        # with per-token scales s_U (V,)
-        self.int8 = compute_dtype == torch.int8
-        self.s_U: Tensor | None = None
-        if self.int8:
-            self.W_UT_c, self.s_U = quantize_head(self.W_U)
+        # The GEMM's right operand: W_U^T (d_model, d_vocab) in the compute dtype, a view of
+        # the head (the same tensor if the same dtype); for int8, the head quantised per token
+        # for this CPU's int8 kernel (decode.int8), with the product itself.
+        self.head8: int8.Int8Head | None = None
+        if compute_dtype == torch.int8:
+            self.head8 = int8.Int8Head(self.W_U, int8.kernel())
         else:
             self.W_UT_c = self.W_U.to(compute_dtype).T
         self.d_vocab, self.d_model = W_U.shape
@@ -134,11 +134,10 @@ class Decoder:
         B = x.shape[0]
         if self._L is None or self._L.shape[0] != B:
             self._L = None  # free the old block before allocating the new one
-            out_dtype = torch.int32 if self.int8 else self.dtype
-            self._L = pages.empty((B, self.d_vocab), out_dtype, self.device)
-        if self.int8:
-            q_x, s_x = quantize_rows(x)  # (B, d_model) int8, (B,)
-            L = Logits(torch._int_mm(q_x, self.W_UT_c, out=self._L), s_x, self.s_U)
+            dtype = self.head8.out_dtype if self.head8 is not None else self.dtype
+            self._L = pages.empty((B, self.d_vocab), dtype, self.device)
+        if self.head8 is not None:
+            L = self.head8.logits(x, self._L)  # integer products, with their scales
         else:
             L = Logits(torch.matmul(x.to(self.dtype), self.W_UT_c, out=self._L))
         if self.softcap:
@@ -295,12 +294,24 @@ class Decoder:
         pick = key.topk(min(n, cand.shape[1]), dim=1, largest=largest).indices
         return cand.gather(1, pick), approx.gather(1, pick)
 
+    @property
+    def reverse_spare(self) -> int:
+        """Spare reverse-index entries per token beyond the N written: none for an exact GEMM;
+        reverse.SPARE in low precision, twice that for the "u7" int8 kernel, whose 7-bit
+        activations move the logits about twice as far (at d_model 1024, 8 spares let a
+        neuron 0.11 nats short of a token's top N in; 16 did not)."""
+        if self.exact:
+            return 0
+        return 2 * SPARE if self.head8 is not None and self.head8.kernel == "u7" else SPARE
+
     def release_gemm(self) -> None:
         """Free what only the GEMM needs, once the blocks are decoded: the reused logits buffer
         and the head's copy in the compute dtype (int8: 0.5 GiB at Llama-3.1-8B shapes). The
         exact paths (exact_pairs, W_U) still work; decode does not."""
         self._L = None
-        if self.W_UT_c.data_ptr() != self.W_U.data_ptr():
+        if self.head8 is not None:
+            self.head8.release()  # any further decode fails loudly
+        elif self.W_UT_c.data_ptr() != self.W_U.data_ptr():
             # An empty tensor of its own: any further decode fails loudly. (An empty view,
             # W_UT_c[:, :0], would keep the whole copy's storage alive.)
             self.W_UT_c = self.W_UT_c.new_empty((self.d_model, 0))
@@ -410,7 +421,8 @@ def warm_up(
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
     scaled = scales_in_kernel(compute_dtype, softcap)
-    L_dtype = torch.float32 if softcap else torch.int32 if scaled else compute_dtype
+    products = int8.out_dtype(int8.kernel())  # the int8 GEMM's output: int32 or fp32
+    L_dtype = torch.float32 if softcap else products if scaled else compute_dtype
     L = torch.empty((B, V), dtype=L_dtype, device=device)  # (never written: no memory used)
     stats = compiled_block_stats(device.type, scaled)
     exact_fn = compiled(exact_logits, device.type)

@@ -1,13 +1,15 @@
 """A block of logits as the GEMM leaves it, and the int8 quantisation behind the int8 GEMM.
 
-With int8 operands the GEMM's output is exact int32 dot products of the quantised rows:
+With int8 operands the GEMM's output is the exact integer dot products of the quantised rows
+(int32, or fp32 from decode.int8's "u7" kernel):
     x ~ q_x * s_x[:, None]        (B, d_model) neuron vectors, one scale per row
     W_U ~ q_U * s_U[:, None]      (d_vocab, d_model) head, one scale per token
     L = (q_x @ q_U^T) * s_x[:, None] * s_U[None, :]
 The scales are applied where the logits are read (inside the statistics kernel; on the few
 entries gathered for candidates and the reverse index): no fp32 copy of the block is written.
 The output is not rounded (int32 is exact); only the operands are, to 8 bits of their row's
-largest entry. The map's pilot and audit measure what that does on each model.
+largest entry (7 for the "u7" kernel's activations). The map's pilot and audit measure what
+that does on each model.
 """
 
 from __future__ import annotations
@@ -22,37 +24,44 @@ from .. import pages
 INT8_MAX = 127
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row int8: x (n, d) -> q (n, d) int8 and scales s (n,) fp32, x ~ q * s.
+def quantize_rows(x: Tensor, levels: int = INT8_MAX) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row int8: x (n, d) -> q (n, d) int8 in [-levels, levels] and scales s (n,)
+    fp32, x ~ q * s (levels 63: the 7-bit activations of decode.int8's "u7" kernel).
 
     An all-zero row gets a tiny scale (and q = 0), never a division by zero."""
     xf = x.float()
-    s = xf.abs().amax(1).clamp_min(1e-30) / INT8_MAX  # (n,)
-    q = torch.round(xf / s[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    s = xf.abs().amax(1).clamp_min(1e-30) / levels  # (n,)
+    q = torch.round(xf / s[:, None]).clamp_(-levels, levels).to(torch.int8)
     return q, s
 
 
-def quantize_head(W_U: Tensor, rows: int = 256) -> tuple[Tensor, Tensor]:
+def quantize_head(W_U: Tensor, rows: int = 256, transposed: bool = True) -> tuple[Tensor, Tensor]:
     """quantize_rows over the head W_U (V, d) in slices of `rows`: no fp32 copy of it (256
     rows: the slice's temporaries stay in cache; 0.6 s for Llama-3.1-8B's head, 0.9 s with
     1,024).
 
-    Returns q_T (d, V), the quantised head transposed and contiguous, as the GEMM's right
-    operand: `_int_mm` runs about 5% faster on it than on a transposed view of (V, d) rows
-    (1561 vs 1476 GFLOP/s median, interleaved, at Llama-3.1-8B shapes), and the scales s (V,)."""
+    Returns the quantised head and its scales s (V,). Transposed (the default): q_T (d, V),
+    contiguous, as `_int_mm`'s right operand; it runs about 5% faster on it than on a
+    transposed view of (V, d) rows (1561 vs 1476 GFLOP/s median, interleaved, at
+    Llama-3.1-8B shapes). Otherwise q (V, d) contiguous, as oneDNN's prepack reads it."""
     V, d = W_U.shape
-    q_T = pages.empty((d, V), torch.int8, W_U.device)  # (huge pages where large, on CPU)
+    shape = (d, V) if transposed else (V, d)
+    q_all = pages.empty(shape, torch.int8, W_U.device)  # (huge pages where large, on CPU)
     s = torch.empty(V, dtype=torch.float32, device=W_U.device)
     for lo in range(0, V, rows):
         q, s[lo : lo + rows] = quantize_rows(W_U[lo : lo + rows])
-        q_T[:, lo : lo + rows] = q.T
-    return q_T, s
+        if transposed:
+            q_all[:, lo : lo + rows] = q.T
+        else:
+            q_all[lo : lo + rows] = q
+    return q_all, s
 
 
 @dataclass
 class Logits:
-    """A (B, V) block of logits: `data` in the GEMM's dtype, or, from the int8 GEMM, int32
-    products whose logits are data * row_scale[:, None] * col_scale[None, :]."""
+    """A (B, V) block of logits: `data` in the GEMM's dtype, or, from the int8 GEMM, integer
+    products (int32, or fp32 holding them) whose logits are
+    data * row_scale[:, None] * col_scale[None, :]."""
 
     data: Tensor  # (B, V)
     row_scale: Tensor | None = None  # (B,) fp32

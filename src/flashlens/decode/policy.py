@@ -7,12 +7,13 @@ import shutil
 import torch
 
 from ..errors import FlashlensError
+from . import int8
 
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
-    "int8": torch.int8,  # CPU: int8 operands with per-row scales, exact int32 products
+    "int8": torch.int8,  # CPU: int8 operands with per-row scales, exact integer products
 }
 
 
@@ -22,7 +23,7 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 
 def check_device(dtype: torch.dtype, device: torch.device) -> None:
-    """int8 is a CPU path (torch._int_mm on oneDNN); refuse it elsewhere, with the way out."""
+    """int8 is a CPU path (oneDNN kernels, decode.int8); refuse it elsewhere, with the way out."""
     if dtype == torch.int8 and device.type != "cpu":
         raise FlashlensError("--dtype int8 is a CPU path; on a GPU use bfloat16 or float16")
 
@@ -54,11 +55,10 @@ def cpu_has_fast_fp16() -> bool:
 
 
 def cpu_has_fast_int8() -> bool:
-    """VNNI (AVX512-VNNI, AVX-VNNI or AMX): int8 products at about twice the bf16 rate."""
-    try:
-        return bool(torch.cpu._is_vnni_supported())
-    except Exception:
-        return False
+    """A fast int8 product (decode.int8): VNNI (AVX512-VNNI, AVX-VNNI or AMX), about twice the
+    bf16 rate; or, without VNNI, oneDNN's AVX2/AVX512 u8 x s8 kernel with 7-bit activations,
+    2.1-2.4x the fp32 rate on a 2-core AVX2 CPU."""
+    return int8.fast_kernel() is not None
 
 
 # Below this many FLOPs a map is quick in fp32, so auto computes exactly rather than fast: low
@@ -72,7 +72,8 @@ def resolve_dtype(
 ) -> torch.dtype:
     """auto: the fastest dtype the hardware has, where the weights are low precision and the
     job (`flops` of GEMM, when given) is big enough to gain from it: bf16/fp16 on CUDA; on
-    the CPU int8 with VNNI, else bf16 with AVX512-BF16 or AMX; fp32 otherwise. `map` then
+    the CPU int8 where it is fast (VNNI, or AVX2/AVX512 through oneDNN), else bf16 with
+    AVX512-BF16 or AMX; fp32 otherwise. `map` then
     checks a low-precision choice on the model's own neurons before it maps (decode.pilot),
     and steps down (`fallback_dtype`) when it misses the tolerances."""
     if dtype != "auto":
@@ -90,8 +91,8 @@ def resolve_dtype(
 
 
 def fastest_cpu_dtype() -> torch.dtype:
-    """The fastest GEMM dtype this CPU has: int8 with VNNI, else bf16 with AVX512-BF16 or AMX,
-    else fp32."""
+    """The fastest GEMM dtype this CPU has: int8 where it is fast (VNNI, or AVX2/AVX512 through
+    oneDNN), else bf16 with AVX512-BF16 or AMX, else fp32."""
     if cpu_has_fast_int8():
         return torch.int8
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
@@ -99,10 +100,11 @@ def fastest_cpu_dtype() -> torch.dtype:
 
 # What a CPU needs for a fast GEMM in each low-precision dtype. Without it torch falls back to
 # kernels far slower than fp32: on a 2-core AVX2 machine (no VNNI, no AVX512-BF16) the
-# (512 x 4096) @ (4096 x V) product ran at 1 GFLOP/s in int8, 19 in bf16, 24 in fp16 and
-# 90-140 in fp32 (bench/RESULTS.md, runs 21-22).
+# (512 x 4096) @ (4096 x V) product ran at 19 GFLOP/s in bf16, 24 in fp16 and 90-140 in fp32
+# (bench/RESULTS.md, runs 21-22); in int8, 1 GFLOP/s through torch._int_mm and 240-310
+# through oneDNN's u8 x s8 kernel (decode.int8, which needs AVX2 or AVX512).
 _CPU_KERNELS = {
-    torch.int8: (lambda: cpu_has_fast_int8(), "VNNI (AVX512-VNNI, AVX-VNNI or AMX)"),
+    torch.int8: (lambda: cpu_has_fast_int8(), "VNNI, or AVX2/AVX512 with oneDNN"),
     torch.bfloat16: (lambda: cpu_has_fast_bf16(), "AVX512-BF16 or AMX"),
     torch.float16: (lambda: cpu_has_fast_fp16(), "AVX512-FP16 or AMX"),
 }
