@@ -33,7 +33,8 @@ def map_command(
     dtype: str = typer.Option(
         "auto",
         help="Compute dtype: auto, float32, bfloat16, float16, int8 (CPU). On a CPU without "
-        "a fast kernel for it (VNNI for int8, AVX512-BF16/FP16 or AMX), a low-precision dtype "
+        "a fast kernel for it (int8: VNNI, or AVX2/AVX512 through oneDNN; AVX512-BF16/FP16 or "
+        "AMX), a low-precision dtype "
         "is refused for big jobs; auto picks the fastest the CPU has.",
     ),
     block: int = typer.Option(None, help="Neurons per block (default: from vocabulary size)."),
