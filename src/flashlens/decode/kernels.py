@@ -77,8 +77,9 @@ def block_stats(L: Tensor, mu: Tensor, threshold: Tensor) -> BlockStats:
 def block_stats_int8(
     Lq: Tensor, s_row: Tensor, s_col: Tensor, mu: Tensor, threshold: Tensor
 ) -> BlockStats:
-    """block_stats of the logits Lq * s_row[:, None] * s_col[None, :]: int32 products of the
-    int8 GEMM (B, V) and their row (B,) and token (V,) scales (see decode.logits). Compiled,
+    """block_stats of the logits Lq * s_row[:, None] * s_col[None, :]: the int8 GEMM's integer
+    products (B, V) (int32, or fp32 holding them: decode.int8) and their row (B,) and token
+    (V,) scales (see decode.logits). Compiled,
     the scaling fuses into the reductions' loops: about the cost of block_stats on bf16."""
     return block_stats(Lq.float() * s_row[:, None] * s_col, mu, threshold)
 
