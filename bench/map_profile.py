@@ -7,9 +7,10 @@ Llama-3.1-8B-shaped one that bench/map_bench.py builds) with timers around the e
 and prints the seconds spent in each, per call (overall, and over the run's first and last
 tenth of calls: the reverse index gets cheaper as its table fills) and as a fraction of the
 GEMM. The timers wrap methods from outside; the engine is unchanged. CPU only (no device
-synchronisation). With --probe N (fp32 maps), every N blocks two bare GEMMs are timed on the
-map's own head, so the map's rate is compared with the GEMM's through the same minutes
-rather than with a peak measured before or after (this VM's rate drifts by tens of percent).
+synchronisation). With --probe N (fp32 and int8 maps), every N blocks two bare GEMMs are
+timed on the map's own head, so the map's rate is compared with the GEMM's through the same
+minutes rather than with a peak measured before or after (this VM's rate drifts by tens of
+percent).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def main() -> None:
         type=int,
         default=0,
         metavar="N",
-        help="every N blocks, time 2 bare GEMMs on the map's own head (fp32 maps): the map's "
+        help="every N blocks, time 2 bare GEMMs on the map's own head (fp32, int8): the map's "
         "rate as a fraction of the GEMM's, measured through the same run",
     )
     args = ap.parse_args()
