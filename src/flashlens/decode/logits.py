@@ -100,10 +100,10 @@ class Logits:
         flat = self.data.contiguous().view(-1)  # (the engine's buffer is contiguous)
         # row k of this view is flat[k : k + size]: chunk c of row b starts at b * V + c * size
         windows = flat.as_strided((flat.numel() - size + 1, size), (1, 1))
-        out = windows.index_select(0, rows * V + chunks * size).float()
+        out = windows.index_select(0, rows * V + chunks * size).float()  # a new tensor
         if self.row_scale is not None and self.col_scale is not None:
             col = self.col_scale[: V // size * size].view(-1, size)  # (V // size, size)
-            out = out * self.row_scale[rows, None] * col.index_select(0, chunks)
+            out.mul_(self.row_scale[rows, None]).mul_(col.index_select(0, chunks))  # in place
         return out
 
     def log_probs_T(self, lo: int, hi: int, lse: Tensor) -> Tensor:

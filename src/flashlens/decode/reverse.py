@@ -117,10 +117,10 @@ class ReverseIndex:
             step = max(1, GATHER // CHUNK)
             for lo in range(0, rows.numel(), step):
                 r, c = rows[lo : lo + step], chunks[lo : lo + step]
-                logit = L.chunks(r, c, CHUNK)  # (F, CHUNK)
+                logp = L.chunks(r, c, CHUNK).sub_(lse[r, None])  # (F, CHUNK), a new tensor
                 thr_chunks = self.threshold[:n_full].view(n_chunks, CHUNK)  # (as of now)
-                ok = logit - lse[r, None] > thr_chunks.index_select(0, c)  # the exact check
-                del logit
+                ok = logp > thr_chunks.index_select(0, c)  # the exact check
+                del logp
                 i, j = ok.nonzero(as_tuple=True)
                 if i.numel():
                     yield r[i], c[i] * CHUNK + offs[j]
@@ -152,16 +152,18 @@ class ReverseIndex:
         """Distinct tokens t (T,) whose candidates are logp[starts : starts + counts]: round r
         offers each token its r-th candidate, which replaces the row's minimum if larger (a
         top-N by insertion; within a round no token repeats, so the writes never collide)."""
+        # Writes go through flat positions token * N + slot (index_copy_: faster than a
+        # two-index put).
+        table = self.logp.view(-1), self.logit.view(-1), self.ref.view(-1)
         for r in range(int(counts.max())):
             act = counts > r
             t_r, i_r = (t, starts) if r == 0 else (t[act], starts[act] + r)
             lp = logp[i_r]
             low, j = self.logp.index_select(0, t_r).min(1)  # (T_r,) row minima and slots
             ok = lp > low
-            t_ok, j_ok, i_ok = t_r[ok], j[ok], i_r[ok]
-            self.logp[t_ok, j_ok] = lp[ok]
-            self.logit[t_ok, j_ok] = logit[i_ok]
-            self.ref[t_ok, j_ok] = ref[i_ok]
+            at, i_ok = (t_r * self.n + j)[ok], i_r[ok]
+            for dst, src in zip(table, (lp[ok], logit[i_ok], ref[i_ok]), strict=True):
+                dst.index_copy_(0, at, src)
         self.threshold[t] = self.logp.index_select(0, t).amin(1)
 
     def _merge_top_n(self, v: Tensor, logp: Tensor, logit: Tensor, ref: Tensor) -> None:
