@@ -4,6 +4,8 @@ the reverse index's chunk filter and compaction."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -500,3 +502,23 @@ def test_a_sparse_update_merges_its_hits_a_batch_at_a_time(
         all_refs.append(refs)
     assert len(sizes) > 4 and max(sizes) <= 2 * CHUNK, sizes  # many batches, none too big
     _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(all_refs))
+
+
+def test_cpu_map_trims_the_heap_every_few_blocks(
+    monkeypatch: pytest.MonkeyPatch, stories: Path, tmp_path: Path
+) -> None:
+    """A CPU map returns freed heap memory after every BLOCKS_PER_TRIM-th block and at each
+    layer boundary: never more than that many blocks' temporaries are held, and no trim is
+    paid per block."""
+    import flashlens.mapping as mapping_mod
+    from flashlens import heap, map_model
+
+    blocks, at_trim = _count_calls(monkeypatch, Decoder, "decode_padded"), []
+    monkeypatch.setattr(mapping_mod.heap, "trim", lambda: at_trim.append(blocks[0]) or True)
+    map_model(stories, tmp_path / "a", matrices="up", layers="0-1", block=16, compile="off")
+    per_layer = -(-172 // 16)  # stories260K: d_mlp 172 -> 11 blocks a layer
+    assert blocks[0] >= 2 * per_layer  # (plus the pilot's and the audit's, if any)
+    mapped = [b for b in at_trim if 0 < b <= blocks[0]]
+    gaps = [b - a for a, b in zip([0, *mapped], mapped, strict=False)]
+    assert max(gaps) <= heap.BLOCKS_PER_TRIM
+    assert len(mapped) < 2 * per_layer  # not after every block

@@ -4,8 +4,8 @@ glibc serves allocations of up to 32 MB (its dynamic mmap threshold) from the he
 the pages of freed ones resident: a map's per-block temporaries (gathers, merges, the dense
 reverse-index slices) and each layer's write leave ~0.3 GiB of freed memory counted in the
 process's resident set at Llama-3.1-8B shapes. `trim()` returns it (malloc_trim): a CPU map
-calls it after every block and at each layer boundary; it costs milliseconds. A no-op
-where the C library has no malloc_trim.
+calls it after every BLOCKS_PER_TRIM-th block and at each layer boundary. A no-op where the
+C library has no malloc_trim.
 """
 
 from __future__ import annotations
@@ -14,6 +14,11 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable
+
+# A trim costs ~8 ms at Llama-3.1-8B shapes (~1% of a CPU block), and the pages it returns are
+# faulted in again by the next block's temporaries. Every 4th block: 3-4 ms a block, with the
+# same peak RSS on an 8-layer map (2.77-2.84 GB either way; bench/RESULTS.md, run 26).
+BLOCKS_PER_TRIM = 4
 
 
 @functools.cache

@@ -327,8 +327,8 @@ def _map(
                     n = min(B, source.d_mlp - lo)
                     refs = torch.arange(base + lo, base + lo + n)
                     results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
-                    if device.type == "cpu":  # the block's temporaries: ~5 ms, <1% of a block
-                        heap.trim()
+                    if device.type == "cpu" and (lo // B + 1) % heap.BLOCKS_PER_TRIM == 0:
+                        heap.trim()  # the last blocks' temporaries (see heap)
                     advance(n, f"{matrix} layer {layer}")
                 _keep_sample(sample, place[matrix, layer], W, results)
                 if writing is not None:
