@@ -15,7 +15,7 @@ and 8 layers, then in one run measures:
   (a)      transformers: load the model, then per layer softmax(lm_head(norm(W_up))) and top-k
   (b)      the same one neuron at a time, timed on a sample and extrapolated
   full     with --full: a 32-layer checkpoint (16 GB, built once) mapped end to end, all 458,752
-           up-projection neurons measured rather than extrapolated (7 minutes on 2 AVX512-VNNI
+           up-projection neurons measured rather than extrapolated (7-12 minutes on 2 AVX512-VNNI
            cores in int8, 33 on 2 AVX2-only cores)
   accuracy a sample of neurons from the atlas against an fp32 reference (issue 2's tolerances)
   gpu      on a CUDA machine: device time for 458,752 up neurons once the weights are on device
