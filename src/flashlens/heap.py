@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 # A trim costs ~8 ms at Llama-3.1-8B shapes (~1% of a CPU block), and the pages it returns are
 # faulted in again by the next block's temporaries. Every 4th block: 3-4 ms a block, and about
-# the same peak RSS on an 8-layer map (2.77-2.80 GB trimming every block, 2.79-2.84 every 4th;
+# the same peak RSS on an 8-layer map (2.64-2.67 GiB trimming every block, 2.66-2.71 every 4th;
 # docs/performance.md, "Memory").
 BLOCKS_PER_TRIM = 4
 
