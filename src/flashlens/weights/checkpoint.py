@@ -194,13 +194,11 @@ class Checkpoint:
         (safetensors: read from the files `fds` with pread; other formats: from the tensor)."""
         file = self._file(name)
         try:
-            info = self._layout[file][1][name] if file in fds else None
-            dtype = _DTYPES.get(info["dtype"]) if info is not None else None
+            lo0, hi, dtype = self._span(file, name) if file in fds else (0, 0, None)
             w, k = FINGERPRINT_VALUES, FINGERPRINT_WINDOWS
-            if info is not None and dtype is not None:
+            if dtype is not None:
                 size = dtype.itemsize
-                lo0 = self._layout[file][0] + info["data_offsets"][0]
-                n = (info["data_offsets"][1] - info["data_offsets"][0]) // size
+                n = (hi - lo0) // size
                 parts = [
                     _pread(fds[file], lo0 + lo * size, min(w, n - lo) * size, dtype)
                     for lo in _window_starts(n, w, k)
@@ -214,19 +212,24 @@ class Checkpoint:
         head = f"{name}{list(self.shape(name))}".encode()
         return head + b"".join(v.numpy().tobytes() for v in values)
 
+    def _span(self, file: Path, name: str) -> tuple[int, int, torch.dtype | None]:
+        """Where tensor `name`'s bytes lie in safetensors `file` (offsets lo, hi from the
+        file's start) and its dtype (None: one this reader does not map)."""
+        start, header = self._layout[file]
+        info = header[name]
+        lo, hi = (start + o for o in info["data_offsets"])
+        return lo, hi, _DTYPES.get(info["dtype"])
+
     def _view(self, file: Path, name: str) -> torch.Tensor | None:
         """A zero-copy, read-only view of tensor `name` in the memory map (None: a dtype this
         reader does not map, or an empty tensor)."""
-        start, header = self._layout[file]
-        info = header[name]
-        dtype = _DTYPES.get(info["dtype"])
-        lo, hi = (start + o for o in info["data_offsets"])
+        lo, hi, dtype = self._span(file, name)
         if dtype is None or hi == lo:
             return None
         with warnings.catch_warnings():  # read-only buffer: callers copy out of it
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=hi - lo, offset=lo)
-        return view.view(dtype).reshape(info["shape"])
+        return view.view(dtype).reshape(self._layout[file][1][name]["shape"])
 
     def _copy_out(self, file: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         """Tensor `name` copied out of the memory map in slices of about COPY_BYTES, each
@@ -240,8 +243,7 @@ class Checkpoint:
         out = pages.empty(tuple(view.shape), dtype or view.dtype)  # huge pages if large
         flat_in, flat_out = view.reshape(-1), out.view(-1)
         step = max(1, COPY_BYTES // view.element_size())
-        start, header = self._layout[file]
-        lo0 = start + header[name]["data_offsets"][0]
+        lo0 = self._span(file, name)[0]
         for i in range(0, flat_in.numel(), step):
             j = min(i + step, flat_in.numel())
             flat_out[i:j].copy_(flat_in[i:j])
