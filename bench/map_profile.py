@@ -1,6 +1,7 @@
 """Where `flashlens map` spends its time, step by step (issue 6's profile). Not a test.
 
-    .venv/bin/python bench/map_profile.py [CHECKPOINT] [--layers 0-3] [--probe N] [--json]
+    .venv/bin/python bench/map_profile.py [CHECKPOINT] [--layers 0-3] [--block B] [--probe N]
+        [--json]
 
 Runs `map_model` (matrices up, compile on) on a checkpoint (default: the 8-layer synthetic
 Llama-3.1-8B-shaped one that bench/map_bench.py builds) with timers around the engine's steps,
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("checkpoint", nargs="?", default=str(CACHE / "llama31-8b-shapes-8L"))
     ap.add_argument("--layers", default="0-3")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--block", type=int, default=None, help="neurons per block (default: map's)")
     ap.add_argument(
         "--probe",
         type=int,
@@ -154,7 +156,12 @@ def main() -> None:
     try:
         start = time.perf_counter()
         s = mapping_mod.map_model(
-            args.checkpoint, out / "atlas", matrices="up", layers=args.layers, compile="on"
+            args.checkpoint,
+            out / "atlas",
+            matrices="up",
+            layers=args.layers,
+            compile="on",
+            block=args.block,
         )
         total = time.perf_counter() - start
     finally:
