@@ -48,7 +48,22 @@ def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
     monkeypatch.setattr(int8, "kernel", lambda: kernel)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "olmo2",
+    "olmo3",
+    "helium",
+    "exaone4",
+    "ministral3",
+    "smollm3",
+    "ernie4_5",
+)
 
 
 def _classes(family: str) -> tuple[Any, Any]:
@@ -62,6 +77,13 @@ def _classes(family: str) -> tuple[Any, Any]:
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM),
+        "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM),
+        "helium": (tf.HeliumConfig, tf.HeliumForCausalLM),
+        "exaone4": (tf.Exaone4Config, tf.Exaone4ForCausalLM),
+        "ministral3": (tf.Ministral3Config, tf.Ministral3ForCausalLM),
+        "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
+        "ernie4_5": (tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM),
     }[family]
 
 
@@ -96,6 +118,9 @@ def make_model(
         head_dim=d_model // 4,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
+        pad_token_id=0,  # (some configs default to ids past a tiny vocabulary)
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=tie,
         **config,
     )

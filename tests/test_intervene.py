@@ -18,7 +18,7 @@ from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-from .helpers import load_reference_model, make_model
+from .helpers import FAMILIES, load_reference_model, make_model
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
 
@@ -83,6 +83,26 @@ def test_clamp_to_natural_value_leaves_logits_unchanged(tiny: tuple[nn.Module, o
     # and a real clamp does change them (the hooks are live)
     with clamp(model, neurons, value=[v + 5 for v in natural], positions="last"):
         assert (_logits(model, batch) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
+    tmp_path: Path, family: str
+) -> None:
+    """The hooks land on the modules of every family's layout: a clamp at each site to the
+    value it records leaves the logits as they were; the same clamp moved by 5 changes them."""
+    path = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
+    model, tok = load_reference_model(path), load_tokenizer(path)
+    batch = _batch(tok, ["Once upon a time"])
+    base = _logits(model, batch)
+    for neuron in (Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")):
+        with torch.no_grad(), record(model, [neuron]) as seen:
+            model(**batch, use_cache=False)
+        natural = float(seen[neuron][0][0, -1])
+        with clamp(model, neuron, value=natural, positions="last"):
+            torch.testing.assert_close(_logits(model, batch), base, rtol=0, atol=1e-6)
+        with clamp(model, neuron, value=natural + 5, positions="last"):
+            assert (_logits(model, batch) - base).abs().max() > 1e-4, (family, neuron)
 
 
 def test_exit_restores_model_even_on_error(tiny: tuple[nn.Module, object]) -> None:
