@@ -63,6 +63,9 @@ FAMILIES = (
     "ministral3",
     "smollm3",
     "ernie4_5",
+    "phi3",
+    "glm",
+    "glm4",
 )
 
 
@@ -84,6 +87,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "ministral3": (tf.Ministral3Config, tf.Ministral3ForCausalLM),
         "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
         "ernie4_5": (tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+        "glm": (tf.GlmConfig, tf.GlmForCausalLM),
+        "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM),
     }[family]
 
 
@@ -158,27 +164,56 @@ def load_reference_model(model_dir: Path) -> Any:
     return _MODELS[model_dir]
 
 
-def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
-    """lm_head(final_norm(w)) for every neuron of a layer, (d_mlp, d_vocab), fp32, soft-capped
-    as the model's forward does when its config has final_logit_softcapping."""
-    model = load_reference_model(model_dir)
+def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
+    """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
+    model's modules (independently of flashlens's families)."""
     mlp = model.model.layers[layer].mlp
-    W = {"up": mlp.up_proj.weight, "gate": mlp.gate_proj.weight, "down": mlp.down_proj.weight.T}
-    w = W[matrix].detach().float()  # (d_mlp, d_model)
-    with torch.no_grad():
-        if norm == "model":
-            x = model.model.norm(w)
-        elif norm == "gain":
-            # the gain as the module applies it (Gemma: 1 + weight): rms(ones) = 1
-            ones = torch.ones(1, w.shape[1])
-            norm_module = model.model.norm
-            eps = getattr(norm_module, "variance_epsilon", getattr(norm_module, "eps", 0.0))
-            x = w * norm_module(ones) * (1 + eps) ** 0.5
-        else:
-            x = w
-        logits = model.lm_head(x).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
+    if matrix == "down":
+        return mlp.down_proj.weight.detach().float().T
+    if hasattr(mlp, "gate_up_proj"):  # fused (Phi-3, GLM): gate rows, then up rows
+        gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
+        return up if matrix == "up" else gate
+    return getattr(mlp, f"{matrix}_proj").weight.detach().float()
+
+
+def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
+    """The model's own logits for every neuron of a layer, (d_mlp, d_vocab) fp32: a forward
+    of the loaded model whose final norm is handed the neuron vectors in place of the residual
+    stream, so the LM-head and whatever the model's forward does to its logits after it (a
+    soft-cap, a scale) apply as they do to real text.
+
+    norm: "model" (the final norm module itself), "gain" (w times the gain as the module
+    applies it: Gemma's 1 + weight) or "none" (w as it is)."""
+    model = load_reference_model(model_dir)
+    w = neuron_weights(model, matrix, layer)  # (d_mlp, d_model)
+    final = model.model.norm
+    if norm == "model":
+        x = None
+    elif norm == "gain":
+        ones = torch.ones(1, w.shape[1])
+        eps = getattr(final, "variance_epsilon", getattr(final, "eps", 0.0))
+        with torch.no_grad():  # rms(ones) = 1
+            x = w * final(ones) * (1 + eps) ** 0.5
+    else:
+        x = w
+
+    def pre_hook(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (w[None].to(args[0].dtype),)
+
+    def hook(module: Any, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return x[None].to(output.dtype)  # type: ignore[index]
+
+    handle = final.register_forward_pre_hook(pre_hook) if x is None else None
+    handle2 = final.register_forward_hook(hook) if x is not None else None
+    ids = torch.zeros((1, w.shape[0]), dtype=torch.long)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits[0]  # (d_mlp, V)
+    finally:
+        for h in (handle, handle2):
+            if h is not None:
+                h.remove()
+    return logits.float()
 
 
 def other_weights(model: Path, out: Path, flip: bool = False, part: str = ".layers.4.mlp.") -> Path:

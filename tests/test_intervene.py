@@ -13,6 +13,7 @@ from torch import nn
 
 from flashlens import Atlas
 from flashlens.errors import FlashlensError, NeuronError
+from flashlens.families import Matrix
 from flashlens.intervene import Neuron, activation_ranges, clamp, dose_response, record
 from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
@@ -135,7 +136,11 @@ def _surgery(
             mlp.down_proj.weight[:, index] = 0
             mlp.down_proj.bias = nn.Parameter(value * col)
             return ref
-        lin = mlp.up_proj if site == "up" else mlp.gate_proj
+        if hasattr(mlp, "gate_up_proj"):  # fused: gate's rows, then up's
+            lin = mlp.gate_up_proj
+            index += lin.out_features // 2 if site == "up" else 0
+        else:
+            lin = mlp.up_proj if site == "up" else mlp.gate_proj
         bias = torch.zeros(lin.out_features)
         if mode == "set":  # h_i = v: zero row i, bias v
             lin.weight[index] = 0
@@ -162,6 +167,26 @@ def test_clamp_equals_weight_surgery(tiny: tuple[nn.Module, object], site: str, 
     ref = _logits(_surgery(model, layer, index, site, mode, value), batch)
     torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-5)
     assert (hooked - _logits(model, batch)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("site", ["up", "gate", "act"])
+def test_fused_gate_up_clamp_equals_weight_surgery(tmp_path: Path, site: str) -> None:
+    """Phi-3's gate_up_proj holds gate's units, then up's: a clamp of up:1:17 edits unit
+    d_mlp + 17 of its output, as zeroing that row and adding the value as a bias does."""
+    path = make_model(tmp_path / "m", "phi3", n_layers=2, d_mlp=24)
+    model, tok = load_reference_model(path), load_tokenizer(path)
+    batch = _batch(tok)
+    matrix: Matrix = {"up": "up", "gate": "gate", "act": "down"}[site]  # type: ignore[assignment]
+    with clamp(model, Neuron(1, 17, matrix), value=3.5):
+        hooked = _logits(model, batch)
+    ref = _logits(_surgery(model, 1, 17, site, "set", 3.5), batch)
+    torch.testing.assert_close(hooked, ref, rtol=1e-5, atol=1e-5)
+    assert (hooked - _logits(model, batch)).abs().max() > 1e-3
+    with (
+        pytest.raises(NeuronError, match="out of range"),  # 24 units each, not 48
+        clamp(model, Neuron(1, 30, matrix), value=1.0),
+    ):
+        pass
 
 
 def test_explicit_site_and_last_position(tiny: tuple[nn.Module, object]) -> None:

@@ -213,3 +213,29 @@ def test_a_tensor_is_copied_out_in_slices_and_converted_as_it_goes(
         assert worst < 24 << 10, f"{worst} KiB of the checkpoint resident during the copy"
         seen.clear()
         assert torch.equal(ckpt.get("W"), W) and len(seen) == 16  # the stored dtype likewise
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_fused_gate_up_halves_are_read_alone_and_by_neuron(tmp_path: Path, fmt: str) -> None:
+    """Phi-3's gate_up_proj (2 * d_mlp, d_model): gate is its first d_mlp rows, up the rest;
+    a whole layer reads only its half, and single neurons come from the same rows."""
+    from .helpers import load_reference_model, neuron_weights
+
+    model = make_model(tmp_path / "m", "phi3", n_layers=2, d_mlp=24)
+    if fmt == "bin":
+        from safetensors.torch import load_file
+
+        state = load_file(model / "model.safetensors")
+        (model / "model.safetensors").unlink()
+        torch.save(state, model / "pytorch_model.bin")
+    ref = load_reference_model(tmp_path / "m") if fmt == "safetensors" else None
+    source = ModelSource.open(model)
+    fused = source.checkpoint.get("model.layers.1.mlp.gate_up_proj.weight")  # (48, d_model)
+    index = torch.tensor([0, 5, 23])
+    for matrix, half in (("gate", fused[:24]), ("up", fused[24:])):
+        W = source.neurons(matrix, 1)  # type: ignore[arg-type]
+        assert W.shape == (24, source.d_model) and torch.equal(W, half)
+        assert torch.equal(source.neuron_rows(matrix, 1, index), half[index])  # type: ignore[arg-type]
+        if ref is not None:
+            assert torch.equal(W.float(), neuron_weights(ref, matrix, 1))
+    source.close()

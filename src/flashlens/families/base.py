@@ -43,6 +43,9 @@ class Family:
     # an explicit null turns the cap off)
     logit_softcap_default: float | None = None
     tie_default: bool = False  # value of tie_word_embeddings when the config omits it
+    # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
+    # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
+    gate_up_fused: bool = False
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
@@ -55,6 +58,16 @@ class Family:
                 f"choose from {', '.join(self.matrices)}"
             )
         return template.format(layer=layer)
+
+    def row_offset(self, matrix: Matrix, d_mlp: int) -> int:
+        """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up
+        tensor, else 0."""
+        return d_mlp if self.gate_up_fused and matrix == "up" else 0
+
+    def tensor_rows(self, matrix: Matrix, d_mlp: int) -> int:
+        """Rows of the tensor that holds `matrix` (d_mlp, or 2 * d_mlp when fused); W_down's
+        shape is (d_model, d_mlp)."""
+        return 2 * d_mlp if self.gate_up_fused and matrix != "down" else d_mlp
 
     @property
     def matrices(self) -> tuple[Matrix, ...]:

@@ -31,3 +31,11 @@ MINISTRAL3 = _llama_like("ministral3", "Ministral3ForCausalLM")
 # transformers' configs of these tie the head to the embedding when config.json omits the key
 SMOLLM3 = _llama_like("smollm3", "SmolLM3ForCausalLM", tie_default=True)
 ERNIE4_5 = _llama_like("ernie4_5", "Ernie4_5ForCausalLM", tie_default=True)
+
+# gate_proj and up_proj fused into gate_up_proj (2 * d_mlp, d_model): gate rows, then up rows
+_FUSED = dict(
+    W_up=f"{_MLP}.gate_up_proj.weight", W_gate=f"{_MLP}.gate_up_proj.weight", gate_up_fused=True
+)
+PHI3 = _llama_like("phi3", "Phi3ForCausalLM", **_FUSED)  # Phi-3, Phi-3.5, Phi-4
+GLM = _llama_like("glm", "GlmForCausalLM", **_FUSED)
+GLM4 = _llama_like("glm4", "Glm4ForCausalLM", **_FUSED)

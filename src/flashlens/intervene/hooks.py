@@ -4,6 +4,8 @@ A clamp acts at one of three sites of a layer's gated MLP, down_proj(act_fn(gate
 
     up    forward hook on up_proj: its output, (batch, seq, d_mlp)
     gate  forward hook on gate_proj: its output before act_fn, (batch, seq, d_mlp)
+          (a fused gate_up_proj: one hook on its (batch, seq, 2 * d_mlp) output, gate's units
+          first, then up's)
     act   forward pre-hook on down_proj: its input, the neuron's activation, (batch, seq, d_mlp)
 
 Module paths come from the model's architecture family (flashlens.families), so the hooks land
@@ -43,6 +45,11 @@ class SiteRef:
     name: str  # e.g. "model.layers.12.mlp.up_proj"
     pre: bool  # True: the module's input (site "act"); False: its output
     width: int  # d_mlp
+    offset: int = 0  # where the site's d_mlp units start in the tensor (up in a fused gate_up)
+
+    def slot(self, neuron: Neuron) -> int:
+        """The neuron's position in the hooked tensor's last dimension."""
+        return self.offset + neuron.index
 
 
 def model_family(model: nn.Module) -> Family:
@@ -98,12 +105,16 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
         ) from None
     weight = cast(torch.Tensor, module.weight)
     width = int(weight.shape[1] if site == "act" else weight.shape[0])
+    offset = 0
+    if family.gate_up_fused and site != "act":  # (2 * d_mlp) outputs: gate's, then up's
+        width //= 2
+        offset = family.row_offset(matrix, width)  # type: ignore[arg-type]
     if neuron.index >= width:
         raise NeuronError(
             f"neuron {neuron}: index {neuron.index} is out of range: layers have "
             f"{width} neurons (0-{width - 1})"
         )
-    return SiteRef(module, name, site == "act", width)
+    return SiteRef(module, name, site == "act", width, offset)
 
 
 def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:
@@ -191,14 +202,15 @@ def clamp(
     seen: dict[tuple[str, int], Neuron] = {}
     for neuron, v in zip(chosen, values, strict=True):
         ref = resolve_site(model, neuron, site)
-        if (ref.name, neuron.index) in seen:
+        slot = ref.slot(neuron)
+        if (ref.name, slot) in seen:
             raise NeuronError(
-                f"neurons {seen[ref.name, neuron.index]} and {neuron} clamp the "
-                f"same activation ({ref.name}[{neuron.index}]); give it once"
+                f"neurons {seen[ref.name, slot]} and {neuron} clamp the "
+                f"same activation ({ref.name}[{slot}]); give it once"
             )
-        seen[ref.name, neuron.index] = neuron
+        seen[ref.name, slot] = neuron
         group = groups.setdefault(ref.name, (ref, [], []))
-        group[1].append(neuron.index)
+        group[1].append(slot)
         group[2].append(v)
     handles: list[Any] = []
     try:
@@ -243,8 +255,8 @@ def record(
         by_module.setdefault(ref.name, (ref, []))[1].append(neuron)
     handles: list[Any] = []
 
-    def recorder(group: list[Neuron]) -> Any:
-        index = [n.index for n in group]
+    def recorder(ref: SiteRef, group: list[Neuron]) -> Any:
+        index = [ref.slot(n) for n in group]
 
         def take(h: torch.Tensor) -> None:  # h: (batch, seq, d_mlp)
             acts = h[..., index].detach().float().cpu()  # (batch, seq, k)
@@ -255,7 +267,7 @@ def record(
 
     try:
         for ref, group in by_module.values():
-            handles.append(_install(ref, recorder(group)))
+            handles.append(_install(ref, recorder(ref, group)))
         yield seen
     finally:
         for handle in handles:

@@ -142,7 +142,7 @@ def check_model_weights(
         rec = atlas.neuron(n.layer, n.index, n.matrix)
         site = resolve_site(lm.model, n)  # the module of the neuron's matrix
         W = cast(torch.Tensor, site.module.weight)
-        w = W[:, n.index] if site.pre else W[n.index]  # down: a column of W_down
+        w = W[:, n.index] if site.pre else W[site.slot(n)]  # down: a column of W_down
         check_weights(atlas, rec, w.detach(), lm.name)
         checked_logits(atlas, rec, source, lm.name, [])
 

@@ -143,14 +143,20 @@ class Checkpoint:
                 return _DTYPES[code]
         return self.get(name).dtype
 
-    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self, name: str, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The tensor as a fresh copy (safetensors: out of the memory map), in its stored dtype
-        or converted to `dtype` as it is copied (no copy in the stored dtype beside it)."""
+        or converted to `dtype` as it is copied (no copy in the stored dtype beside it).
+        rows (lo, hi): only those rows along the first dimension (half of a fused tensor),
+        read without the rest."""
         file = self._file(name)
         try:
             if file in self._maps:
-                return self._copy_out(file, name, dtype)
+                return self._copy_out(file, name, dtype, rows)
             tensor = self._bin[file][name]
+            if rows is not None:
+                tensor = tensor[rows[0] : rows[1]].clone()
             return tensor if dtype is None else tensor.to(dtype)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
@@ -231,19 +237,26 @@ class Checkpoint:
             view = torch.frombuffer(self._maps[file], dtype=torch.uint8, count=hi - lo, offset=lo)
         return view.view(dtype).reshape(self._layout[file][1][name]["shape"])
 
-    def _copy_out(self, file: Path, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        """Tensor `name` copied out of the memory map in slices of about COPY_BYTES, each
-        slice's pages released from this process once copied: the file's pages of a large
-        tensor (the LM-head: 1 GiB at Llama-3.1-8B shapes) are never all resident beside the
-        copy."""
+    def _copy_out(
+        self, file: Path, name: str, dtype: torch.dtype | None, rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """Tensor `name` (or its `rows`) copied out of the memory map in slices of about
+        COPY_BYTES, each slice's pages released from this process once copied: the file's
+        pages of a large tensor (the LM-head: 1 GiB at Llama-3.1-8B shapes) are never all
+        resident beside the copy."""
         view = self._view(file, name)
         if view is None:  # rare dtypes (the library converts) and empty tensors
             tensor = self._st[file].get_tensor(name)
+            if rows is not None:
+                tensor = tensor[rows[0] : rows[1]].clone()
             return tensor if dtype is None else tensor.to(dtype)
+        lo0 = self._span(file, name)[0]
+        if rows is not None:  # contiguous rows: contiguous bytes
+            lo0 += rows[0] * (view[0].numel() * view.element_size() if len(view) else 0)
+            view = view[rows[0] : rows[1]]
         out = pages.empty(tuple(view.shape), dtype or view.dtype)  # huge pages if large
         flat_in, flat_out = view.reshape(-1), out.view(-1)
         step = max(1, COPY_BYTES // view.element_size())
-        lo0 = self._span(file, name)[0]
         for i in range(0, flat_in.numel(), step):
             j = min(i + step, flat_in.numel())
             flat_out[i:j].copy_(flat_in[i:j])

@@ -122,8 +122,13 @@ class ModelSource:
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
         self.check_layer(layer)
-        W = self.checkpoint.get(self.family.tensor(matrix, layer))
-        return W.T if matrix == "down" else W  # W_down is (d_model, d_mlp): a neuron is a column
+        name = self.family.tensor(matrix, layer)
+        if matrix == "down":  # W_down is (d_model, d_mlp): a neuron is a column
+            return self.checkpoint.get(name).T
+        if self.family.gate_up_fused:  # its half of the fused tensor, read alone
+            lo = self.family.row_offset(matrix, self.d_mlp)
+            return self.checkpoint.get(name, rows=(lo, lo + self.d_mlp))
+        return self.checkpoint.get(name)
 
     def neuron_rows(self, matrix: Matrix, layer: int, index: torch.Tensor) -> torch.Tensor:
         """Neurons `index` (n,) of one layer as rows, (n, d_model), stored dtype, read without
@@ -132,7 +137,7 @@ class ModelSource:
         name = self.family.tensor(matrix, layer)
         if matrix == "down":
             return self.checkpoint.gather(name, index, dim=1).T.contiguous()
-        return self.checkpoint.gather(name, index, dim=0)
+        return self.checkpoint.gather(name, index + self.family.row_offset(matrix, self.d_mlp))
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -151,7 +156,9 @@ class ModelSource:
         expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
-                expected[self.family.tensor(matrix, layer)] = (d, m) if matrix == "down" else (m, d)
+                rows = self.family.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
+                name = self.family.tensor(matrix, layer)
+                expected[name] = (d, m) if matrix == "down" else (rows, d)
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
