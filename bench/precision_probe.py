@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashlens.decode.norm import apply_final_norm
+from flashlens.decode.norm import FinalNorm, apply_final_norm
 from flashlens.decode.pilot import PILOT, twin_tokens
 from flashlens.families import Matrix
 from flashlens.weights import ModelSource
@@ -44,11 +44,12 @@ def neurons(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(W_U (V, d) bf16, normed vectors x (n, d) fp32) per matrix and layer."""
     src = ModelSource.open(path)
-    W_U, gain = src.W_U().bfloat16(), src.norm_weight().bfloat16().float()
+    W_U, final = src.W_U().bfloat16(), src.final_norm()
+    final = FinalNorm(final.gain.bfloat16().float(), final.eps, final.kind, final.bias, final.scale)
     for layer in range(src.n_layers):
         for m in matrices:
             w = src.neurons(m, layer)[:n].bfloat16().float()
-            yield W_U, apply_final_norm(w, gain, src.norm_eps, "model")
+            yield W_U, apply_final_norm(w, final, "model")
 
 
 def _q8(t: Tensor) -> tuple[Tensor, Tensor]:

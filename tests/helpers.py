@@ -66,7 +66,29 @@ FAMILIES = (
     "phi3",
     "glm",
     "glm4",
+    "granite",
+    "arcee",
+    "apertus",
+    "cohere",
+    "cohere2",
+    "stablelm",
+    "olmo",
+    "nemotron",
+    "starcoder2",
+    "gpt_neox",
 )
+# families whose MLP has no gate: down(act(up(x)))
+UNGATED = ("arcee", "apertus", "nemotron", "starcoder2", "gpt_neox")
+# config settings that make the tiny models' decoding non-trivial
+FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    "granite": {"logits_scaling": 4.0},
+    "cohere": {"logit_scale": 0.5},
+    "cohere2": {"logit_scale": 0.5},
+}
+
+
+def matrices_of(family: str) -> tuple[str, ...]:
+    return ("up", "down") if family in UNGATED else ("up", "gate", "down")
 
 
 def _classes(family: str) -> tuple[Any, Any]:
@@ -90,6 +112,16 @@ def _classes(family: str) -> tuple[Any, Any]:
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
         "glm": (tf.GlmConfig, tf.GlmForCausalLM),
         "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM),
+        "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),
+        "arcee": (tf.ArceeConfig, tf.ArceeForCausalLM),
+        "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM),
+        "cohere": (tf.CohereConfig, tf.CohereForCausalLM),
+        "cohere2": (tf.Cohere2Config, tf.Cohere2ForCausalLM),
+        "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM),
+        "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM),
+        "nemotron": (tf.NemotronConfig, tf.NemotronForCausalLM),
+        "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM),
+        "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
     }[family]
 
 
@@ -114,6 +146,7 @@ def make_model(
     size must cover d_vocab), or None for no tokenizer.
     """
     config_cls, model_cls = _classes(family)
+    config = {**FAMILY_CONFIG.get(family, {}), **config}
     cfg = config_cls(
         vocab_size=d_vocab,
         hidden_size=d_model,
@@ -135,7 +168,9 @@ def make_model(
     with torch.no_grad():
         for p in model.parameters():  # larger than the init, so softmaxes are not flat
             p.normal_(0, 0.3)
-        model.model.norm.weight.uniform_(0.5, 1.5)  # a non-trivial final-norm gain
+        norm = final_norm_module(model)
+        if getattr(norm, "weight", None) is not None:
+            norm.weight.uniform_(0.5, 1.5)  # a non-trivial final-norm gain
     model = model.to(dtype)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, **kwargs)
@@ -164,16 +199,34 @@ def load_reference_model(model_dir: Path) -> Any:
     return _MODELS[model_dir]
 
 
+def _body(model: Any) -> Any:
+    """The decoder stack of a loaded model (model.model; GPT-NeoX: model.gpt_neox)."""
+    return model.gpt_neox if hasattr(model, "gpt_neox") else model.model
+
+
+def final_norm_module(model: Any) -> Any:
+    body = _body(model)
+    return body.final_layer_norm if hasattr(body, "final_layer_norm") else body.norm
+
+
+# each matrix's module names across the families' layouts
+_MLP_NAMES = {
+    "up": ("up_proj", "c_fc", "dense_h_to_4h"),
+    "gate": ("gate_proj",),
+    "down": ("down_proj", "c_proj", "dense_4h_to_h"),
+}
+
+
 def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
     model's modules (independently of flashlens's families)."""
-    mlp = model.model.layers[layer].mlp
-    if matrix == "down":
-        return mlp.down_proj.weight.detach().float().T
-    if hasattr(mlp, "gate_up_proj"):  # fused (Phi-3, GLM): gate rows, then up rows
+    mlp = _body(model).layers[layer].mlp
+    if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
         gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
         return up if matrix == "up" else gate
-    return getattr(mlp, f"{matrix}_proj").weight.detach().float()
+    name = next(n for n in _MLP_NAMES[matrix] if hasattr(mlp, n))
+    W = getattr(mlp, name).weight.detach().float()
+    return W.T if matrix == "down" else W
 
 
 def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
@@ -183,17 +236,20 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
     soft-cap, a scale) apply as they do to real text.
 
     norm: "model" (the final norm module itself), "gain" (w times the gain as the module
-    applies it: Gemma's 1 + weight) or "none" (w as it is)."""
+    applies it: Gemma's and Nemotron's 1 + weight; no bias) or "none" (w as it is)."""
     model = load_reference_model(model_dir)
     w = neuron_weights(model, matrix, layer)  # (d_mlp, d_model)
-    final = model.model.norm
+    final = final_norm_module(model)
     if norm == "model":
         x = None
     elif norm == "gain":
-        ones = torch.ones(1, w.shape[1])
-        eps = getattr(final, "variance_epsilon", getattr(final, "eps", 0.0))
-        with torch.no_grad():  # rms(ones) = 1
-            x = w * final(ones) * (1 + eps) ** 0.5
+        # e = +1, -1, ...: mean 0, rms 1, so RMSNorm and LayerNorm both map +-e to
+        # +-e * gain / sqrt(1 + eps) + bias, and the difference leaves the gain alone
+        e = torch.ones(1, w.shape[1])
+        e[:, 1::2] = -1
+        eps = getattr(final, "variance_epsilon", getattr(final, "eps", 1e-5))  # (OLMo: 1e-5)
+        with torch.no_grad():
+            x = w * (final(e) - final(-e)) / (2 * e) * (1 + eps) ** 0.5
     else:
         x = w
 

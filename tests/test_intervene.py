@@ -19,7 +19,7 @@ from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-from .helpers import FAMILIES, load_reference_model, make_model
+from .helpers import FAMILIES, load_reference_model, make_model, matrices_of
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
 
@@ -96,7 +96,8 @@ def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
     model, tok = load_reference_model(path), load_tokenizer(path)
     batch = _batch(tok, ["Once upon a time"])
     base = _logits(model, batch)
-    for neuron in (Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")):
+    neurons = [Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")]
+    for neuron in [n for n in neurons if n.matrix in matrices_of(family)]:
         with torch.no_grad(), record(model, [neuron]) as seen:
             model(**batch, use_cache=False)
         natural = float(seen[neuron][0][0, -1])

@@ -9,7 +9,14 @@ import torch
 
 from flashlens import Atlas, map_model
 
-from .helpers import FAMILIES, U7_ONLY, make_model, reference_logits, use_int8_kernel
+from .helpers import (
+    FAMILIES,
+    U7_ONLY,
+    make_model,
+    matrices_of,
+    reference_logits,
+    use_int8_kernel,
+)
 
 MATRICES = ("up", "gate", "down")
 
@@ -78,7 +85,8 @@ def test_every_family_matrix_and_norm_mode_fp32(tmp_path: Path, family: str, tie
         map_model(model, out, norm=norm, compile="off")
         atlas = Atlas.open(out)
         assert atlas.meta.compute_dtype == "float32" and atlas.meta.family == family
-        for matrix in MATRICES:
+        assert tuple(atlas.meta.matrices) == matrices_of(family)
+        for matrix in matrices_of(family):
             for layer in (0, 1):
                 check_exact(atlas, model, matrix, layer, norm)
 
@@ -115,11 +123,13 @@ def test_bf16_weights_low_precision_path(tmp_path: Path, family: str) -> None:
         map_model(model, out, dtype=dtype, compile="off")
         atlas = Atlas.open(out)
         assert atlas.meta.weight_dtype == "bfloat16" and atlas.meta.compute_dtype == expect
-        for matrix in MATRICES:
+        for matrix in matrices_of(family):
             if dtype == "float32":  # bf16 weights upcast exactly: the fp32 path is exact
                 check_exact(atlas, model, matrix, 1, "model")
             else:
                 check_tolerance(atlas, model, matrix, 1, "model")
+        if dtype != "float32":  # its entries made exact at the end (Decoder.exact_pairs)
+            check_reverse_tolerance(atlas, model, list(matrices_of(family)), [0, 1])
 
 
 def test_a_layer_s_weights_are_freed_once_it_is_mapped(

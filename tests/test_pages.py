@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from flashlens import pages
 from flashlens.decode.engine import Decoder
 from flashlens.decode.logits import quantize_head
+from flashlens.decode.norm import FinalNorm
 from flashlens.weights import Checkpoint
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -91,7 +92,9 @@ def test_the_lm_head_is_read_into_huge_pages(tmp_path: Path) -> None:
 def test_the_decoder_s_logits_block_and_int8_head_copy_are_on_huge_pages() -> None:
     V, d_model, B = 32768, 16, 512  # a (B, V) fp32 block of 64 MiB
     W_U = torch.randn(V, d_model)
-    dec = Decoder(W_U, torch.ones(d_model), 1e-5, "model", 5, torch.device("cpu"), torch.float32)
+    dec = Decoder(
+        W_U, FinalNorm(torch.ones(d_model), 1e-5), "model", 5, torch.device("cpu"), torch.float32
+    )
     x = torch.randn(B, d_model)
     L = dec.logits(x)
     assert "hg" in _vm_flags(L)

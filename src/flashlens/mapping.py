@@ -37,7 +37,7 @@ from .decode.policy import (
 )
 from .decode.reverse import ReverseIndex
 from .errors import AtlasError, FlashlensError
-from .families import Matrix
+from .families import MATRICES, Matrix
 from .progress import progress_bar, status
 from .weights import ModelSource
 
@@ -82,11 +82,20 @@ class MapSummary:
 
 
 def parse_matrices(spec: str | list[str], available: tuple[str, ...]) -> list[Matrix]:
-    """The matrices asked for, in the family's order (up, gate, down) whatever order they
-    were given in: a run maps, samples and records them the same way for any spelling."""
+    """The matrices asked for ("all": every one the family has), in the family's order (up,
+    gate, down) whatever order they were given in: a run maps, samples and records them the
+    same way for any spelling."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(available)  # type: ignore[arg-type]
     bad = [n for n in names if n not in available]
+    absent = [n for n in bad if n in MATRICES]
+    if absent:
+        raise FlashlensError(
+            f"this model's MLP has no {', '.join(absent)} matrix (it is ungated, "
+            f"down(act(up(x)))): choose from {', '.join(available)}, or all"
+        )
     if bad or not names:
         raise FlashlensError(
             f"unknown matrix {', '.join(bad) or '(none)'}: choose from {', '.join(available)}"
@@ -98,7 +107,7 @@ def map_model(
     model: str | Path,
     out: str | Path,
     *,
-    matrices: str | list[str] = "up,gate,down",
+    matrices: str | list[str] = "all",
     layers: LayerSpec | None = None,
     top_k: int = 10,
     norm: str = "model",
@@ -209,11 +218,7 @@ def _map(
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         weights_fingerprint=fingerprint,
-        decoding={
-            "norm_eps": source.norm_eps,
-            "logit_softcap": source.logit_softcap,
-            "tied": source.tied,
-        },
+        decoding=_decoding(source),
     )
     if not overwrite:
         _check_same_model(out, source, fingerprint)
@@ -259,8 +264,7 @@ def _map(
         decoder_job = head_pool.submit(
             lambda: Decoder(
                 source.W_U(rows),
-                source.norm_weight(),
-                source.norm_eps,
+                source.final_norm(),
                 norm,  # type: ignore[arg-type]
                 top_k,
                 device,
@@ -370,8 +374,7 @@ def _map(
                 checked = run_audit(
                     sample,
                     decoder.W_U,
-                    decoder.gain,
-                    decoder.eps,
+                    decoder.final,
                     decoder.norm,
                     decoder.softcap,
                     meta.compute_dtype,
@@ -392,6 +395,22 @@ def _map(
     atlas = Atlas.open(out)  # the finished atlas must open
     summary.warnings += _degenerate_neurons(atlas)
     return summary
+
+
+def _decoding(source: ModelSource) -> dict[str, Any]:
+    """How the final norm and W_U are applied, as atlas.json records it (AtlasMeta.decoding):
+    the norm's kind and the logits' scale only where they are not RMSNorm and 1, so that the
+    atlases of the families without them read as they did before those existed."""
+    out: dict[str, Any] = {
+        "norm_eps": source.norm_eps,
+        "logit_softcap": source.logit_softcap,
+        "tied": source.tied,
+    }
+    if source.family.norm_kind != "rms":
+        out["norm_kind"] = source.family.norm_kind
+    if source.logit_scale != 1.0:
+        out["logit_scale"] = source.logit_scale
+    return out
 
 
 def _check_same_model(out: Path, source: ModelSource, fingerprint: str) -> None:
@@ -529,8 +548,7 @@ def _decoder_in(
         )
     return Decoder(
         decoder.W_U,
-        decoder.gain,
-        decoder.eps,
+        decoder.final,
         decoder.norm,
         top_k,
         decoder.device,

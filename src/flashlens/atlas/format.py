@@ -172,7 +172,8 @@ class AtlasMeta:
     # Checkpoint.fingerprint of the weights mapped (None: an atlas from before it was recorded)
     weights_fingerprint: str | None = None
     # How the final norm and W_U were applied, as resolved from config.json and the family's
-    # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied"}. None: an atlas from
+    # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied", and where they apply
+    # "norm_kind" ("layer") and "logit_scale" (the factor on the logits)}. None: an atlas from
     # before it was recorded (then only config_hash says it).
     decoding: dict[str, Any] | None = None
 

@@ -236,7 +236,7 @@ def exact_logits(
 
     one = torch.tensor([rec.index])  # the neuron's row alone, not a copy of its layer
     w = source.neuron_rows(rec.matrix, rec.layer, one)[0].float()  # type: ignore[arg-type]
-    x = apply_final_norm(w[None], source.norm_weight(), source.norm_eps, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
+    x = apply_final_norm(w[None], source.final_norm(), atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
     logits = source.W_U()[ids].float() @ x  # (n,)
     cap = source.logit_softcap
     return torch.tanh(logits / cap) * cap if cap else logits

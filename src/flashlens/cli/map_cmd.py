@@ -24,7 +24,9 @@ from .common import console, err_console, print_json, show_prob, show_token
 def map_command(
     model: str = typer.Argument(..., help="Hugging Face id (org/name) or local model folder."),
     out: Path = typer.Option(..., "-o", "--out", help="Atlas folder to write (or resume)."),
-    matrices: str = typer.Option("up,gate,down", help="Matrices to decode: up, gate, down."),
+    matrices: str = typer.Option(
+        "all", help="Matrices to decode: up, gate, down, or all (every one the model has)."
+    ),
     layers: str = typer.Option(None, help="Layers, e.g. 0-5,9 (default: all)."),
     top_k: int = typer.Option(10, help="Top and bottom tokens kept per neuron."),
     reverse_n: int = typer.Option(32, help="Neurons kept per token in the reverse index."),

@@ -44,8 +44,7 @@ class Head:
     def open(cls, source: ModelSource, norm: NormMode, device: torch.device) -> Head:
         decoder = Decoder(
             source.W_U(),
-            source.norm_weight(),
-            source.norm_eps,
+            source.final_norm(),
             norm,
             1,
             device,
@@ -57,7 +56,7 @@ class Head:
     def log_probs(self, W: Tensor) -> Tensor:
         """Neuron vectors W (B, d_model) -> log softmax of their logits, (B, d_vocab) fp32."""
         d = self.decoder
-        x = apply_final_norm(W.to(d.device), d.gain, d.eps, d.norm)  # type: ignore[arg-type]
+        x = apply_final_norm(W.to(d.device), d.final, d.norm)  # type: ignore[arg-type]
         return torch.log_softmax(d.logits(x).float(), dim=-1)
 
 

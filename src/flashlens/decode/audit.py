@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .norm import NormMode, apply_final_norm
+from .norm import FinalNorm, NormMode, apply_final_norm
 from .slices import float_rows
 
 TOP1_TIE = 1e-3
@@ -163,18 +163,17 @@ def compare(
 
 
 def exact_reference(
-    w: Tensor, W_U: Tensor, gain: Tensor, eps: float, norm: NormMode, softcap: float | None
+    w: Tensor, W_U: Tensor, final: FinalNorm, norm: NormMode, softcap: float | None
 ) -> Tensor:
     """Exact fp64 logits (n, V), on the CPU, of raw neuron vectors w (n, d_model)."""
-    x = apply_final_norm(w.to(W_U.device), gain.to(W_U.device, torch.float32), eps, norm)
+    x = apply_final_norm(w.to(W_U.device), final.to(W_U.device), norm)
     return exact_decode(W_U, x, softcap).double().cpu()
 
 
 def run_audit(
     sample: AuditSample,
     W_U: Tensor,  # (V, d_model), stored dtype
-    gain: Tensor,  # (d_model,)
-    eps: float,
+    final: FinalNorm,
     norm: NormMode,
     softcap: float | None,
     compute_dtype: str,
@@ -182,7 +181,7 @@ def run_audit(
     """Compare the sampled records with an exact fp32 decode; None for an empty sample."""
     if len(sample) == 0:
         return None
-    ref = exact_reference(torch.cat(sample.w), W_U, gain, eps, norm, softcap)  # (n, V)
+    ref = exact_reference(torch.cat(sample.w), W_U, final, norm, softcap)  # (n, V)
     ids = torch.cat(sample.top_ids)
     e = compare(
         ref, ids, torch.cat(sample.top_logits), torch.cat(sample.top_probs), torch.cat(sample.lse)

@@ -34,7 +34,7 @@ from .kernels import (
     pair_logits,
 )
 from .logits import Logits
-from .norm import NormMode, apply_final_norm, norm_factors
+from .norm import FinalNorm, NormMode, apply_final_norm, norm_factors
 from .policy import check_device
 from .reverse import SPARE, ReverseIndex
 from .slices import float_rows
@@ -73,8 +73,7 @@ class Decoder:
     def __init__(
         self,
         W_U: Tensor,  # (d_vocab, d_model), stored dtype
-        norm_gain: Tensor,  # (d_model,)
-        norm_eps: float,
+        final: FinalNorm,
         norm: NormMode,
         top_k: int,
         device: torch.device,
@@ -84,8 +83,8 @@ class Decoder:
     ) -> None:
         self.device = device
         self.dtype = compute_dtype
-        self.norm, self.eps, self.top_k, self.softcap = norm, norm_eps, top_k, softcap
-        self.gain = norm_gain.to(device, torch.float32)
+        self.norm, self.top_k, self.softcap = norm, top_k, softcap
+        self.final = final.to(device)
         check_device(compute_dtype, device)
         # The head's rows for the exact paths (rescoring): the stored dtype, or one fp32 copy
         # that the fp32 GEMM shares (see rows_dtype)
@@ -110,6 +109,7 @@ class Decoder:
         self._tail = torch.arange(self._n_full, self.d_vocab, device=device)  # tokens past them
         self._L: Tensor | None = None  # (B, d_vocab) compute dtype: the reused logits buffer
         self._no_threshold = torch.full((self.d_vocab,), float("inf"), device=device)
+        self._dots: dict[str, Tensor] = {}  # _head_dot's cache
         self.set_exact_tokens(torch.empty(0, dtype=torch.int64))
 
     def set_exact_tokens(self, ids: Tensor) -> None:
@@ -156,7 +156,7 @@ class Decoder:
     ) -> BlockResult:
         """Decode neuron vectors W (B, d_model); offer them to `reverse` under ids `refs`."""
         W = W.to(self.device)
-        x = apply_final_norm(W, self.gain, self.eps, self.norm)  # (B, d_model) fp32
+        x = apply_final_norm(W, self.final, self.norm)  # (B, d_model) fp32
         L = self.block_logits(x)
         mu = x @ self.mean_u  # (B,)
         if self.softcap:
@@ -326,7 +326,7 @@ class Decoder:
         of a low-precision map). Compiled: calls of PAIRS pairs, sorted by row so that each
         neuron's vector stays in cache; eager: slices of ~16 MB of gathered rows."""
         W = W.to(self.device)
-        f, g = norm_factors(W, self.gain, self.eps, self.norm)  # x = W * f[:, None] * g
+        f, g, m, c = norm_factors(W, self.final, self.norm)  # x = (W - m) * f * g + c
         E = rows.shape[0]
         out = torch.empty(E, dtype=torch.float32, device=self.device)
         if self._pairs is not None and E:
@@ -348,9 +348,23 @@ class Decoder:
             for lo in range(0, E, step):
                 r, t = rows[lo : lo + step], tokens[lo : lo + step]
                 out[lo : lo + step] = pair_logits(self.W_U, W, f, g, r, t)
+        if m is not None:  # centred (LayerNorm): W_U_t . (m_r f_r g) taken back out
+            out -= (m * f)[rows] * self._head_dot("gain", g).index_select(0, tokens)
+        if c is not None:  # the norm's bias: + W_U_t . c
+            out += self._head_dot("bias", c).index_select(0, tokens)
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
+
+    def _head_dot(self, key: str, v: Tensor) -> Tensor:
+        """W_U @ v (d_vocab,) fp32 for a vector v (d_model,) that stays the same for this
+        decoder under `key` (the LayerNorm's gain, its scaled bias), computed once."""
+        if key not in self._dots:
+            out = torch.empty(self.d_vocab, dtype=torch.float32, device=self.device)
+            for lo, part in float_rows(self.W_U, 2048):
+                out[lo : lo + len(part)] = part @ v
+            self._dots[key] = out
+        return self._dots[key]
 
     def _exact_logits(self, x: Tensor, ids: Tensor) -> Tensor:
         """fp32 logits of tokens ids (B, n) for vectors x (B, d_model).

@@ -2,40 +2,85 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 NormMode = Literal["model", "gain", "none"]
 NORM_MODES: tuple[NormMode, ...] = ("model", "gain", "none")
+NormKind = Literal["rms", "layer"]
 
 
-def apply_final_norm(W: Tensor, gain: Tensor, eps: float, mode: NormMode) -> Tensor:
+@dataclass(frozen=True)
+class FinalNorm:
+    """The model's final norm, and the factor its forward puts on the logits, fp32:
+
+        rms:    norm(w) = w / sqrt(mean(w^2) + eps) * gain
+        layer:  norm(w) = (w - mean(w)) / sqrt(var(w) + eps) * gain + bias
+        logits = scale * (W_U @ norm(w))
+
+    gain (d_model,) as the model applies it (Gemma: 1 + weight; ones for a norm without a
+    weight); bias (d_model,) or None. The scale (Granite divides its logits, Cohere multiplies
+    them) is applied to the normed vector, which the head's linearity makes the same."""
+
+    gain: Tensor
+    eps: float
+    kind: NormKind = "rms"
+    bias: Tensor | None = None
+    scale: float = 1.0
+
+    def to(self, device: torch.device) -> FinalNorm:
+        bias = None if self.bias is None else self.bias.to(device, torch.float32)
+        return replace(self, gain=self.gain.to(device, torch.float32), bias=bias)
+
+
+class Affine(NamedTuple):
+    """apply_final_norm(W) as x = (W - m[:, None]) * f[:, None] * g + c: per-row factors f
+    (n,) and means m (n,) or None, a gain g (d_model,), an offset c (d_model,) or None."""
+
+    f: Tensor
+    g: Tensor
+    m: Tensor | None
+    c: Tensor | None
+
+
+def apply_final_norm(W: Tensor, norm: FinalNorm, mode: NormMode) -> Tensor:
     """W (n, d_model) neuron vectors -> (n, d_model) fp32, ready for the LM-head.
 
-    model: RMSNorm, w / sqrt(mean(w^2) + eps) * gain  (what the model computes on a residual w)
-    gain:  w * gain  (direction weighting only, no rescaling)
-    none:  w
+    model: the final norm as the model computes it on a residual w (FinalNorm), then the scale
+    gain:  w * gain * scale  (direction weighting only: no centring, rescaling or bias)
+    none:  w * scale
     """
     x = W.float()
-    if mode == "none":
-        return x
     if mode == "model":
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return x * gain.float()
+        if norm.kind == "layer":
+            x = x - x.mean(-1, keepdim=True)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+    if mode != "none":
+        x = x * norm.gain.float()
+    if mode == "model" and norm.bias is not None:
+        x = x + norm.bias.float()
+    return x * norm.scale if norm.scale != 1.0 else x
 
 
-def norm_factors(
-    W: Tensor, gain: Tensor, eps: float, mode: NormMode, rows: int = 1024
-) -> tuple[Tensor, Tensor]:
-    """apply_final_norm(W) as row factors f (n,) and a gain g (d_model,), both fp32, with
-    x = W * f[:, None] * g; computed in slices of `rows`, so no fp32 copy of W is made (for
-    reading many entries of a whole layer exactly)."""
+def norm_factors(W: Tensor, norm: FinalNorm, mode: NormMode, rows: int = 1024) -> Affine:
+    """apply_final_norm(W) in the factored form of `Affine`, computed in slices of `rows`, so
+    no fp32 copy of W is made (for reading many entries of a whole layer exactly)."""
     n, d = W.shape
-    g = gain.float() if mode != "none" else torch.ones(d, device=W.device)
-    f = torch.ones(n, device=W.device)
+    g = norm.gain.float() if mode != "none" else torch.ones(d, device=W.device)
+    f = torch.full((n,), float(norm.scale), device=W.device)
+    layer = mode == "model" and norm.kind == "layer"
+    m = torch.zeros(n, device=W.device) if layer else None
     if mode == "model":
         for lo in range(0, n, rows):
-            f[lo : lo + rows] = torch.rsqrt(W[lo : lo + rows].float().pow(2).mean(-1) + eps)
-    return f, g
+            w = W[lo : lo + rows].float()
+            if m is not None:
+                m[lo : lo + rows] = mean = w.mean(-1)
+                w = w - mean[:, None]
+            f[lo : lo + rows] *= torch.rsqrt(w.pow(2).mean(-1) + norm.eps)
+    c = None
+    if mode == "model" and norm.bias is not None:
+        c = norm.bias.float() * norm.scale
+    return Affine(f, g, m, c)

@@ -24,7 +24,8 @@ class Family:
       W_up, W_gate: (d_mlp, d_model)  - a neuron is a row
       W_down:       (d_model, d_mlp)  - a neuron is a column
       W_U:          (d_vocab, d_model)
-      norm weight:  (d_model,)
+      norm weight, norm bias:  (d_model,)
+    A family without a gate (W_gate None) has an ungated MLP, down(act(up(x))).
     """
 
     name: str
@@ -32,17 +33,24 @@ class Family:
     W_up: str
     W_gate: str | None
     W_down: str
-    final_norm: str
+    final_norm: str | None  # its weight (None: a norm without one, OLMo's)
     W_U: str = "lm_head.weight"
     W_E: str = "model.embed_tokens.weight"  # the tied LM-head when tie_word_embeddings
-    norm_kind: Literal["rms"] = "rms"
-    norm_eps_key: str = "rms_norm_eps"
+    norm_kind: Literal["rms", "layer"] = "rms"  # layer: centred first, then an optional bias
+    final_norm_bias: str | None = None
+    norm_eps_key: str | None = "rms_norm_eps"
+    norm_eps_default: float = 1e-6  # when config.json omits the key (or the family has none)
     norm_weight_offset: float = 0.0  # Gemma-style norms multiply by (1 + weight)
     logit_softcap_key: str | None = None  # config key of a tanh soft-cap on logits, if any
     # the cap transformers applies when config.json omits that key (its config class default;
     # an explicit null turns the cap off)
     logit_softcap_default: float | None = None
     tie_default: bool = False  # value of tie_word_embeddings when the config omits it
+    # config key of a factor the forward puts on the logits (Cohere: logits * logit_scale;
+    # Granite: logits / logits_scaling, logit_scale_divides), and its default when omitted
+    logit_scale_key: str | None = None
+    logit_scale_default: float = 1.0
+    logit_scale_divides: bool = False
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False

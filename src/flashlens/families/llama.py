@@ -1,4 +1,5 @@
-"""Llama-style families: gated MLP (gate_proj, up_proj, down_proj), RMSNorm, LM-head."""
+"""Llama-style families: gated MLP (gate_proj, up_proj, down_proj), RMSNorm, LM-head; and the
+variants that only rename, fuse or drop the gate, or scale the logits."""
 
 from __future__ import annotations
 
@@ -39,3 +40,14 @@ _FUSED = dict(
 PHI3 = _llama_like("phi3", "Phi3ForCausalLM", **_FUSED)  # Phi-3, Phi-3.5, Phi-4
 GLM = _llama_like("glm", "GlmForCausalLM", **_FUSED)
 GLM4 = _llama_like("glm4", "Glm4ForCausalLM", **_FUSED)
+
+# Granite divides its logits by config.logits_scaling
+GRANITE = _llama_like(
+    "granite",
+    "GraniteForCausalLM",
+    logit_scale_key="logits_scaling",
+    logit_scale_divides=True,
+)
+# ungated MLPs, down(act(up(x))): no gate matrix
+ARCEE = _llama_like("arcee", "ArceeForCausalLM", W_gate=None)  # AFM (ReLU^2)
+APERTUS = _llama_like("apertus", "ApertusForCausalLM", W_gate=None)  # (xIELU)

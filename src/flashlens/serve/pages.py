@@ -250,6 +250,10 @@ def overview_page(data: dict[str, Any]) -> str:
         settings.append(("norm eps", f"{m['decoding']['norm_eps']:g}"))
         settings.append(("logit soft-cap", "none" if cap is None else f"{cap:g}"))
         settings.append(("tied head", "yes" if m["decoding"]["tied"] else "no"))
+        if "norm_kind" in m["decoding"]:
+            settings.append(("final norm", m["decoding"]["norm_kind"]))
+        if "logit_scale" in m["decoding"]:
+            settings.append(("logit scale", f"{m['decoding']['logit_scale']:g}"))
     if m.get("seconds") is not None:
         settings.append(("mapped in", f"{m['seconds']:.1f} s"))
     links = data["links"]["neurons"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, NeuronError
+from ..decode.norm import FinalNorm
+from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
 from .checkpoint import Checkpoint
 from .resolve import resolve_model
@@ -71,7 +73,26 @@ class ModelSource:
 
     @property
     def norm_eps(self) -> float:
-        return float(self.config.get(self.family.norm_eps_key, 1e-6))
+        f = self.family
+        if f.norm_eps_key is None:  # (a fixed eps: OLMo's)
+            return f.norm_eps_default
+        return float(self.config.get(f.norm_eps_key, f.norm_eps_default))
+
+    @property
+    def logit_scale(self) -> float:
+        """The factor the model's forward puts on its logits (1: none), from config.json or
+        the family's default, as transformers reads it."""
+        f = self.family
+        if f.logit_scale_key is None:
+            return 1.0
+        value = self.config.get(f.logit_scale_key)
+        value = f.logit_scale_default if value is None else float(value)
+        if not value or not math.isfinite(value):
+            raise UnsupportedModelError(
+                f"config.json sets {f.logit_scale_key}={value!r}, which gives no usable "
+                "logits; fix the config"
+            )
+        return 1.0 / value if f.logit_scale_divides else value
 
     @property
     def logit_softcap(self) -> float | None:
@@ -115,9 +136,18 @@ class ModelSource:
         return self.checkpoint.get(self.W_U_name, dtype)
 
     def norm_weight(self) -> torch.Tensor:
-        """The final norm's weight as the model applies it, (d_model,), fp32."""
+        """The final norm's weight as the model applies it, (d_model,), fp32 (ones for a norm
+        without a weight)."""
+        if self.family.final_norm is None:
+            return torch.ones(self.d_model)
         g = self.checkpoint.get(self.family.final_norm).float()
         return g + self.family.norm_weight_offset
+
+    def final_norm(self) -> FinalNorm:
+        """The final norm and the logits' scale, as the model applies them."""
+        f = self.family
+        bias = None if f.final_norm_bias is None else self.checkpoint.get(f.final_norm_bias).float()
+        return FinalNorm(self.norm_weight(), self.norm_eps, f.norm_kind, bias, self.logit_scale)
 
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
@@ -153,7 +183,10 @@ class ModelSource:
                 f"config says tie_word_embeddings=false but {self.family.W_U} is not in the "
                 f"checkpoint at {self.folder}; a shard may be missing"
             )
-        expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d), self.family.final_norm: (d,)}
+        expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d)}
+        for vector in (self.family.final_norm, self.family.final_norm_bias):
+            if vector is not None:
+                expected[vector] = (d,)
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
                 rows = self.family.tensor_rows(matrix, m)  # (2 m for a fused gate_up)

@@ -1,0 +1,101 @@
+"""Families beyond the Llama layout, end to end as a user runs them: LayerNorm (with and
+without bias), a scale on the logits, ungated MLPs; config keys left out read as transformers
+reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashlens import Atlas, map_model
+from flashlens.cli import main
+
+from .helpers import make_model, neuron_weights, reference_logits
+from .test_map_reference import check_exact
+
+
+def test_an_ungated_layernorm_model_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """GPT-NeoX (Pythia): `map` takes its two matrices by default, refuses gate in one line,
+    and `prob` gives the logit the model's own forward gives."""
+    model = make_model(tmp_path / "m", "gpt_neox", n_layers=2, d_mlp=24)
+    assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["neurons_mapped"] == 2 * 2 * 24
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.matrices == ["up", "down"] and atlas.meta.family == "gpt_neox"
+    assert atlas.meta.decoding is not None and atlas.meta.decoding["norm_kind"] == "layer"
+
+    assert main(["map", str(model), "-o", str(tmp_path / "b"), "--matrices", "up,gate"]) == 2
+    err = capsys.readouterr().err
+    assert "no gate matrix" in err and "ungated" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "atlas.json").exists()
+
+    prob = ["prob", str(tmp_path / "a"), "down:1:5", " the", "--model", str(model)]
+    assert main(prob) == 0 and "the" in capsys.readouterr().out
+    assert main([*prob, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = reference_logits(model, "down", 1)[5, got["token_id"]]
+    assert got["logit"] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "key", "default"),
+    [("cohere", "logit_scale", 0.0625), ("granite", "logits_scaling", 1.0)],
+)
+def test_a_logit_scale_left_out_of_config_is_transformers_default(
+    tmp_path: Path, family: str, key: str, default: float
+) -> None:
+    """Cohere multiplies its logits by logit_scale (0.0625 when config.json omits it), Granite
+    divides them by logits_scaling (1): the reference loads the same config.json."""
+    model = make_model(tmp_path / "m", family, n_layers=1)
+    config = json.loads((model / "config.json").read_text())
+    assert config[key] != default  # (the tiny models set another value)
+    del config[key]
+    (model / "config.json").write_text(json.dumps(config))
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    check_exact(atlas, model, "up", 0, "model")
+    assert atlas.meta.decoding is not None
+    assert atlas.meta.decoding.get("logit_scale", 1.0) == default
+
+
+def test_a_zero_logit_scale_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_model(tmp_path / "m", "granite", n_layers=1)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "logits_scaling": 0}))
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "logits_scaling=0" in err and "Traceback" not in err
+
+
+def test_llama_atlases_record_decoding_as_before(tmp_path: Path) -> None:
+    """The norm's kind and the logits' scale are recorded only where they apply, so an atlas
+    of an RMSNorm model without a scale resumes and compares as it did before."""
+    model = make_model(tmp_path / "m", n_layers=1)
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    decoding = Atlas.open(tmp_path / "a").meta.decoding
+    assert decoding is not None and set(decoding) == {"norm_eps", "logit_softcap", "tied"}
+
+
+def test_a_weightless_layernorm_decodes_with_a_unit_gain(tmp_path: Path) -> None:
+    """OLMo's final LayerNorm has neither weight nor bias (eps fixed at 1e-5): a neuron's
+    decoded vector is its centred, unit-variance self."""
+    model = make_model(tmp_path / "m", "olmo", n_layers=1, d_mlp=16)
+    map_model(model, tmp_path / "a", matrices="up", compile="off", top_k=3)
+    from .helpers import load_reference_model
+
+    w = neuron_weights(load_reference_model(model), "up", 0).double()  # (16, d_model)
+    x = (w - w.mean(1, keepdim=True)) / torch.sqrt(w.var(1, unbiased=False, keepdim=True) + 1e-5)
+    W_U = load_reference_model(model).lm_head.weight.double()
+    want = (x @ W_U.T).topk(3, dim=1).values
+    got = torch.tensor(
+        Atlas.open(tmp_path / "a").layer_table("up", 0).to_pydict()["top_logits"]
+    ).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
