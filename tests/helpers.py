@@ -76,9 +76,10 @@ FAMILIES = (
     "nemotron",
     "starcoder2",
     "gpt_neox",
+    "gpt2",
 )
 # families whose MLP has no gate: down(act(up(x)))
-UNGATED = ("arcee", "apertus", "nemotron", "starcoder2", "gpt_neox")
+UNGATED = ("arcee", "apertus", "nemotron", "starcoder2", "gpt_neox", "gpt2")
 # config settings that make the tiny models' decoding non-trivial
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
@@ -122,6 +123,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "nemotron": (tf.NemotronConfig, tf.NemotronForCausalLM),
         "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM),
         "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
     }[family]
 
 
@@ -147,6 +149,8 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
+    if family == "gpt2":  # its own keys for the MLP's width
+        config.setdefault("n_inner", d_mlp)
     cfg = config_cls(
         vocab_size=d_vocab,
         hidden_size=d_model,
@@ -200,13 +204,25 @@ def load_reference_model(model_dir: Path) -> Any:
 
 
 def _body(model: Any) -> Any:
-    """The decoder stack of a loaded model (model.model; GPT-NeoX: model.gpt_neox)."""
-    return model.gpt_neox if hasattr(model, "gpt_neox") else model.model
+    """The decoder stack of a loaded model (model.model; GPT-NeoX: model.gpt_neox; GPT-2:
+    model.transformer)."""
+    for name in ("gpt_neox", "transformer"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return model.model
+
+
+def _layers(model: Any) -> Any:
+    body = _body(model)
+    return body.h if hasattr(body, "h") else body.layers
 
 
 def final_norm_module(model: Any) -> Any:
     body = _body(model)
-    return body.final_layer_norm if hasattr(body, "final_layer_norm") else body.norm
+    for name in ("final_layer_norm", "ln_f"):
+        if hasattr(body, name):
+            return getattr(body, name)
+    return body.norm
 
 
 # each matrix's module names across the families' layouts
@@ -220,12 +236,14 @@ _MLP_NAMES = {
 def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
     model's modules (independently of flashlens's families)."""
-    mlp = _body(model).layers[layer].mlp
+    mlp = _layers(model)[layer].mlp
     if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
         gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
         return up if matrix == "up" else gate
-    name = next(n for n in _MLP_NAMES[matrix] if hasattr(mlp, n))
-    W = getattr(mlp, name).weight.detach().float()
+    module = getattr(mlp, next(n for n in _MLP_NAMES[matrix] if hasattr(mlp, n)))
+    W = module.weight.detach().float()
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out): as nn.Linear, (out, in)
+        W = W.T
     return W.T if matrix == "down" else W
 
 

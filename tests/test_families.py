@@ -99,3 +99,42 @@ def test_a_weightless_layernorm_decodes_with_a_unit_gain(tmp_path: Path) -> None
         Atlas.open(tmp_path / "a").layer_table("up", 0).to_pydict()["top_logits"]
     ).double()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_conv1d_weights_hub_names_and_sites(tmp_path: Path) -> None:
+    """GPT-2 stores its MLP weights transposed (Conv1D) and its hub files drop the
+    "transformer." prefix: a checkpoint saved either way maps to the same atlas, and clamps
+    see d_mlp units per site (48 here, against a d_model of 32)."""
+    from safetensors.torch import load_file, save_file
+
+    from flashlens.errors import NeuronError
+    from flashlens.intervene import Neuron, clamp
+    from flashlens.intervene.hooks import resolve_site
+
+    from .helpers import load_reference_model
+
+    model = make_model(tmp_path / "m", "gpt2", n_layers=2, d_model=32, d_mlp=48, tie=True)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            (bare / f.name).write_bytes(f.read_bytes())
+    state = load_file(model / "model.safetensors")
+    assert all(k.startswith("transformer.") for k in state)
+    hub = {k.removeprefix("transformer."): v for k, v in state.items()}  # as on the hub
+    save_file(hub, bare / "model.safetensors")
+    for folder, out in ((model, "a"), (bare, "b")):
+        map_model(folder, tmp_path / out, compile="off")
+    a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")
+    assert a.meta.matrices == ["up", "down"] and a.meta.d_mlp == 48
+    for matrix in ("up", "down"):
+        check_exact(a, model, matrix, 1, "model")
+        assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
+
+    lm = load_reference_model(model)
+    for matrix in ("up", "down"):
+        neuron = Neuron(1, 40, matrix)  # type: ignore[arg-type]
+        w = resolve_site(lm, neuron).weight_vector(neuron)
+        assert torch.equal(w.float(), neuron_weights(lm, matrix, 1)[40])
+        with pytest.raises(NeuronError, match="0-47"), clamp(lm, Neuron(1, 48, matrix), 1.0):  # type: ignore[arg-type]
+            pass

@@ -51,6 +51,20 @@ class Family:
     logit_scale_key: str | None = None
     logit_scale_default: float = 1.0
     logit_scale_divides: bool = False
+    # config.json keys of the sizes (GPT-2: n_embd, n_inner, n_layer), and the MLP's width as
+    # a multiple of d_model where config.json leaves it null (GPT-2: 4)
+    d_model_key: str = "hidden_size"
+    d_mlp_key: str = "intermediate_size"
+    n_layers_key: str = "num_hidden_layers"
+    d_mlp_factor: int | None = None
+    # weights stored transposed (GPT-2's Conv1D): W_up (d_model, d_mlp), a neuron a column;
+    # W_down (d_mlp, d_model), a neuron a row
+    conv1d: bool = False
+    # a prefix the checkpoint's tensor names may lack (GPT-2's hub files drop "transformer.")
+    optional_prefix: str | None = None
+    # name endings of buffers that some saves hold and others not (left out of the weights'
+    # fingerprint)
+    buffers: tuple[str, ...] = (".inv_freq",)
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False
@@ -71,6 +85,11 @@ class Family:
         """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up
         tensor, else 0."""
         return d_mlp if self.gate_up_fused and matrix == "up" else 0
+
+    def neuron_is_column(self, matrix: Matrix) -> bool:
+        """Whether a neuron of `matrix` is a column of its stored tensor (W_down; with Conv1D
+        weights, W_up and W_gate instead)."""
+        return (matrix == "down") != self.conv1d
 
     def tensor_rows(self, matrix: Matrix, d_mlp: int) -> int:
         """Rows of the tensor that holds `matrix` (d_mlp, or 2 * d_mlp when fused); W_down's

@@ -61,3 +61,28 @@ GPT_NEOX = _gated(
     W_U="embed_out.weight",
     W_E="gpt_neox.embed_in.weight",
 )
+# GPT-2: Conv1D weights stored (in, out); sizes under its own config keys; hub files without
+# the "transformer." prefix; the causal-mask buffers of older saves left out of fingerprints
+GPT2 = register(
+    Family(
+        name="gpt2",
+        architectures=("GPT2LMHeadModel",),
+        W_up="transformer.h.{layer}.mlp.c_fc.weight",
+        W_gate=None,
+        W_down="transformer.h.{layer}.mlp.c_proj.weight",
+        final_norm="transformer.ln_f.weight",
+        final_norm_bias="transformer.ln_f.bias",
+        W_E="transformer.wte.weight",
+        norm_kind="layer",
+        norm_eps_key="layer_norm_epsilon",
+        norm_eps_default=1e-5,
+        tie_default=True,
+        d_model_key="n_embd",
+        d_mlp_key="n_inner",
+        n_layers_key="n_layer",
+        d_mlp_factor=4,
+        conv1d=True,
+        optional_prefix="transformer.",
+        buffers=(".attn.bias", ".attn.masked_bias"),
+    )
+)

@@ -46,10 +46,17 @@ class SiteRef:
     pre: bool  # True: the module's input (site "act"); False: its output
     width: int  # d_mlp
     offset: int = 0  # where the site's d_mlp units start in the tensor (up in a fused gate_up)
+    conv1d: bool = False  # the module's weight is (in, out) (GPT-2's Conv1D)
 
     def slot(self, neuron: Neuron) -> int:
         """The neuron's position in the hooked tensor's last dimension."""
         return self.offset + neuron.index
+
+    def weight_vector(self, neuron: Neuron) -> torch.Tensor:
+        """The neuron's weight vector (d_model,) in the hooked module: a row of its output
+        weights, or for site act a column of W_down's (Conv1D: the other way round)."""
+        W = cast(torch.Tensor, self.module.weight)
+        return W[:, self.slot(neuron)] if self.pre != self.conv1d else W[self.slot(neuron)]
 
 
 def model_family(model: nn.Module) -> Family:
@@ -103,8 +110,8 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
         raise NeuronError(
             f"neuron {neuron}: site {site!r} does not exist in this model (no module {name})"
         ) from None
-    weight = cast(torch.Tensor, module.weight)
-    width = int(weight.shape[1] if site == "act" else weight.shape[0])
+    weight = cast(torch.Tensor, module.weight)  # (out, in); Conv1D (GPT-2): (in, out)
+    width = int(weight.shape[1 if (site == "act") != family.conv1d else 0])
     offset = 0
     if family.gate_up_fused and site != "act":  # (2 * d_mlp) outputs: gate's, then up's
         width //= 2
@@ -114,7 +121,7 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
             f"neuron {neuron}: index {neuron.index} is out of range: layers have "
             f"{width} neurons (0-{width - 1})"
         )
-    return SiteRef(module, name, site == "act", width, offset)
+    return SiteRef(module, name, site == "act", width, offset, family.conv1d)
 
 
 def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:

@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from ..atlas import Atlas
 from ..atlas.atlas import read_parquet
@@ -141,9 +140,7 @@ def check_model_weights(
         atlas.check_neuron(n.layer, n.index, n.matrix)
         rec = atlas.neuron(n.layer, n.index, n.matrix)
         site = resolve_site(lm.model, n)  # the module of the neuron's matrix
-        W = cast(torch.Tensor, site.module.weight)
-        w = W[:, n.index] if site.pre else W[site.slot(n)]  # down: a column of W_down
-        check_weights(atlas, rec, w.detach(), lm.name)
+        check_weights(atlas, rec, site.weight_vector(n).detach(), lm.name)
         checked_logits(atlas, rec, source, lm.name, [])
 
 

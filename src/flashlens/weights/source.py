@@ -53,15 +53,28 @@ class ModelSource:
     # --- sizes -------------------------------------------------------------------------
     @property
     def d_model(self) -> int:
-        return int(self.config["hidden_size"])
+        return int(self._size(self.family.d_model_key))
 
     @property
     def d_mlp(self) -> int:
-        return int(self.config["intermediate_size"])
+        f = self.family
+        if self.config.get(f.d_mlp_key) is None and f.d_mlp_factor is not None:
+            return f.d_mlp_factor * self.d_model  # (GPT-2: n_inner null, 4 * n_embd)
+        return int(self._size(f.d_mlp_key))
 
     @property
     def n_layers(self) -> int:
-        return int(self.config["num_hidden_layers"])
+        return int(self._size(self.family.n_layers_key))
+
+    def _size(self, key: str) -> int:
+        try:
+            return int(self.config[key])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{self.folder / 'config.json'} has no usable {key!r} (got "
+                f"{self.config.get(key)!r}), which a {self.family.name} config holds; the file "
+                "may be damaged or from another model"
+            ) from None
 
     @property
     def d_vocab(self) -> int:
@@ -107,7 +120,7 @@ class ModelSource:
     @property
     def dtype(self) -> torch.dtype:
         """The stored dtype of the MLP weights."""
-        return self.checkpoint.dtype(self.family.tensor("up", 0))
+        return self.checkpoint.dtype(self.name(self.family.tensor("up", 0)))
 
     @property
     def config_hash(self) -> str:
@@ -119,16 +132,27 @@ class ModelSource:
         save of a model holds and another not, the tied head's copy of the embedding (in a
         `torch.save(state_dict)`, not in `save_pretrained`'s files) and buffers such as
         rotary `inv_freq`."""
-        copy = self.family.W_U if self.tied else None
-        return self.checkpoint.fingerprint(lambda n: n == copy or n.endswith(".inv_freq"))
+        copy = self.name(self.family.W_U) if self.tied else None
+        buffers = self.family.buffers
+        return self.checkpoint.fingerprint(lambda n: n == copy or n.endswith(buffers))
+
+    def name(self, name: str) -> str:
+        """A family's tensor name as this checkpoint spells it: without the family's optional
+        prefix where only that form is present."""
+        prefix = self.family.optional_prefix
+        if prefix and name not in self.checkpoint and name.startswith(prefix):
+            bare = name.removeprefix(prefix)
+            if bare in self.checkpoint:
+                return bare
+        return name
 
     # --- tensors by role ---------------------------------------------------------------
     @property
     def W_U_name(self) -> str:
         f = self.family
-        if not self.tied and f.W_U in self.checkpoint:
-            return f.W_U
-        return f.W_E  # tied (or an untied config whose head was saved as the embedding)
+        if not self.tied and self.name(f.W_U) in self.checkpoint:
+            return self.name(f.W_U)
+        return self.name(f.W_E)  # tied (or an untied config whose head was saved as the embedding)
 
     def W_U(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The LM-head / unembedding, (d_vocab, d_model), in its stored dtype or converted to
@@ -140,20 +164,22 @@ class ModelSource:
         without a weight)."""
         if self.family.final_norm is None:
             return torch.ones(self.d_model)
-        g = self.checkpoint.get(self.family.final_norm).float()
+        g = self.checkpoint.get(self.name(self.family.final_norm)).float()
         return g + self.family.norm_weight_offset
 
     def final_norm(self) -> FinalNorm:
         """The final norm and the logits' scale, as the model applies them."""
         f = self.family
-        bias = None if f.final_norm_bias is None else self.checkpoint.get(f.final_norm_bias).float()
+        bias = None
+        if f.final_norm_bias is not None:
+            bias = self.checkpoint.get(self.name(f.final_norm_bias)).float()
         return FinalNorm(self.norm_weight(), self.norm_eps, f.norm_kind, bias, self.logit_scale)
 
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
         self.check_layer(layer)
-        name = self.family.tensor(matrix, layer)
-        if matrix == "down":  # W_down is (d_model, d_mlp): a neuron is a column
+        name = self.name(self.family.tensor(matrix, layer))
+        if self.family.neuron_is_column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
             return self.checkpoint.get(name).T
         if self.family.gate_up_fused:  # its half of the fused tensor, read alone
             lo = self.family.row_offset(matrix, self.d_mlp)
@@ -164,8 +190,8 @@ class ModelSource:
         """Neurons `index` (n,) of one layer as rows, (n, d_model), stored dtype, read without
         the rest of the layer."""
         self.check_layer(layer)
-        name = self.family.tensor(matrix, layer)
-        if matrix == "down":
+        name = self.name(self.family.tensor(matrix, layer))
+        if self.family.neuron_is_column(matrix):
             return self.checkpoint.gather(name, index, dim=1).T.contiguous()
         return self.checkpoint.gather(name, index + self.family.row_offset(matrix, self.d_mlp))
 
@@ -178,7 +204,7 @@ class ModelSource:
     def _check_shapes(self) -> None:
         """Fail before any compute if a tensor the map needs is absent or misshapen."""
         d, m, v = self.d_model, self.d_mlp, self.d_vocab
-        if not self.tied and self.family.W_U not in self.checkpoint:
+        if not self.tied and self.name(self.family.W_U) not in self.checkpoint:
             raise CheckpointError(
                 f"config says tie_word_embeddings=false but {self.family.W_U} is not in the "
                 f"checkpoint at {self.folder}; a shard may be missing"
@@ -186,12 +212,12 @@ class ModelSource:
         expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d)}
         for vector in (self.family.final_norm, self.family.final_norm_bias):
             if vector is not None:
-                expected[vector] = (d,)
+                expected[self.name(vector)] = (d,)
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
                 rows = self.family.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
-                name = self.family.tensor(matrix, layer)
-                expected[name] = (d, m) if matrix == "down" else (rows, d)
+                name = self.name(self.family.tensor(matrix, layer))
+                expected[name] = (d, m) if self.family.neuron_is_column(matrix) else (rows, d)
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
