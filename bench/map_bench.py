@@ -348,7 +348,7 @@ def gpu_device_time(ckpt: Path) -> dict[str, Any]:
 
     dev = torch.device("cuda")
     src = ModelSource.open(ckpt)
-    dec = Decoder(src.W_U(), src.final_norm(), "model", 10, dev, torch.bfloat16, compile=True)
+    dec = Decoder(src.W_U(), src.readout(), "model", 10, dev, torch.bfloat16, compile=True)
     layers = [src.neurons("up", i).to(dev) for i in range(src.n_layers)]
     B = block_size(D_VOCAB, D_MLP, dev, None)
     rev = ReverseIndex(D_VOCAB, 32, dev)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashlens.decode.norm import FinalNorm, apply_final_norm
+from flashlens.decode.norm import Readout, apply_final_norm
 from flashlens.decode.pilot import PILOT, twin_tokens
 from flashlens.families import Matrix
 from flashlens.weights import ModelSource
@@ -44,8 +44,8 @@ def neurons(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(W_U (V, d) bf16, normed vectors x (n, d) fp32) per matrix and layer."""
     src = ModelSource.open(path)
-    W_U, final = src.W_U().bfloat16(), src.final_norm()
-    final = FinalNorm(final.gain.bfloat16().float(), final.eps, final.kind, final.bias, final.scale)
+    W_U, final = src.W_U().bfloat16(), src.readout()
+    final = Readout(final.gain.bfloat16().float(), final.eps, final.kind, final.bias, final.scale)
     for layer in range(src.n_layers):
         for m in matrices:
             w = src.neurons(m, layer)[:n].bfloat16().float()

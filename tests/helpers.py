@@ -77,9 +77,22 @@ FAMILIES = (
     "starcoder2",
     "gpt_neox",
     "gpt2",
+    "phi",
+    "gptj",
+    "codegen",
 )
 # families whose MLP has no gate: down(act(up(x)))
-UNGATED = ("arcee", "apertus", "nemotron", "starcoder2", "gpt_neox", "gpt2")
+UNGATED = (
+    "arcee",
+    "apertus",
+    "nemotron",
+    "starcoder2",
+    "gpt_neox",
+    "gpt2",
+    "phi",
+    "gptj",
+    "codegen",
+)
 # config settings that make the tiny models' decoding non-trivial
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
@@ -124,6 +137,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM),
         "gpt_neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM),
         "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel),
+        "phi": (tf.PhiConfig, tf.PhiForCausalLM),
+        "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM),
+        "codegen": (tf.CodeGenConfig, tf.CodeGenForCausalLM),
     }[family]
 
 
@@ -149,8 +165,10 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family == "gpt2":  # its own keys for the MLP's width
+    if family in ("gpt2", "gptj", "codegen"):  # their own keys for the MLP's width
         config.setdefault("n_inner", d_mlp)
+    if family in ("gptj", "codegen"):
+        config.setdefault("rotary_dim", d_model // 8)
     cfg = config_cls(
         vocab_size=d_vocab,
         hidden_size=d_model,
@@ -219,7 +237,7 @@ def _layers(model: Any) -> Any:
 
 def final_norm_module(model: Any) -> Any:
     body = _body(model)
-    for name in ("final_layer_norm", "ln_f"):
+    for name in ("final_layer_norm", "ln_f", "final_layernorm"):
         if hasattr(body, name):
             return getattr(body, name)
     return body.norm
@@ -227,9 +245,9 @@ def final_norm_module(model: Any) -> Any:
 
 # each matrix's module names across the families' layouts
 _MLP_NAMES = {
-    "up": ("up_proj", "c_fc", "dense_h_to_4h"),
+    "up": ("up_proj", "c_fc", "dense_h_to_4h", "fc1", "fc_in"),
     "gate": ("gate_proj",),
-    "down": ("down_proj", "c_proj", "dense_4h_to_h"),
+    "down": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out"),
 }
 
 

@@ -22,7 +22,7 @@ from flashlens.decode.kernels import (
     exact_logits,
 )
 from flashlens.decode.logits import Logits
-from flashlens.decode.norm import FinalNorm, NormMode
+from flashlens.decode.norm import NormMode, Readout
 from flashlens.decode.reverse import ReverseIndex
 from flashlens.decode.slices import float_rows
 
@@ -111,7 +111,7 @@ def _decoder(
     d = 32
     W_U = (torch.randn(V, d, generator=g) * 0.3).to(dtype)
     gain = 1 + torch.rand(d, generator=g)
-    dec = Decoder(W_U, FinalNorm(gain, 1e-6), "model", 5, torch.device("cpu"), compute or dtype)
+    dec = Decoder(W_U, Readout(gain, 1e-6), "model", 5, torch.device("cpu"), compute or dtype)
     return dec, W_U
 
 
@@ -336,8 +336,8 @@ def test_warm_up_compiles_exactly_what_the_decoder_calls(
     g = torch.Generator().manual_seed(11)
     W_U = (torch.randn(V, d, generator=g) * 0.5).bfloat16()
     gain = 1 + torch.rand(d, generator=g)
-    args: tuple[torch.Tensor, FinalNorm, NormMode, int, torch.device, torch.dtype, float | None]
-    args = (W_U, FinalNorm(gain, 1e-6), "model", k, torch.device("cpu"), compute, softcap)
+    args: tuple[torch.Tensor, Readout, NormMode, int, torch.device, torch.dtype, float | None]
+    args = (W_U, Readout(gain, 1e-6), "model", k, torch.device("cpu"), compute, softcap)
     graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
     warm_up(B, V, d, torch.bfloat16, compute, k, softcap, torch.device("cpu"))
     fast, slow = Decoder(*args, compile=True), Decoder(*args, compile=False)

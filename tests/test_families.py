@@ -138,3 +138,20 @@ def test_gpt2_conv1d_weights_hub_names_and_sites(tmp_path: Path) -> None:
         assert torch.equal(w.float(), neuron_weights(lm, matrix, 1)[40])
         with pytest.raises(NeuronError, match="0-47"), clamp(lm, Neuron(1, 48, matrix), 1.0):  # type: ignore[arg-type]
             pass
+
+
+@pytest.mark.parametrize("family", ["phi", "gptj", "cohere", "gpt2", "phi3"])
+def test_prob_gives_the_model_s_own_logit(
+    tmp_path: Path, family: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`prob` decodes one neuron exactly against the checkpoint: the head's bias (Phi, GPT-J),
+    the logits' scale (Cohere), Conv1D weights (GPT-2), a fused gate_up (Phi-3) included."""
+    model = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    assert (
+        main(["prob", str(tmp_path / "a"), "up:1:5", " the", "--model", str(model), "--json"]) == 0
+    )
+    got = json.loads(capsys.readouterr().out)
+    L = reference_logits(model, "up", 1)[5]
+    assert got["logit"] == pytest.approx(float(L[got["token_id"]]), rel=1e-5, abs=1e-5)
+    assert got["logsumexp"] == pytest.approx(float(torch.logsumexp(L.double(), 0)), rel=1e-5)

@@ -10,7 +10,7 @@ import torch
 from flashlens.decode import int8, policy
 from flashlens.decode.engine import Decoder
 from flashlens.decode.logits import quantize_head
-from flashlens.decode.norm import FinalNorm
+from flashlens.decode.norm import Readout
 
 from .helpers import INT8_KERNELS, use_int8_kernel
 
@@ -102,7 +102,7 @@ def test_decoder_on_each_kernel_matches_the_reference(
     V, d = 3 * 64 + 37, 256
     W_U = (torch.randn(V, d, generator=g) * 0.3).bfloat16()
     gain = 1 + torch.rand(d, generator=g)
-    dec = Decoder(W_U, FinalNorm(gain, 1e-6), "model", 5, torch.device("cpu"), torch.int8)
+    dec = Decoder(W_U, Readout(gain, 1e-6), "model", 5, torch.device("cpu"), torch.int8)
     assert dec.head8 is not None and dec.head8.kernel == kernel
     assert dec.reverse_spare == (16 if kernel == "u7" else 8)
     W = torch.randn(9, d, generator=g)

@@ -17,7 +17,7 @@ import torch
 from flashlens.decode import aot
 from flashlens.decode.engine import Decoder, warm_up
 from flashlens.decode.kernels import compiled, exact_logits
-from flashlens.decode.norm import FinalNorm, NormMode
+from flashlens.decode.norm import NormMode, Readout
 
 # The warm-up test's shapes (test_engine_perf_paths.py): the session builds these packages once.
 V, D, B, K = 203, 24, 8, 4
@@ -28,12 +28,12 @@ import json, sys, torch
 from flashlens.decode import aot
 from flashlens.decode.engine import Decoder, warm_up
 from flashlens.decode.kernels import block_stats, compiled, exact_logits
-from flashlens.decode.norm import FinalNorm
+from flashlens.decode.norm import Readout
 V, D, B, K = {V}, {D}, {B}, {K}
 warm_up(B, V, D, torch.bfloat16, torch.bfloat16, K, None, torch.device("cpu"))
 g = torch.Generator().manual_seed(3)
 W_U = (torch.randn(V, D, generator=g) * 0.5).bfloat16()
-final = FinalNorm(1 + torch.rand(D, generator=g), 1e-6)
+final = Readout(1 + torch.rand(D, generator=g), 1e-6)
 args = (W_U, final, "model", K, torch.device("cpu"), torch.bfloat16)
 r = Decoder(*args, compile=True).decode((torch.randn(B, D, generator=g) * 2).bfloat16())
 print(json.dumps({{
@@ -75,8 +75,8 @@ def test_a_later_process_loads_the_packages_without_compiling(_kernel_cache: Pat
     # The same block decoded here by the eager engine.
     g = torch.Generator().manual_seed(3)
     W_U = (torch.randn(V, D, generator=g) * 0.5).bfloat16()
-    args: tuple[torch.Tensor, FinalNorm, NormMode, int, torch.device, torch.dtype]
-    args = (W_U, FinalNorm(1 + torch.rand(D, generator=g), 1e-6), "model", K, CPU, torch.bfloat16)
+    args: tuple[torch.Tensor, Readout, NormMode, int, torch.device, torch.dtype]
+    args = (W_U, Readout(1 + torch.rand(D, generator=g), 1e-6), "model", K, CPU, torch.bfloat16)
     want = Decoder(*args).decode((torch.randn(B, D, generator=g) * 2).bfloat16())
     assert out["top_ids"] == want.top_ids.tolist()
     torch.testing.assert_close(torch.tensor(out["logsumexp"]), want.logsumexp, rtol=1e-4, atol=1e-4)

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from flashlens import pages
 from flashlens.decode.engine import Decoder
 from flashlens.decode.logits import quantize_head
-from flashlens.decode.norm import FinalNorm
+from flashlens.decode.norm import Readout
 from flashlens.weights import Checkpoint
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -93,7 +93,7 @@ def test_the_decoder_s_logits_block_and_int8_head_copy_are_on_huge_pages() -> No
     V, d_model, B = 32768, 16, 512  # a (B, V) fp32 block of 64 MiB
     W_U = torch.randn(V, d_model)
     dec = Decoder(
-        W_U, FinalNorm(torch.ones(d_model), 1e-5), "model", 5, torch.device("cpu"), torch.float32
+        W_U, Readout(torch.ones(d_model), 1e-5), "model", 5, torch.device("cpu"), torch.float32
     )
     x = torch.randn(B, d_model)
     L = dec.logits(x)

@@ -77,7 +77,7 @@ def test_twin_tokens_finds_the_untrained_byte_tokens(stories_bf16: Path) -> None
     src = ModelSource.open(stories_bf16)
     W_U = src.W_U()
     mean = W_U.float().mean(0)
-    x = apply_final_norm(src.neurons("up", 0), src.final_norm(), "model")
+    x = apply_final_norm(src.neurons("up", 0), src.readout(), "model")
     found = set(twin_tokens(W_U, mean, (x @ W_U.float().T).double()).tolist())
     src.close()
     bytes_ = set(range(3, 259))  # <0x00>..<0xFF>: TinyStories is ASCII, most never occur

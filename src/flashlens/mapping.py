@@ -264,7 +264,7 @@ def _map(
         decoder_job = head_pool.submit(
             lambda: Decoder(
                 source.W_U(rows),
-                source.final_norm(),
+                source.readout(),
                 norm,  # type: ignore[arg-type]
                 top_k,
                 device,
@@ -285,6 +285,7 @@ def _map(
                     top_k,
                     source.logit_softcap,
                     device,
+                    logit_bias=source.family.W_U_bias is not None,
                 )
             decoder = decoder_job.result()
         del decoder_job  # (it would keep this decoder alive if the pilot replaces it)
@@ -410,6 +411,8 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["norm_kind"] = source.family.norm_kind
     if source.logit_scale != 1.0:
         out["logit_scale"] = source.logit_scale
+    if source.family.W_U_bias is not None:
+        out["logit_bias"] = True
     return out
 
 
@@ -545,6 +548,7 @@ def _decoder_in(
             top_k,
             decoder.softcap,
             decoder.device,
+            logit_bias=decoder.final.logit_bias is not None,
         )
     return Decoder(
         decoder.W_U,

@@ -236,8 +236,11 @@ def exact_logits(
 
     one = torch.tensor([rec.index])  # the neuron's row alone, not a copy of its layer
     w = source.neuron_rows(rec.matrix, rec.layer, one)[0].float()  # type: ignore[arg-type]
-    x = apply_final_norm(w[None], source.final_norm(), atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
+    readout = source.readout()
+    x = apply_final_norm(w[None], readout, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
     logits = source.W_U()[ids].float() @ x  # (n,)
+    if readout.scaled_logit_bias is not None:  # the head's bias (Phi-2, GPT-J)
+        logits = logits + readout.scaled_logit_bias[ids]
     cap = source.logit_softcap
     return torch.tanh(logits / cap) * cap if cap else logits
 

@@ -44,7 +44,7 @@ class Head:
     def open(cls, source: ModelSource, norm: NormMode, device: torch.device) -> Head:
         decoder = Decoder(
             source.W_U(),
-            source.final_norm(),
+            source.readout(),
             norm,
             1,
             device,

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .norm import FinalNorm, NormMode, apply_final_norm
+from .norm import NormMode, Readout, apply_final_norm
 from .slices import float_rows
 
 TOP1_TIE = 1e-3
@@ -94,6 +94,7 @@ def exact_decode(
     W_U: Tensor,
     x: Tensor,
     softcap: float | None = None,
+    logit_bias: Tensor | None = None,
 ) -> Tensor:
     """fp32 logits (n, V) of normed vectors x (n, d) against W_U (V, d) of any dtype, with the
     head converted to fp32 SLICE rows at a time, through one reused buffer."""
@@ -102,6 +103,8 @@ def exact_decode(
     out = torch.empty((n, V), dtype=torch.float32, device=W_U.device)
     for lo, part in float_rows(W_U, SLICE):
         out[:, lo : lo + SLICE] = x @ part.T
+    if logit_bias is not None:  # (V,): the head's bias, times the logits' scale
+        out += logit_bias.to(out.device)
     if softcap:
         out = torch.tanh(out / softcap) * softcap
     return out
@@ -163,17 +166,18 @@ def compare(
 
 
 def exact_reference(
-    w: Tensor, W_U: Tensor, final: FinalNorm, norm: NormMode, softcap: float | None
+    w: Tensor, W_U: Tensor, final: Readout, norm: NormMode, softcap: float | None
 ) -> Tensor:
     """Exact fp64 logits (n, V), on the CPU, of raw neuron vectors w (n, d_model)."""
-    x = apply_final_norm(w.to(W_U.device), final.to(W_U.device), norm)
-    return exact_decode(W_U, x, softcap).double().cpu()
+    final = final.to(W_U.device)
+    x = apply_final_norm(w.to(W_U.device), final, norm)
+    return exact_decode(W_U, x, softcap, final.scaled_logit_bias).double().cpu()
 
 
 def run_audit(
     sample: AuditSample,
     W_U: Tensor,  # (V, d_model), stored dtype
-    final: FinalNorm,
+    final: Readout,
     norm: NormMode,
     softcap: float | None,
     compute_dtype: str,

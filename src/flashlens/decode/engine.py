@@ -34,7 +34,7 @@ from .kernels import (
     pair_logits,
 )
 from .logits import Logits
-from .norm import FinalNorm, NormMode, apply_final_norm, norm_factors
+from .norm import NormMode, Readout, apply_final_norm, norm_factors
 from .policy import check_device
 from .reverse import SPARE, ReverseIndex
 from .slices import float_rows
@@ -73,7 +73,7 @@ class Decoder:
     def __init__(
         self,
         W_U: Tensor,  # (d_vocab, d_model), stored dtype
-        final: FinalNorm,
+        final: Readout,
         norm: NormMode,
         top_k: int,
         device: torch.device,
@@ -101,7 +101,9 @@ class Decoder:
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
-        scaled = scales_in_kernel(compute_dtype, softcap)
+        self._b = self.final.scaled_logit_bias  # (d_vocab,) the head's bias, or None
+        self._dense = bool(softcap) or self._b is not None  # logits transformed past the GEMM
+        scaled = scales_in_kernel(compute_dtype, self._dense)
         self._stats = compiled_block_stats(device.type, scaled) if compile else None
         self._exact = compiled(exact_logits, device.type) if compile else None
         self._pairs = compiled(pair_logits, device.type) if compile else None
@@ -140,9 +142,18 @@ class Decoder:
             L = self.head8.logits(x, self._L)  # integer products, with their scales
         else:
             L = Logits(torch.matmul(x.to(self.dtype), self.W_UT_c, out=self._L))
-        if self.softcap:
-            L = Logits(torch.tanh(L.dense() / self.softcap) * self.softcap)
+        if self._dense:
+            L = Logits(self._post(L.dense()))
         return L
+
+    def _post(self, out: Tensor, ids: Tensor | None = None) -> Tensor:
+        """The head's work past x . W_U on logits `out` of tokens `ids` (any shape; None: the
+        whole vocabulary, last dimension): its bias, then the soft-cap."""
+        if self._b is not None:
+            out = out + (self._b if ids is None else self._b[ids])
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
 
     def _block_stats(self, L: Logits, mu: Tensor, threshold: Tensor) -> BlockStats:
         if L.row_scale is not None and L.col_scale is not None:
@@ -159,8 +170,8 @@ class Decoder:
         x = apply_final_norm(W, self.final, self.norm)  # (B, d_model) fp32
         L = self.block_logits(x)
         mu = x @ self.mean_u  # (B,)
-        if self.softcap:
-            mu = L.data.mean(1)  # (fp32 after the softcap)
+        if self._dense:
+            mu = L.data.mean(1)  # (fp32, past the bias and soft-cap)
         threshold = self._no_threshold
         if reverse is not None and refs is not None:
             threshold = reverse.filter_threshold()
@@ -242,9 +253,7 @@ class Decoder:
         true extremes among them are only known exactly. A token already a candidate is
         appended with logits that sort last and carry no mass (-inf top, +inf bottom)."""
         B, K = L.shape[0], self.exact_ids.numel()
-        ex = x @ self._U_exact.T  # (B, K) fp32
-        if self.softcap:
-            ex = torch.tanh(ex / self.softcap) * self.softcap
+        ex = self._post(x @ self._U_exact.T, self.exact_ids)  # (B, K) fp32
         ids = self.exact_ids.expand(B, -1)
         approx = L.gather(ids)  # (B, K)
 
@@ -352,9 +361,7 @@ class Decoder:
             out -= (m * f)[rows] * self._head_dot("gain", g).index_select(0, tokens)
         if c is not None:  # the norm's bias: + W_U_t . c
             out += self._head_dot("bias", c).index_select(0, tokens)
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return self._post(out, tokens)
 
     def _head_dot(self, key: str, v: Tensor) -> Tensor:
         """W_U @ v (d_vocab,) fp32 for a vector v (d_model,) that stays the same for this
@@ -381,9 +388,7 @@ class Decoder:
                 i = ids[lo : lo + step]  # index_select: 2.5x faster than W_U[i] for row gathers
                 U = self.W_U.index_select(0, i.reshape(-1)).view(*i.shape, -1).float()
                 out[lo : lo + step] = torch.bmm(U, x[lo : lo + step, :, None]).squeeze(2)
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        return self._post(out, ids)
 
 
 def rows_dtype(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> torch.dtype:
@@ -404,10 +409,11 @@ def exact_path(head_dtype: torch.dtype, compute_dtype: torch.dtype) -> bool:
     return compute_dtype == torch.float32 and rows_dtype(head_dtype, compute_dtype) == torch.float32
 
 
-def scales_in_kernel(compute_dtype: torch.dtype, softcap: float | None) -> bool:
-    """The statistics kernel reads int32 products and applies their scales (int8 GEMM); after
-    a softcap the logits are already fp32 and the plain kernel runs."""
-    return compute_dtype == torch.int8 and not softcap
+def scales_in_kernel(compute_dtype: torch.dtype, dense: bool) -> bool:
+    """The statistics kernel reads int32 products and applies their scales (int8 GEMM); where
+    the head transforms its logits past the GEMM (`dense`: a soft-cap, a bias) they are
+    already fp32 and the plain kernel runs."""
+    return compute_dtype == torch.int8 and not dense
 
 
 def candidate_counts(top_k: int, d_vocab: int, exact: bool) -> tuple[int, int]:
@@ -427,6 +433,7 @@ def warm_up(
     top_k: int,
     softcap: float | None,
     device: torch.device,
+    logit_bias: bool = False,
 ) -> None:
     """Compile the kernels a `Decoder` with these settings will call on blocks of `block` rows,
     for placeholder inputs of the same shapes, dtypes and layouts: `map` does this while the
@@ -434,9 +441,10 @@ def warm_up(
     they come from the ahead-of-time kernel cache (see `aot`): milliseconds once built."""
     n_cand = sum(candidate_counts(top_k, d_vocab, exact_path(head_dtype, compute_dtype)))
     B, V = block, d_vocab
-    scaled = scales_in_kernel(compute_dtype, softcap)
+    dense = bool(softcap) or logit_bias  # (as the Decoder decides)
+    scaled = scales_in_kernel(compute_dtype, dense)
     products = int8.out_dtype(int8.kernel())  # the int8 GEMM's output: int32 or fp32
-    L_dtype = torch.float32 if softcap else products if scaled else compute_dtype
+    L_dtype = torch.float32 if dense else products if scaled else compute_dtype
     L = torch.empty((B, V), dtype=L_dtype, device=device)  # (never written: no memory used)
     stats = compiled_block_stats(device.type, scaled)
     exact_fn = compiled(exact_logits, device.type)

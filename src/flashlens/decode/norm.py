@@ -14,26 +14,43 @@ NormKind = Literal["rms", "layer"]
 
 
 @dataclass(frozen=True)
-class FinalNorm:
-    """The model's final norm, and the factor its forward puts on the logits, fp32:
+class Readout:
+    """How the model reads logits out of a residual vector, past W_U's rows, fp32:
 
         rms:    norm(w) = w / sqrt(mean(w^2) + eps) * gain
         layer:  norm(w) = (w - mean(w)) / sqrt(var(w) + eps) * gain + bias
-        logits = scale * (W_U @ norm(w))
+        logits = scale * (W_U @ norm(w) + logit_bias)
 
     gain (d_model,) as the model applies it (Gemma: 1 + weight; ones for a norm without a
-    weight); bias (d_model,) or None. The scale (Granite divides its logits, Cohere multiplies
-    them) is applied to the normed vector, which the head's linearity makes the same."""
+    weight); bias (d_model,) or None; logit_bias (d_vocab,), the LM-head's own bias (Phi-2,
+    GPT-J), or None. The scale (Granite divides its logits, Cohere multiplies them) is applied
+    to the normed vector, which the head's linearity makes the same, and to the logit bias
+    (`scaled_logit_bias`). A soft-cap, where the model has one, comes after all of it."""
 
     gain: Tensor
     eps: float
     kind: NormKind = "rms"
     bias: Tensor | None = None
     scale: float = 1.0
+    logit_bias: Tensor | None = None
 
-    def to(self, device: torch.device) -> FinalNorm:
-        bias = None if self.bias is None else self.bias.to(device, torch.float32)
-        return replace(self, gain=self.gain.to(device, torch.float32), bias=bias)
+    def to(self, device: torch.device) -> Readout:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, torch.float32)
+
+        return replace(
+            self,
+            gain=self.gain.to(device, torch.float32),
+            bias=move(self.bias),
+            logit_bias=move(self.logit_bias),
+        )
+
+    @property
+    def scaled_logit_bias(self) -> Tensor | None:
+        """What the logits gain per token past x . W_U (x the normed, scaled vector), (V,)."""
+        if self.logit_bias is None:
+            return None
+        return self.logit_bias.float() * self.scale
 
 
 class Affine(NamedTuple):
@@ -46,10 +63,10 @@ class Affine(NamedTuple):
     c: Tensor | None
 
 
-def apply_final_norm(W: Tensor, norm: FinalNorm, mode: NormMode) -> Tensor:
+def apply_final_norm(W: Tensor, norm: Readout, mode: NormMode) -> Tensor:
     """W (n, d_model) neuron vectors -> (n, d_model) fp32, ready for the LM-head.
 
-    model: the final norm as the model computes it on a residual w (FinalNorm), then the scale
+    model: the final norm as the model computes it on a residual w (Readout), then the scale
     gain:  w * gain * scale  (direction weighting only: no centring, rescaling or bias)
     none:  w * scale
     """
@@ -65,7 +82,7 @@ def apply_final_norm(W: Tensor, norm: FinalNorm, mode: NormMode) -> Tensor:
     return x * norm.scale if norm.scale != 1.0 else x
 
 
-def norm_factors(W: Tensor, norm: FinalNorm, mode: NormMode, rows: int = 1024) -> Affine:
+def norm_factors(W: Tensor, norm: Readout, mode: NormMode, rows: int = 1024) -> Affine:
     """apply_final_norm(W) in the factored form of `Affine`, computed in slices of `rows`, so
     no fp32 copy of W is made (for reading many entries of a whole layer exactly)."""
     n, d = W.shape

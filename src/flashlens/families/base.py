@@ -36,6 +36,7 @@ class Family:
     final_norm: str | None  # its weight (None: a norm without one, OLMo's)
     W_U: str = "lm_head.weight"
     W_E: str = "model.embed_tokens.weight"  # the tied LM-head when tie_word_embeddings
+    W_U_bias: str | None = None  # the LM-head's bias (d_vocab,), where it has one
     norm_kind: Literal["rms", "layer"] = "rms"  # layer: centred first, then an optional bias
     final_norm_bias: str | None = None
     norm_eps_key: str | None = "rms_norm_eps"

@@ -86,3 +86,42 @@ GPT2 = register(
         buffers=(".attn.bias", ".attn.masked_bias"),
     )
 )
+# Heads with a bias (d_vocab,): Phi (1, 1.5, 2), GPT-J, CodeGen; ungated MLPs
+PHI = _gated(
+    "phi",
+    "PhiForCausalLM",
+    W_up=f"{_MLP}.fc1.weight",
+    W_gate=None,
+    W_down=f"{_MLP}.fc2.weight",
+    final_norm="model.final_layernorm.weight",
+    final_norm_bias="model.final_layernorm.bias",
+    W_U_bias="lm_head.bias",
+)
+
+
+def _gptj_like(name: str, architecture: str) -> Family:
+    return register(
+        Family(
+            name=name,
+            architectures=(architecture,),
+            W_up="transformer.h.{layer}.mlp.fc_in.weight",
+            W_gate=None,
+            W_down="transformer.h.{layer}.mlp.fc_out.weight",
+            final_norm="transformer.ln_f.weight",
+            final_norm_bias="transformer.ln_f.bias",
+            W_U_bias="lm_head.bias",
+            W_E="transformer.wte.weight",
+            norm_kind="layer",
+            norm_eps_key="layer_norm_epsilon",
+            norm_eps_default=1e-5,
+            d_model_key="n_embd",
+            d_mlp_key="n_inner",
+            n_layers_key="n_layer",
+            d_mlp_factor=4,
+            buffers=(".attn.bias", ".attn.masked_bias", ".causal_mask", ".embed_positions"),
+        )
+    )
+
+
+GPTJ = _gptj_like("gptj", "GPTJForCausalLM")
+CODEGEN = _gptj_like("codegen", "CodeGenForCausalLM")

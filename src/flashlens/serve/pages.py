@@ -252,6 +252,8 @@ def overview_page(data: dict[str, Any]) -> str:
         settings.append(("tied head", "yes" if m["decoding"]["tied"] else "no"))
         if "norm_kind" in m["decoding"]:
             settings.append(("final norm", m["decoding"]["norm_kind"]))
+        if m["decoding"].get("logit_bias"):
+            settings.append(("head bias", "yes"))
         if "logit_scale" in m["decoding"]:
             settings.append(("logit scale", f"{m['decoding']['logit_scale']:g}"))
     if m.get("seconds") is not None:

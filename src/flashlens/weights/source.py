@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..decode.norm import FinalNorm
+from ..decode.norm import Readout
 from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
 from .checkpoint import Checkpoint
@@ -167,13 +167,18 @@ class ModelSource:
         g = self.checkpoint.get(self.name(self.family.final_norm)).float()
         return g + self.family.norm_weight_offset
 
-    def final_norm(self) -> FinalNorm:
+    def readout(self) -> Readout:
         """The final norm and the logits' scale, as the model applies them."""
         f = self.family
         bias = None
         if f.final_norm_bias is not None:
             bias = self.checkpoint.get(self.name(f.final_norm_bias)).float()
-        return FinalNorm(self.norm_weight(), self.norm_eps, f.norm_kind, bias, self.logit_scale)
+        head_bias = None
+        if f.W_U_bias is not None:
+            head_bias = self.checkpoint.get(self.name(f.W_U_bias)).float()
+        return Readout(
+            self.norm_weight(), self.norm_eps, f.norm_kind, bias, self.logit_scale, head_bias
+        )
 
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
@@ -210,6 +215,8 @@ class ModelSource:
                 f"checkpoint at {self.folder}; a shard may be missing"
             )
         expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d)}
+        if self.family.W_U_bias is not None:
+            expected[self.name(self.family.W_U_bias)] = (v,)
         for vector in (self.family.final_norm, self.family.final_norm_bias):
             if vector is not None:
                 expected[self.name(vector)] = (d,)
