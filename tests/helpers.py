@@ -80,7 +80,13 @@ FAMILIES = (
     "phi",
     "gptj",
     "codegen",
+    "mixtral",
+    "olmoe",
+    "qwen3_moe",
 )
+# mixtures of experts (4 experts of d_mlp units each in the tiny models)
+MOE = ("mixtral", "olmoe", "qwen3_moe")
+N_EXPERTS = 4
 # families whose MLP has no gate: down(act(up(x)))
 UNGATED = (
     "arcee",
@@ -98,6 +104,9 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
     "cohere": {"logit_scale": 0.5},
     "cohere2": {"logit_scale": 0.5},
+    "mixtral": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
 }
 
 
@@ -140,6 +149,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "phi": (tf.PhiConfig, tf.PhiForCausalLM),
         "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM),
         "codegen": (tf.CodeGenConfig, tf.CodeGenForCausalLM),
+        "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
+        "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
+        "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
     }[family]
 
 
@@ -165,6 +177,8 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
+    if family == "qwen3_moe":  # one expert's width
+        config.setdefault("moe_intermediate_size", d_mlp)
     if family in ("gpt2", "gptj", "codegen"):  # their own keys for the MLP's width
         config.setdefault("n_inner", d_mlp)
     if family in ("gptj", "codegen"):
@@ -255,6 +269,16 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
     model's modules (independently of flashlens's families)."""
     mlp = _layers(model)[layer].mlp
+    experts = getattr(mlp, "experts", None)
+    if experts is not None and hasattr(experts, "gate_up_proj"):
+        # transformers holds a layer's experts as 3D tensors: gate_up_proj (E, 2m, d), gate's
+        # rows first; down_proj (E, d, m). Expert by expert, as (E * m, d) rows.
+        if matrix == "down":
+            down = experts.down_proj.detach().float()
+            return down.transpose(1, 2).reshape(-1, down.shape[1])
+        gate_up = experts.gate_up_proj.detach().float()
+        gate, up = gate_up.chunk(2, dim=1)
+        return (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
     if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
         gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
         return up if matrix == "up" else gate

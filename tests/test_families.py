@@ -155,3 +155,47 @@ def test_prob_gives_the_model_s_own_logit(
     L = reference_logits(model, "up", 1)[5]
     assert got["logit"] == pytest.approx(float(L[got["token_id"]]), rel=1e-5, abs=1e-5)
     assert got["logsumexp"] == pytest.approx(float(torch.logsumexp(L.double(), 0)), rel=1e-5)
+
+
+def test_a_mixture_of_experts_maps_every_expert_and_says_which(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Mixtral: a layer's neurons are its 4 experts' 24 units each, in order; single neurons
+    are read from their own expert; `show` names the expert; a clamp is refused in one line."""
+    from flashlens.weights import ModelSource
+
+    model = make_model(tmp_path / "m", "mixtral", n_layers=2, d_mlp=24)
+    source = ModelSource.open(model)
+    assert (source.n_experts, source.d_expert, source.d_mlp) == (4, 24, 96)
+    index = torch.tensor([70, 5, 95, 30, 71])  # experts 2, 0, 3, 1, 2 (unsorted)
+    for matrix in ("up", "gate", "down"):
+        W = source.neurons(matrix, 1)  # type: ignore[arg-type]
+        assert torch.equal(source.neuron_rows(matrix, 1, index), W[index])  # type: ignore[arg-type]
+    source.close()
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "a"), "down:1:70", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["expert"], shown["unit"]) == (2, 22)
+    assert main(["show", str(tmp_path / "a"), "down:1:70"]) == 0
+    assert "(expert 2, unit 22)" in capsys.readouterr().out
+    argv = ["prob", str(tmp_path / "a"), "down:1:70", " the", "--model", str(model), "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = reference_logits(model, "down", 1)[70, got["token_id"]]
+    assert got["logit"] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+    argv = ["clamp", str(model), "--neuron", "up:1:70", "--concept", "dog"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "mixture of experts" in err and "Traceback" not in err
+
+
+def test_a_mixture_with_dense_layers_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_model(tmp_path / "m", "qwen3_moe", n_layers=2, d_mlp=16)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "mlp_only_layers": [1]}))
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "mlp_only_layers=[1]" in err and "dense" in err and "Traceback" not in err

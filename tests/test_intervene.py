@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from flashlens import Atlas
-from flashlens.errors import FlashlensError, NeuronError
+from flashlens.errors import FlashlensError, NeuronError, UnsupportedModelError
 from flashlens.families import Matrix
 from flashlens.intervene import Neuron, activation_ranges, clamp, dose_response, record
 from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-from .helpers import FAMILIES, load_reference_model, make_model, matrices_of
+from .helpers import FAMILIES, MOE, load_reference_model, make_model, matrices_of
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
 
@@ -94,6 +94,10 @@ def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
     value it records leaves the logits as they were; the same clamp moved by 5 changes them."""
     path = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
     model, tok = load_reference_model(path), load_tokenizer(path)
+    if family in MOE:  # refused, in one line, before any hook
+        with pytest.raises(UnsupportedModelError, match="mixture of experts"):
+            clamp(model, "up:0:3", 1.0).__enter__()
+        return
     batch = _batch(tok, ["Once upon a time"])
     base = _logits(model, batch)
     neurons = [Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")]

@@ -413,6 +413,8 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["logit_scale"] = source.logit_scale
     if source.family.W_U_bias is not None:
         out["logit_bias"] = True
+    if source.n_experts > 1:  # neuron e * d_expert + i is unit i of expert e
+        out["experts"] = source.n_experts
     return out
 
 

@@ -210,6 +210,13 @@ class Atlas:
     def layer_table(self, matrix: str, layer: int) -> pa.Table:
         return read_parquet(self.layer_path(matrix, layer))
 
+    def expert_of(self, index: int) -> tuple[int, int] | None:
+        """(expert, unit) of neuron `index` in a mixture of experts; None for a dense MLP."""
+        experts = int((self.meta.decoding or {}).get("experts", 1))
+        if experts <= 1:
+            return None
+        return divmod(index, self.meta.d_mlp // experts)
+
     def neuron(self, layer: int, index: int, matrix: str = "up") -> NeuronRecord:
         self.check_neuron(layer, index, matrix)
         table = read_parquet(self.layer_path(matrix, layer), filters=[("index", "=", index)])

@@ -173,8 +173,9 @@ class AtlasMeta:
     weights_fingerprint: str | None = None
     # How the final norm and W_U were applied, as resolved from config.json and the family's
     # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied", and where they apply
-    # "norm_kind" ("layer"), "logit_scale" (the factor on the logits) and "logit_bias" (true:
-    # the head adds a bias)}. None: an atlas from
+    # "norm_kind" ("layer"), "logit_scale" (the factor on the logits), "logit_bias" (true:
+    # the head adds a bias) and "experts" (a mixture of experts: neuron e * d_mlp / experts + i
+    # is unit i of expert e)}. None: an atlas from
     # before it was recorded (then only config_hash says it).
     decoding: dict[str, Any] | None = None
 

@@ -190,11 +190,14 @@ def show_command(
     at = Atlas.open(atlas)
     rec = at.neuron(layer, index, matrix)
     checks = at.validations(layer, index, matrix)
+    expert = at.expert_of(index)  # (expert, unit) in a mixture of experts
     if json_out:
-        print_json(rec.to_dict() | {"validations": [c.to_dict() for c in checks]})
+        where = {} if expert is None else {"expert": expert[0], "unit": expert[1]}
+        print_json(rec.to_dict() | where | {"validations": [c.to_dict() for c in checks]})
         return
+    of = "" if expert is None else f" (expert {expert[0]}, unit {expert[1]})"
     console.print(
-        f"[bold]{matrix} {layer}:{index}[/]  entropy {_num(rec.entropy)} nats  "
+        f"[bold]{matrix} {layer}:{index}[/]{of}  entropy {_num(rec.entropy)} nats  "
         f"logsumexp {_num(rec.logsumexp)}  |w| {_num(rec.w_norm, 3)}  "
         f"skew {_num(rec.logit_skew)}  kurtosis {_num(rec.logit_kurtosis)}"
     )

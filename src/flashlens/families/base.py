@@ -66,21 +66,29 @@ class Family:
     # name endings of buffers that some saves hold and others not (left out of the weights'
     # fingerprint)
     buffers: tuple[str, ...] = (".inv_freq",)
+    # Mixture of experts: the config keys of the number of experts per layer (the first that
+    # config.json holds: transformers renames some); tensor names
+    # then hold {expert}, d_mlp_key is one expert's width, and a layer's neurons are its
+    # experts' in order (neuron e * d_expert + i is unit i of expert e)
+    experts_keys: tuple[str, ...] = ()
+    # config settings a mixture-of-experts entry needs as given (e.g. every layer sparse),
+    # as (key, value) pairs checked where config.json sets the key
+    require: tuple[tuple[str, Any], ...] = ()
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
-    def tensor(self, matrix: Matrix, layer: int) -> str:
-        """Checkpoint name of a layer's MLP weight matrix."""
+    def tensor(self, matrix: Matrix, layer: int, expert: int = 0) -> str:
+        """Checkpoint name of a layer's MLP weight matrix (of one expert, in a mixture)."""
         template = {"up": self.W_up, "gate": self.W_gate, "down": self.W_down}[matrix]
         if template is None:
             raise UnsupportedModelError(
                 f"architecture family {self.name!r} has no {matrix!r} matrix; "
                 f"choose from {', '.join(self.matrices)}"
             )
-        return template.format(layer=layer)
+        return template.format(layer=layer, expert=expert)
 
     def row_offset(self, matrix: Matrix, d_mlp: int) -> int:
         """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up
@@ -103,6 +111,12 @@ class Family:
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Refuse config features this family does not decode faithfully."""
+        odd = [f"{k}={config[k]!r}" for k, v in self.require if k in config and config[k] != v]
+        if odd:
+            raise UnsupportedModelError(
+                f"{self.name} config has {'; '.join(odd)}, which makes some layers dense "
+                "MLPs beside the experts: flashlens maps mixtures whose every layer is sparse"
+            )
         bad = [k for k in self.refuse_keys if config.get(k)]
         if bad:
             raise UnsupportedModelError(

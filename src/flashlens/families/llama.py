@@ -51,3 +51,35 @@ GRANITE = _llama_like(
 # ungated MLPs, down(act(up(x))): no gate matrix
 ARCEE = _llama_like("arcee", "ArceeForCausalLM", W_gate=None)  # AFM (ReLU^2)
 APERTUS = _llama_like("apertus", "ApertusForCausalLM", W_gate=None)  # (xIELU)
+
+# Mixtures of experts (routed experts only; no shared expert): a layer's neurons are its
+# experts' units in order, neuron e * d_expert + i being unit i of expert e
+_EXPERT = f"{_MLP}.experts.{{expert}}"
+MIXTRAL = _llama_like(
+    "mixtral",
+    "MixtralForCausalLM",
+    W_up="model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
+    W_gate="model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
+    W_down="model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
+    experts_keys=("num_local_experts",),
+)
+OLMOE = _llama_like(
+    "olmoe",
+    "OlmoeForCausalLM",
+    W_up=f"{_EXPERT}.up_proj.weight",
+    W_gate=f"{_EXPERT}.gate_proj.weight",
+    W_down=f"{_EXPERT}.down_proj.weight",
+    experts_keys=("num_experts", "num_local_experts"),
+)
+# Qwen3-MoE: one expert's width is moe_intermediate_size; layers listed in mlp_only_layers, or
+# off decoder_sparse_step, would be dense MLPs
+QWEN3_MOE = _llama_like(
+    "qwen3_moe",
+    "Qwen3MoeForCausalLM",
+    W_up=f"{_EXPERT}.up_proj.weight",
+    W_gate=f"{_EXPERT}.gate_proj.weight",
+    W_down=f"{_EXPERT}.down_proj.weight",
+    experts_keys=("num_experts", "num_local_experts"),
+    d_mlp_key="moe_intermediate_size",
+    require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
+)

@@ -89,6 +89,12 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
     if site not in SITES:
         raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
     family = model_family(model)
+    if family.experts_keys:
+        raise UnsupportedModelError(
+            f"neuron {neuron}: clamping a neuron of a mixture of experts ({family.name}) is not "
+            "supported yet (transformers runs all of a layer's experts in one module); map, "
+            "show, search, stats, prob and compare work on it"
+        )
     n_layers = int(cast(Any, model).config.num_hidden_layers)
     if not 0 <= neuron.layer < n_layers:
         raise NeuronError(

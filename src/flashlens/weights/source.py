@@ -57,10 +57,25 @@ class ModelSource:
 
     @property
     def d_mlp(self) -> int:
+        """Neurons per layer and matrix: in a mixture of experts, every expert's units, expert
+        by expert (neuron e * d_expert + i is unit i of expert e)."""
+        return self.n_experts * self.d_expert
+
+    @property
+    def d_expert(self) -> int:
+        """One MLP's width: d_mlp, or one expert's in a mixture of experts."""
         f = self.family
         if self.config.get(f.d_mlp_key) is None and f.d_mlp_factor is not None:
             return f.d_mlp_factor * self.d_model  # (GPT-2: n_inner null, 4 * n_embd)
         return int(self._size(f.d_mlp_key))
+
+    @property
+    def n_experts(self) -> int:
+        """Experts per layer (1: a dense MLP)."""
+        keys = self.family.experts_keys
+        if not keys:
+            return 1
+        return int(self._size(next((k for k in keys if k in self.config), keys[0])))
 
     @property
     def n_layers(self) -> int:
@@ -181,24 +196,50 @@ class ModelSource:
         )
 
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
-        """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype."""
+        """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype (a mixture of
+        experts: each expert's copied in turn into one tensor)."""
         self.check_layer(layer)
-        name = self.name(self.family.tensor(matrix, layer))
+        if self.n_experts == 1:
+            return self._expert(matrix, layer, 0)
+        m = self.d_expert
+        out = torch.empty(0)
+        for e in range(self.n_experts):
+            W = self._expert(matrix, layer, e)  # (d_expert, d_model)
+            if e == 0:
+                out = torch.empty((self.d_mlp, W.shape[1]), dtype=W.dtype)
+            out[e * m : (e + 1) * m] = W
+        return out
+
+    def _expert(self, matrix: Matrix, layer: int, expert: int) -> torch.Tensor:
+        """One MLP's (one expert's) neuron vectors as rows, (d_expert, d_model)."""
+        name = self.name(self.family.tensor(matrix, layer, expert))
         if self.family.neuron_is_column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
             return self.checkpoint.get(name).T
         if self.family.gate_up_fused:  # its half of the fused tensor, read alone
-            lo = self.family.row_offset(matrix, self.d_mlp)
-            return self.checkpoint.get(name, rows=(lo, lo + self.d_mlp))
+            lo = self.family.row_offset(matrix, self.d_expert)
+            return self.checkpoint.get(name, rows=(lo, lo + self.d_expert))
         return self.checkpoint.get(name)
 
     def neuron_rows(self, matrix: Matrix, layer: int, index: torch.Tensor) -> torch.Tensor:
         """Neurons `index` (n,) of one layer as rows, (n, d_model), stored dtype, read without
         the rest of the layer."""
         self.check_layer(layer)
-        name = self.name(self.family.tensor(matrix, layer))
+        if self.n_experts == 1:
+            return self._expert_rows(matrix, layer, 0, index)
+        experts, units = index // self.d_expert, index % self.d_expert
+        out = torch.empty((len(index), self.d_model), dtype=self.dtype)
+        for e in experts.unique().tolist():
+            at = (experts == e).nonzero().squeeze(1)
+            out[at] = self._expert_rows(matrix, layer, e, units[at])
+        return out
+
+    def _expert_rows(
+        self, matrix: Matrix, layer: int, expert: int, index: torch.Tensor
+    ) -> torch.Tensor:
+        name = self.name(self.family.tensor(matrix, layer, expert))
         if self.family.neuron_is_column(matrix):
             return self.checkpoint.gather(name, index, dim=1).T.contiguous()
-        return self.checkpoint.gather(name, index + self.family.row_offset(matrix, self.d_mlp))
+        return self.checkpoint.gather(name, index + self.family.row_offset(matrix, self.d_expert))
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -208,7 +249,7 @@ class ModelSource:
 
     def _check_shapes(self) -> None:
         """Fail before any compute if a tensor the map needs is absent or misshapen."""
-        d, m, v = self.d_model, self.d_mlp, self.d_vocab
+        d, m, v = self.d_model, self.d_expert, self.d_vocab
         if not self.tied and self.name(self.family.W_U) not in self.checkpoint:
             raise CheckpointError(
                 f"config says tie_word_embeddings=false but {self.family.W_U} is not in the "
@@ -223,8 +264,10 @@ class ModelSource:
         for layer in range(self.n_layers):
             for matrix in self.family.matrices:
                 rows = self.family.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
-                name = self.name(self.family.tensor(matrix, layer))
-                expected[name] = (d, m) if self.family.neuron_is_column(matrix) else (rows, d)
+                for e in range(self.n_experts):
+                    name = self.name(self.family.tensor(matrix, layer, e))
+                    column = self.family.neuron_is_column(matrix)
+                    expected[name] = (d, m) if column else (rows, d)
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
