@@ -199,3 +199,16 @@ def test_a_mixture_with_dense_layers_is_refused(
     assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "mlp_only_layers=[1]" in err and "dense" in err and "Traceback" not in err
+
+
+def test_every_registered_family_is_checked_against_its_own_model() -> None:
+    """The per-family tests (test_map_reference, test_intervene) run over FAMILIES: a new
+    registry entry without a tiny transformers model there would land unchecked."""
+    from flashlens.families import family_for, supported_architectures
+
+    from .helpers import FAMILIES, _classes
+
+    names = {family_for({"architectures": [a]}).name for a in supported_architectures()}
+    assert names == set(FAMILIES)
+    for family in FAMILIES:  # each built from its own transformers classes
+        assert _classes(family)[1].__name__ in supported_architectures()

@@ -4,23 +4,14 @@ bias: norm(w) = (w - mean(w)) / sqrt(var(w) + eps) * gain + bias."""
 from __future__ import annotations
 
 from .base import Family
-from .registry import register
+from .llama import MLP, llama_like
 
-_MLP = "model.layers.{layer}.mlp"
-_LAYER = dict(norm_kind="layer", norm_eps_key="layer_norm_eps", norm_eps_default=1e-5)
+LAYER_NORM = dict(norm_kind="layer", norm_eps_key="layer_norm_eps", norm_eps_default=1e-5)
 
 
 def _gated(name: str, architecture: str, **fields: object) -> Family:
     """Llama's tensor names (gate_proj, up_proj, down_proj, model.norm) with a LayerNorm."""
-    layout: dict[str, object] = dict(
-        W_up=f"{_MLP}.up_proj.weight",
-        W_gate=f"{_MLP}.gate_proj.weight",
-        W_down=f"{_MLP}.down_proj.weight",
-        final_norm="model.norm.weight",
-        **_LAYER,
-    )
-    layout.update(fields)
-    return register(Family(name=name, architectures=(architecture,), **layout))  # type: ignore[arg-type]
+    return llama_like(name, architecture, **{**LAYER_NORM, **fields})
 
 
 # Cohere (Command R): no bias; logits * config.logit_scale; the head tied by default
@@ -42,9 +33,9 @@ NEMOTRON = _gated(
 STARCODER2 = _gated(
     "starcoder2",
     "Starcoder2ForCausalLM",
-    W_up=f"{_MLP}.c_fc.weight",
+    W_up=f"{MLP}.c_fc.weight",
     W_gate=None,
-    W_down=f"{_MLP}.c_proj.weight",
+    W_down=f"{MLP}.c_proj.weight",
     final_norm_bias="model.norm.bias",
     norm_eps_key="norm_epsilon",
     tie_default=True,
@@ -61,67 +52,14 @@ GPT_NEOX = _gated(
     W_U="embed_out.weight",
     W_E="gpt_neox.embed_in.weight",
 )
-# GPT-2: Conv1D weights stored (in, out); sizes under its own config keys; hub files without
-# the "transformer." prefix; the causal-mask buffers of older saves left out of fingerprints
-GPT2 = register(
-    Family(
-        name="gpt2",
-        architectures=("GPT2LMHeadModel",),
-        W_up="transformer.h.{layer}.mlp.c_fc.weight",
-        W_gate=None,
-        W_down="transformer.h.{layer}.mlp.c_proj.weight",
-        final_norm="transformer.ln_f.weight",
-        final_norm_bias="transformer.ln_f.bias",
-        W_E="transformer.wte.weight",
-        norm_kind="layer",
-        norm_eps_key="layer_norm_epsilon",
-        norm_eps_default=1e-5,
-        tie_default=True,
-        d_model_key="n_embd",
-        d_mlp_key="n_inner",
-        n_layers_key="n_layer",
-        d_mlp_factor=4,
-        conv1d=True,
-        optional_prefix="transformer.",
-        buffers=(".attn.bias", ".attn.masked_bias"),
-    )
-)
-# Heads with a bias (d_vocab,): Phi (1, 1.5, 2), GPT-J, CodeGen; ungated MLPs
+# Phi (1, 1.5, 2): ungated, and its head has a bias (d_vocab,)
 PHI = _gated(
     "phi",
     "PhiForCausalLM",
-    W_up=f"{_MLP}.fc1.weight",
+    W_up=f"{MLP}.fc1.weight",
     W_gate=None,
-    W_down=f"{_MLP}.fc2.weight",
+    W_down=f"{MLP}.fc2.weight",
     final_norm="model.final_layernorm.weight",
     final_norm_bias="model.final_layernorm.bias",
     W_U_bias="lm_head.bias",
 )
-
-
-def _gptj_like(name: str, architecture: str) -> Family:
-    return register(
-        Family(
-            name=name,
-            architectures=(architecture,),
-            W_up="transformer.h.{layer}.mlp.fc_in.weight",
-            W_gate=None,
-            W_down="transformer.h.{layer}.mlp.fc_out.weight",
-            final_norm="transformer.ln_f.weight",
-            final_norm_bias="transformer.ln_f.bias",
-            W_U_bias="lm_head.bias",
-            W_E="transformer.wte.weight",
-            norm_kind="layer",
-            norm_eps_key="layer_norm_epsilon",
-            norm_eps_default=1e-5,
-            d_model_key="n_embd",
-            d_mlp_key="n_inner",
-            n_layers_key="n_layer",
-            d_mlp_factor=4,
-            buffers=(".attn.bias", ".attn.masked_bias", ".causal_mask", ".embed_positions"),
-        )
-    )
-
-
-GPTJ = _gptj_like("gptj", "GPTJForCausalLM")
-CODEGEN = _gptj_like("codegen", "CodeGenForCausalLM")

@@ -1,0 +1,47 @@
+"""GPT-style families: a transformer.h stack, sizes under n_embd / n_inner / n_layer (n_inner
+null: 4 * n_embd), an ungated MLP, a LayerNorm with bias (ln_f), the embedding transformer.wte.
+GPT-2 stores its weights transposed (Conv1D); GPT-J and CodeGen give their head a bias."""
+
+from __future__ import annotations
+
+from .base import Family
+from .registry import register
+
+_H = "transformer.h.{layer}.mlp"
+
+
+def _gpt_like(name: str, architecture: str, up: str, down: str, **fields: object) -> Family:
+    layout: dict[str, object] = dict(
+        W_up=f"{_H}.{up}.weight",
+        W_gate=None,
+        W_down=f"{_H}.{down}.weight",
+        final_norm="transformer.ln_f.weight",
+        final_norm_bias="transformer.ln_f.bias",
+        W_E="transformer.wte.weight",
+        norm_kind="layer",
+        norm_eps_key="layer_norm_epsilon",
+        norm_eps_default=1e-5,
+        d_model_key="n_embd",
+        d_mlp_key="n_inner",
+        n_layers_key="n_layer",
+        d_mlp_factor=4,
+        # the causal-mask and position buffers that some saves hold (left out of fingerprints)
+        buffers=(".attn.bias", ".attn.masked_bias", ".causal_mask", ".embed_positions"),
+    )
+    layout.update(fields)
+    return register(Family(name=name, architectures=(architecture,), **layout))  # type: ignore[arg-type]
+
+
+# GPT-2: Conv1D weights stored (in, out); hub files without the "transformer." prefix; the
+# head tied to the embedding by default
+GPT2 = _gpt_like(
+    "gpt2",
+    "GPT2LMHeadModel",
+    "c_fc",
+    "c_proj",
+    conv1d=True,
+    optional_prefix="transformer.",
+    tie_default=True,
+)
+GPTJ = _gpt_like("gptj", "GPTJForCausalLM", "fc_in", "fc_out", W_U_bias="lm_head.bias")
+CODEGEN = _gpt_like("codegen", "CodeGenForCausalLM", "fc_in", "fc_out", W_U_bias="lm_head.bias")
