@@ -117,7 +117,7 @@ def _decoder(
 
 def _reference(dec: Decoder, W_U: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     w = W.double()
-    x = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + 1e-6) * dec.final.gain.double()
+    x = w * torch.rsqrt(w.pow(2).mean(-1, keepdim=True) + 1e-6) * dec.readout.gain.double()
     return x @ W_U.double().T  # (B, V)
 
 

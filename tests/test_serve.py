@@ -488,3 +488,41 @@ def test_a_degenerate_neuron_page_says_so_and_writes_no_nan(tmp_path: Path) -> N
         assert ">nan<" not in r.text and 'title="nan"' not in r.text  # n/a instead
     sound = client.get("/neuron/up/0/0")
     assert sound.status_code == 200 and "all zero or not finite" not in sound.text
+
+
+def test_a_mixture_of_experts_neuron_page_names_its_expert(tmp_path: Path) -> None:
+    """Neuron 70 of a Mixtral layer (4 experts of 24 units) is unit 22 of expert 2, on the
+    page and in its JSON twin; a dense model's neurons name no expert."""
+    from flashlens import map_model
+
+    from .helpers import make_model
+
+    model = make_model(tmp_path / "m", "mixtral", n_layers=1, d_mlp=24)
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    client = TestClient(make_app(Atlas.open(tmp_path / "a")))
+    page, data = get_both(client, "/neuron/up/0/70")
+    assert (data["expert"], data["unit"]) == (2, 22)
+    assert "2 (unit 22)" in " ".join(page.text)
+    _, plain = get_both(client, "/neuron/up/0/5")
+    assert (plain["expert"], plain["unit"]) == (0, 5)
+    dense = make_model(tmp_path / "d", n_layers=1)
+    map_model(dense, tmp_path / "b", matrices="up", compile="off")
+    _, data = get_both(TestClient(make_app(Atlas.open(tmp_path / "b"))), "/neuron/up/0/5")
+    assert "expert" not in data
+
+
+def test_the_overview_says_how_the_head_reads_out(tmp_path: Path) -> None:
+    """Phi-2's LayerNorm and head bias, Cohere's logit scale: in the overview's settings."""
+    from flashlens import map_model
+
+    from .helpers import make_model
+
+    for family, shown in (
+        ("phi", ["final norm", "layer", "head bias"]),
+        ("cohere", ["logit scale", "0.5"]),
+    ):
+        model = make_model(tmp_path / family, family, n_layers=1)
+        map_model(model, tmp_path / f"a-{family}", matrices="up", compile="off")
+        page, _ = get_both(TestClient(make_app(Atlas.open(tmp_path / f"a-{family}"))), "/")
+        text = " ".join(page.text)
+        assert all(s in text for s in shown), (family, text)

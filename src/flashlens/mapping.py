@@ -375,7 +375,7 @@ def _map(
                 checked = run_audit(
                     sample,
                     decoder.W_U,
-                    decoder.final,
+                    decoder.readout,
                     decoder.norm,
                     decoder.softcap,
                     meta.compute_dtype,
@@ -550,11 +550,11 @@ def _decoder_in(
             top_k,
             decoder.softcap,
             decoder.device,
-            logit_bias=decoder.final.logit_bias is not None,
+            logit_bias=decoder.readout.logit_bias is not None,
         )
     return Decoder(
         decoder.W_U,
-        decoder.final,
+        decoder.readout,
         decoder.norm,
         top_k,
         decoder.device,

@@ -56,7 +56,7 @@ class Head:
     def log_probs(self, W: Tensor) -> Tensor:
         """Neuron vectors W (B, d_model) -> log softmax of their logits, (B, d_vocab) fp32."""
         d = self.decoder
-        x = apply_final_norm(W.to(d.device), d.final, d.norm)  # type: ignore[arg-type]
+        x = apply_final_norm(W.to(d.device), d.readout, d.norm)  # type: ignore[arg-type]
         return torch.log_softmax(d.logits(x).float(), dim=-1)
 
 

@@ -166,18 +166,18 @@ def compare(
 
 
 def exact_reference(
-    w: Tensor, W_U: Tensor, final: Readout, norm: NormMode, softcap: float | None
+    w: Tensor, W_U: Tensor, readout: Readout, norm: NormMode, softcap: float | None
 ) -> Tensor:
     """Exact fp64 logits (n, V), on the CPU, of raw neuron vectors w (n, d_model)."""
-    final = final.to(W_U.device)
-    x = apply_final_norm(w.to(W_U.device), final, norm)
-    return exact_decode(W_U, x, softcap, final.scaled_logit_bias).double().cpu()
+    readout = readout.to(W_U.device)
+    x = apply_final_norm(w.to(W_U.device), readout, norm)
+    return exact_decode(W_U, x, softcap, readout.scaled_logit_bias).double().cpu()
 
 
 def run_audit(
     sample: AuditSample,
     W_U: Tensor,  # (V, d_model), stored dtype
-    final: Readout,
+    readout: Readout,
     norm: NormMode,
     softcap: float | None,
     compute_dtype: str,
@@ -185,7 +185,7 @@ def run_audit(
     """Compare the sampled records with an exact fp32 decode; None for an empty sample."""
     if len(sample) == 0:
         return None
-    ref = exact_reference(torch.cat(sample.w), W_U, final, norm, softcap)  # (n, V)
+    ref = exact_reference(torch.cat(sample.w), W_U, readout, norm, softcap)  # (n, V)
     ids = torch.cat(sample.top_ids)
     e = compare(
         ref, ids, torch.cat(sample.top_logits), torch.cat(sample.top_probs), torch.cat(sample.lse)

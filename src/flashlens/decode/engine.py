@@ -73,7 +73,7 @@ class Decoder:
     def __init__(
         self,
         W_U: Tensor,  # (d_vocab, d_model), stored dtype
-        final: Readout,
+        readout: Readout,
         norm: NormMode,
         top_k: int,
         device: torch.device,
@@ -84,7 +84,7 @@ class Decoder:
         self.device = device
         self.dtype = compute_dtype
         self.norm, self.top_k, self.softcap = norm, top_k, softcap
-        self.final = final.to(device)
+        self.readout = readout.to(device)
         check_device(compute_dtype, device)
         # The head's rows for the exact paths (rescoring): the stored dtype, or one fp32 copy
         # that the fp32 GEMM shares (see rows_dtype)
@@ -101,7 +101,7 @@ class Decoder:
         self.mean_u = _row_mean(self.W_U)  # (d_model,): mean logit = x . mean_u
         self.exact = exact_path(W_U.dtype, compute_dtype)
         self.n_top, self.n_bottom = candidate_counts(top_k, self.d_vocab, self.exact)
-        self._b = self.final.scaled_logit_bias  # (d_vocab,) the head's bias, or None
+        self._b = self.readout.scaled_logit_bias  # (d_vocab,) the head's bias, or None
         self._dense = bool(softcap) or self._b is not None  # logits transformed past the GEMM
         scaled = scales_in_kernel(compute_dtype, self._dense)
         self._stats = compiled_block_stats(device.type, scaled) if compile else None
@@ -167,7 +167,7 @@ class Decoder:
     ) -> BlockResult:
         """Decode neuron vectors W (B, d_model); offer them to `reverse` under ids `refs`."""
         W = W.to(self.device)
-        x = apply_final_norm(W, self.final, self.norm)  # (B, d_model) fp32
+        x = apply_final_norm(W, self.readout, self.norm)  # (B, d_model) fp32
         L = self.block_logits(x)
         mu = x @ self.mean_u  # (B,)
         if self._dense:
@@ -335,7 +335,7 @@ class Decoder:
         of a low-precision map). Compiled: calls of PAIRS pairs, sorted by row so that each
         neuron's vector stays in cache; eager: slices of ~16 MB of gathered rows."""
         W = W.to(self.device)
-        f, g, m, c = norm_factors(W, self.final, self.norm)  # x = (W - m) * f * g + c
+        f, g, m, c = norm_factors(W, self.readout, self.norm)  # x = (W - m) * f * g + c
         E = rows.shape[0]
         out = torch.empty(E, dtype=torch.float32, device=self.device)
         if self._pairs is not None and E:

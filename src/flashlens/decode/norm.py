@@ -1,4 +1,5 @@
-"""The final norm, applied to neuron vectors as the model applies it to the residual stream."""
+"""The final norm (and what the head does past W_U), applied to neuron vectors as the model
+applies it to the residual stream."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Affine(NamedTuple):
     c: Tensor | None
 
 
-def apply_final_norm(W: Tensor, norm: Readout, mode: NormMode) -> Tensor:
+def apply_final_norm(W: Tensor, readout: Readout, mode: NormMode) -> Tensor:
     """W (n, d_model) neuron vectors -> (n, d_model) fp32, ready for the LM-head.
 
     model: the final norm as the model computes it on a residual w (Readout), then the scale
@@ -72,23 +73,23 @@ def apply_final_norm(W: Tensor, norm: Readout, mode: NormMode) -> Tensor:
     """
     x = W.float()
     if mode == "model":
-        if norm.kind == "layer":
+        if readout.kind == "layer":
             x = x - x.mean(-1, keepdim=True)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + readout.eps)
     if mode != "none":
-        x = x * norm.gain.float()
-    if mode == "model" and norm.bias is not None:
-        x = x + norm.bias.float()
-    return x * norm.scale if norm.scale != 1.0 else x
+        x = x * readout.gain.float()
+    if mode == "model" and readout.bias is not None:
+        x = x + readout.bias.float()
+    return x * readout.scale if readout.scale != 1.0 else x
 
 
-def norm_factors(W: Tensor, norm: Readout, mode: NormMode, rows: int = 1024) -> Affine:
+def norm_factors(W: Tensor, readout: Readout, mode: NormMode, rows: int = 1024) -> Affine:
     """apply_final_norm(W) in the factored form of `Affine`, computed in slices of `rows`, so
     no fp32 copy of W is made (for reading many entries of a whole layer exactly)."""
     n, d = W.shape
-    g = norm.gain.float() if mode != "none" else torch.ones(d, device=W.device)
-    f = torch.full((n,), float(norm.scale), device=W.device)
-    layer = mode == "model" and norm.kind == "layer"
+    g = readout.gain.float() if mode != "none" else torch.ones(d, device=W.device)
+    f = torch.full((n,), float(readout.scale), device=W.device)
+    layer = mode == "model" and readout.kind == "layer"
     m = torch.zeros(n, device=W.device) if layer else None
     if mode == "model":
         for lo in range(0, n, rows):
@@ -96,8 +97,8 @@ def norm_factors(W: Tensor, norm: Readout, mode: NormMode, rows: int = 1024) -> 
             if m is not None:
                 m[lo : lo + rows] = mean = w.mean(-1)
                 w = w - mean[:, None]
-            f[lo : lo + rows] *= torch.rsqrt(w.pow(2).mean(-1) + norm.eps)
+            f[lo : lo + rows] *= torch.rsqrt(w.pow(2).mean(-1) + readout.eps)
     c = None
-    if mode == "model" and norm.bias is not None:
-        c = norm.bias.float() * norm.scale
+    if mode == "model" and readout.bias is not None:
+        c = readout.bias.float() * readout.scale
     return Affine(f, g, m, c)

@@ -72,7 +72,7 @@ def pilot_errors(decoder: Decoder, w: Tensor, block: int) -> tuple[Errors, Tenso
     r = BlockResult.cat(
         [decoder.decode_padded(w[lo : lo + block], block) for lo in range(0, len(w), block)]
     )
-    ref = exact_reference(w, decoder.W_U, decoder.final, decoder.norm, decoder.softcap)
+    ref = exact_reference(w, decoder.W_U, decoder.readout, decoder.norm, decoder.softcap)
     return compare(ref, r.top_ids, r.top_logits, r.top_probs, r.logsumexp), ref
 
 

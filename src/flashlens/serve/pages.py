@@ -288,8 +288,10 @@ def neuron_page(data: dict[str, Any]) -> str:
         f'<div class="nav">{link(links["prev"], "← previous")}'
         f"{link(links['next'], 'next →')}<span>matrix: {others}</span></div>"
     )
+    where = [("expert", f"{d['expert']} (unit {d['unit']})")] if "expert" in d else []
     stats = kv(
         [
+            *where,
             ("entropy", f"{num(d['entropy'], 3)} nats"),
             ("logsumexp", num(d["logsumexp"], 3)),
             ("‖w‖", num(d["w_norm"], 4)),

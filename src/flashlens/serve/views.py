@@ -85,8 +85,10 @@ def neuron(atlas: Atlas, matrix: str, layer: str, index: str) -> dict[str, Any]:
         next_ = neuron_path(matrix, layer_n, index_n + 1)
     elif pos < len(m.layers) - 1:
         next_ = neuron_path(matrix, m.layers[pos + 1], 0)
+    expert = atlas.expert_of(index_n)  # (expert, unit) in a mixture of experts
     return {
         **rec.to_dict(),
+        **({} if expert is None else {"expert": expert[0], "unit": expert[1]}),
         "model": m.model,
         "validations": [c.to_dict() for c in atlas.validations(layer_n, index_n, matrix)],
         "links": {
