@@ -84,6 +84,9 @@ UNGATED = (
     "phi",
     "gptj",
     "codegen",
+    "falcon",
+    "bloom",  # (its MLP is 4 * d_model, whatever d_mlp says)
+    "opt",
 )
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
 MOE = ("mixtral", "olmoe", "qwen3_moe")
@@ -142,6 +145,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
+        "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
+        "opt": (tf.OPTConfig, tf.OPTForCausalLM),
     }[family]
 
 
@@ -169,6 +175,10 @@ def make_model(
     config = {**FAMILY_CONFIG.get(family, {}), **config}
     if family == "qwen3_moe":  # one expert's width
         config.setdefault("moe_intermediate_size", d_mlp)
+    if family == "falcon":
+        config.setdefault("ffn_hidden_size", d_mlp)
+    if family == "opt":
+        config.update(ffn_dim=d_mlp, word_embed_proj_dim=d_model)
     if family in ("gpt2", "gptj", "codegen"):  # their own keys for the MLP's width
         config.setdefault("n_inner", d_mlp)
     if family in ("gptj", "codegen"):
@@ -180,7 +190,7 @@ def make_model(
         num_hidden_layers=n_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=d_model // 4,
+        **({} if family in ("falcon",) else {"head_dim": d_model // 4}),
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
         pad_token_id=0,  # (some configs default to ids past a tiny vocabulary)
@@ -227,11 +237,11 @@ def load_reference_model(model_dir: Path) -> Any:
 
 def _body(model: Any) -> Any:
     """The decoder stack of a loaded model (model.model; GPT-NeoX: model.gpt_neox; GPT-2:
-    model.transformer)."""
+    model.transformer; OPT: model.model.decoder)."""
     for name in ("gpt_neox", "transformer"):
         if hasattr(model, name):
             return getattr(model, name)
-    return model.model
+    return getattr(model.model, "decoder", model.model)
 
 
 def _layers(model: Any) -> Any:
@@ -258,7 +268,8 @@ _MLP_NAMES = {
 def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
     model's modules (independently of flashlens's families)."""
-    mlp = _layers(model)[layer].mlp
+    block = _layers(model)[layer]
+    mlp = getattr(block, "mlp", block)  # (OPT: fc1 and fc2 on the layer itself)
     experts = getattr(mlp, "experts", None)
     if experts is not None and hasattr(experts, "gate_up_proj"):
         # transformers holds a layer's experts as 3D tensors: gate_up_proj (E, 2m, d), gate's

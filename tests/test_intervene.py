@@ -263,6 +263,26 @@ def test_padded_batch_matches_single_prompts(tiny: tuple[nn.Module, object]) -> 
     assert p_batch == pytest.approx(sum(p_single) / len(p_single), rel=1e-5)
 
 
+def test_a_flattened_mlp_clamps_the_last_position_of_each_prompt(tmp_path: Path) -> None:
+    """OPT's MLP sees (batch * seq, d_mlp): a clamp at the last position of a padded batch
+    acts on each prompt's last token, as on each prompt alone, and records are (batch, seq)."""
+    path = make_model(tmp_path / "m", "opt", n_layers=2, d_mlp=24)
+    model, tok = load_reference_model(path), load_tokenizer(path)
+    batch = _batch(tok)
+    b, s = batch["input_ids"].shape
+    assert b == len(PROMPTS) and int(batch["attention_mask"].sum(-1).min()) < s  # padded
+    for matrix in ("up", "down"):
+        neuron = Neuron(1, 7, matrix)  # type: ignore[arg-type]
+        with torch.no_grad(), record(model, neuron) as seen:
+            model(**batch, use_cache=False)
+        assert seen[neuron][0].shape == (b, s)
+        with clamp(model, neuron, value=6.0, positions="last"):
+            hooked = _logits(model, batch)[:, -1]
+            single = [_logits(model, _batch(tok, [p]))[0, -1] for p in PROMPTS]
+        torch.testing.assert_close(hooked, torch.stack(single), rtol=1e-4, atol=1e-4)
+        assert (hooked - _logits(model, batch)[:, -1]).abs().amax(1).min() > 1e-3  # every row
+
+
 def test_planted_neuron_raises_its_token_monotonically(tmp_path: Path) -> None:
     path = make_model(tmp_path / "m", n_layers=2, d_mlp=32)
     model = load_reference_model(path)

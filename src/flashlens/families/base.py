@@ -71,9 +71,12 @@ class Family:
     # then hold {expert}, d_mlp_key is one expert's width, and a layer's neurons are its
     # experts' in order (neuron e * d_expert + i is unit i of expert e)
     experts_keys: tuple[str, ...] = ()
-    # config settings a mixture-of-experts entry needs as given (e.g. every layer sparse),
-    # as (key, value) pairs checked where config.json sets the key
+    # config settings the entry needs as given (a mixture whose every layer is sparse, OPT's
+    # pre-norm layout), as (key, value) pairs checked where config.json sets the key
     require: tuple[tuple[str, Any], ...] = ()
+    # the MLP sees its tokens flattened to (batch * seq, d) (OPT): clamps read (batch, seq)
+    # from the input of the layer that holds it
+    mlp_flat: bool = False
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False
@@ -113,9 +116,10 @@ class Family:
         """Refuse config features this family does not decode faithfully."""
         odd = [f"{k}={config[k]!r}" for k, v in self.require if k in config and config[k] != v]
         if odd:
+            need = ", ".join(f"{k}={v!r}" for k, v in self.require)
             raise UnsupportedModelError(
-                f"{self.name} config has {'; '.join(odd)}, which makes some layers dense "
-                "MLPs beside the experts: flashlens maps mixtures whose every layer is sparse"
+                f"{self.name} config has {'; '.join(odd)}: flashlens decodes this family's "
+                f"standard layout only ({need})"
             )
         bad = [k for k in self.refuse_keys if config.get(k)]
         if bad:

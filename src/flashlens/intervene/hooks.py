@@ -47,6 +47,9 @@ class SiteRef:
     width: int  # d_mlp
     offset: int = 0  # where the site's d_mlp units start in the tensor (up in a fused gate_up)
     conv1d: bool = False  # the module's weight is (in, out) (GPT-2's Conv1D)
+    # the decoder layer whose input says (batch, seq) where the MLP sees its tokens flattened
+    # to (batch * seq, d_mlp) (OPT); None where it sees (batch, seq, d_mlp)
+    block: nn.Module | None = None
 
     def slot(self, neuron: Neuron) -> int:
         """The neuron's position in the hooked tensor's last dimension."""
@@ -127,7 +130,8 @@ def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> 
             f"neuron {neuron}: index {neuron.index} is out of range: layers have "
             f"{width} neurons (0-{width - 1})"
         )
-    return SiteRef(module, name, site == "act", width, offset, family.conv1d)
+    block = model.get_submodule(name.rsplit(".", 1)[0]) if family.mlp_flat else None
+    return SiteRef(module, name, site == "act", width, offset, family.conv1d, block)
 
 
 def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:
@@ -236,20 +240,49 @@ def clamp(
             handle.remove()
 
 
+class _Handles:
+    """Removable handles of the hooks one site needed, removed together."""
+
+    def __init__(self, *handles: Any) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def _install(ref: SiteRef, edit: Any) -> Any:
-    """Hook `edit(h)` on the site's tensor h; returns the removable handle."""
+    """Hook `edit(h)` on the site's tensor h, (batch, seq, d_mlp); returns a removable handle.
+
+    Where the MLP sees its tokens flattened (ref.block), a pre-hook on the layer notes its
+    input's (batch, seq) and the site's (batch * seq, d_mlp) tensor is edited through a view
+    of that shape, so that "last position" and recorded activations mean what they do
+    elsewhere."""
+    seen: list[torch.Size] = []
+
+    def tokens(h: torch.Tensor) -> torch.Tensor:
+        return h.view(*seen[0], h.shape[-1]) if seen and h.dim() == 2 else h
+
+    extra: list[Any] = []
+    if ref.block is not None:
+
+        def note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[:] = [hidden.shape[:-1]]
+
+        extra.append(ref.block.register_forward_pre_hook(note, with_kwargs=True))
     if ref.pre:
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            edit(args[0])
+            edit(tokens(args[0]))
 
-        return ref.module.register_forward_pre_hook(pre_hook)
+        return _Handles(ref.module.register_forward_pre_hook(pre_hook), *extra)
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        edit(output)
+        edit(tokens(output))
         return output
 
-    return ref.module.register_forward_hook(hook)
+    return _Handles(ref.module.register_forward_hook(hook), *extra)
 
 
 @contextmanager
