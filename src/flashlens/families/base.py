@@ -67,9 +67,9 @@ class Family:
     # fingerprint)
     buffers: tuple[str, ...] = (".inv_freq",)
     # Mixture of experts: the config keys of the number of experts per layer (the first that
-    # config.json holds: transformers renames some); tensor names
-    # then hold {expert}, d_mlp_key is one expert's width, and a layer's neurons are its
-    # experts' in order (neuron e * d_expert + i is unit i of expert e)
+    # config.json holds: transformers renames some). Tensor names then hold {expert},
+    # d_mlp_key is one expert's width, and a layer's neurons are its experts' in order
+    # (neuron e * d_expert + i is unit i of expert e).
     experts_keys: tuple[str, ...] = ()
     # config settings the entry needs as given (a mixture whose every layer is sparse, OPT's
     # pre-norm layout), as (key, value) pairs checked where config.json sets the key

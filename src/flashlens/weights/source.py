@@ -183,7 +183,8 @@ class ModelSource:
         return g + self.family.norm_weight_offset
 
     def readout(self) -> Readout:
-        """The final norm and the logits' scale, as the model applies them."""
+        """How the model reads logits out of a residual vector past W_U's rows, as it does it:
+        the final norm (kind, gain, bias, eps), the logits' scale and the head's bias."""
         f = self.family
         bias = None
         if f.final_norm_bias is not None:
