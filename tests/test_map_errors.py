@@ -105,6 +105,23 @@ def test_unknown_architecture_and_unsupported_config(model: Path, tmp_path: Path
         map_model(bad, tmp_path / "a")
 
 
+@pytest.mark.parametrize("value", [None, "wide"])
+def test_a_config_without_a_usable_size_names_the_key(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str | None
+) -> None:
+    """hidden_size gone or not a number: one line naming the key, no traceback."""
+    bad = copy_model(model, tmp_path / "m")
+    config = json.loads((bad / "config.json").read_text())
+    if value is None:
+        del config["hidden_size"]
+    else:
+        config["hidden_size"] = value
+    (bad / "config.json").write_text(json.dumps(config))
+    err = cli_error(capsys, "map", str(bad), "-o", str(tmp_path / "a"))
+    assert "has no usable 'hidden_size'" in err and "llama config holds" in err
+    assert not (tmp_path / "a").exists()
+
+
 def test_config_without_architectures_says_the_field_is_missing(
     model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
