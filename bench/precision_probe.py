@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from flashlens.decode.norm import Readout, apply_final_norm
+from flashlens.decode.norm import apply_final_norm
 from flashlens.decode.pilot import PILOT, twin_tokens
 from flashlens.families import Matrix
 from flashlens.weights import ModelSource
@@ -44,12 +45,12 @@ def neurons(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """(W_U (V, d) bf16, normed vectors x (n, d) fp32) per matrix and layer."""
     src = ModelSource.open(path)
-    W_U, final = src.W_U().bfloat16(), src.readout()
-    final = Readout(final.gain.bfloat16().float(), final.eps, final.kind, final.bias, final.scale)
+    W_U, readout = src.W_U().bfloat16(), src.readout()
+    readout = replace(readout, gain=readout.gain.bfloat16().float())
     for layer in range(src.n_layers):
         for m in matrices:
             w = src.neurons(m, layer)[:n].bfloat16().float()
-            yield W_U, apply_final_norm(w, final, "model")
+            yield W_U, apply_final_norm(w, readout, "model")
 
 
 def _q8(t: Tensor) -> tuple[Tensor, Tensor]:
