@@ -51,6 +51,8 @@ GPT_NEOX = _gated(
     final_norm_bias="gpt_neox.final_layer_norm.bias",
     W_U="embed_out.weight",
     W_E="gpt_neox.embed_in.weight",
+    # the causal-mask buffers of older saves, left out of the weights' fingerprint
+    buffers=(".inv_freq", ".attention.bias", ".attention.masked_bias"),
 )
 # Phi (1, 1.5, 2): ungated, and its head has a bias (d_vocab,)
 PHI = _gated(
