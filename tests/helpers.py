@@ -322,6 +322,8 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
 
     handle = final.register_forward_pre_hook(pre_hook) if x is None else None
     handle2 = final.register_forward_hook(hook) if x is not None else None
+    # one position per neuron (GPT-2 reshapes the final norm's output to the input's shape;
+    # keep d_mlp within a learned-position model's max_position_embeddings, 128 here)
     ids = torch.zeros((1, w.shape[0]), dtype=torch.long)
     try:
         with torch.no_grad():
