@@ -229,20 +229,18 @@ def exact_logits(
     atlas: Atlas, rec: NeuronRecord, source: ModelSource, ids: torch.Tensor
 ) -> torch.Tensor:
     """fp32 logits (n,) the neuron's vector in `source` gives tokens `ids` (n,): the final
-    norm as the atlas applied it, rows of the LM-head, the soft-cap when the family has one."""
+    norm as the atlas applied it, rows of the LM-head, the head's bias and soft-cap where the
+    family has them."""
     import torch
 
-    from ..decode.norm import apply_final_norm
+    from ..decode.norm import apply_final_norm, head_tail
 
     one = torch.tensor([rec.index])  # the neuron's row alone, not a copy of its layer
     w = source.neuron_rows(rec.matrix, rec.layer, one)[0].float()  # type: ignore[arg-type]
     readout = source.readout()
     x = apply_final_norm(w[None], readout, atlas.meta.norm)[0]  # type: ignore[arg-type]  # (d_model,)
     logits = source.W_U()[ids].float() @ x  # (n,)
-    if readout.scaled_logit_bias is not None:  # the head's bias (Phi-2, GPT-J)
-        logits = logits + readout.scaled_logit_bias[ids]
-    cap = source.logit_softcap
-    return torch.tanh(logits / cap) * cap if cap else logits
+    return head_tail(logits, readout.scaled_logit_bias, source.logit_softcap, ids)
 
 
 # The atlas's top-k logits are exact fp32 (rescored): 0.1 apart means other weights.

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .norm import NormMode, Readout, apply_final_norm
+from .norm import NormMode, Readout, apply_final_norm, head_tail
 from .slices import float_rows
 
 TOP1_TIE = 1e-3
@@ -103,11 +103,8 @@ def exact_decode(
     out = torch.empty((n, V), dtype=torch.float32, device=W_U.device)
     for lo, part in float_rows(W_U, SLICE):
         out[:, lo : lo + SLICE] = x @ part.T
-    if logit_bias is not None:  # (V,): the head's bias, times the logits' scale
-        out += logit_bias.to(out.device)
-    if softcap:
-        out = torch.tanh(out / softcap) * softcap
-    return out
+    bias = None if logit_bias is None else logit_bias.to(out.device)  # (V,), times the scale
+    return head_tail(out, bias, softcap)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .kernels import (
     pair_logits,
 )
 from .logits import Logits
-from .norm import NormMode, Readout, apply_final_norm, norm_factors
+from .norm import NormMode, Readout, apply_final_norm, head_tail, norm_factors
 from .policy import check_device
 from .reverse import SPARE, ReverseIndex
 from .slices import float_rows
@@ -147,13 +147,8 @@ class Decoder:
         return L
 
     def _post(self, out: Tensor, ids: Tensor | None = None) -> Tensor:
-        """The head's work past x . W_U on logits `out` of tokens `ids` (any shape; None: the
-        whole vocabulary, last dimension): its bias, then the soft-cap."""
-        if self._b is not None:
-            out = out + (self._b if ids is None else self._b[ids])
-        if self.softcap:
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
+        """The head's work past x . W_U on logits `out` of tokens `ids` (norm.head_tail)."""
+        return head_tail(out, self._b, self.softcap, ids)
 
     def _block_stats(self, L: Logits, mu: Tensor, threshold: Tensor) -> BlockStats:
         if L.row_scale is not None and L.col_scale is not None:

@@ -54,6 +54,19 @@ class Readout:
         return self.logit_bias.float() * self.scale
 
 
+def head_tail(
+    logits: Tensor, bias: Tensor | None, softcap: float | None, ids: Tensor | None = None
+) -> Tensor:
+    """What the head does to the products x . W_U (x normed and scaled): add its bias (V,),
+    already times the logits' scale (`Readout.scaled_logit_bias`), at tokens `ids` (any
+    shape; None: the whole vocabulary, last dimension), then the tanh soft-cap."""
+    if bias is not None:
+        logits = logits + (bias if ids is None else bias[ids])
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 class Affine(NamedTuple):
     """apply_final_norm(W) as x = (W - m[:, None]) * f[:, None] * g + c: per-row factors f
     (n,) and means m (n,) or None, a gain g (d_model,), an offset c (d_model,) or None."""

@@ -4,9 +4,7 @@ head is tied by default, and Gemma 2 soft-caps the logits with tanh."""
 from __future__ import annotations
 
 from .base import Family
-from .registry import register
-
-_MLP = "model.layers.{layer}.mlp"
+from .llama import llama_like
 
 
 def _gemma(
@@ -15,19 +13,13 @@ def _gemma(
     softcap_key: str | None = None,
     softcap_default: float | None = None,
 ) -> Family:
-    return register(
-        Family(
-            name=name,
-            architectures=(architecture,),
-            W_up=f"{_MLP}.up_proj.weight",
-            W_gate=f"{_MLP}.gate_proj.weight",
-            W_down=f"{_MLP}.down_proj.weight",
-            final_norm="model.norm.weight",
-            norm_weight_offset=1.0,
-            logit_softcap_key=softcap_key,
-            logit_softcap_default=softcap_default,
-            tie_default=True,
-        )
+    return llama_like(
+        name,
+        architecture,
+        norm_weight_offset=1.0,
+        logit_softcap_key=softcap_key,
+        logit_softcap_default=softcap_default,
+        tie_default=True,
     )
 
 

@@ -6,6 +6,7 @@ BLOOM and OPT: the same shape under other names."""
 from __future__ import annotations
 
 from .base import Family
+from .layernorm import LAYER_NORM
 from .registry import register
 
 _H = "transformer.h.{layer}.mlp"
@@ -19,9 +20,7 @@ def _gpt_like(name: str, architecture: str, up: str, down: str, **fields: object
         final_norm="transformer.ln_f.weight",
         final_norm_bias="transformer.ln_f.bias",
         W_E="transformer.wte.weight",
-        norm_kind="layer",
-        norm_eps_key="layer_norm_epsilon",
-        norm_eps_default=1e-5,
+        **{**LAYER_NORM, "norm_eps_key": "layer_norm_epsilon"},
         d_model_key="n_embd",
         d_mlp_key="n_inner",
         n_layers_key="n_layer",
