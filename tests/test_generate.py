@@ -288,10 +288,13 @@ def test_clamp_command_reports_its_site(
 
 
 def _dose(mode: str) -> DoseResponse:
-    ranges = {"up:1:0": ActivationRange(-1.0, 2.0, 2.0, 0.5), "up:2:3": ActivationRange(0, 1, 1, 0)}
-    return DoseResponse(
-        ["up:1:0", "up:2:3"], [5], mode, "all", 2, 0.1, [-4.0, 0.0, 4.0], [0.2, 0.1, 0.05], ranges
-    )
+    ranges = {
+        "up:1:0": ActivationRange(-1.0, 2.0, 2.0, 0.5, 9, 9),
+        "up:2:3": ActivationRange(0, 1, 1, 0, 9, 9),
+        "up:2:99": ActivationRange(0, 0, 0, None, 0, 9),  # an expert no token reached: no range
+    }
+    names = list(ranges)
+    return DoseResponse(names, [5], mode, "all", 2, 0.1, [-4.0, 0.0, 4.0], [0.2, 0.1, 0.05], ranges)
 
 
 @pytest.mark.parametrize("mode", ["set", "add", "scale"])

@@ -12,14 +12,14 @@ import torch
 from torch import nn
 
 from flashlens import Atlas
-from flashlens.errors import FlashlensError, NeuronError, UnsupportedModelError
+from flashlens.errors import FlashlensError, NeuronError
 from flashlens.families import Matrix
 from flashlens.intervene import Neuron, activation_ranges, clamp, dose_response, record
 from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-from .helpers import FAMILIES, MOE, load_reference_model, make_model, matrices_of
+from .helpers import FAMILIES, MOE, N_EXPERTS, load_reference_model, make_model, matrices_of
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
 
@@ -91,19 +91,19 @@ def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
     tmp_path: Path, family: str
 ) -> None:
     """The hooks land on the modules of every family's layout: a clamp at each site to the
-    value it records leaves the logits as they were; the same clamp moved by 5 changes them."""
+    value it records leaves the logits as they were; the same clamp moved by 5 changes them.
+    (In a mixture of experts: the unit of an expert the last token is routed to.)"""
     path = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
     model, tok = load_reference_model(path), load_tokenizer(path)
-    if family in MOE:  # refused, in one line, before any hook
-        with pytest.raises(UnsupportedModelError, match="mixture of experts"):
-            clamp(model, "up:0:3", 1.0).__enter__()
-        return
     batch = _batch(tok, ["Once upon a time"])
     base = _logits(model, batch)
     neurons = [Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")]
-    for neuron in [n for n in neurons if n.matrix in matrices_of(family)]:
-        with torch.no_grad(), record(model, [neuron]) as seen:
+    for first in [n for n in neurons if n.matrix in matrices_of(family)]:
+        experts = N_EXPERTS if family in MOE else 1
+        units = [Neuron(first.layer, e * 24 + first.index, first.matrix) for e in range(experts)]
+        with torch.no_grad(), record(model, units) as seen:
             model(**batch, use_cache=False)
+        neuron = next(n for n in units if not seen[n][0][0, -1].isnan())
         natural = float(seen[neuron][0][0, -1])
         with clamp(model, neuron, value=natural, positions="last"):
             torch.testing.assert_close(_logits(model, batch), base, rtol=0, atol=1e-6)

@@ -313,10 +313,22 @@ def generate_command(
 def _print_ranges(ranges: dict[str, Any], sites: dict[str, str], n_prompts: int) -> None:
     """Each neuron's natural activation at its clamp site: what a clamp value is measured by."""
     for name, r in ranges.items():
+        where = f"[bold]{name}[/] natural activation at {_site(sites[name])}"
+        prompts = f"{n_prompts} prompt{'s' if n_prompts != 1 else ''}"
+        if not r.tokens:
+            console.print(
+                f"{where}: its expert ran on none of the {r.total} tokens of the {prompts} "
+                "(a clamp acts only where the router sends a token to the neuron's expert)"
+            )
+            continue
+        ran = (
+            f", on the {r.tokens} of {r.total} tokens routed to its expert"
+            if (r.tokens < r.total)
+            else ""
+        )
+        mean = "not run there" if r.next_mean is None else f"mean {r.next_mean:.3g}"
         console.print(
-            f"[bold]{name}[/] natural activation at {_site(sites[name])} on {n_prompts} "
-            f"prompt{'s' if n_prompts != 1 else ''}: {r.min:.3g} .. {r.max:.3g} "
-            f"(next-token position mean {r.next_mean:.3g})"
+            f"{where} on {prompts}{ran}: {r.min:.3g} .. {r.max:.3g} (next-token position {mean})"
         )
 
 

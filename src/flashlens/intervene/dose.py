@@ -26,7 +26,13 @@ class ActivationRange:
     min: float
     max: float
     absmax: float
-    next_mean: float  # mean at the last prompt position (where the next token is predicted)
+    # mean at the last prompt position (where the next token is predicted); None where the
+    # neuron ran on no prompt's last position (an expert no such token was routed to)
+    next_mean: float | None
+    # real tokens the neuron ran on, of `total`: all of them in a dense MLP; in a mixture of
+    # experts the tokens routed to its expert (0: min, max and absmax are 0)
+    tokens: int
+    total: int
 
 
 @dataclass
@@ -80,10 +86,17 @@ def activation_ranges(
     real = batch["attention_mask"].bool().cpu()  # (batch, seq)
     out = {}
     for n in chosen:
-        acts = seen[n][0]  # (batch, seq)
-        vals = acts[real]
+        acts = seen[n][0]  # (batch, seq); NaN where an expert's neuron did not run
+        vals = acts[real & ~acts.isnan()]
+        last = acts[:, -1][~acts[:, -1].isnan()]
+        lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 0.0)
         out[n] = ActivationRange(
-            float(vals.min()), float(vals.max()), float(vals.abs().max()), float(acts[:, -1].mean())
+            lo,
+            hi,
+            max(abs(lo), abs(hi)),
+            float(last.mean()) if len(last) else None,
+            tokens=len(vals),
+            total=int(real.sum()),
         )
     return out
 
@@ -185,7 +198,8 @@ def dose_figure(dose: DoseResponse, title: str) -> Any:
     ax.axhline(dose.baseline, color="grey", linestyle="--", label="unclamped")
     shade = dose.mode == "set"  # add: the axis is a shift; scale: a factor
     for r in dose.ranges.values() if shade else ():
-        ax.axvspan(r.min, r.max, color="tab:green", alpha=0.12)
+        if r.tokens:
+            ax.axvspan(r.min, r.max, color="tab:green", alpha=0.12)
     ax.set_xlabel(X_LABELS[dose.mode])
     ax.set_ylabel(f"P(concept) at next token, mean of {dose.n_prompts} prompts")
     ax.set_title(title)

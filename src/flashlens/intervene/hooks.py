@@ -12,6 +12,9 @@ Module paths come from the model's architecture family (flashlens.families), so 
 exactly on the weights the atlas decoded. Hooks are grouped per module (one hook per layer and
 site whatever the number of neurons) and edit the tensor in place, so a clamp costs one small
 indexed write per hooked module and step.
+
+A mixture of experts runs a layer's experts in one module, with no tensor of one expert's
+activations to edit: its clamps correct that module's output (flashlens.intervene.experts).
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from torch import nn
 
 from ..errors import FlashlensError, NeuronError, UnsupportedModelError
 from ..families import Family, family_for
-from .neuron import SITES, Neuron, Site
+from .experts import ExpertsRef, install_clamp, install_record, resolve_experts
+from .neuron import SITES, Mode, Neuron, Site
 
-Mode = Literal["set", "add", "scale"]
 Positions = Literal["all", "last"]
 MODES: tuple[Mode, ...] = ("set", "add", "scale")
 POSITIONS: tuple[Positions, ...] = ("all", "last")
@@ -54,6 +57,10 @@ class SiteRef:
     def slot(self, neuron: Neuron) -> int:
         """The neuron's position in the hooked tensor's last dimension."""
         return self.offset + neuron.index
+
+    def where(self, neuron: Neuron) -> str:
+        """The activation a clamp of `neuron` edits (two clamps of one activation clash)."""
+        return f"{self.name}[{self.slot(neuron)}]"
 
     def weight_vector(self, neuron: Neuron) -> torch.Tensor:
         """The neuron's weight vector (d_model,) in the hooked module: a row of its output
@@ -86,24 +93,22 @@ def as_neurons(neurons: NeuronsLike) -> list[Neuron]:
     return out
 
 
-def resolve_site(model: nn.Module, neuron: Neuron, site: Site | None = None) -> SiteRef:
+def resolve_site(
+    model: nn.Module, neuron: Neuron, site: Site | None = None
+) -> SiteRef | ExpertsRef:
     """The module a clamp of `neuron` hooks; a clear NeuronError when the address is invalid."""
     site = site or neuron.default_site
     if site not in SITES:
         raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
     family = model_family(model)
-    if family.experts_keys:
-        raise UnsupportedModelError(
-            f"neuron {neuron}: clamping a neuron of a mixture of experts ({family.name}) is not "
-            "supported yet (transformers runs all of a layer's experts in one module); map, "
-            "show, search, stats, prob and compare work on it"
-        )
     n_layers = int(cast(Any, model).config.num_hidden_layers)
     if not 0 <= neuron.layer < n_layers:
         raise NeuronError(
             f"neuron {neuron}: layer {neuron.layer} is out of range: the model "
             f"has layers 0-{n_layers - 1}"
         )
+    if family.experts_keys:
+        return resolve_experts(model, family, neuron, site)
     matrix = "down" if site == "act" else site
     try:
         name = family.tensor(matrix, neuron.layer).removesuffix(".weight")
@@ -215,25 +220,27 @@ def clamp(
         raise FlashlensError(f"unknown positions {positions!r}: use {', '.join(POSITIONS)}")
     chosen = as_neurons(neurons)
     values = _values(value, len(chosen))
-    groups: dict[str, tuple[SiteRef, list[int], list[float]]] = {}
-    seen: dict[tuple[str, int], Neuron] = {}
+    groups: dict[str, list[tuple[Any, Neuron, float]]] = {}  # by hooked module
+    seen: dict[str, Neuron] = {}
     for neuron, v in zip(chosen, values, strict=True):
         ref = resolve_site(model, neuron, site)
-        slot = ref.slot(neuron)
-        if (ref.name, slot) in seen:
+        where = ref.where(neuron)
+        if where in seen:
             raise NeuronError(
-                f"neurons {seen[ref.name, slot]} and {neuron} clamp the "
-                f"same activation ({ref.name}[{slot}]); give it once"
+                f"neurons {seen[where]} and {neuron} clamp the same activation ({where}); "
+                "give it once"
             )
-        seen[ref.name, slot] = neuron
-        group = groups.setdefault(ref.name, (ref, [], []))
-        group[1].append(slot)
-        group[2].append(v)
+        seen[where] = neuron
+        groups.setdefault(ref.name, []).append((ref, neuron, v))
     handles: list[Any] = []
     try:
-        for ref, index, vals in groups.values():
-            edit = _Edit(index, vals, mode, positions == "last")
-            handles.append(_install(ref, edit))
+        for items in groups.values():
+            ref = items[0][0]
+            if isinstance(ref, ExpertsRef):
+                handles.append(_Handles(*install_clamp(ref, items, mode, positions == "last")))
+                continue
+            index, vals = [ref.slot(n) for _, n, _ in items], [v for _, _, v in items]
+            handles.append(_install(ref, _Edit(index, vals, mode, positions == "last")))
         yield chosen
     finally:
         for handle in handles:
@@ -290,30 +297,38 @@ def record(
     model: nn.Module, neurons: NeuronsLike, site: Site | None = None
 ) -> Iterator[dict[Neuron, list[torch.Tensor]]]:
     """Record neurons' activations at their site: {neuron: [(batch, seq) fp32 per forward]}.
+    A neuron of a mixture of experts reads NaN on the tokens its expert does not run on.
 
     Hooks are read-only and always removed on exit.
     """
     chosen = as_neurons(neurons)
     seen: dict[Neuron, list[torch.Tensor]] = {n: [] for n in chosen}
-    by_module: dict[str, tuple[SiteRef, list[Neuron]]] = {}
+    by_module: dict[str, list[tuple[Any, Neuron]]] = {}
     for neuron in seen:
         ref = resolve_site(model, neuron, site)
-        by_module.setdefault(ref.name, (ref, []))[1].append(neuron)
+        by_module.setdefault(ref.name, []).append((ref, neuron))
     handles: list[Any] = []
+
+    def take(neuron: Neuron, acts: torch.Tensor) -> None:  # acts: (batch, seq)
+        seen[neuron].append(acts)
 
     def recorder(ref: SiteRef, group: list[Neuron]) -> Any:
         index = [ref.slot(n) for n in group]
 
-        def take(h: torch.Tensor) -> None:  # h: (batch, seq, d_mlp)
+        def take_all(h: torch.Tensor) -> None:  # h: (batch, seq, d_mlp)
             acts = h[..., index].detach().float().cpu()  # (batch, seq, k)
             for j, n in enumerate(group):
-                seen[n].append(acts[..., j])
+                take(n, acts[..., j])
 
-        return take
+        return take_all
 
     try:
-        for ref, group in by_module.values():
-            handles.append(_install(ref, recorder(ref, group)))
+        for items in by_module.values():
+            ref = items[0][0]
+            if isinstance(ref, ExpertsRef):
+                handles.append(_Handles(*install_record(ref, items, take)))
+            else:
+                handles.append(_install(ref, recorder(ref, [n for _, n in items])))
         yield seen
     finally:
         for handle in handles:

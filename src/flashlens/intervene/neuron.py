@@ -18,6 +18,9 @@ Site = Literal["up", "gate", "act"]
 SITES: tuple[Site, ...] = ("up", "gate", "act")
 _NUMBER = re.compile(r"-?[0-9]+")
 
+# How a clamp changes the activation h: set (h = v), add (h + v), scale (h * v)
+Mode = Literal["set", "add", "scale"]
+
 SITE_TENSORS: dict[Site, str] = {
     "up": "up_proj output",
     "gate": "gate_proj output",

@@ -11,7 +11,7 @@ rerunning replaces that row. `flashlens search` reads it for its "validated" col
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +38,7 @@ from .concept import concept_variants, single_token, variant_ids
 from .dose import (
     DEFAULT_MULTIPLES,
     DEFAULT_SCALES,
+    ActivationRange,
     activation_ranges,
     clamped_probs,
     concept_prob,
@@ -156,6 +157,20 @@ def value_unit(mode: str) -> str:
     return "factor" if mode == "scale" else "activation"
 
 
+def idle_notes(ranges: Mapping[Neuron, ActivationRange], positions: str) -> list[str]:
+    """Notes on the neurons of a mixture of experts whose expert the router sent none of the
+    tokens a clamp acts on (all real tokens, or each prompt's last): the clamp did nothing."""
+    out = []
+    for n, r in ranges.items():
+        where = "tokens" if positions == "all" else "last tokens"
+        if r.tokens == 0 or (positions == "last" and r.next_mean is None):
+            out.append(
+                f"{n}: the router sent none of the prompts' {where} to its expert, so its "
+                "clamp had nothing to act on"
+            )
+    return out
+
+
 def clamp_values(mode: str, multiples: Sequence[float], absmax: float) -> list[float]:
     """A neuron's clamp values: in scale mode the multiples are plain factors; in set and add
     mode, multiples of its largest natural |activation| (1 for a neuron silent everywhere)."""
@@ -262,6 +277,7 @@ def validate(
         advance()
         ranges = activation_ranges(lm.model, batch, chosen)
         advance()
+        report.notes += idle_notes(ranges, positions)
         for n in chosen:
             values = clamp_values(mode, multiples, ranges[n].absmax)
             probs = clamped_probs(
