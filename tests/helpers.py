@@ -89,7 +89,7 @@ UNGATED = (
     "opt",
 )
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
-MOE = ("mixtral", "olmoe", "qwen3_moe")
+MOE = ("mixtral", "olmoe", "qwen3_moe", "gpt_oss")
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
@@ -100,6 +100,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
+    "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
 }
 
 
@@ -145,6 +146,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM),
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
+        "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),
@@ -273,12 +275,19 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     experts = getattr(mlp, "experts", None)
     if experts is not None and hasattr(experts, "gate_up_proj"):
         # transformers holds a layer's experts as 3D tensors: gate_up_proj (E, 2m, d), gate's
-        # rows first; down_proj (E, d, m). Expert by expert, as (E * m, d) rows.
+        # rows first, and down_proj (E, d, m); or transposed, (E, d, 2m) with gate's and up's
+        # units alternating, and (E, m, d) (gpt-oss). Expert by expert, as (E * m, d) rows.
+        transposed = getattr(experts, "is_transposed", False)
         if matrix == "down":
             down = experts.down_proj.detach().float()
-            return down.transpose(1, 2).reshape(-1, down.shape[1])
+            down = down if transposed else down.transpose(1, 2)  # (E, m, d)
+            return down.reshape(-1, down.shape[2])
         gate_up = experts.gate_up_proj.detach().float()
-        gate, up = gate_up.chunk(2, dim=1)
+        gate_up = gate_up.transpose(1, 2) if transposed else gate_up  # (E, 2m, d)
+        if getattr(experts, "is_concatenated", True):
+            gate, up = gate_up.chunk(2, dim=1)
+        else:
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
         return (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
     if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
         gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)

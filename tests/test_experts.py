@@ -67,6 +67,33 @@ def _busiest(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> in
     return int(route.flatten().mode().values)
 
 
+# The experts' layouts, read from the module as transformers declares them: gate_up_proj
+# (E, 2m, d) with gate's units then up's, or transposed (E, d, 2m) with them alternating, and
+# a bias on each product (gpt-oss).
+def _transposed(ex: Any) -> bool:
+    return bool(getattr(ex, "is_transposed", False))
+
+
+def _column(ex: Any, site: str, i: int) -> int:
+    """Unit i's gate or up along the 2m outputs of gate_up_proj."""
+    if getattr(ex, "is_concatenated", True):
+        return i + (D_EXPERT if site == "up" else 0)
+    return 2 * i + (site == "up")
+
+
+def _gate_up(ex: Any, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e's gate_up outputs on tokens x (n, d): (n, 2m), its bias added."""
+    W = ex.gate_up_proj[e]
+    h = x @ (W if _transposed(ex) else W.T)
+    return h + ex.gate_up_proj_bias[e] if getattr(ex, "has_bias", False) else h
+
+
+def _down(ex: Any, e: int, act: torch.Tensor) -> torch.Tensor:
+    W = ex.down_proj[e]
+    out = act @ (W if _transposed(ex) else W.T)
+    return out + ex.down_proj_bias[e] if getattr(ex, "has_bias", False) else out
+
+
 def _eager(
     model: nn.Module, layer: int, unit: tuple[int, int], site: str, edit: Callable[..., Any]
 ) -> nn.Module:
@@ -83,20 +110,18 @@ def _eager(
 
     def forward(self: Any, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> Any:
         out = torch.zeros_like(x)
-        m = self.gate_up_proj.shape[1] // 2
         for e in range(self.gate_up_proj.shape[0]):
             token, slot = (index == e).nonzero(as_tuple=True)
-            gate, up = (x[token] @ self.gate_up_proj[e].T).split(m, dim=-1)  # (n, m) each
+            gate_up = _gate_up(self, e, x[token])  # (n, 2m)
             last = token % block[0] == block[0] - 1
             hit = e == e_clamped
-            if hit and site == "gate":
-                gate[:, i] = edit(gate[:, i], last)
-            if hit and site == "up":
-                up[:, i] = edit(up[:, i], last)
-            act = self.act_fn(gate) * up
+            if hit and site in ("gate", "up"):
+                c = _column(self, site, i)
+                gate_up[:, c] = edit(gate_up[:, c], last)
+            act = self._apply_gate(gate_up)  # (n, m): the model's own activation
             if hit and site == "act":
                 act[:, i] = edit(act[:, i], last)
-            out.index_add_(0, token, (act @ self.down_proj[e].T) * weights[token, slot, None])
+            out.index_add_(0, token, _down(self, e, act) * weights[token, slot, None])
         return out
 
     experts.forward = types.MethodType(forward, experts)
@@ -105,20 +130,24 @@ def _eager(
 
 @pytest.mark.parametrize("site", ["up", "gate", "act"])
 def test_a_scale_clamp_equals_scaling_the_experts_weights(moe: Any, site: str) -> None:
-    """Scaling a unit at up / gate / act by s is scaling its W_up row, W_gate row (then only
-    where act_fn is linear: s = 0 under SiLU) or W_down column: the model's own forward on the
-    edited weights is the reference."""
+    """Scaling a unit at up / gate / act by s is scaling its W_up vector, W_gate vector (then
+    only where act_fn is linear: s = 0 under SiLU) or W_down vector, with the bias of the
+    product where there is one: the model's own forward on the edited weights is the
+    reference."""
     model, batch, _ = moe
     layer, i = 1, 5
     s = 0.0 if site == "gate" else 2.5  # silu(s * g) != s * silu(g), but silu(0) = 0
     e = _busiest(model, batch, layer)
     ref = copy.deepcopy(model)
-    W = _experts(ref, layer)
+    ex = _experts(ref, layer)
     with torch.no_grad():
-        if site == "act":
-            W.down_proj[e, :, i] *= s
+        if site == "act":  # (not its bias: that one does not pass through the unit)
+            (ex.down_proj[e, i] if _transposed(ex) else ex.down_proj[e, :, i]).mul_(s)
         else:
-            W.gate_up_proj[e, i + (D_EXPERT if site == "up" else 0)] *= s
+            c = _column(ex, site, i)
+            (ex.gate_up_proj[e, :, c] if _transposed(ex) else ex.gate_up_proj[e, c]).mul_(s)
+            if getattr(ex, "has_bias", False):
+                ex.gate_up_proj_bias[e, c] *= s
     neuron = Neuron(layer, e * D_EXPERT + i, SITE_MATRIX[site])
     with clamp(model, neuron, value=s, mode="scale"):
         hooked = _logits(model, batch)
@@ -175,15 +204,16 @@ def test_record_is_the_units_value_where_its_expert_runs_and_nan_elsewhere(moe: 
         got = seen[n][0]  # (batch, seq)
         runs = (route == e).any(-1)
         assert torch.equal(got.isnan(), ~runs), n
-        W = ex.gate_up_proj[e].detach()
-        g, u = h @ W[i], h @ W[D_EXPERT + i]
-        want = {"up": u, "gate": g, "down": ex.act_fn(g) * u}[n.matrix]
+        gate_up = _gate_up(ex, e, h).detach()  # (batch, seq, 2m)
+        g, u = gate_up[..., _column(ex, "gate", i)], gate_up[..., _column(ex, "up", i)]
+        want = {"up": u, "gate": g, "down": ex._apply_gate(gate_up)[..., i]}[n.matrix]
         torch.testing.assert_close(got[runs], want[runs].detach(), rtol=1e-5, atol=1e-6)
     # activation ranges count the tokens routed to the expert and skip the others
-    n = neurons[0]
+    e = _busiest(model, batch, layer)
+    n = neurons[3 * e]
     r = activation_ranges(model, batch, [n])[n]
     real = batch["attention_mask"].bool()
-    runs = (route == 0).any(-1) & real
+    runs = (route == e).any(-1) & real
     assert (r.tokens, r.total) == (int(runs.sum()), int(real.sum()))
     assert r.max == pytest.approx(float(seen[n][0][runs].max()), rel=1e-6)
 

@@ -184,6 +184,34 @@ def test_a_mixture_with_dense_layers_is_refused(
     assert "Traceback" not in err
 
 
+def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """gpt-oss holds a layer's experts in two 3D tensors, transposed, gate's and up's units
+    alternating: single neurons read alone are the layer's rows; a wrong expert count is a
+    clear error; the MXFP4 release (quantization_config) is refused with what to map."""
+    from flashlens.weights import ModelSource
+
+    model = make_model(tmp_path / "m", "gpt_oss", n_layers=1, d_mlp=24)
+    source = ModelSource.open(model)
+    assert (source.n_experts, source.d_expert, source.family.experts_stacked) == (4, 24, True)
+    index = torch.tensor([70, 5, 95, 30, 71])
+    for matrix in ("up", "gate", "down"):
+        W = source.neurons(matrix, 0)  # type: ignore[arg-type]
+        assert torch.equal(source.neuron_rows(matrix, 0, index), W[index])  # type: ignore[arg-type]
+    source.close()
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "experts.gate_up_proj has shape (4, 32, 48), config implies (5, 32, 48)" in err
+    mxfp4 = {**config, "quantization_config": {"quant_method": "mxfp4"}}
+    (model / "config.json").write_text(json.dumps(mxfp4))
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "quantization_config" in err and "bf16" in err and "Traceback" not in err
+
+
 def test_every_registered_family_is_checked_against_its_own_model() -> None:
     """The per-family tests (test_map_reference, test_intervene) run over FAMILIES: a new
     registry entry without a tiny transformers model there would land unchecked."""

@@ -80,6 +80,12 @@ class Family:
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False
+    # a fused gate_up tensor whose units alternate, gate's then up's (gpt-oss: gate_up[..., 0::2]
+    # is gate, [..., 1::2] up), instead of all of gate's then all of up's
+    gate_up_interleaved: bool = False
+    # a layer's experts stacked in one tensor per matrix, experts first (gpt-oss:
+    # gate_up_proj (E, d_model, 2 m), down_proj (E, m, d_model)); its names hold no {expert}
+    experts_stacked: bool = False
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
@@ -97,6 +103,16 @@ class Family:
         """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up
         tensor, else 0."""
         return d_mlp if self.gate_up_fused and matrix == "up" else 0
+
+    def units(self, matrix: Matrix, d_mlp: int) -> slice:
+        """Where `matrix`'s d_mlp neurons lie along its tensor's neuron axis: all of it, a half
+        of a fused gate_up tensor, or every other unit of an interleaved one."""
+        if not self.gate_up_fused or matrix == "down":
+            return slice(0, d_mlp)
+        if self.gate_up_interleaved:
+            return slice(int(matrix == "up"), 2 * d_mlp, 2)
+        lo = self.row_offset(matrix, d_mlp)
+        return slice(lo, lo + d_mlp)
 
     def neuron_is_column(self, matrix: Matrix) -> bool:
         """Whether a neuron of `matrix` is a column of its stored tensor (W_down; with Conv1D

@@ -1,6 +1,6 @@
-"""Mixtures of experts with Llama-style gated experts and RMSNorm (routed experts only, no
-shared expert): a layer's neurons are its experts' units in order, neuron e * d_expert + i
-being unit i of expert e. Tensor names hold {expert}."""
+"""Mixtures of experts with gated experts and RMSNorm (routed experts only, no shared expert):
+a layer's neurons are its experts' units in order, neuron e * d_expert + i being unit i of
+expert e. Tensor names hold {expert}, or a tensor holds all of a layer's experts (gpt-oss)."""
 
 from __future__ import annotations
 
@@ -30,4 +30,19 @@ QWEN3_MOE = llama_like(
     d_mlp_key="moe_intermediate_size",
     require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
     **_EXPERTS,
+)
+# gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of
+# gate_up_proj, a row of down_proj) with gate's and up's units alternating; both have biases
+# (past the weight vectors the map decodes), and the experts' act is gpt-oss's clamped SwiGLU
+GPT_OSS = llama_like(
+    "gpt_oss",
+    "GptOssForCausalLM",
+    W_up=f"{MLP}.experts.gate_up_proj",
+    W_gate=f"{MLP}.experts.gate_up_proj",
+    W_down=f"{MLP}.experts.down_proj",
+    experts_keys=("num_local_experts",),
+    experts_stacked=True,
+    conv1d=True,
+    gate_up_fused=True,
+    gate_up_interleaved=True,
 )

@@ -2,19 +2,22 @@
 
 transformers (5 and later) runs a layer's experts in one module, `mlp.experts`, whose weights
 are 3D: W_gate_up (E, 2 m, d_model), each expert's gate rows then its up rows, and W_down
-(E, d_model, m). It is called on the layer's tokens flattened, experts(x (T, d_model),
-top_k_index (T, k), top_k_weights (T, k)), and returns, per token, the sum over the k experts
-e it is routed to of w_e * W_down[e] @ (act_fn(W_gate[e] x) * W_up[e] x). How it computes that
-(a loop over experts, grouped or batched products) is a setting; no tensor of one expert's
-activations is there for a hook to edit.
+(E, d_model, m); or, in gpt-oss, stored transposed, (E, d_model, 2 m) with gate's and up's
+units alternating and (E, m, d_model), each with a bias. It is called on the layer's tokens
+flattened, experts(x (T, d_model), top_k_index (T, k), top_k_weights (T, k)), and returns, per
+token, the sum over the k experts e it is routed to of w_e * W_down[e] @ act(gate, up), where
+gate = W_gate[e] x (+ bias), up = W_up[e] x (+ bias) and act is the module's own
+`_apply_gate` (act_fn(gate) * up; gpt-oss's clamped SwiGLU). How it computes that (a loop over
+experts, grouped or batched products) is a setting; no tensor of one expert's activations is
+there for a hook to edit.
 
 So a clamp corrects the experts' output instead. For a clamped unit i of expert e, on the
-tokens routed to e, it recomputes the unit's pre-activations g = W_gate[e, i] . x and
-u = W_up[e, i] . x in fp32, edits them as the hooks of a dense MLP would (gate and up, then
-act on act_fn(g') * u'), and adds w_e * (a' - a) * W_down[e][:, i] to the output. A unit's
-activation depends on x alone, so the corrections of several units add up, and the result is
-the experts' output with the units edited inside, up to the rounding of the experts' own
-products. A clamp to a unit's natural value adds exactly zero.
+tokens routed to e, it recomputes the unit's gate g and up u in fp32, edits them as the hooks
+of a dense MLP would (gate and up, then the activation a' = act(g', u')), and adds
+w_e * (a' - a) * (unit i's W_down vector) to the output. A unit's activation depends on x
+alone, so the corrections of several units add up, and the result is the experts' output with
+the units edited inside, up to the rounding of the experts' own products. A clamp to a unit's
+natural value adds exactly zero.
 
 A token runs only the experts it is routed to: a clamp leaves a token its unit's expert does
 not run on as it is, and a recording holds NaN there.
@@ -40,7 +43,7 @@ Take = Callable[[Neuron, torch.Tensor], None]
 class ExpertsRef:
     """One neuron of a layer's experts: the module, the site, and (expert, unit)."""
 
-    module: nn.Module  # the layer's experts: gate_up_proj (E, 2m, d), down_proj (E, d, m)
+    module: nn.Module  # the layer's experts (gate_up_proj, down_proj: see the module doc)
     name: str  # e.g. "model.layers.3.mlp.experts"
     block: nn.Module  # the MoE block that calls it, whose input is (batch, seq, d_model)
     site: Site
@@ -58,13 +61,42 @@ class ExpertsRef:
         return f"{self.name}, expert {e} unit {i}, {self.site}"
 
     def weight_vector(self, neuron: Neuron) -> torch.Tensor:
-        """The unit's weight vector (d_model,) at its site: a row of W_up or W_gate, or for
-        site act a column of W_down."""
+        """The unit's weight vector (d_model,) at its site: its W_up or W_gate vector, or for
+        site act its W_down one."""
         e, i = self.unit(neuron)
         if self.site == "act":
-            return cast(torch.Tensor, self.module.down_proj)[e, :, i]
-        row = i + (self.d_expert if self.site == "up" else 0)
-        return cast(torch.Tensor, self.module.gate_up_proj)[e, row]
+            return _down(self.module, e, [i])[0]
+        return _gate_up(self.module, e, [_column(self.module, self.site, i)])[0]
+
+
+def _transposed(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_transposed", False))
+
+
+def _column(module: nn.Module, site: str, i: int) -> int:
+    """Where unit i's gate or up lies along gate_up_proj's 2m units."""
+    m = _width(module)
+    if getattr(module, "is_concatenated", True):
+        return i + (m if site == "up" else 0)
+    return 2 * i + (site == "up")
+
+
+def _width(module: nn.Module) -> int:
+    """d_expert, from gate_up_proj (E, 2m, d), or (E, d, 2m) transposed."""
+    W = cast(torch.Tensor, module.gate_up_proj)
+    return int(W.shape[2 if _transposed(module) else 1]) // 2
+
+
+def _gate_up(module: nn.Module, e: int, columns: Sequence[int]) -> torch.Tensor:
+    """Expert e's gate_up vectors at `columns` (of 2m), (k, d_model), as stored."""
+    W = cast(torch.Tensor, module.gate_up_proj)[e]
+    return W[:, list(columns)].T if _transposed(module) else W[list(columns)]
+
+
+def _down(module: nn.Module, e: int, units: Sequence[int]) -> torch.Tensor:
+    """Expert e's W_down vectors of `units`, (k, d_model), as stored."""
+    W = cast(torch.Tensor, module.down_proj)[e]
+    return W[list(units)] if _transposed(module) else W[:, list(units)].T
 
 
 def resolve_experts(model: nn.Module, family: Family, neuron: Neuron, site: Site) -> ExpertsRef:
@@ -73,8 +105,8 @@ def resolve_experts(model: nn.Module, family: Family, neuron: Neuron, site: Site
     name = f"model.layers.{neuron.layer}.mlp.experts"
     upgrade = (
         f"neuron {neuron}: clamping an expert's neuron needs a layer's experts held as 3D "
-        f"tensors in one module, {name}.gate_up_proj (experts, 2 * d_expert, d_model), as "
-        "transformers 5 and later hold them; this model {}: upgrade transformers"
+        f"tensors in one module, {name}.gate_up_proj, as transformers 5 and later hold "
+        "them; this model {}: upgrade transformers"
     )
     try:
         module = model.get_submodule(name)
@@ -84,18 +116,12 @@ def resolve_experts(model: nn.Module, family: Family, neuron: Neuron, site: Site
     W = getattr(module, "gate_up_proj", None)
     if not isinstance(W, torch.Tensor) or W.dim() != 3:
         raise UnsupportedModelError(upgrade.format(f"holds a {type(module).__name__} there"))
-    layout = [
-        getattr(module, "is_concatenated", True),
-        not getattr(module, "is_transposed", False),
-        not getattr(module, "has_bias", False),
-        getattr(module, "has_gate", True),
-    ]
-    if not all(layout):
+    if not getattr(module, "has_gate", True):
         raise UnsupportedModelError(
-            f"neuron {neuron}: {name} is not laid out as flashlens clamps experts (gate rows "
-            "then up rows, not interleaved or transposed, no bias)"
+            f"neuron {neuron}: {name} has no gate (up_proj only), which flashlens does not "
+            "clamp yet"
         )
-    n_experts, d_expert = int(W.shape[0]), int(W.shape[1]) // 2
+    n_experts, d_expert = int(W.shape[0]), _width(module)
     width = n_experts * d_expert
     if neuron.index >= width:
         raise NeuronError(
@@ -110,26 +136,55 @@ def _edit(mode: Mode, h: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 class _Units:
-    """The units of one expert that a hook touches, with each site's edit: (k,) tensors."""
+    """Units of one expert that a hook touches: their weight vectors in fp32, read once as the
+    hook goes on, and each site's edit as (k,) tensors."""
 
-    def __init__(self, units: list[int], edits: dict[Site, list[float | None]]) -> None:
-        self.units = torch.tensor(units, dtype=torch.long)  # (k,)
+    def __init__(
+        self,
+        module: nn.Module,
+        e: int,
+        units: list[int],
+        edits: dict[Site, list[float | None]] | None = None,
+    ) -> None:
+        self.units = units
+        has_bias = getattr(module, "has_bias", False)
+        bias = cast(torch.Tensor, getattr(module, "gate_up_proj_bias", None))
+        with torch.no_grad():
+            columns = {site: [_column(module, site, i) for i in units] for site in ("gate", "up")}
+            # each vector its own (d_model,) tensor: a unit's product is then one and the same
+            # GEMV in every hook, whatever other units it sits beside
+            self.V = {
+                site: [v.float().contiguous() for v in _gate_up(module, e, cols)]
+                for site, cols in columns.items()
+            }
+            self.bias = {site: bias[e, cols].float() for site, cols in columns.items() if has_bias}
+            self.W_down = _down(module, e, units).float()  # (k, d_model)
+        device = self.W_down.device
         # per site: which units it edits (k,) bool, and the value for each (k,) fp32
         self.edits = {
             site: (
-                torch.tensor([v is not None for v in vals]),
-                torch.tensor([0.0 if v is None else v for v in vals], dtype=torch.float32),
+                torch.tensor([v is not None for v in vals], device=device),
+                torch.tensor([0.0 if v is None else v for v in vals], device=device),
             )
-            for site, vals in edits.items()
+            for site, vals in (edits or {}).items()
             if any(v is not None for v in vals)
         }
+
+    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The units' gate and up (their biases added) on tokens x (n, d_model): (n, k) each."""
+        xf = x.float()
+        out = []
+        for site in ("gate", "up"):
+            h = torch.stack([xf @ v for v in self.V[site]], dim=-1)
+            out.append(h + self.bias[site] if site in self.bias else h)
+        return out[0], out[1]
 
     def apply(
         self, site: Site, mode: Mode, h: torch.Tensor, rows: torch.Tensor | None
     ) -> torch.Tensor:  # h: (n, k); rows: (n,) bool, the tokens to edit (None: all)
         if site not in self.edits:
             return h
-        mask, value = (t.to(h.device) for t in self.edits[site])
+        mask, value = self.edits[site]
         if rows is not None:
             mask = mask & rows[:, None]
         return torch.where(mask, _edit(mode, h, value), h)
@@ -172,23 +227,19 @@ def _units_of(
         edits: dict[Site, list[float | None]] = {
             s: [units[i].get(s) for i in order] for s in ("gate", "up", "act")
         }
-        out[e] = _Units(order, edits)
+        out[e] = _Units(ref.module, e, order, edits)
     return out
 
 
-def _activations(
-    module: nn.Module, e: int, units: Sequence[int], x: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The units' gate and up pre-activations on tokens x (n, d_model): each (n, k) fp32.
-
-    One product per unit and all the tokens routed to e, whatever else a hook computes: a unit's
-    values are the same bits in a recording and in a clamp of the same tokens, so a clamp to a
-    recorded value adds exactly zero."""
-    W = cast(torch.Tensor, module.gate_up_proj)[e]  # (2m, d_model)
-    m, xf = W.shape[0] // 2, x.float()
-    g = torch.stack([xf @ W[i].float() for i in units], dim=-1)
-    u = torch.stack([xf @ W[m + i].float() for i in units], dim=-1)
-    return g, u
+def _act(module: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The units' activations from their gate and up (n, k): the module's own `_apply_gate` on
+    them laid out as its gate_up product is, else act_fn(g) * u."""
+    apply = getattr(module, "_apply_gate", None)
+    if apply is None:
+        return cast(Callable[[torch.Tensor], torch.Tensor], module.act_fn)(g) * u
+    if getattr(module, "is_concatenated", True):
+        return cast(torch.Tensor, apply(torch.cat([g, u], dim=-1)))
+    return cast(torch.Tensor, apply(torch.stack([g, u], dim=-1).flatten(-2)))  # g0 u0 g1 u1
 
 
 def _routed(e: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +253,7 @@ def install_clamp(
 ) -> list[Any]:
     """Hook the clamps of `items` (one layer's experts' neurons) on ref.module; the handles."""
     groups = _units_of(ref, items)
-    tokens = _Tokens(ref.block)
-    act = cast(Callable[[torch.Tensor], torch.Tensor], ref.module.act_fn)
+    tokens = _Tokens(ref.block) if last else None
 
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor
@@ -211,20 +261,24 @@ def install_clamp(
         x, index, weights = _inputs(args, kwargs)  # (T, d), (T, k), (T, k)
         for e, units in groups.items():
             token, slot = _routed(e, index)
-            rows = tokens.is_last(index.shape[0], index.device)[token] if last else None
+            rows = tokens.is_last(index.shape[0], index.device)[token] if tokens else None
             if token.numel() == 0 or (rows is not None and not rows.any()):
                 continue
-            g, u = _activations(module, e, units.units.tolist(), x[token])  # (n, k) each
-            a = act(g) * u
+            g, u = units.activations(x[token])  # (n, k) each
+            a = _act(module, g, u)
             g2 = units.apply("gate", mode, g, rows)
             u2 = units.apply("up", mode, u, rows)
-            a2 = units.apply("act", mode, act(g2) * u2, rows)
+            a2 = units.apply("act", mode, _act(module, g2, u2), rows)
             delta = (a2 - a) * weights[token, slot].float()[:, None]  # (n, k)
-            W_down = cast(torch.Tensor, module.down_proj)[e][:, units.units.to(out.device)]
-            out = out.index_add(0, token, (delta @ W_down.float().T).to(out.dtype))
+            change = (delta @ units.W_down).to(out.dtype)  # (n, d_model)
+            if torch.is_grad_enabled():  # an autograd graph may hold the output
+                out = out.index_add(0, token, change)
+            else:
+                out.index_add_(0, token, change)
         return out
 
-    return [ref.module.register_forward_hook(hook, with_kwargs=True), tokens.handle]
+    handles = [ref.module.register_forward_hook(hook, with_kwargs=True)]
+    return handles + ([tokens.handle] if tokens else [])
 
 
 def install_record(
@@ -236,20 +290,24 @@ def install_record(
     for r, n in items:
         e, i = ref.unit(n)
         by_expert.setdefault(e, []).append((r.site, i, n))
+    groups = {
+        e: _Units(ref.module, e, sorted({i for _, i, _ in entries}))
+        for e, entries in by_expert.items()
+    }
     tokens = _Tokens(ref.block)
-    act = cast(Callable[[torch.Tensor], torch.Tensor], ref.module.act_fn)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         x, index, _ = _inputs(args, kwargs)
         T = x.shape[0]
         shape = tokens.shape or (1, T)
         for e, entries in by_expert.items():
+            units = groups[e]
             token, _ = _routed(e, index)
-            g, u = _activations(module, e, [i for _, i, _ in entries], x[token])  # (n, k)
-            by_site = {"gate": g, "up": u, "act": act(g) * u}
-            for j, (site, _, n) in enumerate(entries):
+            g, u = units.activations(x[token])  # (n, k) each
+            by_site = {"gate": g, "up": u, "act": _act(module, g, u)}
+            for site, i, n in entries:
                 full = torch.full((T,), float("nan"))
-                full[token.cpu()] = by_site[site][:, j].detach().cpu()
+                full[token.cpu()] = by_site[site][:, units.units.index(i)].detach().cpu()
                 take(n, full.view(shape))
 
     return [ref.module.register_forward_hook(hook, with_kwargs=True), tokens.handle]

@@ -213,12 +213,18 @@ class ModelSource:
 
     def _expert(self, matrix: Matrix, layer: int, expert: int) -> torch.Tensor:
         """One MLP's (one expert's) neuron vectors as rows, (d_expert, d_model)."""
-        name = self.name(self.family.tensor(matrix, layer, expert))
-        if self.family.neuron_is_column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
+        f, m = self.family, self.d_expert
+        name = self.name(f.tensor(matrix, layer, expert))
+        if f.experts_stacked:  # the expert's slice of the layer's tensor, read alone
+            W = self.checkpoint.get(name, rows=(expert, expert + 1))[0]
+            if f.neuron_is_column(matrix):
+                return W[:, f.units(matrix, m)].T
+            return W[f.units(matrix, m)]
+        if f.neuron_is_column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
             return self.checkpoint.get(name).T
-        if self.family.gate_up_fused:  # its half of the fused tensor, read alone
-            lo = self.family.row_offset(matrix, self.d_expert)
-            return self.checkpoint.get(name, rows=(lo, lo + self.d_expert))
+        if f.gate_up_fused:  # its half of the fused tensor, read alone
+            lo = f.row_offset(matrix, m)
+            return self.checkpoint.get(name, rows=(lo, lo + m))
         return self.checkpoint.get(name)
 
     def neuron_rows(self, matrix: Matrix, layer: int, index: torch.Tensor) -> torch.Tensor:
@@ -237,10 +243,13 @@ class ModelSource:
     def _expert_rows(
         self, matrix: Matrix, layer: int, expert: int, index: torch.Tensor
     ) -> torch.Tensor:
-        name = self.name(self.family.tensor(matrix, layer, expert))
-        if self.family.neuron_is_column(matrix):
+        f = self.family
+        name = self.name(f.tensor(matrix, layer, expert))
+        if f.experts_stacked:
+            return self._expert(matrix, layer, expert)[index].contiguous()
+        if f.neuron_is_column(matrix):
             return self.checkpoint.gather(name, index, dim=1).T.contiguous()
-        return self.checkpoint.gather(name, index + self.family.row_offset(matrix, self.d_expert))
+        return self.checkpoint.gather(name, index + f.row_offset(matrix, self.d_expert))
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -262,13 +271,14 @@ class ModelSource:
         for vector in (self.family.final_norm, self.family.final_norm_bias):
             if vector is not None:
                 expected[self.name(vector)] = (d,)
+        f = self.family
+        stacked: tuple[int, ...] = (self.n_experts,) if f.experts_stacked else ()
         for layer in range(self.n_layers):
-            for matrix in self.family.matrices:
-                rows = self.family.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
-                for e in range(self.n_experts):
-                    name = self.name(self.family.tensor(matrix, layer, e))
-                    column = self.family.neuron_is_column(matrix)
-                    expected[name] = (d, m) if column else (rows, d)
+            for matrix in f.matrices:
+                rows = f.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
+                shape: tuple[int, ...] = (d, rows) if f.neuron_is_column(matrix) else (rows, d)
+                for e in range(1 if f.experts_stacked else self.n_experts):
+                    expected[self.name(f.tensor(matrix, layer, e))] = stacked + shape
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
