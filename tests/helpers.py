@@ -89,7 +89,8 @@ UNGATED = (
     "opt",
 )
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
-MOE = ("mixtral", "olmoe", "qwen3_moe", "gpt_oss")
+MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss")
+D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
@@ -101,6 +102,12 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": N_EXPERTS,
+        "num_experts_per_tok": 2,
+        "mlp_only_layers": [],
+        "shared_expert_intermediate_size": D_SHARED,
+    },
 }
 
 
@@ -147,6 +154,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "olmoe": (tf.OlmoeConfig, tf.OlmoeForCausalLM),
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
+        "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),
@@ -175,7 +183,7 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family == "qwen3_moe":  # one expert's width
+    if family in ("qwen3_moe", "qwen2_moe"):  # one expert's width
         config.setdefault("moe_intermediate_size", d_mlp)
     if family == "falcon":
         config.setdefault("ffn_hidden_size", d_mlp)
@@ -281,14 +289,23 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
         if matrix == "down":
             down = experts.down_proj.detach().float()
             down = down if transposed else down.transpose(1, 2)  # (E, m, d)
-            return down.reshape(-1, down.shape[2])
+            W = down.reshape(-1, down.shape[2])
+            shared = getattr(mlp, "shared_expert", None)  # Qwen2-MoE: its units come last
+            return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
         gate_up = experts.gate_up_proj.detach().float()
         gate_up = gate_up.transpose(1, 2) if transposed else gate_up  # (E, 2m, d)
         if getattr(experts, "is_concatenated", True):
             gate, up = gate_up.chunk(2, dim=1)
         else:
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-        return (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
+        W = (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
+        shared = getattr(mlp, "shared_expert", None)  # Qwen2-MoE: its units come last
+        return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
+    return neuron_weights_of(mlp, matrix)
+
+
+def neuron_weights_of(mlp: Any, matrix: str) -> torch.Tensor:
+    """An MLP module's neuron vectors as rows, (d_mlp, d_model) fp32."""
     if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
         gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
         return up if matrix == "up" else gate

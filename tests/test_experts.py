@@ -25,7 +25,7 @@ from flashlens.intervene import Neuron, activation_ranges, clamp, record
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import encode
 
-from .helpers import MOE, N_EXPERTS, load_reference_model, make_model
+from .helpers import D_SHARED, MOE, N_EXPERTS, load_reference_model, make_model
 
 D_EXPERT = 24
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
@@ -259,8 +259,10 @@ def test_expert_clamps_follow_kv_cached_generation(moe: Any) -> None:
 
 def test_expert_neuron_errors(moe: Any) -> None:
     model, _, _ = moe
-    with pytest.raises(NeuronError, match=r"index 96 is out of range.*4 experts of 24 units"):
-        clamp(model, "up:1:96", 1.0).__enter__()
+    shared = D_SHARED if hasattr(model.model.layers[1].mlp, "shared_expert") else 0
+    width = N_EXPERTS * D_EXPERT + shared
+    with pytest.raises(NeuronError, match=rf"index {width} is out of range.*4 experts of 24 units"):
+        clamp(model, f"up:1:{width}", 1.0).__enter__()
     with pytest.raises(NeuronError, match="layer 2 is out of range"):
         clamp(model, "up:2:0", 1.0).__enter__()
     with pytest.raises(NeuronError, match="expert 1 unit 2, act"):
@@ -293,3 +295,65 @@ def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
         argv[3] = f"up:1:{idle[0] * D_EXPERT}"
         assert main(argv[:-1]) == 0
         assert "its expert ran on none of the" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    path = make_model(tmp_path_factory.mktemp("q2") / "m", "qwen2_moe", n_layers=2, d_mlp=D_EXPERT)
+    model, tok = load_reference_model(path), load_tokenizer(path)
+    return model, tok, encode(tok, PROMPTS, torch.device("cpu")), path
+
+
+@pytest.mark.parametrize("site", ["up", "gate", "act"])
+def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(qwen2_moe: Any, site: str) -> None:
+    """Qwen2-MoE: neuron E * d_expert + j is unit j of the shared expert, which runs on every
+    token: a scale clamp equals scaling its weights in the model's own forward."""
+    model, _, batch, _ = qwen2_moe
+    layer, j, s = 1, 5, (0.0 if site == "gate" else 2.5)
+    ref = copy.deepcopy(model)
+    shared = ref.model.layers[layer].mlp.shared_expert
+    with torch.no_grad():
+        if site == "act":
+            shared.down_proj.weight[:, j] *= s
+        else:
+            (shared.up_proj if site == "up" else shared.gate_proj).weight[j] *= s
+    neuron = Neuron(layer, N_EXPERTS * D_EXPERT + j, SITE_MATRIX[site])
+    with clamp(model, neuron, value=s, mode="scale"):
+        hooked = _logits(model, batch)
+    torch.testing.assert_close(hooked, _logits(ref, batch), rtol=1e-5, atol=1e-5)
+    assert (hooked - _logits(model, batch)).abs().max() > 1e-4
+
+
+def test_a_shared_expert_sees_flat_tokens_and_clamps_each_prompts_last(qwen2_moe: Any) -> None:
+    """The shared expert runs on (batch * seq, d_model): records are (batch, seq), with no
+    NaN (it runs on every token), and a clamp of the last position of a padded batch acts on
+    each prompt's last token as on the prompt alone."""
+    model, tok, batch, _ = qwen2_moe
+    b, s = batch["input_ids"].shape
+    neuron = Neuron(1, N_EXPERTS * D_EXPERT + 3, "down")
+    with torch.no_grad(), record(model, neuron) as seen:
+        _logits(model, batch)
+    assert seen[neuron][0].shape == (b, s) and not seen[neuron][0].isnan().any()
+    with clamp(model, neuron, value=6.0, positions="last"):
+        hooked = _logits(model, batch)[:, -1]
+        single = [_logits(model, encode(tok, [p], torch.device("cpu")))[0, -1] for p in PROMPTS]
+    torch.testing.assert_close(hooked, torch.stack(single), rtol=1e-4, atol=1e-4)
+    assert (hooked - _logits(model, batch)[:, -1]).abs().amax(1).min() > 1e-3  # every row
+
+
+def test_show_names_the_shared_expert(
+    qwen2_moe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, _, path = qwen2_moe
+    assert main(["map", str(path), "-o", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    last = N_EXPERTS * D_EXPERT + D_SHARED - 1
+    assert main(["show", str(tmp_path / "a"), f"up:1:{last}", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["expert"], shown["unit"]) == ("shared", D_SHARED - 1)
+    assert main(["show", str(tmp_path / "a"), "up:1:95"]) == 0  # the routed experts' last
+    assert "(expert 3, unit 23)" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "a"), f"up:1:{last}"]) == 0
+    assert f"(shared expert, unit {D_SHARED - 1})" in capsys.readouterr().out
+    assert main(["show", str(tmp_path / "a"), f"up:1:{last + 1}"]) == 2
+    assert "out of range" in capsys.readouterr().err

@@ -415,6 +415,8 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["logit_bias"] = True
     if source.n_experts > 1:  # neuron e * d_expert + i is unit i of expert e
         out["experts"] = source.n_experts
+    if source.d_shared:  # then the shared expert's units
+        out["shared_expert"] = source.d_shared
     return out
 
 

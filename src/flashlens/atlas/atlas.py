@@ -210,12 +210,18 @@ class Atlas:
     def layer_table(self, matrix: str, layer: int) -> pa.Table:
         return read_parquet(self.layer_path(matrix, layer))
 
-    def expert_of(self, index: int) -> tuple[int, int] | None:
-        """(expert, unit) of neuron `index` in a mixture of experts; None for a dense MLP."""
-        experts = int((self.meta.decoding or {}).get("experts", 1))
+    def expert_of(self, index: int) -> tuple[int | str, int] | None:
+        """(expert, unit) of neuron `index` in a mixture of experts, expert "shared" for the
+        shared expert's units; None for a dense MLP."""
+        decoding = self.meta.decoding or {}
+        experts = int(decoding.get("experts", 1))
         if experts <= 1:
             return None
-        return divmod(index, self.meta.d_mlp // experts)
+        shared = int(decoding.get("shared_expert", 0))
+        d_expert = (self.meta.d_mlp - shared) // experts
+        if index >= experts * d_expert:
+            return "shared", index - experts * d_expert
+        return divmod(index, d_expert)
 
     def neuron(self, layer: int, index: int, matrix: str = "up") -> NeuronRecord:
         self.check_neuron(layer, index, matrix)

@@ -174,8 +174,9 @@ class AtlasMeta:
     # How the final norm and W_U were applied, as resolved from config.json and the family's
     # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied", and where they apply
     # "norm_kind" ("layer"), "logit_scale" (the factor on the logits), "logit_bias" (true:
-    # the head adds a bias) and "experts" (a mixture of experts: neuron e * d_mlp / experts + i
-    # is unit i of expert e)}. None: an atlas from
+    # the head adds a bias), "experts" (a mixture of experts: neuron e * d_expert + i is unit
+    # i of expert e, d_expert = (d_mlp - shared_expert) / experts) and "shared_expert" (the
+    # width of a shared expert, whose units come last)}. None: an atlas from
     # before it was recorded (then only config_hash says it).
     decoding: dict[str, Any] | None = None
 

@@ -195,7 +195,7 @@ def show_command(
         where = {} if expert is None else {"expert": expert[0], "unit": expert[1]}
         print_json(rec.to_dict() | where | {"validations": [c.to_dict() for c in checks]})
         return
-    of = "" if expert is None else f" (expert {expert[0]}, unit {expert[1]})"
+    of = "" if expert is None else f" ({_expert_name(expert[0])}, unit {expert[1]})"
     console.print(
         f"[bold]{matrix} {layer}:{index}[/]{of}  entropy {_num(rec.entropy)} nats  "
         f"logsumexp {_num(rec.logsumexp)}  |w| {_num(rec.w_norm, 3)}  "
@@ -246,3 +246,7 @@ def _validation_table(checks: list[ValidationRecord]) -> Table:
 def _num(x: float, digits: int = 2) -> str:
     """A figure for `show`: n/a when undefined (NaN: a constant or damaged neuron)."""
     return "n/a" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _expert_name(expert: int | str) -> str:
+    return "shared expert" if expert == "shared" else f"expert {expert}"

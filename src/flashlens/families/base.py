@@ -80,6 +80,12 @@ class Family:
     # gate_proj and up_proj fused into one (2 * d_mlp, d_model) tensor, gate rows first (Phi-3,
     # GLM): W_up and W_gate then both name it, and row_offset says where each matrix starts
     gate_up_fused: bool = False
+    # A shared expert beside the routed ones (Qwen2-MoE), a gated MLP with Llama's tensor names
+    # under this module path (with {layer}), run on every token: its units follow the routed
+    # experts' in a layer's neurons (neuron E * d_expert + j is its unit j). Its width is the
+    # product of these config keys (one expert's width times a count, or a width of its own).
+    shared_expert: str | None = None
+    shared_width_keys: tuple[str, ...] = ()
     # a fused gate_up tensor whose units alternate, gate's then up's (gpt-oss: gate_up[..., 0::2]
     # is gate, [..., 1::2] up), instead of all of gate's then all of up's
     gate_up_interleaved: bool = False
@@ -98,6 +104,13 @@ class Family:
                 f"choose from {', '.join(self.matrices)}"
             )
         return template.format(layer=layer, expert=expert)
+
+    def shared_tensor(self, matrix: Matrix, layer: int) -> str:
+        """Checkpoint name of the shared expert's weight matrix in a layer."""
+        if self.shared_expert is None:
+            raise UnsupportedModelError(f"architecture family {self.name!r} has no shared expert")
+        proj = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}[matrix]
+        return f"{self.shared_expert.format(layer=layer)}.{proj}.weight"
 
     def row_offset(self, matrix: Matrix, d_mlp: int) -> int:
         """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up

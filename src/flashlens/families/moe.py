@@ -1,6 +1,7 @@
-"""Mixtures of experts with gated experts and RMSNorm (routed experts only, no shared expert):
-a layer's neurons are its experts' units in order, neuron e * d_expert + i being unit i of
-expert e. Tensor names hold {expert}, or a tensor holds all of a layer's experts (gpt-oss)."""
+"""Mixtures of experts with gated experts and RMSNorm, every layer sparse: a layer's neurons are
+its routed experts' units in order, neuron e * d_expert + i being unit i of expert e, then a
+shared expert's units where it has one (Qwen2-MoE). Tensor names hold {expert}, or a tensor
+holds all of a layer's experts (gpt-oss)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ QWEN3_MOE = llama_like(
     "Qwen3MoeForCausalLM",
     d_mlp_key="moe_intermediate_size",
     require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
+    **_EXPERTS,
+)
+# Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routed experts plus a shared expert
+# of shared_expert_intermediate_size units, whose output a sigmoid gate scales per token
+QWEN2_MOE = llama_like(
+    "qwen2_moe",
+    "Qwen2MoeForCausalLM",
+    d_mlp_key="moe_intermediate_size",
+    require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
+    shared_expert=f"{MLP}.shared_expert",
+    shared_width_keys=("shared_expert_intermediate_size",),
     **_EXPERTS,
 )
 # gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of

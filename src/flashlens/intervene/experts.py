@@ -99,9 +99,17 @@ def _down(module: nn.Module, e: int, units: Sequence[int]) -> torch.Tensor:
     return W[list(units)] if _transposed(module) else W[:, list(units)].T
 
 
-def resolve_experts(model: nn.Module, family: Family, neuron: Neuron, site: Site) -> ExpertsRef:
-    """The experts module of `neuron`'s layer; a clear error when the address or the model's
-    layout is not one this module can clamp."""
+def routed_width(module: nn.Module) -> int:
+    """A layer's routed experts' units, E * d_expert."""
+    return int(cast(torch.Tensor, module.gate_up_proj).shape[0]) * _width(module)
+
+
+def resolve_experts(
+    model: nn.Module, family: Family, neuron: Neuron, site: Site, shared: int = 0
+) -> ExpertsRef | None:
+    """The experts module of `neuron`'s layer; None for one of the `shared` units of a shared
+    expert, which follow the routed experts' in a layer's neurons. A clear error when the
+    address or the model's layout is not one this module can clamp."""
     name = f"model.layers.{neuron.layer}.mlp.experts"
     upgrade = (
         f"neuron {neuron}: clamping an expert's neuron needs a layer's experts held as 3D "
@@ -122,12 +130,16 @@ def resolve_experts(model: nn.Module, family: Family, neuron: Neuron, site: Site
             "clamp yet"
         )
     n_experts, d_expert = int(W.shape[0]), _width(module)
-    width = n_experts * d_expert
+    routed = n_experts * d_expert
+    width = routed + shared
     if neuron.index >= width:
+        also = f" and a shared expert of {shared}" if shared else ""
         raise NeuronError(
             f"neuron {neuron}: index {neuron.index} is out of range: layers have {width} "
-            f"neurons (0-{width - 1}: {n_experts} experts of {d_expert} units)"
+            f"neurons (0-{width - 1}: {n_experts} experts of {d_expert} units{also})"
         )
+    if neuron.index >= routed:
+        return None
     return ExpertsRef(module, name, block, site, d_expert, n_experts)
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..errors import FlashlensError, NeuronError, UnsupportedModelError
 from ..families import Family, family_for
-from .experts import ExpertsRef, install_clamp, install_record, resolve_experts
+from .experts import ExpertsRef, install_clamp, install_record, resolve_experts, routed_width
 from .neuron import SITES, Mode, Neuron, Site
 
 Positions = Literal["all", "last"]
@@ -107,9 +107,18 @@ def resolve_site(
             f"neuron {neuron}: layer {neuron.layer} is out of range: the model "
             f"has layers 0-{n_layers - 1}"
         )
-    if family.experts_keys:
-        return resolve_experts(model, family, neuron, site)
     matrix = "down" if site == "act" else site
+    if family.experts_keys:
+        shared = _shared_width(model, family, neuron.layer)
+        ref = resolve_experts(model, family, neuron, site, shared)
+        if ref is not None:
+            return ref
+        # one of the shared expert's units, past the routed experts' (an MLP of its own)
+        name = family.shared_tensor(matrix, neuron.layer).removesuffix(".weight")
+        routed = routed_width(model.get_submodule(f"model.layers.{neuron.layer}.mlp.experts"))
+        mlp = model.get_submodule(f"model.layers.{neuron.layer}.mlp")  # it may see (T, d)
+        module = model.get_submodule(name)
+        return SiteRef(module, name, site == "act", shared, -routed, False, mlp)
     try:
         name = family.tensor(matrix, neuron.layer).removesuffix(".weight")
     except UnsupportedModelError:
@@ -137,6 +146,20 @@ def resolve_site(
         )
     block = model.get_submodule(name.rsplit(".", 1)[0]) if family.mlp_flat else None
     return SiteRef(module, name, site == "act", width, offset, family.conv1d, block)
+
+
+def _shared_width(model: nn.Module, family: Family, layer: int) -> int:
+    """The width of a layer's shared expert (its W_down's inputs); 0 where there is none."""
+    if family.shared_expert is None:
+        return 0
+    try:
+        W_down = model.get_submodule(family.shared_tensor("down", layer).removesuffix(".weight"))
+    except AttributeError:
+        raise UnsupportedModelError(
+            f"this {family.name} model has no module {family.shared_expert.format(layer=layer)}"
+            " (its shared expert): it is not the layout flashlens clamps"
+        ) from None
+    return int(cast(torch.Tensor, W_down.weight).shape[1])
 
 
 def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:

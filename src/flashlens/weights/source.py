@@ -58,8 +58,14 @@ class ModelSource:
     @property
     def d_mlp(self) -> int:
         """Neurons per layer and matrix: in a mixture of experts, every expert's units, expert
-        by expert (neuron e * d_expert + i is unit i of expert e)."""
-        return self.n_experts * self.d_expert
+        by expert (neuron e * d_expert + i is unit i of expert e), then the shared expert's."""
+        return self.n_experts * self.d_expert + self.d_shared
+
+    @property
+    def d_shared(self) -> int:
+        """The shared expert's width in a mixture of experts that has one, else 0."""
+        keys = self.family.shared_width_keys
+        return math.prod(self._size(k) for k in keys) if self.family.shared_expert else 0
 
     @property
     def d_expert(self) -> int:
@@ -209,7 +215,14 @@ class ModelSource:
             if e == 0:
                 out = torch.empty((self.d_mlp, W.shape[1]), dtype=W.dtype)
             out[e * m : (e + 1) * m] = W
+        if self.d_shared:
+            out[self.n_experts * m :] = self._shared(matrix, layer)
         return out
+
+    def _shared(self, matrix: Matrix, layer: int) -> torch.Tensor:
+        """The shared expert's neuron vectors as rows, (d_shared, d_model)."""
+        W = self.checkpoint.get(self.name(self.family.shared_tensor(matrix, layer)))
+        return W.T if matrix == "down" else W
 
     def _expert(self, matrix: Matrix, layer: int, expert: int) -> torch.Tensor:
         """One MLP's (one expert's) neuron vectors as rows, (d_expert, d_model)."""
@@ -233,11 +246,15 @@ class ModelSource:
         self.check_layer(layer)
         if self.n_experts == 1:
             return self._expert_rows(matrix, layer, 0, index)
+        routed = self.n_experts * self.d_expert
         experts, units = index // self.d_expert, index % self.d_expert
         out = torch.empty((len(index), self.d_model), dtype=self.dtype)
-        for e in experts.unique().tolist():
+        for e in experts[index < routed].unique().tolist():
             at = (experts == e).nonzero().squeeze(1)
             out[at] = self._expert_rows(matrix, layer, e, units[at])
+        shared = (index >= routed).nonzero().squeeze(1)
+        if len(shared):  # the shared expert's units
+            out[shared] = self._shared(matrix, layer)[index[shared] - routed]
         return out
 
     def _expert_rows(
@@ -279,6 +296,10 @@ class ModelSource:
                 shape: tuple[int, ...] = (d, rows) if f.neuron_is_column(matrix) else (rows, d)
                 for e in range(1 if f.experts_stacked else self.n_experts):
                     expected[self.name(f.tensor(matrix, layer, e))] = stacked + shape
+                if self.d_shared:
+                    s = self.d_shared
+                    shared = (d, s) if matrix == "down" else (s, d)
+                    expected[self.name(f.shared_tensor(matrix, layer))] = shared
         for name, shape in expected.items():
             if name not in self.checkpoint:
                 raise CheckpointError(
