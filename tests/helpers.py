@@ -89,7 +89,10 @@ UNGATED = (
     "opt",
 )
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
-MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss")
+# ... with dense first layers (layer 0 in the tiny models, 2 * d_mlp wide) and a shared expert
+# of one expert's width
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe")
+MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss", *DEEPSEEK)
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
@@ -102,6 +105,23 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    **{
+        family: {
+            "n_routed_experts": N_EXPERTS,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "num_key_value_heads": 4,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+        }
+        for family in DEEPSEEK
+    },
     "qwen2_moe": {
         "num_experts": N_EXPERTS,
         "num_experts_per_tok": 2,
@@ -155,6 +175,9 @@ def _classes(family: str) -> tuple[Any, Any]:
         "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM),
         "gpt_oss": (tf.GptOssConfig, tf.GptOssForCausalLM),
         "qwen2_moe": (tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM),
+        "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
+        "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
+        "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),
@@ -183,8 +206,10 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family in ("qwen3_moe", "qwen2_moe"):  # one expert's width
+    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK):  # one expert's width
         config.setdefault("moe_intermediate_size", d_mlp)
+    if family in DEEPSEEK:  # the dense layers' width
+        d_mlp *= 2
     if family == "falcon":
         config.setdefault("ffn_hidden_size", d_mlp)
     if family == "opt":
@@ -199,8 +224,9 @@ def make_model(
         intermediate_size=d_mlp,
         num_hidden_layers=n_layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
-        **({} if family in ("falcon",) else {"head_dim": d_model // 4}),
+        # (DeepSeek's latent attention sets its own head sizes, one key-value head per head)
+        **({} if family in DEEPSEEK else {"num_key_value_heads": 2}),
+        **({} if family in ("falcon", *DEEPSEEK) else {"head_dim": d_model // 4}),
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
         pad_token_id=0,  # (some configs default to ids past a tiny vocabulary)
@@ -290,8 +316,11 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
             down = experts.down_proj.detach().float()
             down = down if transposed else down.transpose(1, 2)  # (E, m, d)
             W = down.reshape(-1, down.shape[2])
-            shared = getattr(mlp, "shared_expert", None)  # Qwen2-MoE: its units come last
-            return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
+            return (
+                W
+                if _shared(mlp) is None
+                else torch.cat([W, neuron_weights_of(_shared(mlp), matrix)])
+            )
         gate_up = experts.gate_up_proj.detach().float()
         gate_up = gate_up.transpose(1, 2) if transposed else gate_up  # (E, 2m, d)
         if getattr(experts, "is_concatenated", True):
@@ -299,9 +328,15 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
         else:
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
         W = (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
-        shared = getattr(mlp, "shared_expert", None)  # Qwen2-MoE: its units come last
-        return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
+        return (
+            W if _shared(mlp) is None else torch.cat([W, neuron_weights_of(_shared(mlp), matrix)])
+        )
     return neuron_weights_of(mlp, matrix)
+
+
+def _shared(mlp: Any) -> Any:
+    """A sparse layer's shared expert (Qwen2-MoE, DeepSeek), whose units come last; or None."""
+    return getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
 
 
 def neuron_weights_of(mlp: Any, matrix: str) -> torch.Tensor:

@@ -111,9 +111,19 @@ def test_cli_warns_with_the_way_out(
 
 
 def test_sample_is_seeded_distinct_and_in_range() -> None:
-    a, b = AuditSample(3, 10, 7, seed=5), AuditSample(3, 10, 7, seed=5)
+    a, b = AuditSample([10] * 3, 7, seed=5), AuditSample([10] * 3, 7, seed=5)
     picks = [(j, int(r)) for j in range(3) for r in a.rows(j)]
     assert picks == [(j, int(r)) for j in range(3) for r in b.rows(j)]  # reproducible
     assert len(set(picks)) == 7 and all(0 <= r < 10 for _, r in picks)
-    assert sum(AuditSample(2, 4, 100).rows(j).numel() for j in range(2)) == 8  # all of them
-    assert AuditSample(2, 4, 0).rows(0).numel() == 0
+    assert sum(AuditSample([4, 4], 100).rows(j).numel() for j in range(2)) == 8  # all of them
+    assert AuditSample([4, 4], 0).rows(0).numel() == 0
+    # jobs of different widths (a mixture's dense and sparse layers): each row in its own job
+    mixed = AuditSample([3, 8, 5], 100)
+    assert [mixed.rows(j).tolist() for j in range(3)] == [
+        [0, 1, 2],
+        list(range(8)),
+        [0, 1, 2, 3, 4],
+    ]
+    some = AuditSample([3, 8, 5], 6, seed=1)
+    assert all(int(r) < w for j, w in enumerate([3, 8, 5]) for r in some.rows(j))
+    assert sum(some.rows(j).numel() for j in range(3)) == 6

@@ -12,7 +12,7 @@ import json
 import types
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ from flashlens.intervene import Neuron, activation_ranges, clamp, record
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import encode
 
-from .helpers import D_SHARED, MOE, N_EXPERTS, load_reference_model, make_model
+from .helpers import DEEPSEEK, MOE, N_EXPERTS, load_reference_model, make_model
 
 D_EXPERT = 24
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
@@ -35,7 +35,9 @@ SITE_MATRIX: dict[str, Matrix] = {"up": "up", "gate": "gate", "act": "down"}
 @pytest.fixture(scope="module", params=MOE)
 def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp(request.param)
-    path = make_model(root / "m", request.param, n_layers=2, d_mlp=D_EXPERT)
+    # DeepSeek-style mixtures: layer 0 dense, 1 and 2 sparse; the others: 0 and 1 sparse
+    n_layers = 3 if request.param in DEEPSEEK else 2
+    path = make_model(root / "m", request.param, n_layers=n_layers, d_mlp=D_EXPERT)
     model, tok = load_reference_model(path), load_tokenizer(path)
     return model, encode(tok, PROMPTS, torch.device("cpu")), path
 
@@ -59,6 +61,10 @@ def _routing(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> to
     finally:
         handle.remove()
     return seen[0].view(*batch["input_ids"].shape, -1)
+
+
+def _n_layers(model: nn.Module) -> int:
+    return int(cast(Any, model).config.num_hidden_layers)
 
 
 def _busiest(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> int:
@@ -180,8 +186,9 @@ def test_set_and_add_clamps_equal_editing_the_unit_inside_its_expert(
     torch.testing.assert_close(hooked, _logits(ref, batch), rtol=1e-5, atol=1e-5)
     unclamped = _logits(model, batch)
     assert (hooked - unclamped).abs().max() > 1e-4
-    if positions == "last":  # causal: positions before the last are untouched
-        assert torch.equal(hooked[:, :-1], unclamped[:, :-1])
+    if positions == "last":  # causal: positions before the last are untouched (up to the
+        # rounding of a later layer's experts, which batch tokens by the experts they reach)
+        torch.testing.assert_close(hooked[:, :-1], unclamped[:, :-1], rtol=1e-5, atol=1e-5)
 
 
 def test_record_is_the_units_value_where_its_expert_runs_and_nan_elsewhere(moe: Any) -> None:
@@ -224,14 +231,17 @@ def test_a_natural_clamp_of_several_units_leaves_the_logits_exactly(moe: Any) ->
     model, batch, _ = moe
     one = {k: t[:1] for k, t in batch.items()}  # one prompt: one value per neuron
     base = _logits(model, one)
-    neurons = [Neuron(1, e * D_EXPERT + 3, m) for e in range(N_EXPERTS) for m in ("up", "down")]
-    e = int(_routing(model, one, 0)[0, -1, 0])  # an expert of layer 0 the last token runs
-    neurons += [Neuron(0, e * D_EXPERT + 9, "gate"), Neuron(0, e * D_EXPERT + 3, "up")]
+    L = _n_layers(model)  # the last two layers are sparse
+    neurons = [Neuron(L - 1, e * D_EXPERT + 3, m) for e in range(N_EXPERTS) for m in ("up", "down")]
+    e = int(_routing(model, one, L - 2)[0, -1, 0])  # an expert the last token runs there
+    neurons += [Neuron(L - 2, e * D_EXPERT + 9, "gate"), Neuron(L - 2, e * D_EXPERT + 3, "up")]
+    if L == 3:  # and a dense layer's neuron beside them (DeepSeek)
+        neurons += [Neuron(0, 40, "down")]
     with torch.no_grad(), record(model, neurons) as seen:
         _logits(model, one)
     natural = {n: float(seen[n][0][0, -1]) for n in neurons}
     chosen = [n for n in neurons if natural[n] == natural[n]]  # not NaN: the expert ran
-    assert {n.layer for n in chosen} == {0, 1}
+    assert {n.layer for n in chosen} == set(range(L))
     values = [natural[n] for n in chosen]
     with clamp(model, chosen, value=values, positions="last"):
         assert torch.equal(_logits(model, one), base)
@@ -259,18 +269,20 @@ def test_expert_clamps_follow_kv_cached_generation(moe: Any) -> None:
 
 def test_expert_neuron_errors(moe: Any) -> None:
     model, _, _ = moe
-    shared = D_SHARED if hasattr(model.model.layers[1].mlp, "shared_expert") else 0
-    width = N_EXPERTS * D_EXPERT + shared
+    mlp = model.model.layers[1].mlp
+    shared = getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
+    width = N_EXPERTS * D_EXPERT + (0 if shared is None else shared.down_proj.in_features)
     with pytest.raises(NeuronError, match=rf"index {width} is out of range.*4 experts of 24 units"):
         clamp(model, f"up:1:{width}", 1.0).__enter__()
-    with pytest.raises(NeuronError, match="layer 2 is out of range"):
-        clamp(model, "up:2:0", 1.0).__enter__()
+    L = _n_layers(model)
+    with pytest.raises(NeuronError, match=f"layer {L} is out of range"):
+        clamp(model, f"up:{L}:0", 1.0).__enter__()
     with pytest.raises(NeuronError, match="expert 1 unit 2, act"):
         clamp(model, ["down:1:26", Neuron(1, 26, "up")], 1.0, site="act").__enter__()
     old = copy.deepcopy(model)  # the per-expert modules of transformers 4
-    old.model.layers[0].mlp.experts = nn.ModuleList([nn.Linear(2, 2)])
+    old.model.layers[L - 1].mlp.experts = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(UnsupportedModelError, match="upgrade transformers"):
-        clamp(old, "up:0:1", 1.0).__enter__()
+        clamp(old, f"up:{L - 1}:1", 1.0).__enter__()
 
 
 def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
@@ -297,21 +309,29 @@ def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
         assert "its expert ran on none of the" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module")
-def qwen2_moe(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    path = make_model(tmp_path_factory.mktemp("q2") / "m", "qwen2_moe", n_layers=2, d_mlp=D_EXPERT)
+@pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v3"])
+def shared_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A mixture with a shared expert: Qwen2-MoE's (D_SHARED wide, seeing the tokens
+    flattened) or DeepSeek-V3's (one expert wide, seeing (batch, seq, d_model))."""
+    root = tmp_path_factory.mktemp(request.param)
+    path = make_model(root / "m", request.param, n_layers=2, d_mlp=D_EXPERT)
     model, tok = load_reference_model(path), load_tokenizer(path)
     return model, tok, encode(tok, PROMPTS, torch.device("cpu")), path
 
 
+def _shared_expert(model: nn.Module, layer: int) -> Any:
+    mlp = model.get_submodule(f"model.layers.{layer}.mlp")
+    return getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
+
+
 @pytest.mark.parametrize("site", ["up", "gate", "act"])
-def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(qwen2_moe: Any, site: str) -> None:
-    """Qwen2-MoE: neuron E * d_expert + j is unit j of the shared expert, which runs on every
-    token: a scale clamp equals scaling its weights in the model's own forward."""
-    model, _, batch, _ = qwen2_moe
+def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(shared_moe: Any, site: str) -> None:
+    """Neuron E * d_expert + j is unit j of the shared expert, which runs on every token: a
+    scale clamp equals scaling its weights in the model's own forward."""
+    model, _, batch, _ = shared_moe
     layer, j, s = 1, 5, (0.0 if site == "gate" else 2.5)
     ref = copy.deepcopy(model)
-    shared = ref.model.layers[layer].mlp.shared_expert
+    shared = _shared_expert(ref, layer)
     with torch.no_grad():
         if site == "act":
             shared.down_proj.weight[:, j] *= s
@@ -324,11 +344,11 @@ def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(qwen2_moe: Any, si
     assert (hooked - _logits(model, batch)).abs().max() > 1e-4
 
 
-def test_a_shared_expert_sees_flat_tokens_and_clamps_each_prompts_last(qwen2_moe: Any) -> None:
-    """The shared expert runs on (batch * seq, d_model): records are (batch, seq), with no
-    NaN (it runs on every token), and a clamp of the last position of a padded batch acts on
-    each prompt's last token as on the prompt alone."""
-    model, tok, batch, _ = qwen2_moe
+def test_a_shared_expert_clamps_each_prompts_last_token(shared_moe: Any) -> None:
+    """Qwen2-MoE's shared expert runs on (batch * seq, d_model), DeepSeek's on (batch, seq,
+    d_model): records are (batch, seq), with no NaN (it runs on every token), and a clamp of
+    the last position of a padded batch acts on each prompt's last token as on it alone."""
+    model, tok, batch, _ = shared_moe
     b, s = batch["input_ids"].shape
     neuron = Neuron(1, N_EXPERTS * D_EXPERT + 3, "down")
     with torch.no_grad(), record(model, neuron) as seen:
@@ -342,18 +362,19 @@ def test_a_shared_expert_sees_flat_tokens_and_clamps_each_prompts_last(qwen2_moe
 
 
 def test_show_names_the_shared_expert(
-    qwen2_moe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    shared_moe: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _, _, _, path = qwen2_moe
+    model, _, _, path = shared_moe
     assert main(["map", str(path), "-o", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    last = N_EXPERTS * D_EXPERT + D_SHARED - 1
+    d_shared = _shared_expert(model, 1).down_proj.in_features
+    last = N_EXPERTS * D_EXPERT + d_shared - 1
     assert main(["show", str(tmp_path / "a"), f"up:1:{last}", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert (shown["expert"], shown["unit"]) == ("shared", D_SHARED - 1)
+    assert (shown["expert"], shown["unit"]) == ("shared", d_shared - 1)
     assert main(["show", str(tmp_path / "a"), "up:1:95"]) == 0  # the routed experts' last
     assert "(expert 3, unit 23)" in capsys.readouterr().out
     assert main(["show", str(tmp_path / "a"), f"up:1:{last}"]) == 0
-    assert f"(shared expert, unit {D_SHARED - 1})" in capsys.readouterr().out
+    assert f"(shared expert, unit {d_shared - 1})" in capsys.readouterr().out
     assert main(["show", str(tmp_path / "a"), f"up:1:{last + 1}"]) == 2
     assert "out of range" in capsys.readouterr().err

@@ -212,6 +212,50 @@ def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(
     assert "quantization_config" in err and "bf16" in err and "Traceback" not in err
 
 
+def test_a_mixture_with_dense_first_layers_maps_each_layer_at_its_width(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DeepSeek-V3: layer 0 a dense MLP of 48 neurons, layers 1-2 four experts of 24 units
+    and a shared expert of 24 (120 neurons). The atlas records each layer's width; addresses,
+    neighbours, `show` and `compare` follow it; bad settings are refused in one line."""
+    from flashlens.serve.pages import overview_page
+    from flashlens.serve.views import neuron as neuron_view
+    from flashlens.serve.views import overview
+
+    model = make_model(tmp_path / "m", "deepseek_v3", n_layers=3, d_mlp=24)
+    assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["neurons_mapped"] == 3 * (48 + 120 + 120)
+    atlas = Atlas.open(tmp_path / "a")
+    assert (atlas.meta.widths, atlas.meta.d_mlp) == ([48, 120, 120], 120)
+    assert len(atlas.layer_table("gate", 0)) == 48 and len(atlas.layer_table("gate", 2)) == 120
+    assert main(["show", str(tmp_path / "a"), "down:0:47", "--json"]) == 0
+    assert "expert" not in json.loads(capsys.readouterr().out)  # a dense layer's neuron
+    assert main(["show", str(tmp_path / "a"), "down:0:48"]) == 2
+    assert "layer 0 has 48 neurons (0-47)" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "a"), "down:1:100", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["expert"], shown["unit"]) == ("shared", 4)
+    links = neuron_view(atlas, "up", "1", "0")["links"]
+    assert links["prev"] == "/neuron/up/0/47"  # the dense layer's last neuron
+    assert neuron_view(atlas, "up", "0", "47")["links"]["next"] == "/neuron/up/1/0"
+    page = overview_page(overview(atlas))
+    assert "48 in layers 0; 120 in layers 1-2" in page and "864 neurons decoded" in page
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["overall"]["neurons"] == 3 * (48 + 120 + 120)
+    assert same["overall"]["same_top1"] == 1.0
+    config = json.loads((model / "config.json").read_text())
+    for key, value, said in (
+        ("first_k_dense_replace", 4, "first_k_dense_replace=4, outside 0-3"),
+        ("moe_layer_freq", 2, "moe_layer_freq=2"),
+    ):
+        (model / "config.json").write_text(json.dumps({**config, key: value}))
+        assert main(["map", str(model), "-o", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+
+
 def test_every_registered_family_is_checked_against_its_own_model() -> None:
     """The per-family tests (test_map_reference, test_intervene) run over FAMILIES: a new
     registry entry without a tiny transformers model there would land unchecked."""

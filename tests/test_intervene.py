@@ -19,7 +19,15 @@ from flashlens.intervene.dose import concept_prob
 from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
-from .helpers import FAMILIES, MOE, N_EXPERTS, load_reference_model, make_model, matrices_of
+from .helpers import (
+    DEEPSEEK,
+    FAMILIES,
+    MOE,
+    N_EXPERTS,
+    load_reference_model,
+    make_model,
+    matrices_of,
+)
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
 
@@ -99,7 +107,8 @@ def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
     base = _logits(model, batch)
     neurons = [Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")]
     for first in [n for n in neurons if n.matrix in matrices_of(family)]:
-        experts = N_EXPERTS if family in MOE else 1
+        sparse = family in MOE and not (family in DEEPSEEK and first.layer == 0)  # (dense)
+        experts = N_EXPERTS if sparse else 1
         units = [Neuron(first.layer, e * 24 + first.index, first.matrix) for e in range(experts)]
         with torch.no_grad(), record(model, units) as seen:
             model(**batch, use_cache=False)

@@ -282,14 +282,19 @@ def check_reverse_tolerance(
 ) -> None:
     """Low-precision reverse index (README): each stored log-probability within 1% (0.01 nat)
     of the fp32 reference, and each stored neuron in its token's brute-force top N up to ties
-    within that. (The map keeps spare entries per token and makes them exact at the end;
-    without that, int8 at d_model 1024 stored log-probabilities up to 0.66 nat off and
-    neurons up to 0.74 nat short of the top N, bf16 0.18 nat.)"""
+    within twice that: the best N are chosen by the stored values, so two of them, each off by
+    up to 0.01 nat, can trade places across a gap of up to 0.02 (GLM-4.5's tiny model in int8
+    stored a neuron 0.0104 nat short, from errors of 0.004 and 0.006). The map keeps spare
+    entries per token and makes them exact at the end; without that, int8 at d_model 1024
+    stored log-probabilities up to 0.66 nat off and neurons up to 0.74 nat short of the top N,
+    bf16 0.18 nat."""
     import pyarrow.parquet as pq
 
     L = torch.cat([reference_logits(model, m, layer) for m in matrices for layer in layers])
     logP = torch.log_softmax(L.double(), dim=1)
-    refs = [(layer, m, i) for m in matrices for layer in layers for i in range(atlas.meta.d_mlp)]
+    refs = [
+        (layer, m, i) for m in matrices for layer in layers for i in range(atlas.meta.width(layer))
+    ]
     row_of = {r: i for i, r in enumerate(refs)}
     nth = logP.topk(atlas.meta.reverse_n, dim=0).values[-1]  # (V,) brute-force N-th best
     rev = pq.read_table(atlas.reverse_path).to_pydict()
@@ -298,7 +303,8 @@ def check_reverse_tolerance(
     )
     tok = torch.tensor(rev["token_id"])
     want = logP[rows, tok]
-    tol = near_tie = 0.01  # nats
+    tol = 0.01  # nats
+    near_tie = 2 * tol
     got = torch.tensor(rev["prob"], dtype=torch.float64).log()
     err = (got - want).abs()
     assert bool((err <= tol).all()), f"worst error {float(err.max()):.4f} nats"

@@ -194,7 +194,9 @@ def _map(
     if top_k > source.d_vocab:
         raise FlashlensError(f"--top-k {top_k} exceeds the vocabulary size {source.d_vocab}")
     # GEMM work of the whole job (a resumed run decides as the first run did)
-    flops = 2.0 * len(matrices) * len(layers) * source.d_mlp * source.d_vocab * source.d_model
+    widths = source.widths  # each layer's neurons per matrix
+    neurons = len(matrices) * sum(widths[layer] for layer in layers)
+    flops = 2.0 * neurons * source.d_vocab * source.d_model
     compute_dtype = resolve_dtype(dtype_name, weight_dtype, device, flops)
     if dtype_name != "auto":
         check_gemm_dtype(compute_dtype, device, flops)
@@ -219,6 +221,7 @@ def _map(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         weights_fingerprint=fingerprint,
         decoding=_decoding(source),
+        widths=widths if len(set(widths)) > 1 else None,
     )
     if not overwrite:
         _check_same_model(out, source, fingerprint)
@@ -229,8 +232,8 @@ def _map(
     B = block_size(source.d_vocab, source.d_mlp, device, block)
     every = [(m, layer) for m in matrices for layer in layers]  # the whole job, as on a first run
     jobs = [job for job in every if not writer.is_done(*job)]
-    total = len(matrices) * len(layers) * source.d_mlp
-    todo = len(jobs) * source.d_mlp
+    total = neurons
+    todo = sum(widths[layer] for _, layer in jobs)
     compiled = use_compile(compile_mode, device, todo * source.d_vocab)
     summary = MapSummary(out, 0, total - todo, 0.0, str(device), meta.compute_dtype, B, compiled)
     if writer.already_complete:
@@ -247,7 +250,7 @@ def _map(
     load = lambda job: _load(source, job, device)  # noqa: E731
     # The audit's sample is drawn over the whole job, as on a first run: a resumed run checks
     # the same neurons, those of layers mapped before the interruption read from their files.
-    sample = AuditSample(len(every), source.d_mlp, audit)
+    sample = AuditSample([widths[layer] for _, layer in every], audit)
     place = {job: j for j, job in enumerate(every)}
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashlens-read") as pool,
@@ -327,9 +330,10 @@ def _map(
             del first_layer  # (its future holds the first layer: the generator alone keeps it)
             for i, ((matrix, layer), W) in enumerate(layers_read):
                 base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
+                width = widths[layer]
                 results: list[BlockResult] = []
-                for lo in range(0, source.d_mlp, B):
-                    n = min(B, source.d_mlp - lo)
+                for lo in range(0, width, B):
+                    n = min(B, width - lo)
                     refs = torch.arange(base + lo, base + lo + n)
                     results.append(decoder.decode_padded(W[lo : lo + n], B, refs, reverse))
                     if device.type == "cpu" and (lo // B + 1) % heap.BLOCKS_PER_TRIM == 0:
@@ -345,7 +349,7 @@ def _map(
                 job = (matrix, layer, results, state, time.perf_counter() - start)
                 writing = write_pool.submit(_write_layer, writer, *job)
                 del job, state, results  # the writer holds them until written, no longer
-                summary.neurons_mapped += source.d_mlp
+                summary.neurons_mapped += width
         if writing is not None:
             writing.result()
         decoder.release_gemm()  # the logits block and the GEMM's head copy
@@ -360,7 +364,8 @@ def _map(
             with status(progress, what):
                 for (matrix, layer), W in _prefetched(pool, load, every):
                     base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
-                    reverse.rescore(base, source.d_mlp, functools.partial(decoder.exact_pairs, W))
+                    rescore = functools.partial(decoder.exact_pairs, W)
+                    reverse.rescore(base, widths[layer], rescore)
         # The tokens table (Python-heavy, ~0.2 GiB while built) is made during the audit, not
         # while the map runs: it would add to the peak memory.
         tokens_job = None
@@ -417,6 +422,8 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["experts"] = source.n_experts
     if source.d_shared:  # then the shared expert's units
         out["shared_expert"] = source.d_shared
+    if source.n_dense:  # the first layers are dense MLPs
+        out["dense_layers"] = source.n_dense
     return out
 
 
@@ -516,7 +523,7 @@ def _pilot_rows(
     source: ModelSource, jobs: list[tuple[Matrix, int]], n: int, seed: int
 ) -> torch.Tensor:
     """(n, d_model) raw vectors of n neurons of `jobs` drawn with `seed`, read row by row."""
-    sample = AuditSample(len(jobs), source.d_mlp, n, seed)
+    sample = AuditSample([source.width(layer) for _, layer in jobs], n, seed)
     rows = [
         source.neuron_rows(*job, sample.rows(j))
         for j, job in enumerate(jobs)

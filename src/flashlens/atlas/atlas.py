@@ -188,10 +188,11 @@ class Atlas:
             raise NeuronError(
                 f"layer {layer} is not in this atlas; it has layers {format_layers(m.layers)}"
             )
-        if not 0 <= index < m.d_mlp:
+        width = m.width(layer)
+        if not 0 <= index < width:
+            which = "layers have" if m.widths is None else f"layer {layer} has"
             raise NeuronError(
-                f"neuron index {index} is out of range: layers have "
-                f"{m.d_mlp} neurons (0-{m.d_mlp - 1})"
+                f"neuron index {index} is out of range: {which} {width} neurons (0-{width - 1})"
             )
 
     def layer_path(self, matrix: str, layer: int) -> Path:
@@ -210,15 +211,15 @@ class Atlas:
     def layer_table(self, matrix: str, layer: int) -> pa.Table:
         return read_parquet(self.layer_path(matrix, layer))
 
-    def expert_of(self, index: int) -> tuple[int | str, int] | None:
-        """(expert, unit) of neuron `index` in a mixture of experts, expert "shared" for the
-        shared expert's units; None for a dense MLP."""
+    def expert_of(self, layer: int, index: int) -> tuple[int | str, int] | None:
+        """(expert, unit) of neuron `index` of `layer` in a mixture of experts, expert "shared"
+        for the shared expert's units; None for a dense MLP (or a dense layer of a mixture)."""
         decoding = self.meta.decoding or {}
         experts = int(decoding.get("experts", 1))
-        if experts <= 1:
+        if experts <= 1 or layer < int(decoding.get("dense_layers", 0)):
             return None
         shared = int(decoding.get("shared_expert", 0))
-        d_expert = (self.meta.d_mlp - shared) // experts
+        d_expert = (self.meta.width(layer) - shared) // experts
         if index >= experts * d_expert:
             return "shared", index - experts * d_expert
         return divmod(index, d_expert)

@@ -179,6 +179,13 @@ class AtlasMeta:
     # width of a shared expert, whose units come last)}. None: an atlas from
     # before it was recorded (then only config_hash says it).
     decoding: dict[str, Any] | None = None
+    # Neurons per matrix of each of the model's layers, where they differ (a mixture of experts
+    # with dense layers); None: d_mlp in every layer. d_mlp is then the widest layer's.
+    widths: list[int] | None = None
+
+    def width(self, layer: int) -> int:
+        """Layer `layer`'s neurons per matrix."""
+        return self.d_mlp if self.widths is None else int(self.widths[layer])
 
     # Fields that define the result: a rerun must match them to resume.
     SETTINGS = (

@@ -190,7 +190,7 @@ def show_command(
     at = Atlas.open(atlas)
     rec = at.neuron(layer, index, matrix)
     checks = at.validations(layer, index, matrix)
-    expert = at.expert_of(index)  # (expert, unit) in a mixture of experts
+    expert = at.expert_of(layer, index)  # (expert, unit) in a mixture of experts
     if json_out:
         where = {} if expert is None else {"expert": expert[0], "unit": expert[1]}
         print_json(rec.to_dict() | where | {"validations": [c.to_dict() for c in checks]})

@@ -122,13 +122,12 @@ def _compare_layers(
     pair: ExactPair | None,
     progress: bool,
 ) -> list[NeuronTable]:
-    d_mlp = A.meta.d_mlp
+    total = len(matrices) * sum(A.meta.width(layer) for layer in layers)
     parts: list[NeuronTable] = []
-    with progress_bar(
-        progress, len(matrices) * len(layers) * d_mlp, "comparing", unit="neurons"
-    ) as advance:
+    with progress_bar(progress, total, "comparing", unit="neurons") as advance:
         for matrix in matrices:
             for layer in layers:
+                d_mlp = A.meta.width(layer)
                 what = f"{matrix} layer {layer}"
                 ta, tb = _layer(A, matrix, layer), _layer(B, matrix, layer)
                 ids_a, probs_a = ta["top_ids"][:, :k], ta["top_probs"][:, :k]
@@ -189,7 +188,7 @@ def _matrix(name: str) -> Matrix:
 def _layer(atlas: Atlas, matrix: str, layer: int) -> dict[str, np.ndarray]:
     """One layer's top-k lists as (d_mlp, k) arrays and w_norm (d_mlp,), in neuron order."""
     table = atlas.layer_table(matrix, layer).select(["index", "top_ids", "top_probs", "w_norm"])
-    n, k = atlas.meta.d_mlp, atlas.meta.top_k
+    n, k = atlas.meta.width(layer), atlas.meta.top_k
     index = table.column("index").to_numpy()
     if len(index) != n or not np.array_equal(index, np.arange(n)):
         raise AtlasError(

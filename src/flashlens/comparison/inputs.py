@@ -175,7 +175,17 @@ def _existing(target: Path) -> AtlasMeta | None:
 
 
 # --- compatibility ---------------------------------------------------------------------------
-SAME = ("architecture", "family", "d_model", "d_mlp", "n_layers", "d_vocab", "top_k", "norm")
+SAME = (
+    "architecture",
+    "family",
+    "d_model",
+    "d_mlp",
+    "widths",
+    "n_layers",
+    "d_vocab",
+    "top_k",
+    "norm",
+)
 LABELS = {"d_vocab": "vocabulary size", "top_k": "top-k", "norm": "norm mode"}
 
 

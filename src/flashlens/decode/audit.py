@@ -15,6 +15,7 @@ from the list counts).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,12 +56,15 @@ class AuditSample:
     """The neurons a map audits: `n` (job, row) pairs drawn with a fixed seed, and what the
     engine gave for them. Jobs are the map's (matrix, layer) units, mapped in order."""
 
-    def __init__(self, n_jobs: int, d_mlp: int, n: int, seed: int = 0) -> None:
-        total = n_jobs * d_mlp
+    def __init__(self, widths: Sequence[int], n: int, seed: int = 0) -> None:
+        # widths: each job's neurons; the neurons of all jobs are numbered one after another
+        ends = torch.tensor(widths, dtype=torch.int64).cumsum(0)  # (n_jobs,)
+        total = int(ends[-1]) if len(widths) else 0
         g = torch.Generator().manual_seed(seed)
         picks = torch.randperm(total, generator=g)[: min(n, total)].sort().values
-        job_of = picks.div(d_mlp, rounding_mode="floor")
-        self._rows = {j: picks[job_of == j] - j * d_mlp for j in job_of.unique().tolist()}
+        job_of = torch.searchsorted(ends, picks, right=True)
+        starts = ends - torch.tensor(widths, dtype=torch.int64)
+        self._rows = {j: picks[job_of == j] - starts[j] for j in job_of.unique().tolist()}
         self.w: list[Tensor] = []  # (n_i, d_model) raw weight vectors
         self.top_ids: list[Tensor] = []  # (n_i, k)
         self.top_logits: list[Tensor] = []

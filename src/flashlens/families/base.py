@@ -86,6 +86,12 @@ class Family:
     # product of these config keys (one expert's width times a count, or a width of its own).
     shared_expert: str | None = None
     shared_width_keys: tuple[str, ...] = ()
+    # A mixture whose first layers are dense MLPs (DeepSeek-V2/V3, GLM-4.5): the config key of
+    # their count. They are gated MLPs with Llama's tensor names under `dense_mlp` (with
+    # {layer}), of dense_width_key units: a layer's width then depends on its kind.
+    dense_layers_key: str | None = None
+    dense_mlp: str = "model.layers.{layer}.mlp"
+    dense_width_key: str = "intermediate_size"
     # a fused gate_up tensor whose units alternate, gate's then up's (gpt-oss: gate_up[..., 0::2]
     # is gate, [..., 1::2] up), instead of all of gate's then all of up's
     gate_up_interleaved: bool = False
@@ -109,8 +115,11 @@ class Family:
         """Checkpoint name of the shared expert's weight matrix in a layer."""
         if self.shared_expert is None:
             raise UnsupportedModelError(f"architecture family {self.name!r} has no shared expert")
-        proj = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}[matrix]
-        return f"{self.shared_expert.format(layer=layer)}.{proj}.weight"
+        return _mlp_tensor(self.shared_expert, matrix, layer)
+
+    def dense_tensor(self, matrix: Matrix, layer: int) -> str:
+        """Checkpoint name of a dense layer's weight matrix in a mixture with dense layers."""
+        return _mlp_tensor(self.dense_mlp, matrix, layer)
 
     def row_offset(self, matrix: Matrix, d_mlp: int) -> int:
         """The first row of `matrix`'s neurons in its tensor: d_mlp for up in a fused gate_up
@@ -157,3 +166,9 @@ class Family:
                 "flashlens decodes unquantised floating-point checkpoints of the standard "
                 "layout: map the model's bf16, fp16 or fp32 release instead"
             )
+
+
+def _mlp_tensor(prefix: str, matrix: Matrix, layer: int) -> str:
+    """A Llama-style MLP's weight under module path `prefix` (with {layer})."""
+    proj = {"up": "up_proj", "gate": "gate_proj", "down": "down_proj"}[matrix]
+    return f"{prefix.format(layer=layer)}.{proj}.weight"

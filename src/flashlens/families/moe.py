@@ -1,7 +1,8 @@
-"""Mixtures of experts with gated experts and RMSNorm, every layer sparse: a layer's neurons are
-its routed experts' units in order, neuron e * d_expert + i being unit i of expert e, then a
-shared expert's units where it has one (Qwen2-MoE). Tensor names hold {expert}, or a tensor
-holds all of a layer's experts (gpt-oss)."""
+"""Mixtures of experts with gated experts and RMSNorm: a sparse layer's neurons are its routed
+experts' units in order, neuron e * d_expert + i being unit i of expert e, then a shared
+expert's units where it has one (Qwen2-MoE, DeepSeek). Tensor names hold {expert}, or a tensor
+holds all of a layer's experts (gpt-oss). DeepSeek's first layers are dense MLPs, of another
+width."""
 
 from __future__ import annotations
 
@@ -43,6 +44,23 @@ QWEN2_MOE = llama_like(
     shared_width_keys=("shared_expert_intermediate_size",),
     **_EXPERTS,
 )
+# DeepSeek-V2 and V3 (and Kimi K2), GLM-4.5: the first first_k_dense_replace layers are dense
+# MLPs (intermediate_size units); the others route to n_routed_experts experts of
+# moe_intermediate_size units beside shared experts of n_shared_experts times that width
+_DEEPSEEK = dict(
+    W_up=_EXPERTS["W_up"],
+    W_gate=_EXPERTS["W_gate"],
+    W_down=_EXPERTS["W_down"],
+    experts_keys=("n_routed_experts",),
+    d_mlp_key="moe_intermediate_size",
+    shared_expert=f"{MLP}.shared_experts",
+    shared_width_keys=("moe_intermediate_size", "n_shared_experts"),
+    dense_layers_key="first_k_dense_replace",
+    require=(("moe_layer_freq", 1),),  # every layer past the dense ones sparse
+)
+DEEPSEEK_V2 = llama_like("deepseek_v2", "DeepseekV2ForCausalLM", **_DEEPSEEK)
+DEEPSEEK_V3 = llama_like("deepseek_v3", "DeepseekV3ForCausalLM", **_DEEPSEEK)
+GLM4_MOE = llama_like("glm4_moe", "Glm4MoeForCausalLM", **_DEEPSEEK)
 # gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of
 # gate_up_proj, a row of down_proj) with gate's and up's units alternating; both have biases
 # (past the weight vectors the map decodes), and the experts' act is gpt-oss's clamped SwiGLU

@@ -108,7 +108,10 @@ def resolve_site(
             f"has layers 0-{n_layers - 1}"
         )
     matrix = "down" if site == "act" else site
-    if family.experts_keys:
+    config = cast(Any, model).config
+    key = family.dense_layers_key
+    dense = key is not None and neuron.layer < int(getattr(config, key, 0) or 0)
+    if family.experts_keys and not dense:
         shared = _shared_width(model, family, neuron.layer)
         ref = resolve_experts(model, family, neuron, site, shared)
         if ref is not None:
@@ -119,8 +122,9 @@ def resolve_site(
         mlp = model.get_submodule(f"model.layers.{neuron.layer}.mlp")  # it may see (T, d)
         module = model.get_submodule(name)
         return SiteRef(module, name, site == "act", shared, -routed, False, mlp)
-    try:
-        name = family.tensor(matrix, neuron.layer).removesuffix(".weight")
+    try:  # (a dense layer of a mixture of experts: a Llama-style MLP)
+        tensor = family.dense_tensor if dense else family.tensor
+        name = tensor(matrix, neuron.layer).removesuffix(".weight")
     except UnsupportedModelError:
         others = " or ".join(s for s in SITES if s != site)
         raise NeuronError(

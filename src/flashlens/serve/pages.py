@@ -218,13 +218,24 @@ def label(matrix: str, layer: int, index: int) -> str:
 
 
 # --- pages -----------------------------------------------------------------------------------
+def _widths(m: dict[str, Any]) -> str:
+    """Neurons per layer: one figure, or each distinct width with its layers."""
+    if not m.get("widths"):
+        return f"{m['d_mlp']:,} neurons per layer"
+    by: dict[int, list[int]] = {}
+    for layer, w in enumerate(m["widths"]):
+        by.setdefault(w, []).append(layer)
+    parts = [f"{w:,} in layers {format_layers(layers)}" for w, layers in by.items()]
+    return esc("neurons per layer: " + "; ".join(parts))
+
+
 def overview_page(data: dict[str, Any]) -> str:
     m = data["meta"]
     shape = [
         ("architecture", esc(m["architecture"])),
         ("family", esc(m["family"])),
         ("d_model", f"{m['d_model']:,}"),
-        ("d_mlp", f"{m['d_mlp']:,} neurons per layer"),
+        ("d_mlp", _widths(m)),
         ("layers", f"{esc(format_layers(m['layers']))} of {m['n_layers']}"),
         ("d_vocab", f"{m['d_vocab']:,}"),
         ("matrices", esc(", ".join(m["matrices"]))),
@@ -264,7 +275,8 @@ def overview_page(data: dict[str, Any]) -> str:
         + [link(links[mat].get(layer), f"{mat} {layer}:0") for mat in m["matrices"]]
         for layer in (str(x) for x in m["layers"])
     ]
-    n = len(m["layers"]) * m["d_mlp"] * len(m["matrices"])
+    widths = m.get("widths") or [m["d_mlp"]] * m["n_layers"]
+    n = sum(widths[layer] for layer in m["layers"]) * len(m["matrices"])
     body = f"""<h1>{esc(m["model"])}</h1>
 <p class="sub">{n:,} neurons decoded through the model's final norm and LM-head.
 Search a concept, or type a neuron address like <code>up 2:7</code>.</p>

@@ -80,12 +80,12 @@ def neuron(atlas: Atlas, matrix: str, layer: str, index: str) -> dict[str, Any]:
     if index_n > 0:
         prev = neuron_path(matrix, layer_n, index_n - 1)
     elif pos > 0:
-        prev = neuron_path(matrix, m.layers[pos - 1], m.d_mlp - 1)
-    if index_n < m.d_mlp - 1:
+        prev = neuron_path(matrix, m.layers[pos - 1], m.width(m.layers[pos - 1]) - 1)
+    if index_n < m.width(layer_n) - 1:
         next_ = neuron_path(matrix, layer_n, index_n + 1)
     elif pos < len(m.layers) - 1:
         next_ = neuron_path(matrix, m.layers[pos + 1], 0)
-    expert = atlas.expert_of(index_n)  # (expert, unit) in a mixture of experts
+    expert = atlas.expert_of(layer_n, index_n)  # (expert, unit) in a mixture of experts
     return {
         **rec.to_dict(),
         **({} if expert is None else {"expert": expert[0], "unit": expert[1]}),

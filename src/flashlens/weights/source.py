@@ -58,14 +58,47 @@ class ModelSource:
     @property
     def d_mlp(self) -> int:
         """Neurons per layer and matrix: in a mixture of experts, every expert's units, expert
-        by expert (neuron e * d_expert + i is unit i of expert e), then the shared expert's."""
+        by expert (neuron e * d_expert + i is unit i of expert e), then the shared expert's.
+        Where layers differ (a mixture with dense layers), the widest layer's count: `width`
+        gives each layer's."""
+        return max(self.widths)
+
+    @property
+    def widths(self) -> list[int]:
+        """Each layer's neurons per matrix."""
+        return [self.width(layer) for layer in range(self.n_layers)]
+
+    def width(self, layer: int) -> int:
+        """Layer `layer`'s neurons per matrix."""
+        if self.is_dense(layer):
+            return self._size(self.family.dense_width_key)
         return self.n_experts * self.d_expert + self.d_shared
+
+    @property
+    def n_dense(self) -> int:
+        """How many of the first layers are dense MLPs in a mixture of experts that has them."""
+        key = self.family.dense_layers_key
+        if key is None or self.config.get(key) is None:
+            return 0
+        n = self._size(key)
+        if not 0 <= n <= self.n_layers:
+            raise CheckpointError(
+                f"{self.folder / 'config.json'} sets {key}={n}, outside 0-{self.n_layers} "
+                "(the number of layers); the file may be damaged"
+            )
+        return n
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether a layer of a mixture of experts is a dense MLP (False in a dense model)."""
+        return layer < self.n_dense
 
     @property
     def d_shared(self) -> int:
         """The shared expert's width in a mixture of experts that has one, else 0."""
         keys = self.family.shared_width_keys
-        return math.prod(self._size(k) for k in keys) if self.family.shared_expert else 0
+        if not self.family.shared_expert or not all(self.config.get(k) for k in keys):
+            return 0  # (none, or a count of 0 or null)
+        return math.prod(self._size(k) for k in keys)
 
     @property
     def d_expert(self) -> int:
@@ -141,7 +174,7 @@ class ModelSource:
     @property
     def dtype(self) -> torch.dtype:
         """The stored dtype of the MLP weights."""
-        return self.checkpoint.dtype(self.name(self.family.tensor("up", 0)))
+        return self.checkpoint.dtype(self.name(self._tensor("up", self.n_layers - 1)))
 
     @property
     def config_hash(self) -> str:
@@ -208,6 +241,8 @@ class ModelSource:
         self.check_layer(layer)
         if self.n_experts == 1:
             return self._expert(matrix, layer, 0)
+        if self.is_dense(layer):
+            return self._mlp(self.family.dense_tensor(matrix, layer), matrix)
         m = self.d_expert
         out = torch.empty(0)
         for e in range(self.n_experts):
@@ -221,8 +256,18 @@ class ModelSource:
 
     def _shared(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """The shared expert's neuron vectors as rows, (d_shared, d_model)."""
-        W = self.checkpoint.get(self.name(self.family.shared_tensor(matrix, layer)))
+        return self._mlp(self.family.shared_tensor(matrix, layer), matrix)
+
+    def _mlp(self, name: str, matrix: Matrix) -> torch.Tensor:
+        """A Llama-style MLP's neuron vectors as rows (a shared expert's, a dense layer's)."""
+        W = self.checkpoint.get(self.name(name))
         return W.T if matrix == "down" else W
+
+    def _tensor(self, matrix: Matrix, layer: int) -> str:
+        """The name of a tensor that holds `matrix`'s neurons in `layer` (the first expert's)."""
+        if self.is_dense(layer):
+            return self.family.dense_tensor(matrix, layer)
+        return self.family.tensor(matrix, layer)
 
     def _expert(self, matrix: Matrix, layer: int, expert: int) -> torch.Tensor:
         """One MLP's (one expert's) neuron vectors as rows, (d_expert, d_model)."""
@@ -246,6 +291,11 @@ class ModelSource:
         self.check_layer(layer)
         if self.n_experts == 1:
             return self._expert_rows(matrix, layer, 0, index)
+        if self.is_dense(layer):
+            name = self.name(self.family.dense_tensor(matrix, layer))
+            if matrix == "down":
+                return self.checkpoint.gather(name, index, dim=1).T.contiguous()
+            return self.checkpoint.gather(name, index)
         routed = self.n_experts * self.d_expert
         experts, units = index // self.d_expert, index % self.d_expert
         out = torch.empty((len(index), self.d_model), dtype=self.dtype)
@@ -291,6 +341,12 @@ class ModelSource:
         f = self.family
         stacked: tuple[int, ...] = (self.n_experts,) if f.experts_stacked else ()
         for layer in range(self.n_layers):
+            if self.is_dense(layer):  # a dense layer of a mixture: a Llama-style MLP
+                w = self.width(layer)
+                for matrix in f.matrices:
+                    dense = (d, w) if matrix == "down" else (w, d)
+                    expected[self.name(f.dense_tensor(matrix, layer))] = dense
+                continue
             for matrix in f.matrices:
                 rows = f.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
                 shape: tuple[int, ...] = (d, rows) if f.neuron_is_column(matrix) else (rows, d)
