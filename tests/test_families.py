@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 from flashlens import Atlas, map_model
 from flashlens.cli import main
 
-from .helpers import make_model, neuron_weights, reference_logits
+from .helpers import load_reference_model, make_model, neuron_weights, reference_logits
 from .test_map_reference import check_exact
 
 
@@ -172,16 +173,43 @@ def test_a_mixture_of_experts_maps_every_expert_and_says_which(
     assert got["logit"] == pytest.approx(float(want), rel=1e-5, abs=1e-5)
 
 
-def test_a_mixture_with_dense_layers_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("family", "config", "dense"),
+    [
+        ("qwen3_moe", {"mlp_only_layers": [0, 2]}, [0, 2]),
+        ("qwen2_moe", {"decoder_sparse_step": 2}, [0, 2]),  # every 2nd layer sparse: 1
+    ],
+)
+def test_qwen_mixtures_map_their_dense_layers_at_their_width(
+    tmp_path: Path, family: str, config: dict[str, Any], dense: list[int]
 ) -> None:
-    model = make_model(tmp_path / "m", "qwen3_moe", n_layers=2, d_mlp=16)
-    config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "mlp_only_layers": [1]}))
-    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
-    err = capsys.readouterr().err
-    assert "mlp_only_layers=[1]" in err and "mlp_only_layers=[]" in err
-    assert "Traceback" not in err
+    """Qwen-MoE layers listed in mlp_only_layers, or off decoder_sparse_step, are dense MLPs of
+    intermediate_size: decoded as the model's own modules compute, clamped on their own."""
+    from flashlens.intervene import clamp, record
+    from flashlens.intervene.loading import load_tokenizer
+    from flashlens.intervene.prompts import encode
+
+    model = make_model(tmp_path / "m", family, n_layers=3, d_mlp=16, **config)
+    map_model(model, tmp_path / "a", dtype="float32")
+    atlas = Atlas.open(tmp_path / "a")
+    sparse = 4 * 16 + (16 if family == "qwen2_moe" else 0)  # (Qwen2-MoE: a shared expert)
+    assert atlas.meta.widths == [16 if layer in dense else sparse for layer in range(3)]
+    assert (atlas.meta.decoding or {})["dense_layers"] == dense
+    assert atlas.expert_of(0, 5) is None and atlas.expert_of(1, 5) == (0, 5)
+    for layer in range(3):
+        for matrix in ("up", "gate", "down"):
+            check_exact(atlas, model, matrix, layer, "model")
+    reference = load_reference_model(model)
+    batch = encode(load_tokenizer(model), ["Once upon a time"], torch.device("cpu"))
+    base = reference(**batch).logits
+    neuron = f"down:{dense[0]}:9"  # a dense layer's neuron: its down_proj's input
+    with torch.no_grad(), record(reference, neuron) as seen:
+        reference(**batch)
+    natural = float(seen[next(iter(seen))][0][0, -1])
+    with torch.no_grad(), clamp(reference, neuron, natural, positions="last"):
+        assert torch.equal(reference(**batch).logits, base)
+    with torch.no_grad(), clamp(reference, neuron, natural + 5, positions="last"):
+        assert (reference(**batch).logits - base).abs().max() > 1e-4
 
 
 def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(

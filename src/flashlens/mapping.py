@@ -422,8 +422,8 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["experts"] = source.n_experts
     if source.d_shared:  # then the shared expert's units
         out["shared_expert"] = source.d_shared
-    if source.n_dense:  # the first layers are dense MLPs
-        out["dense_layers"] = source.n_dense
+    if source.dense_layers:  # dense MLPs among a mixture's sparse layers
+        out["dense_layers"] = source.dense_layers
     return out
 
 

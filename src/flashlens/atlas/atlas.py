@@ -216,7 +216,7 @@ class Atlas:
         for the shared expert's units; None for a dense MLP (or a dense layer of a mixture)."""
         decoding = self.meta.decoding or {}
         experts = int(decoding.get("experts", 1))
-        if experts <= 1 or layer < int(decoding.get("dense_layers", 0)):
+        if experts <= 1 or layer in decoding.get("dense_layers", []):
             return None
         shared = int(decoding.get("shared_expert", 0))
         d_expert = (self.meta.width(layer) - shared) // experts

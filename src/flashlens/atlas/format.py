@@ -175,8 +175,9 @@ class AtlasMeta:
     # defaults: {"norm_eps", "logit_softcap" (None: no cap), "tied", and where they apply
     # "norm_kind" ("layer"), "logit_scale" (the factor on the logits), "logit_bias" (true:
     # the head adds a bias), "experts" (a mixture of experts: neuron e * d_expert + i is unit
-    # i of expert e, d_expert = (d_mlp - shared_expert) / experts) and "shared_expert" (the
-    # width of a shared expert, whose units come last)}. None: an atlas from
+    # i of expert e, d_expert = (width - shared_expert) / experts), "shared_expert" (the
+    # width of a shared expert, whose units come last) and "dense_layers" (a mixture's dense
+    # MLP layers)}. None: an atlas from
     # before it was recorded (then only config_hash says it).
     decoding: dict[str, Any] | None = None
     # Neurons per matrix of each of the model's layers, where they differ (a mixture of experts

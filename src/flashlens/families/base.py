@@ -86,10 +86,14 @@ class Family:
     # product of these config keys (one expert's width times a count, or a width of its own).
     shared_expert: str | None = None
     shared_width_keys: tuple[str, ...] = ()
-    # A mixture whose first layers are dense MLPs (DeepSeek-V2/V3, GLM-4.5): the config key of
-    # their count. They are gated MLPs with Llama's tensor names under `dense_mlp` (with
-    # {layer}), of dense_width_key units: a layer's width then depends on its kind.
+    # A mixture with dense MLP layers among the sparse ones: the config keys that say which,
+    # the count of dense first layers (DeepSeek-V2/V3, GLM-4.5: first_k_dense_replace), a
+    # list of dense layers (Qwen-MoE: mlp_only_layers) and a step, every step-th layer sparse
+    # (decoder_sparse_step). Dense layers are gated MLPs with Llama's tensor names under
+    # `dense_mlp` (with {layer}), of dense_width_key units: a layer's width depends on its kind.
     dense_layers_key: str | None = None
+    dense_list_key: str | None = None
+    sparse_step_key: str | None = None
     dense_mlp: str = "model.layers.{layer}.mlp"
     dense_width_key: str = "intermediate_size"
     # a fused gate_up tensor whose units alternate, gate's then up's (gpt-oss: gate_up[..., 0::2]
@@ -116,6 +120,18 @@ class Family:
         if self.shared_expert is None:
             raise UnsupportedModelError(f"architecture family {self.name!r} has no shared expert")
         return _mlp_tensor(self.shared_expert, matrix, layer)
+
+    def is_dense(self, config: Mapping[str, Any], layer: int) -> bool:
+        """Whether `layer` of a mixture of experts is a dense MLP, as transformers builds it
+        from `config` (False in a dense model's family)."""
+        if not self.experts_keys:
+            return False
+        if self.dense_layers_key and layer < int(config.get(self.dense_layers_key) or 0):
+            return True
+        if self.dense_list_key and layer in (config.get(self.dense_list_key) or []):
+            return True
+        step = int(config.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
+        return (layer + 1) % step != 0
 
     def dense_tensor(self, matrix: Matrix, layer: int) -> str:
         """Checkpoint name of a dense layer's weight matrix in a mixture with dense layers."""

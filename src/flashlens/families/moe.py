@@ -25,12 +25,13 @@ _EXPERTS = dict(
 )
 OLMOE = llama_like("olmoe", "OlmoeForCausalLM", **_EXPERTS)
 # Qwen3-MoE: one expert's width is moe_intermediate_size; layers listed in mlp_only_layers, or
-# off decoder_sparse_step, would be dense MLPs
+# off decoder_sparse_step, are dense MLPs of intermediate_size
+_QWEN_DENSE = dict(dense_list_key="mlp_only_layers", sparse_step_key="decoder_sparse_step")
 QWEN3_MOE = llama_like(
     "qwen3_moe",
     "Qwen3MoeForCausalLM",
     d_mlp_key="moe_intermediate_size",
-    require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
+    **_QWEN_DENSE,
     **_EXPERTS,
 )
 # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routed experts plus a shared expert
@@ -39,9 +40,9 @@ QWEN2_MOE = llama_like(
     "qwen2_moe",
     "Qwen2MoeForCausalLM",
     d_mlp_key="moe_intermediate_size",
-    require=(("mlp_only_layers", []), ("decoder_sparse_step", 1)),
     shared_expert=f"{MLP}.shared_expert",
     shared_width_keys=("shared_expert_intermediate_size",),
+    **_QWEN_DENSE,
     **_EXPERTS,
 )
 # DeepSeek-V2 and V3 (and Kimi K2), GLM-4.5: the first first_k_dense_replace layers are dense

@@ -181,6 +181,7 @@ class _Units:
             for site, vals in (edits or {}).items()
             if any(v is not None for v in vals)
         }
+        self.pre = "gate" in self.edits or "up" in self.edits  # edits before the activation
 
     def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units' gate and up (their biases added) on tokens x (n, d_model): (n, k) each."""
@@ -208,6 +209,7 @@ class _Tokens:
 
     def __init__(self, block: nn.Module) -> None:
         self.shape: tuple[int, int] | None = None
+        self._last: tuple[tuple[int, int, torch.device], torch.Tensor] | None = None
 
         def note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]  # (batch, seq, d_model)
@@ -217,7 +219,10 @@ class _Tokens:
 
     def is_last(self, T: int, device: torch.device) -> torch.Tensor:  # (T,) bool
         seq = self.shape[1] if self.shape is not None else T
-        return torch.arange(T, device=device) % seq == seq - 1
+        key = (T, seq, device)
+        if self._last is None or self._last[0] != key:  # (the same every decoding step)
+            self._last = (key, torch.arange(T, device=device) % seq == seq - 1)
+        return self._last[1]
 
 
 def _inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -278,9 +283,11 @@ def install_clamp(
                 continue
             g, u = units.activations(x[token])  # (n, k) each
             a = _act(module, g, u)
-            g2 = units.apply("gate", mode, g, rows)
-            u2 = units.apply("up", mode, u, rows)
-            a2 = units.apply("act", mode, _act(module, g2, u2), rows)
+            if units.pre:  # gate or up edited: the activation they give
+                g, u = units.apply("gate", mode, g, rows), units.apply("up", mode, u, rows)
+                a2 = units.apply("act", mode, _act(module, g, u), rows)
+            else:
+                a2 = units.apply("act", mode, a, rows)
             delta = (a2 - a) * weights[token, slot].float()[:, None]  # (n, k)
             change = (delta @ units.W_down).to(out.dtype)  # (n, d_model)
             if torch.is_grad_enabled():  # an autograd graph may hold the output

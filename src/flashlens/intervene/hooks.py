@@ -108,9 +108,7 @@ def resolve_site(
             f"has layers 0-{n_layers - 1}"
         )
     matrix = "down" if site == "act" else site
-    config = cast(Any, model).config
-    key = family.dense_layers_key
-    dense = key is not None and neuron.layer < int(getattr(config, key, 0) or 0)
+    dense = family.is_dense(cast(Any, model).config.to_dict(), neuron.layer)
     if family.experts_keys and not dense:
         shared = _shared_width(model, family, neuron.layer)
         ref = resolve_experts(model, family, neuron, site, shared)

@@ -75,22 +75,21 @@ class ModelSource:
         return self.n_experts * self.d_expert + self.d_shared
 
     @property
-    def n_dense(self) -> int:
-        """How many of the first layers are dense MLPs in a mixture of experts that has them."""
+    def dense_layers(self) -> list[int]:
+        """The layers of a mixture of experts that are dense MLPs ([] in a dense model)."""
         key = self.family.dense_layers_key
-        if key is None or self.config.get(key) is None:
-            return 0
-        n = self._size(key)
-        if not 0 <= n <= self.n_layers:
-            raise CheckpointError(
-                f"{self.folder / 'config.json'} sets {key}={n}, outside 0-{self.n_layers} "
-                "(the number of layers); the file may be damaged"
-            )
-        return n
+        if key is not None and self.config.get(key) is not None:
+            n = self._size(key)
+            if not 0 <= n <= self.n_layers:
+                raise CheckpointError(
+                    f"{self.folder / 'config.json'} sets {key}={n}, outside 0-{self.n_layers} "
+                    "(the number of layers); the file may be damaged"
+                )
+        return [layer for layer in range(self.n_layers) if self.is_dense(layer)]
 
     def is_dense(self, layer: int) -> bool:
         """Whether a layer of a mixture of experts is a dense MLP (False in a dense model)."""
-        return layer < self.n_dense
+        return self.family.is_dense(self.config, layer)
 
     @property
     def d_shared(self) -> int:
@@ -339,6 +338,7 @@ class ModelSource:
             if vector is not None:
                 expected[self.name(vector)] = (d,)
         f = self.family
+        self.dense_layers  # noqa: B018  (refuses a count of dense layers past the model's)
         stacked: tuple[int, ...] = (self.n_experts,) if f.experts_stacked else ()
         for layer in range(self.n_layers):
             if self.is_dense(layer):  # a dense layer of a mixture: a Llama-style MLP
