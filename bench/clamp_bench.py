@@ -3,13 +3,16 @@
     .venv/bin/python bench/clamp_bench.py [--reps 21]
 
 Builds once (cached under bench/.cache/clamp_model) a random Llama-shaped fp32 model big enough
-for stable timings (d_model 512, d_mlp 1408, 8 layers, vocabulary 8192), then in one run times
+for stable timings (d_model 512, d_mlp 1408, 8 layers, vocabulary 8192), and a Mixtral-shaped
+one with the same active width (bench/.cache/clamp_moe: 8 experts of 704 units, 2 per token),
+then in one run times, on each,
 
   forward     batch 4 x 64 tokens, no KV cache
   generate    batch 4 x 32-token prompts (left-padded), 16 new tokens, greedy, KV cache
 
 each plain (transformers alone) and under `clamp` of 16 neurons in all 8 layers (up, gate and
-activation sites; positions "all" for the forward pass, "last" for generation). Plain and hooked
+activation sites; positions "all" for the forward pass, "last" for generation; in the mixture,
+the same units of expert layer % 8, whose clamps correct the experts' output). Plain and hooked
 runs are interleaved (order flipped every repetition, so both see the same machine load). Time
 is this process's CPU time with one torch thread: on a shared machine it is the figure other
 users disturb least (the wall-clock figure is printed beside it). The overhead is the median
@@ -39,15 +42,40 @@ from flashlens.families import Matrix  # noqa: E402
 from flashlens.intervene import Neuron, clamp  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "clamp_model"
+MOE_CACHE = ROOT / "bench" / ".cache" / "clamp_moe"
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## clamp overhead (issue 4)"
 D_MODEL, D_MLP, N_LAYERS, D_VOCAB = 512, 1408, 8, 8192
 BATCH, SEQ, PROMPT, NEW = 4, 64, 32, 16
+N_EXPERTS, TOP_K = 8, 2
+D_EXPERT = D_MLP // TOP_K  # the same active width per token as the dense model
 # two neurons per layer: up + gate in even layers, up + down (activation site) in odd ones
 NEURONS: list[Neuron] = []
 for layer in range(N_LAYERS):
     second: Matrix = "gate" if layer % 2 == 0 else "down"
     NEURONS += [Neuron(layer, 37 * layer + 1, "up"), Neuron(layer, 37 * layer + 2, second)]
+
+
+# the mixture's: each neuron's unit in expert layer % 8 (units 37 * layer + 1 and + 2 < 704)
+MOE_NEURONS = [
+    Neuron(n.layer, (n.layer % N_EXPERTS) * D_EXPERT + n.index, n.matrix) for n in NEURONS
+]
+
+
+def build_moe() -> Path:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if (MOE_CACHE / "config.json").exists():
+        return MOE_CACHE
+    cfg = MixtralConfig(
+        vocab_size=D_VOCAB, hidden_size=D_MODEL, intermediate_size=D_EXPERT,
+        num_local_experts=N_EXPERTS, num_experts_per_tok=TOP_K, num_hidden_layers=N_LAYERS,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        architectures=["MixtralForCausalLM"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(MOE_CACHE)
+    return MOE_CACHE
 
 
 def build_model() -> Path:
@@ -93,21 +121,15 @@ def compare(plain: Callable[[], Any], hooked: Callable[[], Any], reps: int) -> d
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--reps", type=int, default=21)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(build_model(), dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, D_VOCAB, (BATCH, SEQ), generator=g)
-    prompt = torch.randint(3, D_VOCAB, (BATCH, PROMPT), generator=g)
-    mask = torch.ones_like(prompt)
-    mask[1, :5] = 0  # left padding
-    mask[3, :11] = 0
-    values = [float(i % 5) for i in range(len(NEURONS))]
+def runs(
+    model: Any,
+    neurons: list[Neuron],
+    values: list[float],
+    ids: torch.Tensor,
+    prompt: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[Callable[[], Any], ...]:
+    """forward, generate, and each under the clamp of `neurons`."""
 
     @torch.no_grad()
     def forward() -> Any:
@@ -121,21 +143,44 @@ def main() -> None:
         )  # fmt: skip
 
     def forward_hooked() -> Any:
-        with clamp(model, NEURONS, value=values):
+        with clamp(model, neurons, value=values):
             return forward()
 
     def generate_hooked() -> Any:
-        with clamp(model, NEURONS, value=values, positions="last"):
+        with clamp(model, neurons, value=values, positions="last"):
             return generate()
 
-    rows = {
-        f"forward, batch {BATCH} x {SEQ} tokens, positions all": compare(
+    return forward, generate, forward_hooked, generate_hooked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--reps", type=int, default=21)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, D_VOCAB, (BATCH, SEQ), generator=g)
+    prompt = torch.randint(3, D_VOCAB, (BATCH, PROMPT), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0  # left padding
+    mask[3, :11] = 0
+    values = [float(i % 5) for i in range(len(NEURONS))]
+    rows: dict[str, dict[str, float]] = {}
+    for label, path, neurons in (
+        ("", build_model(), NEURONS),
+        ("Mixtral-shaped: ", build_moe(), MOE_NEURONS),
+    ):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        forward, generate, forward_hooked, generate_hooked = runs(
+            model, neurons, values, ids, prompt, mask
+        )
+        rows[f"{label}forward, batch {BATCH} x {SEQ} tokens, positions all"] = compare(
             forward, forward_hooked, args.reps
-        ),
-        f"generate, batch {BATCH} x {PROMPT} + {NEW} new tokens, KV cache, positions last": compare(
-            generate, generate_hooked, args.reps
-        ),
-    }
+        )
+        name = f"{label}generate, batch {BATCH} x {PROMPT} + {NEW} new tokens, KV cache, last"
+        rows[name] = compare(generate, generate_hooked, args.reps)
     n_hooks = len({(n.layer, n.default_site) for n in NEURONS})
     load = os.getloadavg()[0]
     met = max(r["overhead_pct"] for r in rows.values()) < 5
@@ -149,10 +194,14 @@ def main() -> None:
         "",
         f"Random Llama-shaped fp32 model: d_model {D_MODEL}, d_mlp {D_MLP}, {N_LAYERS} layers, "
         f"vocabulary {D_VOCAB}. Clamp: {len(NEURONS)} neurons in all {N_LAYERS} layers (up, gate "
-        f"and activation sites; {n_hooks} hooks). Plain and hooked runs interleaved in one "
-        "process; times are CPU time of the process (medians); overhead = median over "
-        "repetitions of the paired ratio hooked / plain, minus 1, installing and removing the "
-        "hooks included. The wall-clock overhead is shown too; other users' load makes it noisy.",
+        f"and activation sites; {n_hooks} hooks). The Mixtral-shaped model has the same sizes "
+        f"with {N_EXPERTS} experts of {D_EXPERT} units, {TOP_K} per token (the same active "
+        "width); its clamp is the same units in expert layer % 8 (one hook per layer, which "
+        "corrects the experts' output on the tokens routed to that expert). Plain and hooked "
+        "runs interleaved in one process; times are CPU time of the process (medians); "
+        "overhead = median over repetitions of the paired ratio hooked / plain, minus 1, "
+        "installing and removing the hooks included. The wall-clock overhead is shown too; "
+        "other users' load makes it noisy.",
         "",
         "| run | plain | hooked | overhead (CPU) | overhead (wall) |",
         "|---|---|---|---|---|",

@@ -182,6 +182,7 @@ class _Units:
             if any(v is not None for v in vals)
         }
         self.pre = "gate" in self.edits or "up" in self.edits  # edits before the activation
+        self.every = {site for site, vals in (edits or {}).items() if None not in vals}
 
     def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The units' gate and up (their biases added) on tokens x (n, d_model): (n, k) each."""
@@ -198,6 +199,8 @@ class _Units:
         if site not in self.edits:
             return h
         mask, value = self.edits[site]
+        if rows is None and site in self.every:  # every unit, every token: no mask
+            return _edit(mode, h, value)
         if rows is not None:
             mask = mask & rows[:, None]
         return torch.where(mask, _edit(mode, h, value), h)
@@ -216,6 +219,11 @@ class _Tokens:
             self.shape = (int(hidden.shape[0]), int(hidden.shape[1]))
 
         self.handle = block.register_forward_pre_hook(note, with_kwargs=True)
+
+    @property
+    def all_last(self) -> bool:
+        """Whether every token is its sequence's last (one new token each, as in decoding)."""
+        return self.shape is not None and self.shape[1] == 1
 
     def is_last(self, T: int, device: torch.device) -> torch.Tensor:  # (T,) bool
         seq = self.shape[1] if self.shape is not None else T
@@ -248,15 +256,28 @@ def _units_of(
     return out
 
 
+def _default_gate() -> Any:
+    """transformers' default `_apply_gate` (act_fn(gate) * up), where it has one."""
+    try:
+        from transformers.integrations import moe
+    except ImportError:  # (an older transformers: its experts are refused before any hook)
+        return None
+    return getattr(moe, "_default_apply_gate", None)
+
+
 def _act(module: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """The units' activations from their gate and up (n, k): the module's own `_apply_gate` on
-    them laid out as its gate_up product is, else act_fn(g) * u."""
+    them laid out as its gate_up product is (act_fn(g) * u directly where it is the default
+    one: the same arithmetic, without joining and splitting them)."""
     apply = getattr(module, "_apply_gate", None)
-    if apply is None:
+    if apply is None or getattr(apply, "__func__", None) is _DEFAULT_GATE:
         return cast(Callable[[torch.Tensor], torch.Tensor], module.act_fn)(g) * u
     if getattr(module, "is_concatenated", True):
         return cast(torch.Tensor, apply(torch.cat([g, u], dim=-1)))
     return cast(torch.Tensor, apply(torch.stack([g, u], dim=-1).flatten(-2)))  # g0 u0 g1 u1
+
+
+_DEFAULT_GATE = _default_gate()
 
 
 def _routed(e: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +299,9 @@ def install_clamp(
         x, index, weights = _inputs(args, kwargs)  # (T, d), (T, k), (T, k)
         for e, units in groups.items():
             token, slot = _routed(e, index)
-            rows = tokens.is_last(index.shape[0], index.device)[token] if tokens else None
+            rows = None  # the tokens to edit among those routed to e: all of them
+            if tokens is not None and not tokens.all_last:
+                rows = tokens.is_last(index.shape[0], index.device)[token]
             if token.numel() == 0 or (rows is not None and not rows.any()):
                 continue
             g, u = units.activations(x[token])  # (n, k) each

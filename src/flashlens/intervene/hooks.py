@@ -71,6 +71,12 @@ class SiteRef:
 
 def model_family(model: nn.Module) -> Family:
     """The flashlens family of a loaded transformers model (refuses unsupported ones)."""
+    return _described(model)[0]
+
+
+def _described(model: nn.Module) -> tuple[Family, dict[str, Any]]:
+    """A loaded transformers model's family and its config as a dict (read once per call of
+    clamp or record: 70 us a read, which dozens of neurons would repeat)."""
     config = getattr(model, "config", None)
     if config is None:
         raise UnsupportedModelError(
@@ -80,7 +86,7 @@ def model_family(model: nn.Module) -> Family:
     data = config.to_dict()
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
-    return family_for(data)
+    return family_for(data), data
 
 
 def as_neurons(neurons: NeuronsLike) -> list[Neuron]:
@@ -94,13 +100,17 @@ def as_neurons(neurons: NeuronsLike) -> list[Neuron]:
 
 
 def resolve_site(
-    model: nn.Module, neuron: Neuron, site: Site | None = None
+    model: nn.Module,
+    neuron: Neuron,
+    site: Site | None = None,
+    described: tuple[Family, dict[str, Any]] | None = None,
 ) -> SiteRef | ExpertsRef:
-    """The module a clamp of `neuron` hooks; a clear NeuronError when the address is invalid."""
+    """The module a clamp of `neuron` hooks; a clear NeuronError when the address is invalid.
+    described: the model's family and config dict, where the caller has them."""
     site = site or neuron.default_site
     if site not in SITES:
         raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
-    family = model_family(model)
+    family, config = described or _described(model)
     n_layers = int(cast(Any, model).config.num_hidden_layers)
     if not 0 <= neuron.layer < n_layers:
         raise NeuronError(
@@ -108,7 +118,7 @@ def resolve_site(
             f"has layers 0-{n_layers - 1}"
         )
     matrix = "down" if site == "act" else site
-    dense = family.is_dense(cast(Any, model).config.to_dict(), neuron.layer)
+    dense = family.is_dense(config, neuron.layer)
     if family.experts_keys and not dense:
         shared = _shared_width(model, family, neuron.layer)
         ref = resolve_experts(model, family, neuron, site, shared)
@@ -167,8 +177,9 @@ def _shared_width(model: nn.Module, family: Family, layer: int) -> int:
 def check_neurons(model: nn.Module, neurons: NeuronsLike, site: Site | None = None) -> list[Neuron]:
     """The neurons, each checked against the model (layer, index, site) before any work."""
     chosen = as_neurons(neurons)
+    described = _described(model)
     for n in chosen:
-        resolve_site(model, n, site)
+        resolve_site(model, n, site, described)
     return chosen
 
 
@@ -247,8 +258,9 @@ def clamp(
     values = _values(value, len(chosen))
     groups: dict[str, list[tuple[Any, Neuron, float]]] = {}  # by hooked module
     seen: dict[str, Neuron] = {}
+    described = _described(model)
     for neuron, v in zip(chosen, values, strict=True):
-        ref = resolve_site(model, neuron, site)
+        ref = resolve_site(model, neuron, site, described)
         where = ref.where(neuron)
         if where in seen:
             raise NeuronError(
@@ -329,8 +341,9 @@ def record(
     chosen = as_neurons(neurons)
     seen: dict[Neuron, list[torch.Tensor]] = {n: [] for n in chosen}
     by_module: dict[str, list[tuple[Any, Neuron]]] = {}
+    described = _described(model)
     for neuron in seen:
-        ref = resolve_site(model, neuron, site)
+        ref = resolve_site(model, neuron, site, described)
         by_module.setdefault(ref.name, []).append((ref, neuron))
     handles: list[Any] = []
 
