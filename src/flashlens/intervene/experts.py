@@ -25,6 +25,7 @@ not run on as it is, and a recording holds NaN there.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -256,8 +257,11 @@ def _units_of(
     return out
 
 
+@functools.cache
 def _default_gate() -> Any:
-    """transformers' default `_apply_gate` (act_fn(gate) * up), where it has one."""
+    """transformers' default `_apply_gate` (act_fn(gate) * up), where it has one. Looked up
+    when a hook first runs, not on import: the module imports torch's compiler stack, which
+    flashlens keeps out of processes that only map (tests/test_kernel_cache.py)."""
     try:
         from transformers.integrations import moe
     except ImportError:  # (an older transformers: its experts are refused before any hook)
@@ -270,14 +274,11 @@ def _act(module: nn.Module, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     them laid out as its gate_up product is (act_fn(g) * u directly where it is the default
     one: the same arithmetic, without joining and splitting them)."""
     apply = getattr(module, "_apply_gate", None)
-    if apply is None or getattr(apply, "__func__", None) is _DEFAULT_GATE:
+    if apply is None or getattr(apply, "__func__", None) is _default_gate():
         return cast(Callable[[torch.Tensor], torch.Tensor], module.act_fn)(g) * u
     if getattr(module, "is_concatenated", True):
         return cast(torch.Tensor, apply(torch.cat([g, u], dim=-1)))
     return cast(torch.Tensor, apply(torch.stack([g, u], dim=-1).flatten(-2)))  # g0 u0 g1 u1
-
-
-_DEFAULT_GATE = _default_gate()
 
 
 def _routed(e: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
