@@ -249,8 +249,16 @@ def test_a_mixture_with_dense_first_layers_maps_each_layer_at_its_width(
     from flashlens.serve.pages import overview_page
     from flashlens.serve.views import neuron as neuron_view
     from flashlens.serve.views import overview
+    from flashlens.weights import ModelSource
 
     model = make_model(tmp_path / "m", "deepseek_v3", n_layers=3, d_mlp=24)
+    source = ModelSource.open(model)
+    for layer, index in ((0, [47, 3, 20]), (1, [119, 5, 96, 70, 100])):  # dense; shared too
+        for matrix in ("up", "gate", "down"):
+            W = source.neurons(matrix, layer)  # type: ignore[arg-type]
+            rows = source.neuron_rows(matrix, layer, torch.tensor(index))  # type: ignore[arg-type]
+            assert torch.equal(rows, W[index])
+    source.close()
     assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["neurons_mapped"] == 3 * (48 + 120 + 120)

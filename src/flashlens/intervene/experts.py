@@ -49,7 +49,6 @@ class ExpertsRef:
     block: nn.Module  # the MoE block that calls it, whose input is (batch, seq, d_model)
     site: Site
     d_expert: int  # m
-    n_experts: int  # E
 
     def unit(self, neuron: Neuron) -> tuple[int, int]:
         """(expert, unit) of a neuron e * d_expert + i."""
@@ -141,7 +140,7 @@ def resolve_experts(
         )
     if neuron.index >= routed:
         return None
-    return ExpertsRef(module, name, block, site, d_expert, n_experts)
+    return ExpertsRef(module, name, block, site, d_expert)
 
 
 def _edit(mode: Mode, h: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -207,9 +206,10 @@ class _Units:
         return torch.where(mask, _edit(mode, h, value), h)
 
 
-class _Tokens:
-    """The (batch, seq) shape of the tokens the experts see flattened, noted by a pre-hook on
-    the MoE block; the flat indices of each sequence's last position."""
+class Tokens:
+    """The (batch, seq) shape of the tokens a module sees flattened (the experts; OPT's MLP),
+    noted by a pre-hook on the block that calls it with (batch, seq, d_model); the flat
+    indices of each sequence's last position."""
 
     def __init__(self, block: nn.Module) -> None:
         self.shape: tuple[int, int] | None = None
@@ -292,7 +292,7 @@ def install_clamp(
 ) -> list[Any]:
     """Hook the clamps of `items` (one layer's experts' neurons) on ref.module; the handles."""
     groups = _units_of(ref, items)
-    tokens = _Tokens(ref.block) if last else None
+    tokens = Tokens(ref.block) if last else None
 
     def hook(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor
@@ -337,7 +337,7 @@ def install_record(
         e: _Units(ref.module, e, sorted({i for _, i, _ in entries}))
         for e, entries in by_expert.items()
     }
-    tokens = _Tokens(ref.block)
+    tokens = Tokens(ref.block)
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
         x, index, _ = _inputs(args, kwargs)

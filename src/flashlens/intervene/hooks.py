@@ -30,7 +30,14 @@ from torch import nn
 
 from ..errors import FlashlensError, NeuronError, UnsupportedModelError
 from ..families import Family, family_for
-from .experts import ExpertsRef, install_clamp, install_record, resolve_experts, routed_width
+from .experts import (
+    ExpertsRef,
+    Tokens,
+    install_clamp,
+    install_record,
+    resolve_experts,
+    routed_width,
+)
 from .neuron import SITES, Mode, Neuron, Site
 
 Positions = Literal["all", "last"]
@@ -302,19 +309,13 @@ def _install(ref: SiteRef, edit: Any) -> Any:
     input's (batch, seq) and the site's (batch * seq, d_mlp) tensor is edited through a view
     of that shape, so that "last position" and recorded activations mean what they do
     elsewhere."""
-    seen: list[torch.Size] = []
+    noted = Tokens(ref.block) if ref.block is not None else None
+    extra = [noted.handle] if noted is not None else []
 
     def tokens(h: torch.Tensor) -> torch.Tensor:
-        return h.view(*seen[0], h.shape[-1]) if seen and h.dim() == 2 else h
+        shape = noted.shape if noted is not None else None
+        return h.view(*shape, h.shape[-1]) if shape is not None and h.dim() == 2 else h
 
-    extra: list[Any] = []
-    if ref.block is not None:
-
-        def note(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            seen[:] = [hidden.shape[:-1]]
-
-        extra.append(ref.block.register_forward_pre_hook(note, with_kwargs=True))
     if ref.pre:
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:

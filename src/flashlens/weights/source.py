@@ -291,10 +291,7 @@ class ModelSource:
         if self.n_experts == 1:
             return self._expert_rows(matrix, layer, 0, index)
         if self.is_dense(layer):
-            name = self.name(self.family.dense_tensor(matrix, layer))
-            if matrix == "down":
-                return self.checkpoint.gather(name, index, dim=1).T.contiguous()
-            return self.checkpoint.gather(name, index)
+            return self._mlp_rows(self.family.dense_tensor(matrix, layer), matrix, index)
         routed = self.n_experts * self.d_expert
         experts, units = index // self.d_expert, index % self.d_expert
         out = torch.empty((len(index), self.d_model), dtype=self.dtype)
@@ -303,8 +300,17 @@ class ModelSource:
             out[at] = self._expert_rows(matrix, layer, e, units[at])
         shared = (index >= routed).nonzero().squeeze(1)
         if len(shared):  # the shared expert's units
-            out[shared] = self._shared(matrix, layer)[index[shared] - routed]
+            name = self.family.shared_tensor(matrix, layer)
+            out[shared] = self._mlp_rows(name, matrix, index[shared] - routed)
         return out
+
+    def _mlp_rows(self, name: str, matrix: Matrix, index: torch.Tensor) -> torch.Tensor:
+        """Neurons `index` of a Llama-style MLP (a shared expert, a dense layer) as rows,
+        (n, d_model), read without the rest of its tensor."""
+        name = self.name(name)
+        if matrix == "down":
+            return self.checkpoint.gather(name, index, dim=1).T.contiguous()
+        return self.checkpoint.gather(name, index)
 
     def _expert_rows(
         self, matrix: Matrix, layer: int, expert: int, index: torch.Tensor
