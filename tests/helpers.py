@@ -48,6 +48,8 @@ def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
     monkeypatch.setattr(int8, "kernel", lambda: kernel)
 
 
+# multimodal checkpoints whose language model flashlens maps (a tiny vision tower beside it)
+MULTIMODAL = ("gemma3_multimodal", "mistral3")
 # families whose MLP is gated, down(act(gate(x)) * up(x)) ...
 GATED = (
     "llama",
@@ -72,6 +74,7 @@ GATED = (
     "cohere2",
     "stablelm",
     "olmo",
+    *MULTIMODAL,
 )
 # ... ungated, down(act(up(x))) ...
 UNGATED = (
@@ -99,6 +102,8 @@ FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
+    # a soft-cap that Gemma3ForConditionalGeneration's forward ignores (its text model's applies)
+    "gemma3_multimodal": {"final_logit_softcapping": 5.0},
     "cohere": {"logit_scale": 0.5},
     "cohere2": {"logit_scale": 0.5},
     "mixtral": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
@@ -146,6 +151,8 @@ def _classes(family: str) -> tuple[Any, Any]:
         "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
         "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "gemma3_multimodal": (tf.Gemma3TextConfig, tf.Gemma3ForConditionalGeneration),
+        "mistral3": (tf.MistralConfig, tf.Mistral3ForConditionalGeneration),
         "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM),
         "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM),
         "helium": (tf.HeliumConfig, tf.HeliumForCausalLM),
@@ -235,6 +242,8 @@ def make_model(
         tie_word_embeddings=tie,
         **config,
     )
+    if family in MULTIMODAL:  # the language model's config inside the whole model's
+        cfg = _multimodal_config(family, cfg, tie)
     torch.manual_seed(seed)
     model = model_cls(cfg)
     with torch.no_grad():
@@ -253,6 +262,34 @@ def make_model(
     return path
 
 
+def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
+    """A multimodal model's config around the language model's `text`, with a one-layer
+    vision tower of 16 dimensions (2 x 2 patches of a 28-pixel image)."""
+    import transformers as tf
+
+    vision: dict[str, Any] = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    if family == "gemma3_multimodal":
+        return tf.Gemma3Config(
+            text_config=text,
+            vision_config=tf.SiglipVisionConfig(**vision),
+            mm_tokens_per_image=4,
+            tie_word_embeddings=tie,
+        )
+    return tf.Mistral3Config(
+        text_config=text,
+        vision_config=tf.PixtralVisionConfig(**vision),
+        spatial_merge_size=1,
+        tie_word_embeddings=tie,
+    )
+
+
 def reference_probs(model_dir: Path, matrix: str, layer: int, norm: str = "model") -> torch.Tensor:
     """softmax(lm_head(final_norm(w))) for every neuron of a layer, (d_mlp, d_vocab), fp64,
     computed with the model's own modules (transformers, upcast to fp32)."""
@@ -264,10 +301,14 @@ _MODELS: dict[Path, Any] = {}
 
 
 def load_reference_model(model_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM
+    import transformers as tf
 
     if model_dir not in _MODELS:
-        _MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+        try:
+            model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+        except ValueError:  # (Mistral 3 runs as an image-text-to-text model only)
+            model = tf.AutoModelForImageTextToText.from_pretrained(model_dir)
+        _MODELS[model_dir] = model.float().eval()
     return _MODELS[model_dir]
 
 
@@ -277,7 +318,8 @@ def _body(model: Any) -> Any:
     for name in ("gpt_neox", "transformer"):
         if hasattr(model, name):
             return getattr(model, name)
-    return getattr(model.model, "decoder", model.model)
+    body = getattr(model.model, "language_model", model.model)  # (a multimodal model)
+    return getattr(body, "decoder", body)
 
 
 def _layers(model: Any) -> Any:

@@ -442,7 +442,7 @@ def _check_same_model(out: Path, source: ModelSource, fingerprint: str) -> None:
     if old.config_hash != source.config_hash:
         return  # (another config: the writer refuses it, naming the setting)
     key, cap = source.family.logit_softcap_key, source.logit_softcap
-    if old.decoding is None and key is not None and key not in source.config and cap:
+    if old.decoding is None and key is not None and key not in source.settings and cap:
         raise AtlasError(
             f"{out} holds an atlas of {old.model} made before flashlens recorded the logit "
             f"soft-cap, and earlier versions read a {source.family.name} config.json "

@@ -137,7 +137,7 @@ def clamp_command(
     texts = read_prompts(prompts)
     lm = load_model(model, device=device, dtype=dtype)
     check_neurons(lm.model, neurons, how[2])  # before the progress bar
-    exp = model_concept(concept, lm.folder, int(lm.config["vocab_size"]), _plural(variants))
+    exp = model_concept(concept, lm.folder, lm.d_vocab, _plural(variants))
     batch = encode(lm.tokenizer, texts, lm.device, chat=chat)
     note = length_note(lm.model, batch)
     notes = exp.notes + ([note] if note else [])
@@ -260,7 +260,7 @@ def generate_command(
     ids: list[int] = []
     if concept:
         try:
-            ids = variant_ids(model_concept(concept, lm.folder, int(lm.config["vocab_size"])))
+            ids = variant_ids(model_concept(concept, lm.folder, lm.d_vocab))
         except ConceptError:
             ids = []  # a multi-token concept: counted in the text only
     with err_console.status("generating", spinner="dots") if not json_out else nullcontext():

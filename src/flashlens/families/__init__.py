@@ -5,6 +5,7 @@ from . import gpt as _gpt  # noqa: F401  (GPT-2, GPT-J, CodeGen)
 from . import layernorm as _layernorm  # noqa: F401  (LayerNorm families)
 from . import llama as _llama  # noqa: F401  (Llama-style families)
 from . import moe as _moe  # noqa: F401  (mixtures of experts)
+from . import multimodal as _multimodal  # noqa: F401  (Gemma 3, Mistral 3 language models)
 from .base import MATRICES, Family, Matrix
 from .registry import family_for, register, supported_architectures
 

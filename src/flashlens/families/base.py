@@ -61,8 +61,17 @@ class Family:
     # weights stored transposed (GPT-2's Conv1D): W_up (d_model, d_mlp), a neuron a column;
     # W_down (d_mlp, d_model), a neuron a row
     conv1d: bool = False
-    # a prefix the checkpoint's tensor names may lack (GPT-2's hub files drop "transformer.")
-    optional_prefix: str | None = None
+    # other spellings of tensor names that checkpoints use: (prefix in the names above, which
+    # are transformers' module paths; the prefix a checkpoint may have instead). GPT-2's hub
+    # files drop "transformer." (("transformer.", "")); a multimodal checkpoint saved in the
+    # original layout names its language model "language_model.model." and its head
+    # "language_model.lm_head." where transformers 5 builds "model.language_model." and
+    # "lm_head.". A name is read as the first spelling the checkpoint holds.
+    renames: tuple[tuple[str, str], ...] = ()
+    # the key of config.json that holds the language model's own config in a multimodal
+    # checkpoint (Gemma 3 4B-27B, Mistral Small 3.1: "text_config"); sizes, norm and head
+    # settings are then read from it as transformers resolves it, defaults included
+    text_config: str | None = None
     # name endings of buffers that some saves hold and others not (left out of the weights'
     # fingerprint)
     buffers: tuple[str, ...] = (".inv_freq",)

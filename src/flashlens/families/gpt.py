@@ -40,7 +40,7 @@ GPT2 = _gpt_like(
     "c_fc",
     "c_proj",
     conv1d=True,
-    optional_prefix="transformer.",
+    renames=(("transformer.", ""),),
     tie_default=True,
 )
 GPTJ = _gpt_like("gptj", "GPTJForCausalLM", "fc_in", "fc_out", W_U_bias="lm_head.bias")
@@ -67,7 +67,7 @@ BLOOM = _gpt_like(
     W_E="transformer.word_embeddings.weight",
     d_model_key="hidden_size",
     d_mlp_key="ffn_hidden_size",  # (never set: 4 * hidden_size)
-    optional_prefix="transformer.",
+    renames=(("transformer.", ""),),
     tie_default=True,
 )
 # OPT: fc1 / fc2 on the decoder layer itself; hub files without the "model." prefix; the
@@ -87,7 +87,7 @@ OPT = register(
         norm_eps_key=None,
         norm_eps_default=1e-5,
         d_mlp_key="ffn_dim",
-        optional_prefix="model.",
+        renames=(("model.", ""),),
         tie_default=True,
         require=(("do_layer_norm_before", True), ("_remove_final_layer_norm", False)),
         mlp_flat=True,

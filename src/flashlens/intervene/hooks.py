@@ -93,7 +93,10 @@ def _described(model: nn.Module) -> tuple[Family, dict[str, Any]]:
     data = config.to_dict()
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
-    return family_for(data), data
+    family = family_for(data)
+    if family.text_config is not None:  # a multimodal model: its language model's settings
+        data = {**config.get_text_config().to_dict(), "architectures": data["architectures"]}
+    return family, data
 
 
 def as_neurons(neurons: NeuronsLike) -> list[Neuron]:
@@ -118,7 +121,7 @@ def resolve_site(
     if site not in SITES:
         raise NeuronError(f"unknown site {site!r}: use {', '.join(SITES)}")
     family, config = described or _described(model)
-    n_layers = int(cast(Any, model).config.num_hidden_layers)
+    n_layers = int(cast(Any, model).config.get_text_config().num_hidden_layers)
     if not 0 <= neuron.layer < n_layers:
         raise NeuronError(
             f"neuron {neuron}: layer {neuron.layer} is out of range: the model "

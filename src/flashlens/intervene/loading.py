@@ -24,7 +24,8 @@ class LoadedModel:
     folder: Path
     config: dict[str, Any]  # config.json as stored
     config_hash: str
-    model: Any  # a transformers *ForCausalLM, eval mode
+    d_vocab: int  # the language model's vocabulary (its LM-head's rows)
+    model: Any  # a transformers *ForCausalLM (or *ForConditionalGeneration), eval mode
     tokenizer: Any  # a transformers tokenizer, left padding, with a pad token
 
     @property
@@ -42,7 +43,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     device auto: CUDA when available, else CPU. dtype auto: the stored dtype where the hardware
     is fast at it (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX), else fp32.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
     from transformers.utils import logging as hf_logging
 
     check_dtype(dtype)
@@ -56,8 +57,12 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         torch_dtype = fallback_dtype(torch_dtype, dev)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
+    # a multimodal checkpoint's class (Gemma 3, Mistral 3) runs text alone too
+    auto: Any = transformers.AutoModelForCausalLM
+    if source.family.text_config is not None:
+        auto = transformers.AutoModelForImageTextToText
     try:
-        module: Any = AutoModelForCausalLM.from_pretrained(
+        module: Any = auto.from_pretrained(
             source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
         )
     except (OSError, ValueError) as err:
@@ -73,6 +78,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         source.folder,
         source.config,
         source.config_hash,
+        source.d_vocab,
         module,
         load_tokenizer(source.folder),
     )

@@ -195,6 +195,13 @@ class Checkpoint:
                 h.update(self._windows(name, fds))
         return h.hexdigest()[:16]
 
+    def same_sample(self, a: str, b: str) -> bool:
+        """Whether tensors `a` and `b` have the same shape and the same values in the
+        fingerprint's windows (a tied head's copy of the embedding)."""
+        with ExitStack() as files:
+            fds = {f: files.enter_context(open(f, "rb")).fileno() for f in self._layout}
+            return self._windows(a, fds)[len(a) :] == self._windows(b, fds)[len(b) :]
+
     def _windows(self, name: str, fds: dict[Path, int]) -> bytes:
         """Tensor `name`'s part of the fingerprint: its name, shape and sampled values
         (safetensors: read from the files `fds` with pread; other formats: from the tensor)."""

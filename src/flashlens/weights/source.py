@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -25,6 +26,33 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def language_settings(folder: Path, config: dict[str, Any], family: Family) -> dict[str, Any]:
+    """The settings a family's config keys are read from: config.json itself, or in a
+    multimodal checkpoint its language model's config as transformers resolves it (defaults
+    filled in: Gemma 3's files omit vocab_size), with the tie flag of the whole model, which
+    is the one transformers 5 ties the head by."""
+    if family.text_config is None:
+        return config
+    from transformers import AutoConfig
+
+    if not isinstance(config.get(family.text_config, {}), dict):
+        raise CheckpointError(
+            f"{folder / 'config.json'} has a {family.text_config!r} that is not an object "
+            f"(got {config[family.text_config]!r}); the file may be damaged"
+        )
+    try:
+        resolved = AutoConfig.from_pretrained(folder)
+        settings: dict[str, Any] = resolved.get_text_config().to_dict()
+    except Exception as err:  # (transformers' own validation errors are of several kinds)
+        raise CheckpointError(
+            f"transformers cannot read {folder / 'config.json'} ({err}); the file may be "
+            "damaged, or need a newer transformers"
+        ) from None
+    settings["tie_word_embeddings"] = getattr(resolved, "tie_word_embeddings", family.tie_default)
+    family.check_config(settings)
+    return settings
+
+
 @dataclass
 class ModelSource:
     """Everything `map` reads from a model folder, without building the model."""
@@ -34,6 +62,9 @@ class ModelSource:
     config: dict[str, Any]
     family: Family
     checkpoint: Checkpoint
+    # the language model's settings, which the family's config keys name: config.json itself,
+    # or in a multimodal checkpoint its text_config as transformers resolves it
+    settings: dict[str, Any]
 
     @classmethod
     def open(cls, model: str | Path) -> ModelSource:
@@ -43,10 +74,11 @@ class ModelSource:
         except ValueError as err:
             raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({err})") from None
         family = family_for(config)
+        settings = language_settings(folder, config, family)
         name = str(model)
         if Path(model).expanduser().is_dir():  # a local folder: usable from any directory
             name = os.path.abspath(Path(model).expanduser())
-        source = cls(name, folder, config, family, Checkpoint(folder))
+        source = cls(name, folder, config, family, Checkpoint(folder), settings)
         source._check_shapes()
         return source
 
@@ -78,24 +110,24 @@ class ModelSource:
     def dense_layers(self) -> list[int]:
         """The layers of a mixture of experts that are dense MLPs ([] in a dense model)."""
         key = self.family.dense_layers_key
-        if key is not None and self.config.get(key) is not None:
+        if key is not None and self.settings.get(key) is not None:
             n = self._size(key)
             if not 0 <= n <= self.n_layers:
                 raise CheckpointError(
-                    f"{self.folder / 'config.json'} sets {key}={n}, outside 0-{self.n_layers} "
+                    f"{self._where} sets {key}={n}, outside 0-{self.n_layers} "
                     "(the number of layers); the file may be damaged"
                 )
         return [layer for layer in range(self.n_layers) if self.is_dense(layer)]
 
     def is_dense(self, layer: int) -> bool:
         """Whether a layer of a mixture of experts is a dense MLP (False in a dense model)."""
-        return self.family.is_dense(self.config, layer)
+        return self.family.is_dense(self.settings, layer)
 
     @property
     def d_shared(self) -> int:
         """The shared expert's width in a mixture of experts that has one, else 0."""
         keys = self.family.shared_width_keys
-        if not self.family.shared_expert or not all(self.config.get(k) for k in keys):
+        if not self.family.shared_expert or not all(self.settings.get(k) for k in keys):
             return 0  # (none, or a count of 0 or null)
         return math.prod(self._size(k) for k in keys)
 
@@ -103,7 +135,7 @@ class ModelSource:
     def d_expert(self) -> int:
         """One MLP's width: d_mlp, or one expert's in a mixture of experts."""
         f = self.family
-        if self.config.get(f.d_mlp_key) is None and f.d_mlp_factor is not None:
+        if self.settings.get(f.d_mlp_key) is None and f.d_mlp_factor is not None:
             return f.d_mlp_factor * self.d_model  # (GPT-2: n_inner null, 4 * n_embd)
         return int(self._size(f.d_mlp_key))
 
@@ -113,36 +145,51 @@ class ModelSource:
         keys = self.family.experts_keys
         if not keys:
             return 1
-        return int(self._size(next((k for k in keys if k in self.config), keys[0])))
+        return int(self._size(next((k for k in keys if k in self.settings), keys[0])))
 
     @property
     def n_layers(self) -> int:
         return int(self._size(self.family.n_layers_key))
 
+    @property
+    def _where(self) -> str:
+        """Where the family's settings are read from, for error messages."""
+        where = str(self.folder / "config.json")
+        return f"{where} ({self.family.text_config})" if self.family.text_config else where
+
     def _size(self, key: str) -> int:
         try:
-            return int(self.config[key])
+            return int(self.settings[key])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(
-                f"{self.folder / 'config.json'} has no usable {key!r} (got "
-                f"{self.config.get(key)!r}), which a {self.family.name} config holds; the file "
+                f"{self._where} has no usable {key!r} (got "
+                f"{self.settings.get(key)!r}), which a {self.family.name} config holds; the file "
                 "may be damaged or from another model"
             ) from None
 
     @property
     def d_vocab(self) -> int:
-        return int(self.config["vocab_size"])
+        return self._size("vocab_size")
 
-    @property
+    @functools.cached_property
     def tied(self) -> bool:
-        return bool(self.config.get("tie_word_embeddings", self.family.tie_default))
+        """Whether the model's head is its embedding, as transformers 5 loads it: the config
+        ties them (tie_word_embeddings, else the family's default) and the checkpoint holds no
+        head of other values (a tied config whose saved head differs from the embedding, as
+        Mistral Small 3.1's does, runs that head untied)."""
+        if not self.settings.get("tie_word_embeddings", self.family.tie_default):
+            return False
+        head, embedding = self.name(self.family.W_U), self.name(self.family.W_E)
+        if head in self.checkpoint and embedding in self.checkpoint:
+            return self.checkpoint.same_sample(head, embedding)  # (a copy: a torch.save's)
+        return True
 
     @property
     def norm_eps(self) -> float:
         f = self.family
         if f.norm_eps_key is None:  # (a fixed eps: OLMo's)
             return f.norm_eps_default
-        return float(self.config.get(f.norm_eps_key, f.norm_eps_default))
+        return float(self.settings.get(f.norm_eps_key, f.norm_eps_default))
 
     @property
     def logit_scale(self) -> float:
@@ -151,7 +198,7 @@ class ModelSource:
         f = self.family
         if f.logit_scale_key is None:
             return 1.0
-        value = self.config.get(f.logit_scale_key)
+        value = self.settings.get(f.logit_scale_key)
         value = f.logit_scale_default if value is None else float(value)
         if not value or not math.isfinite(value):
             raise UnsupportedModelError(
@@ -167,7 +214,7 @@ class ModelSource:
         key = self.family.logit_softcap_key
         if key is None:
             return None
-        value = self.config.get(key, self.family.logit_softcap_default)  # (null: no cap)
+        value = self.settings.get(key, self.family.logit_softcap_default)  # (null: no cap)
         return float(value) if value else None
 
     @property
@@ -190,22 +237,26 @@ class ModelSource:
         return self.checkpoint.fingerprint(lambda n: n == copy or n.endswith(buffers))
 
     def name(self, name: str) -> str:
-        """A family's tensor name as this checkpoint spells it: without the family's optional
-        prefix where only that form is present."""
-        prefix = self.family.optional_prefix
-        if prefix and name not in self.checkpoint and name.startswith(prefix):
-            bare = name.removeprefix(prefix)
-            if bare in self.checkpoint:
-                return bare
+        """A family's tensor name as this checkpoint spells it: the first of the family's
+        spellings (`Family.renames`) that the checkpoint holds, else the name as given."""
+        if name in self.checkpoint:
+            return name
+        for prefix, other in self.family.renames:
+            if name.startswith(prefix):
+                renamed = other + name.removeprefix(prefix)
+                if renamed in self.checkpoint:
+                    return renamed
         return name
 
     # --- tensors by role ---------------------------------------------------------------
     @property
     def W_U_name(self) -> str:
+        """The head the model runs: the embedding where it is tied (`tied`), else the
+        LM-head (or an untied config's head saved as the embedding)."""
         f = self.family
         if not self.tied and self.name(f.W_U) in self.checkpoint:
             return self.name(f.W_U)
-        return self.name(f.W_E)  # tied (or an untied config whose head was saved as the embedding)
+        return self.name(f.W_E)
 
     def W_U(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The LM-head / unembedding, (d_vocab, d_model), in its stored dtype or converted to

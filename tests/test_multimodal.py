@@ -1,0 +1,139 @@
+"""Multimodal checkpoints (Gemma 3 4B-27B, Mistral Small 3.1): their language model maps and
+clamps as a text model's does, whichever way the checkpoint spells its tensors, with the
+settings config.json's text_config leaves out read as transformers reads them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashlens import Atlas, map_model
+from flashlens.cli import main
+from flashlens.weights import ModelSource
+
+from .helpers import MULTIMODAL, make_model
+from .test_map_reference import check_exact
+
+# how transformers 5 names the language model and head, against the original layout its
+# save_pretrained writes (and the hub's files hold)
+MODULE_NAMES = {
+    "language_model.model.": "model.language_model.",
+    "language_model.lm_head.": "lm_head.",
+}
+
+
+def _respell(model: Path, out: Path) -> Path:
+    """A copy of `model` whose tensors carry transformers' module names."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    state = load_file(model / "model.safetensors")
+    renamed = {}
+    for name, tensor in state.items():
+        for old, new in MODULE_NAMES.items():
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+        renamed[name] = tensor
+    assert renamed.keys() != state.keys()
+    save_file(renamed, out / "model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_a_multimodal_checkpoint_maps_its_language_model_in_either_spelling(
+    tmp_path: Path, family: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI maps the language model's neurons (not the vision tower's), exactly as the
+    whole model's own forward decodes them; a checkpoint with transformers' module names
+    maps to the same atlas; clamp runs the model from the command line."""
+    model = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
+    state = ModelSource.open(model).checkpoint
+    assert any(n.startswith("vision_tower.") for n in state)  # (a real vision tower beside it)
+    assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["neurons_mapped"] == 3 * 2 * 24
+    a = Atlas.open(tmp_path / "a")
+    assert a.meta.family == family and a.meta.d_vocab == 512 and a.meta.d_model == 32
+    for matrix in ("up", "gate", "down"):
+        for layer in (0, 1):
+            check_exact(a, model, matrix, layer, "model")
+
+    respelled = _respell(model, tmp_path / "respelled")
+    map_model(respelled, tmp_path / "b", compile="off")
+    b = Atlas.open(tmp_path / "b")
+    for matrix in ("up", "gate", "down"):
+        assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
+    assert a.meta.weights_fingerprint != b.meta.weights_fingerprint  # (other names)
+
+    argv = ["clamp", str(model), "--neuron", "up:1:3", "--concept", "a", "--json"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert max(got["probs"]) != min(got["probs"])  # the clamp moved the concept
+
+
+def test_text_config_keys_left_out_read_as_transformers_reads_them(tmp_path: Path) -> None:
+    """Gemma 3's files leave keys out of text_config (vocab_size, rms_norm_eps): the map
+    reads transformers' defaults for them, not the top level's or none."""
+    model = make_model(tmp_path / "m", "gemma3_multimodal", n_layers=2, d_mlp=24)
+    config = json.loads((model / "config.json").read_text())
+    assert config["text_config"]["rms_norm_eps"] == 1e-5
+    del config["text_config"]["rms_norm_eps"]  # Gemma3TextConfig's default: 1e-6
+    config["rms_norm_eps"] = 0.5  # (not the language model's: ignored, as transformers does)
+    (model / "config.json").write_text(json.dumps(config))
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.decoding is not None and atlas.meta.decoding["norm_eps"] == 1e-6
+    # text_config sets a soft-cap (FAMILY_CONFIG) that Gemma3ForConditionalGeneration's
+    # forward does not apply (Gemma3ForCausalLM's does): none, as the model runs
+    assert atlas.meta.decoding["logit_softcap"] is None
+    check_exact(atlas, model, "up", 1, "model")
+
+
+def test_a_tied_config_whose_head_differs_runs_that_head(tmp_path: Path) -> None:
+    """Mistral Small 3.1's config.json says nothing of tying, and Mistral3Config ties by
+    default; its files hold a head of its own, which transformers 5 then runs untied. The map
+    decodes through that head, and the weights fingerprint covers it."""
+    model = make_model(tmp_path / "m", "mistral3", n_layers=2, d_mlp=24, tie=False)
+    config = json.loads((model / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    config["text_config"].pop("tie_word_embeddings", None)
+    (model / "config.json").write_text(json.dumps(config))
+    source = ModelSource.open(model)
+    assert source.settings["tie_word_embeddings"] is True and not source.tied
+    assert source.W_U_name == "language_model.lm_head.weight"
+    fingerprint = source.fingerprint()
+    source.close()
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.decoding is not None and atlas.meta.decoding["tied"] is False
+    check_exact(atlas, model, "up", 1, "model")
+
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(model / "model.safetensors")
+    head = state["language_model.lm_head.weight"]
+    state["language_model.lm_head.weight"] = head + torch.randn_like(head)
+    save_file(state, model / "model.safetensors")
+    assert ModelSource.open(model).fingerprint() != fingerprint
+
+
+@pytest.mark.parametrize(
+    ("text_config", "said"),
+    [("mistral", "is not an object"), ({"model_type": "no_such_model"}, "transformers cannot")],
+)
+def test_a_damaged_text_config_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text_config: object, said: str
+) -> None:
+    model = make_model(tmp_path / "m", "mistral3", n_layers=1, d_mlp=24)
+    config = json.loads((model / "config.json").read_text())
+    config["text_config"] = text_config
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and said in err and "Traceback" not in err
+    assert not (tmp_path / "a" / "atlas.json").exists()
