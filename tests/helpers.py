@@ -49,7 +49,7 @@ def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
 
 
 # multimodal checkpoints whose language model flashlens maps (a tiny vision tower beside it)
-MULTIMODAL = ("gemma3_multimodal", "mistral3")
+MULTIMODAL = ("gemma3_multimodal", "mistral3", "qwen2_vl", "qwen3_vl")
 # families whose MLP is gated, down(act(gate(x)) * up(x)) ...
 GATED = (
     "llama",
@@ -153,6 +153,8 @@ def _classes(family: str) -> tuple[Any, Any]:
         "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
         "gemma3_multimodal": (tf.Gemma3TextConfig, tf.Gemma3ForConditionalGeneration),
         "mistral3": (tf.MistralConfig, tf.Mistral3ForConditionalGeneration),
+        "qwen2_vl": (tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLForConditionalGeneration),
+        "qwen3_vl": (tf.Qwen3VLTextConfig, tf.Qwen3VLForConditionalGeneration),
         "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM),
         "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM),
         "helium": (tf.HeliumConfig, tf.HeliumForCausalLM),
@@ -217,6 +219,14 @@ def make_model(
         config.setdefault("moe_intermediate_size", d_mlp)
     if family in DEEPSEEK:  # the dense layers' width
         d_mlp *= 2
+    if family in ("qwen2_vl", "qwen3_vl"):  # rotary sections (time, height, width) of head_dim / 2
+        half = d_model // 8
+        mrope = {
+            "rope_type": "default",
+            "rope_theta": 1e4,
+            "mrope_section": [half // 2] + 2 * [half // 4],
+        }
+        config.setdefault("rope_parameters", mrope)
     if family == "falcon":
         config.setdefault("ffn_hidden_size", d_mlp)
     if family == "opt":
@@ -275,6 +285,20 @@ def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
         image_size=28,
         patch_size=14,
     )
+    d_model = text.hidden_size
+    qwen = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=d_model)
+    if family == "qwen2_vl":
+        return tf.Qwen2_5_VLConfig(
+            text_config=text.to_dict(),
+            vision_config=dict(qwen, fullatt_block_indexes=[0]),
+            tie_word_embeddings=tie,
+        )
+    if family == "qwen3_vl":
+        return tf.Qwen3VLConfig(
+            text_config=text,
+            vision_config=dict(qwen, deepstack_visual_indexes=[0], num_position_embeddings=16),
+            tie_word_embeddings=tie,
+        )
     if family == "gemma3_multimodal":
         return tf.Gemma3Config(
             text_config=text,

@@ -1,6 +1,7 @@
-"""Multimodal checkpoints (Gemma 3 4B-27B, Mistral Small 3.1): their language model maps and
-clamps as a text model's does, whichever way the checkpoint spells its tensors, with the
-settings config.json's text_config leaves out read as transformers reads them."""
+"""Multimodal checkpoints (Gemma 3 4B-27B, Mistral Small 3.1, Qwen2.5-VL, Qwen3-VL): their
+language model maps and clamps as a text model's does, whichever way the checkpoint spells its
+tensors, with the settings config.json's text_config leaves out read as transformers reads
+them."""
 
 from __future__ import annotations
 
@@ -18,14 +19,19 @@ from .helpers import MULTIMODAL, make_model
 from .test_map_reference import check_exact
 
 # how transformers 5 names the language model and head, against the original layout its
-# save_pretrained writes (and the hub's files hold)
+# save_pretrained writes (and the hub's files hold); Qwen3-VL's files use the module names
 MODULE_NAMES = {
-    "language_model.model.": "model.language_model.",
-    "language_model.lm_head.": "lm_head.",
+    "gemma3_multimodal": {
+        "language_model.model.": "model.language_model.",
+        "language_model.lm_head.": "lm_head.",
+    },
+    "qwen2_vl": {"model.": "model.language_model."},
+    "qwen3_vl": {},
 }
+MODULE_NAMES["mistral3"] = MODULE_NAMES["gemma3_multimodal"]
 
 
-def _respell(model: Path, out: Path) -> Path:
+def _respell(model: Path, out: Path, spelling: dict[str, str]) -> Path:
     """A copy of `model` whose tensors carry transformers' module names."""
     from safetensors.torch import load_file, save_file
 
@@ -36,9 +42,10 @@ def _respell(model: Path, out: Path) -> Path:
     state = load_file(model / "model.safetensors")
     renamed = {}
     for name, tensor in state.items():
-        for old, new in MODULE_NAMES.items():
+        for old, new in spelling.items():
             if name.startswith(old):
                 name = new + name.removeprefix(old)
+                break
         renamed[name] = tensor
     assert renamed.keys() != state.keys()
     save_file(renamed, out / "model.safetensors")
@@ -54,7 +61,7 @@ def test_a_multimodal_checkpoint_maps_its_language_model_in_either_spelling(
     maps to the same atlas; clamp runs the model from the command line."""
     model = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
     state = ModelSource.open(model).checkpoint
-    assert any(n.startswith("vision_tower.") for n in state)  # (a real vision tower beside it)
+    assert any(n.startswith(("vision_tower.", "visual.", "model.visual.")) for n in state)
     assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["neurons_mapped"] == 3 * 2 * 24
     a = Atlas.open(tmp_path / "a")
@@ -63,12 +70,13 @@ def test_a_multimodal_checkpoint_maps_its_language_model_in_either_spelling(
         for layer in (0, 1):
             check_exact(a, model, matrix, layer, "model")
 
-    respelled = _respell(model, tmp_path / "respelled")
-    map_model(respelled, tmp_path / "b", compile="off")
-    b = Atlas.open(tmp_path / "b")
-    for matrix in ("up", "gate", "down"):
-        assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
-    assert a.meta.weights_fingerprint != b.meta.weights_fingerprint  # (other names)
+    if MODULE_NAMES[family]:
+        respelled = _respell(model, tmp_path / "respelled", MODULE_NAMES[family])
+        map_model(respelled, tmp_path / "b", compile="off")
+        b = Atlas.open(tmp_path / "b")
+        for matrix in ("up", "gate", "down"):
+            assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
+        assert a.meta.weights_fingerprint != b.meta.weights_fingerprint  # (other names)
 
     argv = ["clamp", str(model), "--neuron", "up:1:3", "--concept", "a", "--json"]
     assert main(argv) == 0
@@ -137,3 +145,21 @@ def test_a_damaged_text_config_is_one_line(
     err = capsys.readouterr().err
     assert "config.json" in err and said in err and "Traceback" not in err
     assert not (tmp_path / "a" / "atlas.json").exists()
+
+
+def test_qwen2_5_vl_text_settings_at_the_top_level_read_as_text_config(tmp_path: Path) -> None:
+    """Qwen2.5-VL's hub config.json holds the language model's settings at its top level,
+    without a text_config; transformers reads them as the text model's, and so does map."""
+    model = make_model(tmp_path / "m", "qwen2_vl", n_layers=2, d_mlp=24)
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    config = json.loads((model / "config.json").read_text())
+    text = config.pop("text_config")
+    text.pop("model_type")
+    config.update(text)  # (vocab_size, hidden_size, rms_norm_eps, ... at the top level)
+    (model / "config.json").write_text(json.dumps(config))
+    source = ModelSource.open(model)
+    assert (source.d_vocab, source.d_model, source.d_mlp) == (512, 32, 24)
+    assert source.norm_eps == 1e-5  # (Qwen2.5-VL's default is 1e-6)
+    map_model(model, tmp_path / "b", matrices="up", compile="off")
+    a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")
+    assert a.layer_table("up", 1).equals(b.layer_table("up", 1))

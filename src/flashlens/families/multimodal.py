@@ -1,10 +1,11 @@
 """Multimodal checkpoints whose language model is a Llama-style decoder (Gemma 3 4B-27B,
-Mistral Small 3.1 and 3.2, Ministral 3): flashlens maps the language model's MLP neurons
+Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL): flashlens maps the language model's MLP neurons
 through its own final norm and LM-head, and leaves the vision tower and projector alone.
 
 transformers 5 builds the language model at `model.language_model` and the head at `lm_head`;
 the hub's files (and transformers 5's `save_pretrained`, which writes the original layout)
-name them `language_model.model` and `language_model.lm_head`: either spelling reads. The
+may name them otherwise (Gemma 3: `language_model.model` and `language_model.lm_head`;
+Qwen2.5-VL: `model`): either spelling reads. The
 sizes and settings come from config.json's `text_config`, as transformers resolves it."""
 
 from __future__ import annotations
@@ -12,15 +13,19 @@ from __future__ import annotations
 from .llama import llama_like
 
 LM = "model.language_model"
-_MULTIMODAL: dict[str, object] = dict(
+_LANGUAGE_MODEL: dict[str, object] = dict(
     W_up=f"{LM}.layers.{{layer}}.mlp.up_proj.weight",
     W_gate=f"{LM}.layers.{{layer}}.mlp.gate_proj.weight",
     W_down=f"{LM}.layers.{{layer}}.mlp.down_proj.weight",
     final_norm=f"{LM}.norm.weight",
     W_E=f"{LM}.embed_tokens.weight",
-    renames=((f"{LM}.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
     text_config="text_config",
-    tie_default=True,  # (both config classes tie when config.json omits the key)
+    tie_default=True,  # (the config classes tie when config.json omits the key)
+)
+# the LLaVA layout's original spelling (Gemma 3, Mistral 3)
+_MULTIMODAL: dict[str, object] = dict(
+    _LANGUAGE_MODEL,
+    renames=((f"{LM}.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
 )
 
 # Gemma 3 4B, 12B, 27B (the 1B and 270M are Gemma3ForCausalLM): Gemma's (1 + weight) norm;
@@ -30,3 +35,13 @@ GEMMA3_MULTIMODAL = llama_like(
 )
 # Mistral Small 3.1 and 3.2 (24B), Ministral 3, Magistral Small 1.2: a Mistral decoder
 MISTRAL3 = llama_like("mistral3", "Mistral3ForConditionalGeneration", **_MULTIMODAL)
+# Qwen2.5-VL (3B-72B): its files name the language model "model." (the vision tower is
+# "visual."); config.json may hold the text settings at its top level, which transformers
+# moves into text_config
+QWEN2_VL = llama_like(
+    "qwen2_vl",
+    "Qwen2_5_VLForConditionalGeneration",
+    **dict(_LANGUAGE_MODEL, renames=((f"{LM}.", "model."),)),
+)
+# Qwen3-VL's dense models (2B-32B), whose files use transformers' module names
+QWEN3_VL = llama_like("qwen3_vl", "Qwen3VLForConditionalGeneration", **_LANGUAGE_MODEL)
