@@ -49,7 +49,7 @@ def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
 
 
 # multimodal checkpoints whose language model flashlens maps (a tiny vision tower beside it)
-MULTIMODAL = ("gemma3_multimodal", "mistral3", "qwen2_vl", "qwen3_vl")
+MULTIMODAL = ("gemma3_multimodal", "mistral3", "qwen2_vl", "qwen3_vl", "qwen3_5_multimodal")
 # families whose MLP is gated, down(act(gate(x)) * up(x)) ...
 GATED = (
     "llama",
@@ -64,6 +64,10 @@ GATED = (
     "helium",
     "exaone4",
     "ministral3",
+    "ministral",
+    "seed_oss",
+    "cwm",
+    "hunyuan_v1_dense",
     "smollm3",
     "ernie4_5",
     "phi3",
@@ -74,6 +78,7 @@ GATED = (
     "cohere2",
     "stablelm",
     "olmo",
+    "qwen3_5",
     *MULTIMODAL,
 )
 # ... ungated, down(act(up(x))) ...
@@ -95,7 +100,9 @@ UNGATED = (
 # ... with dense first layers (layer 0 in the tiny models, 2 * d_mlp wide) and a shared expert
 # of one expert's width
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe")
-MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss", *DEEPSEEK)
+# (Qwen3.5's: Qwen2-MoE's layout, also as the language model of a multimodal checkpoint)
+QWEN3_5_MOE = ("qwen3_5_moe", "qwen3_5_moe_multimodal")
+MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss", *DEEPSEEK, *QWEN3_5_MOE)
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
@@ -104,6 +111,10 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
     # a soft-cap that Gemma3ForConditionalGeneration's forward ignores (its text model's applies)
     "gemma3_multimodal": {"final_logit_softcapping": 5.0},
+    "seed_oss": {"mlp_bias": True},  # (biases the map does not decode; clamps see them)
+    # every other layer full attention, the others linear (at least one of each in 2 layers)
+    "qwen3_5": {"full_attention_interval": 2},
+    "qwen3_5_multimodal": {"full_attention_interval": 2},
     "cohere": {"logit_scale": 0.5},
     "cohere2": {"logit_scale": 0.5},
     "mixtral": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
@@ -133,6 +144,15 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
         "mlp_only_layers": [],
         "shared_expert_intermediate_size": D_SHARED,
     },
+    **{
+        family: {
+            "num_experts": N_EXPERTS,
+            "num_experts_per_tok": 2,
+            "shared_expert_intermediate_size": D_SHARED,
+            "full_attention_interval": 2,
+        }
+        for family in QWEN3_5_MOE
+    },
 }
 
 
@@ -155,11 +175,22 @@ def _classes(family: str) -> tuple[Any, Any]:
         "mistral3": (tf.MistralConfig, tf.Mistral3ForConditionalGeneration),
         "qwen2_vl": (tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (tf.Qwen3VLTextConfig, tf.Qwen3VLForConditionalGeneration),
+        "qwen3_5": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
+        "qwen3_5_multimodal": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForConditionalGeneration),
+        "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
+        "qwen3_5_moe_multimodal": (
+            tf.Qwen3_5MoeTextConfig,
+            tf.Qwen3_5MoeForConditionalGeneration,
+        ),
         "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM),
         "olmo3": (tf.Olmo3Config, tf.Olmo3ForCausalLM),
         "helium": (tf.HeliumConfig, tf.HeliumForCausalLM),
         "exaone4": (tf.Exaone4Config, tf.Exaone4ForCausalLM),
         "ministral3": (tf.Ministral3Config, tf.Ministral3ForCausalLM),
+        "ministral": (tf.MinistralConfig, tf.MinistralForCausalLM),
+        "seed_oss": (tf.SeedOssConfig, tf.SeedOssForCausalLM),
+        "cwm": (tf.CwmConfig, tf.CwmForCausalLM),
+        "hunyuan_v1_dense": (tf.HunYuanDenseV1Config, tf.HunYuanDenseV1ForCausalLM),
         "smollm3": (tf.SmolLM3Config, tf.SmolLM3ForCausalLM),
         "ernie4_5": (tf.Ernie4_5Config, tf.Ernie4_5ForCausalLM),
         "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
@@ -215,7 +246,7 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK):  # one expert's width
+    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK, *QWEN3_5_MOE):  # one expert's width
         config.setdefault("moe_intermediate_size", d_mlp)
     if family in DEEPSEEK:  # the dense layers' width
         d_mlp *= 2
@@ -252,7 +283,7 @@ def make_model(
         tie_word_embeddings=tie,
         **config,
     )
-    if family in MULTIMODAL:  # the language model's config inside the whole model's
+    if family in (*MULTIMODAL, "qwen3_5_moe_multimodal"):  # (the whole model's config)
         cfg = _multimodal_config(family, cfg, tie)
     torch.manual_seed(seed)
     model = model_cls(cfg)
@@ -292,6 +323,12 @@ def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
             text_config=text.to_dict(),
             vision_config=dict(qwen, fullatt_block_indexes=[0]),
             tie_word_embeddings=tie,
+        )
+    if family == "qwen3_5_multimodal":
+        return tf.Qwen3_5Config(text_config=text, vision_config=dict(qwen), tie_word_embeddings=tie)
+    if family == "qwen3_5_moe_multimodal":
+        return tf.Qwen3_5MoeConfig(
+            text_config=text, vision_config=dict(qwen), tie_word_embeddings=tie
         )
     if family == "qwen3_vl":
         return tf.Qwen3VLConfig(
@@ -334,6 +371,15 @@ def load_reference_model(model_dir: Path) -> Any:
             model = tf.AutoModelForImageTextToText.from_pretrained(model_dir)
         _MODELS[model_dir] = model.float().eval()
     return _MODELS[model_dir]
+
+
+def tokenizer_of(model_dir: Path) -> Any:
+    """The model's tokenizer as flashlens loads it to run the model (its pad token inside the
+    model's vocabulary: a copied tokenizer read as Qwen3.5's would pad with a new id)."""
+    from flashlens.intervene.loading import load_tokenizer
+
+    model = load_reference_model(model_dir)
+    return load_tokenizer(model_dir, model.config.get_text_config().vocab_size)
 
 
 def _body(model: Any) -> Any:

@@ -22,10 +22,17 @@ from flashlens.cli import main
 from flashlens.errors import NeuronError, UnsupportedModelError
 from flashlens.families import Matrix
 from flashlens.intervene import Neuron, activation_ranges, clamp, record
-from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import encode
 
-from .helpers import DEEPSEEK, MOE, N_EXPERTS, load_reference_model, make_model
+from .helpers import (
+    DEEPSEEK,
+    MOE,
+    N_EXPERTS,
+    _layers,
+    load_reference_model,
+    make_model,
+    tokenizer_of,
+)
 
 D_EXPERT = 24
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
@@ -38,7 +45,7 @@ def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     # DeepSeek-style mixtures: layer 0 dense, 1 and 2 sparse; the others: 0 and 1 sparse
     n_layers = 3 if request.param in DEEPSEEK else 2
     path = make_model(root / "m", request.param, n_layers=n_layers, d_mlp=D_EXPERT)
-    model, tok = load_reference_model(path), load_tokenizer(path)
+    model, tok = load_reference_model(path), tokenizer_of(path)
     return model, encode(tok, PROMPTS, torch.device("cpu")), path
 
 
@@ -48,7 +55,7 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _experts(model: nn.Module, layer: int) -> Any:
-    return model.get_submodule(f"model.layers.{layer}.mlp.experts")
+    return _layers(model)[layer].mlp.experts
 
 
 def _routing(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
@@ -109,7 +116,7 @@ def _eager(
     ref = copy.deepcopy(model)
     experts = _experts(ref, layer)
     block = [1]  # the sequence length, from the MoE block's (batch, seq, d_model) input
-    ref.get_submodule(f"model.layers.{layer}.mlp").register_forward_pre_hook(
+    _layers(ref)[layer].mlp.register_forward_pre_hook(
         lambda m, args: block.__setitem__(0, args[0].shape[1])
     )
     e_clamped, i = unit
@@ -269,7 +276,7 @@ def test_expert_clamps_follow_kv_cached_generation(moe: Any) -> None:
 
 def test_expert_neuron_errors(moe: Any) -> None:
     model, _, _ = moe
-    mlp = model.model.layers[1].mlp
+    mlp = _layers(model)[1].mlp
     shared = getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
     width = N_EXPERTS * D_EXPERT + (0 if shared is None else shared.down_proj.in_features)
     with pytest.raises(NeuronError, match=rf"index {width} is out of range.*4 experts of 24 units"):
@@ -280,7 +287,7 @@ def test_expert_neuron_errors(moe: Any) -> None:
     with pytest.raises(NeuronError, match="expert 1 unit 2, act"):
         clamp(model, ["down:1:26", Neuron(1, 26, "up")], 1.0, site="act").__enter__()
     old = copy.deepcopy(model)  # the per-expert modules of transformers 4
-    old.model.layers[L - 1].mlp.experts = nn.ModuleList([nn.Linear(2, 2)])
+    _layers(old)[L - 1].mlp.experts = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(UnsupportedModelError, match="upgrade transformers"):
         clamp(old, f"up:{L - 1}:1", 1.0).__enter__()
 
@@ -309,18 +316,18 @@ def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
         assert "its expert ran on none of the" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v3", "qwen3_5_moe_multimodal"])
 def shared_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A mixture with a shared expert: Qwen2-MoE's (D_SHARED wide, seeing the tokens
     flattened) or DeepSeek-V3's (one expert wide, seeing (batch, seq, d_model))."""
     root = tmp_path_factory.mktemp(request.param)
     path = make_model(root / "m", request.param, n_layers=2, d_mlp=D_EXPERT)
-    model, tok = load_reference_model(path), load_tokenizer(path)
+    model, tok = load_reference_model(path), tokenizer_of(path)
     return model, tok, encode(tok, PROMPTS, torch.device("cpu")), path
 
 
 def _shared_expert(model: nn.Module, layer: int) -> Any:
-    mlp = model.get_submodule(f"model.layers.{layer}.mlp")
+    mlp = _layers(model)[layer].mlp
     return getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
 
 

@@ -305,6 +305,19 @@ def test_every_registered_family_is_checked_against_its_own_model() -> None:
         assert _classes(family)[1].__name__ in supported_architectures()
 
 
+def test_the_readme_names_every_supported_architecture() -> None:
+    """The README's table of architectures and its count say what the registry holds."""
+    import re
+
+    from flashlens.families import supported_architectures
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    count = re.search(r"\*\*Supported architectures\*\* \((\d+)\)", readme)
+    assert count is not None and int(count.group(1)) == len(supported_architectures())
+    missing = [a for a in supported_architectures() if f"`{a}`" not in readme]
+    assert not missing, f"README does not name {missing}"
+
+
 @pytest.mark.parametrize(
     ("family", "prefix"), [("gpt2", "transformer."), ("bloom", "transformer."), ("opt", "model.")]
 )

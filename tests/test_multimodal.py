@@ -27,6 +27,7 @@ MODULE_NAMES = {
     },
     "qwen2_vl": {"model.": "model.language_model."},
     "qwen3_vl": {},
+    "qwen3_5_multimodal": {},
 }
 MODULE_NAMES["mistral3"] = MODULE_NAMES["gemma3_multimodal"]
 

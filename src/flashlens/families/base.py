@@ -80,6 +80,9 @@ class Family:
     # d_mlp_key is one expert's width, and a layer's neurons are its experts' in order
     # (neuron e * d_expert + i is unit i of expert e).
     experts_keys: tuple[str, ...] = ()
+    # the module path (with {layer}) of a sparse layer's MoE block in transformers 5's model,
+    # which holds its experts module ("experts", 3D tensors) and, where any, the shared expert
+    moe_block: str = "model.layers.{layer}.mlp"
     # config settings the entry needs as given (a mixture whose every layer is sparse, OPT's
     # pre-norm layout), as (key, value) pairs checked where config.json sets the key
     require: tuple[tuple[str, Any], ...] = ()

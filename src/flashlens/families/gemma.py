@@ -30,3 +30,6 @@ GEMMA2 = _gemma(
     "gemma2", "Gemma2ForCausalLM", softcap_key="final_logit_softcapping", softcap_default=30.0
 )
 GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM", softcap_key="final_logit_softcapping")
+# Qwen3.5's dense models: Gemma's (1 + weight) final norm on a Llama-style MLP (its hybrid
+# linear attention is not on the MLP's path); no tie when config.json omits the key
+QWEN3_5 = llama_like("qwen3_5", "Qwen3_5ForCausalLM", norm_weight_offset=1.0)

@@ -45,6 +45,38 @@ QWEN2_MOE = llama_like(
     **_QWEN_DENSE,
     **_EXPERTS,
 )
+# Qwen3.5's mixtures (35B-A3B and larger): Qwen2-MoE's layout (every layer sparse) with Gemma's
+# (1 + weight) final norm, and their multimodal release, whose language model transformers
+# builds under model.language_model (its files use that name too)
+_QWEN3_5_MOE = dict(
+    d_mlp_key="moe_intermediate_size",
+    shared_width_keys=("shared_expert_intermediate_size",),
+    norm_weight_offset=1.0,
+    experts_keys=_EXPERTS["experts_keys"],
+)
+QWEN3_5_MOE = llama_like(
+    "qwen3_5_moe",
+    "Qwen3_5MoeForCausalLM",
+    W_up=_EXPERTS["W_up"],
+    W_gate=_EXPERTS["W_gate"],
+    W_down=_EXPERTS["W_down"],
+    shared_expert=f"{MLP}.shared_expert",
+    **_QWEN3_5_MOE,
+)
+_LM_MLP = "model.language_model.layers.{layer}.mlp"
+QWEN3_5_MOE_MULTIMODAL = llama_like(
+    "qwen3_5_moe_multimodal",
+    "Qwen3_5MoeForConditionalGeneration",
+    W_up=f"{_LM_MLP}.experts.{{expert}}.up_proj.weight",
+    W_gate=f"{_LM_MLP}.experts.{{expert}}.gate_proj.weight",
+    W_down=f"{_LM_MLP}.experts.{{expert}}.down_proj.weight",
+    shared_expert=f"{_LM_MLP}.shared_expert",
+    moe_block=_LM_MLP,
+    final_norm="model.language_model.norm.weight",
+    W_E="model.language_model.embed_tokens.weight",
+    text_config="text_config",
+    **_QWEN3_5_MOE,
+)
 # DeepSeek-V2 and V3 (and Kimi K2), GLM-4.5: the first first_k_dense_replace layers are dense
 # MLPs (intermediate_size units); the others route to n_routed_experts experts of
 # moe_intermediate_size units beside shared experts of n_shared_experts times that width

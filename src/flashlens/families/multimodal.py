@@ -1,5 +1,5 @@
 """Multimodal checkpoints whose language model is a Llama-style decoder (Gemma 3 4B-27B,
-Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL): flashlens maps the language model's MLP neurons
+Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5): flashlens maps the language model's MLP neurons
 through its own final norm and LM-head, and leaves the vision tower and projector alone.
 
 transformers 5 builds the language model at `model.language_model` and the head at `lm_head`;
@@ -45,3 +45,10 @@ QWEN2_VL = llama_like(
 )
 # Qwen3-VL's dense models (2B-32B), whose files use transformers' module names
 QWEN3_VL = llama_like("qwen3_vl", "Qwen3VLForConditionalGeneration", **_LANGUAGE_MODEL)
+# Qwen3.5's multimodal release of its dense models: Gemma's (1 + weight) final norm
+QWEN3_5_MULTIMODAL = llama_like(
+    "qwen3_5_multimodal",
+    "Qwen3_5ForConditionalGeneration",
+    norm_weight_offset=1.0,
+    **dict(_LANGUAGE_MODEL, tie_default=False),
+)

@@ -110,7 +110,7 @@ def resolve_experts(
     """The experts module of `neuron`'s layer; None for one of the `shared` units of a shared
     expert, which follow the routed experts' in a layer's neurons. A clear error when the
     address or the model's layout is not one this module can clamp."""
-    name = f"model.layers.{neuron.layer}.mlp.experts"
+    name = f"{family.moe_block.format(layer=neuron.layer)}.experts"
     upgrade = (
         f"neuron {neuron}: clamping an expert's neuron needs a layer's experts held as 3D "
         f"tensors in one module, {name}.gate_up_proj, as transformers 5 and later hold "

@@ -136,8 +136,9 @@ def resolve_site(
             return ref
         # one of the shared expert's units, past the routed experts' (an MLP of its own)
         name = family.shared_tensor(matrix, neuron.layer).removesuffix(".weight")
-        routed = routed_width(model.get_submodule(f"model.layers.{neuron.layer}.mlp.experts"))
-        mlp = model.get_submodule(f"model.layers.{neuron.layer}.mlp")  # it may see (T, d)
+        moe = family.moe_block.format(layer=neuron.layer)
+        routed = routed_width(model.get_submodule(f"{moe}.experts"))
+        mlp = model.get_submodule(moe)  # (the shared expert may see (T, d))
         module = model.get_submodule(name)
         return SiteRef(module, name, site == "act", shared, -routed, False, mlp)
     try:  # (a dense layer of a mixture of experts: a Llama-style MLP)

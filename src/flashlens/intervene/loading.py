@@ -80,7 +80,7 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         source.config_hash,
         source.d_vocab,
         module,
-        load_tokenizer(source.folder),
+        load_tokenizer(source.folder, source.d_vocab),
     )
 
 
@@ -93,8 +93,10 @@ def check_dtype(dtype: str) -> None:
         )
 
 
-def load_tokenizer(folder: Path) -> Any:
-    """The folder's tokenizer, padding on the left (so the last position is real in a batch)."""
+def load_tokenizer(folder: Path, d_vocab: int | None = None) -> Any:
+    """The folder's tokenizer, padding on the left (so the last position is real in a batch),
+    with a pad token inside the model's vocabulary of `d_vocab` ids where given (a tokenizer
+    class that adds its own pad token past the embedding's rows pads with eos instead)."""
     from transformers import AutoTokenizer
 
     if not any(folder.glob("tokenizer*")):
@@ -107,6 +109,8 @@ def load_tokenizer(folder: Path) -> Any:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot load the tokenizer in {folder} ({err})") from None
     tokenizer.padding_side = "left"
+    if d_vocab is not None and (tokenizer.pad_token_id or 0) >= d_vocab:
+        tokenizer.pad_token = None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
