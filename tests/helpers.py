@@ -49,7 +49,14 @@ def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
 
 
 # multimodal checkpoints whose language model flashlens maps (a tiny vision tower beside it)
-MULTIMODAL = ("gemma3_multimodal", "mistral3", "qwen2_vl", "qwen3_vl", "qwen3_5_multimodal")
+MULTIMODAL = (
+    "gemma3_multimodal",
+    "mistral3",
+    "qwen2_vl",
+    "qwen3_vl",
+    "qwen3_5_multimodal",
+    "gemma4_multimodal",
+)
 # families whose MLP is gated, down(act(gate(x)) * up(x)) ...
 GATED = (
     "llama",
@@ -79,6 +86,7 @@ GATED = (
     "stablelm",
     "olmo",
     "qwen3_5",
+    "gemma4",
     *MULTIMODAL,
 )
 # ... ungated, down(act(up(x))) ...
@@ -176,6 +184,8 @@ def _classes(family: str) -> tuple[Any, Any]:
         "qwen2_vl": (tf.Qwen2_5_VLTextConfig, tf.Qwen2_5_VLForConditionalGeneration),
         "qwen3_vl": (tf.Qwen3VLTextConfig, tf.Qwen3VLForConditionalGeneration),
         "qwen3_5": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
+        "gemma4": (tf.Gemma4TextConfig, tf.Gemma4ForCausalLM),
+        "gemma4_multimodal": (tf.Gemma4TextConfig, tf.Gemma4ForConditionalGeneration),
         "qwen3_5_multimodal": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForConditionalGeneration),
         "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
         "qwen3_5_moe_multimodal": (
@@ -250,6 +260,19 @@ def make_model(
         config.setdefault("moe_intermediate_size", d_mlp)
     if family in DEEPSEEK:  # the dense layers' width
         d_mlp *= 2
+    if family in ("gemma4", "gemma4_multimodal"):
+        # per-layer embeddings of 8 dimensions; the last layer reuses the first's keys and
+        # values (all layers full attention, so that the types match) and is twice as wide
+        config = {
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": d_vocab,
+            "global_head_dim": d_model // 4,
+            "layer_types": ["full_attention"] * n_layers,
+            "num_kv_shared_layers": 1,
+            "use_double_wide_mlp": True,
+            "final_logit_softcapping": 5.0,
+            **config,
+        }
     if family in ("qwen2_vl", "qwen3_vl"):  # rotary sections (time, height, width) of head_dim / 2
         half = d_model // 8
         mrope = {
@@ -334,6 +357,14 @@ def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
         return tf.Qwen3VLConfig(
             text_config=text,
             vision_config=dict(qwen, deepstack_visual_indexes=[0], num_position_embeddings=16),
+            tie_word_embeddings=tie,
+        )
+    if family == "gemma4_multimodal":
+        gemma4 = dict(num_key_value_heads=2, head_dim=8, hidden_size=16, intermediate_size=32)
+        return tf.Gemma4Config(
+            text_config=text,
+            vision_config=dict(num_hidden_layers=1, num_attention_heads=2, **gemma4),
+            audio_config=None,
             tie_word_embeddings=tie,
         )
     if family == "gemma3_multimodal":

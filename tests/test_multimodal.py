@@ -28,6 +28,7 @@ MODULE_NAMES = {
     "qwen2_vl": {"model.": "model.language_model."},
     "qwen3_vl": {},
     "qwen3_5_multimodal": {},
+    "gemma4_multimodal": {},
 }
 MODULE_NAMES["mistral3"] = MODULE_NAMES["gemma3_multimodal"]
 
@@ -62,9 +63,12 @@ def test_a_multimodal_checkpoint_maps_its_language_model_in_either_spelling(
     maps to the same atlas; clamp runs the model from the command line."""
     model = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
     state = ModelSource.open(model).checkpoint
-    assert any(n.startswith(("vision_tower.", "visual.", "model.visual.")) for n in state)
+    towers = ("vision_tower.", "visual.", "model.visual.", "model.vision_tower.")
+    assert any(n.startswith(towers) for n in state)  # (a real vision tower beside it)
+    widths = ModelSource.open(model).widths  # (Gemma 4's last layer twice as wide)
     assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["neurons_mapped"] == 3 * 2 * 24
+    assert json.loads(capsys.readouterr().out)["neurons_mapped"] == 3 * sum(widths)
+    assert widths == ([24, 48] if family == "gemma4_multimodal" else [24, 24])
     a = Atlas.open(tmp_path / "a")
     assert a.meta.family == family and a.meta.d_vocab == 512 and a.meta.d_model == 32
     for matrix in ("up", "gate", "down"):
@@ -164,3 +168,43 @@ def test_qwen2_5_vl_text_settings_at_the_top_level_read_as_text_config(tmp_path:
     map_model(model, tmp_path / "b", matrices="up", compile="off")
     a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")
     assert a.layer_table("up", 1).equals(b.layer_table("up", 1))
+
+
+def test_gemma4_maps_its_wide_layers_and_refuses_its_mixtures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Gemma 4's layers that reuse earlier layers' keys and values are twice as wide
+    (use_double_wide_mlp): the atlas records each layer's width, `show` takes the wide
+    layer's extra neurons and refuses them in a narrow one, and the natural activation ranges
+    count the positions such a layer runs (only the last, under logits_to_keep=1). Its
+    mixtures (enable_moe_block) are refused in one line."""
+    from flashlens.intervene import Neuron, activation_ranges
+    from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
+
+    from .helpers import load_reference_model, tokenizer_of
+
+    model = make_model(tmp_path / "m", "gemma4", n_layers=2, d_mlp=24)
+    assert main(["map", str(model), "-o", str(tmp_path / "a"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["neurons_mapped"] == 3 * (24 + 48)
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.widths == [24, 48] and atlas.meta.d_mlp == 48
+    check_exact(atlas, model, "down", 1, "model")
+    assert main(["show", str(tmp_path / "a"), "up:1:40"]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp_path / "a"), "up:0:40"]) == 2
+    assert "layer 0 has 24 neurons" in capsys.readouterr().err
+
+    lm, tok = load_reference_model(model), tokenizer_of(model)
+    batch = encode(tok, DEFAULT_PROMPTS[:3], torch.device("cpu"))
+    narrow, wide = Neuron(0, 3, "up"), Neuron(1, 40, "up")
+    ranges = activation_ranges(lm, batch, [narrow, wide])
+    real = int(batch["attention_mask"].sum())
+    assert ranges[narrow].tokens == real and real > 3  # (every real position)
+    assert ranges[wide].tokens == 3  # (the last position of each prompt)
+
+    config = json.loads((model / "config.json").read_text())
+    config["enable_moe_block"] = True
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["map", str(model), "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "enable_moe_block=True" in err and "Traceback" not in err

@@ -108,6 +108,10 @@ class Family:
     sparse_step_key: str | None = None
     dense_mlp: str = "model.layers.{layer}.mlp"
     dense_width_key: str = "intermediate_size"
+    # a dense model whose last layers are twice as wide (Gemma 4: the num_kv_shared_layers
+    # layers that reuse earlier layers' keys and values, where use_double_wide_mlp): the
+    # config keys of the flag and of the count of those last layers
+    wide_keys: tuple[str, str] | None = None
     # a fused gate_up tensor whose units alternate, gate's then up's (gpt-oss: gate_up[..., 0::2]
     # is gate, [..., 1::2] up), instead of all of gate's then all of up's
     gate_up_interleaved: bool = False
@@ -144,6 +148,12 @@ class Family:
             return True
         step = int(config.get(self.sparse_step_key) or 1) if self.sparse_step_key else 1
         return (layer + 1) % step != 0
+
+    def is_wide(self, config: Mapping[str, Any], n_layers: int, layer: int) -> bool:
+        """Whether `layer` of a dense model is twice as wide as the others (`wide_keys`)."""
+        if self.wide_keys is None or not config.get(self.wide_keys[0]):
+            return False
+        return layer >= n_layers - int(config.get(self.wide_keys[1]) or 0)
 
     def dense_tensor(self, matrix: Matrix, layer: int) -> str:
         """Checkpoint name of a dense layer's weight matrix in a mixture with dense layers."""

@@ -33,3 +33,14 @@ GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM", softcap_key="final_logit_softcapp
 # Qwen3.5's dense models: Gemma's (1 + weight) final norm on a Llama-style MLP (its hybrid
 # linear attention is not on the MLP's path); no tie when config.json omits the key
 QWEN3_5 = llama_like("qwen3_5", "Qwen3_5ForCausalLM", norm_weight_offset=1.0)
+# Gemma 4's dense models: a plain weight on the final norm (not Gemma's 1 + weight), the
+# logit soft-cap, the head tied; the layers that reuse others' keys and values twice as wide
+# where use_double_wide_mlp. Its per-layer embeddings are off the MLP's path. The MoE models
+# (enable_moe_block: experts beside each layer's MLP) are refused.
+_GEMMA4: dict[str, object] = dict(
+    logit_softcap_key="final_logit_softcapping",
+    tie_default=True,
+    wide_keys=("use_double_wide_mlp", "num_kv_shared_layers"),
+    require=(("enable_moe_block", False),),
+)
+GEMMA4 = llama_like("gemma4", "Gemma4ForCausalLM", **_GEMMA4)

@@ -1,5 +1,5 @@
 """Multimodal checkpoints whose language model is a Llama-style decoder (Gemma 3 4B-27B,
-Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5): flashlens maps the language model's MLP neurons
+Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4): flashlens maps the language model's MLP neurons
 through its own final norm and LM-head, and leaves the vision tower and projector alone.
 
 transformers 5 builds the language model at `model.language_model` and the head at `lm_head`;
@@ -10,6 +10,7 @@ sizes and settings come from config.json's `text_config`, as transformers resolv
 
 from __future__ import annotations
 
+from .gemma import _GEMMA4
 from .llama import llama_like
 
 LM = "model.language_model"
@@ -51,4 +52,8 @@ QWEN3_5_MULTIMODAL = llama_like(
     "Qwen3_5ForConditionalGeneration",
     norm_weight_offset=1.0,
     **dict(_LANGUAGE_MODEL, tie_default=False),
+)
+# Gemma 4's multimodal release (its forward soft-caps the logits, as the text model's does)
+GEMMA4_MULTIMODAL = llama_like(
+    "gemma4_multimodal", "Gemma4ForConditionalGeneration", **{**_LANGUAGE_MODEL, **_GEMMA4}
 )

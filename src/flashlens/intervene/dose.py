@@ -86,8 +86,11 @@ def activation_ranges(
     real = batch["attention_mask"].bool().cpu()  # (batch, seq)
     out = {}
     for n in chosen:
-        acts = seen[n][0]  # (batch, seq); NaN where an expert's neuron did not run
-        vals = acts[real & ~acts.isnan()]
+        # (batch, seq); NaN where an expert's neuron did not run. A model may run only the
+        # last positions through a layer (Gemma 4's layers that reuse earlier layers' keys and
+        # values, under logits_to_keep=1): then (batch, those positions)
+        acts = seen[n][0]
+        vals = acts[real[:, real.shape[1] - acts.shape[1] :] & ~acts.isnan()]
         last = acts[:, -1][~acts[:, -1].isnan()]
         lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 0.0)
         out[n] = ActivationRange(

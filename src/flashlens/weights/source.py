@@ -91,8 +91,8 @@ class ModelSource:
     def d_mlp(self) -> int:
         """Neurons per layer and matrix: in a mixture of experts, every expert's units, expert
         by expert (neuron e * d_expert + i is unit i of expert e), then the shared expert's.
-        Where layers differ (a mixture with dense layers), the widest layer's count: `width`
-        gives each layer's."""
+        Where layers differ (a mixture with dense layers, Gemma 4's wide layers), the widest
+        layer's count: `width` gives each layer's."""
         return max(self.widths)
 
     @property
@@ -104,6 +104,8 @@ class ModelSource:
         """Layer `layer`'s neurons per matrix."""
         if self.is_dense(layer):
             return self._size(self.family.dense_width_key)
+        if self.family.is_wide(self.settings, self.n_layers, layer):
+            return 2 * self.d_expert
         return self.n_experts * self.d_expert + self.d_shared
 
     @property
@@ -404,6 +406,8 @@ class ModelSource:
                     dense = (d, w) if matrix == "down" else (w, d)
                     expected[self.name(f.dense_tensor(matrix, layer))] = dense
                 continue
+            if self.n_experts == 1:  # (a dense model's layers may differ: Gemma 4's)
+                m = self.width(layer)
             for matrix in f.matrices:
                 rows = f.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
                 shape: tuple[int, ...] = (d, rows) if f.neuron_is_column(matrix) else (rows, d)
