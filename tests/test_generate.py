@@ -237,6 +237,24 @@ def test_generate_chat_template(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "has no chat template" in capsys.readouterr().err
 
 
+def test_a_chat_template_in_its_own_file_is_read_and_fetched(tmp_path: Path) -> None:
+    """Newer repos (and transformers 5's saves) keep the chat template in chat_template.jinja
+    beside tokenizer_config.json: --chat reads it, and a hub download fetches it."""
+    from fnmatch import fnmatch
+
+    from flashlens.intervene.prompts import apply_chat
+    from flashlens.weights.resolve import HUB_PATTERNS
+
+    path = _chat_model(tmp_path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (text,) = apply_chat(load_tokenizer(path), ["hi there"])
+    assert "[user] hi there" in text and text.endswith("[assistant]")
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        assert any(fnmatch(name, pattern) for pattern in HUB_PATTERNS), name
+
+
 def test_clamp_command(stories: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     png = tmp_path / "dose.png"
     prompts = tmp_path / "prompts.txt"

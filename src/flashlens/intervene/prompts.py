@@ -47,7 +47,8 @@ def apply_chat(tokenizer: Any, prompts: list[str]) -> list[str]:
     if not getattr(tokenizer, "chat_template", None):
         raise FlashlensError(
             "--chat: this model's tokenizer has no chat template "
-            "(tokenizer_config.json has no chat_template); drop --chat or use "
+            "(neither tokenizer_config.json nor a chat_template.jinja or .json file holds "
+            "one); drop --chat or use "
             "an instruction-tuned model"
         )
     return [

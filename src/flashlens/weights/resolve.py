@@ -14,6 +14,8 @@ HUB_PATTERNS = [
     "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer*",
+    "chat_template.json",  # (newer repos keep the chat template beside tokenizer_config.json)
+    "chat_template.jinja",
     "special_tokens_map.json",
     "generation_config.json",
 ]
