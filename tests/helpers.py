@@ -110,7 +110,18 @@ UNGATED = (
 DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe")
 # (Qwen3.5's: Qwen2-MoE's layout, also as the language model of a multimodal checkpoint)
 QWEN3_5_MOE = ("qwen3_5_moe", "qwen3_5_moe_multimodal")
-MOE = ("mixtral", "olmoe", "qwen3_moe", "qwen2_moe", "gpt_oss", *DEEPSEEK, *QWEN3_5_MOE)
+# (Gemma 4's: experts on the decoder layer beside its MLP, whose units come last)
+GEMMA4_MOE = ("gemma4_moe", "gemma4_moe_multimodal")
+MOE = (
+    "mixtral",
+    "olmoe",
+    "qwen3_moe",
+    "qwen2_moe",
+    "gpt_oss",
+    *DEEPSEEK,
+    *QWEN3_5_MOE,
+    *GEMMA4_MOE,
+)
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
@@ -161,6 +172,10 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
         }
         for family in QWEN3_5_MOE
     },
+    **{
+        family: {"enable_moe_block": True, "num_experts": N_EXPERTS, "top_k_experts": 2}
+        for family in GEMMA4_MOE
+    },
 }
 
 
@@ -186,6 +201,8 @@ def _classes(family: str) -> tuple[Any, Any]:
         "qwen3_5": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForCausalLM),
         "gemma4": (tf.Gemma4TextConfig, tf.Gemma4ForCausalLM),
         "gemma4_multimodal": (tf.Gemma4TextConfig, tf.Gemma4ForConditionalGeneration),
+        "gemma4_moe": (tf.Gemma4TextConfig, tf.Gemma4ForCausalLM),
+        "gemma4_moe_multimodal": (tf.Gemma4TextConfig, tf.Gemma4ForConditionalGeneration),
         "qwen3_5_multimodal": (tf.Qwen3_5TextConfig, tf.Qwen3_5ForConditionalGeneration),
         "qwen3_5_moe": (tf.Qwen3_5MoeTextConfig, tf.Qwen3_5MoeForCausalLM),
         "qwen3_5_moe_multimodal": (
@@ -256,20 +273,22 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK, *QWEN3_5_MOE):  # one expert's width
+    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK, *QWEN3_5_MOE, *GEMMA4_MOE):  # (1 expert)
         config.setdefault("moe_intermediate_size", d_mlp)
     if family in DEEPSEEK:  # the dense layers' width
         d_mlp *= 2
-    if family in ("gemma4", "gemma4_multimodal"):
-        # per-layer embeddings of 8 dimensions; the last layer reuses the first's keys and
-        # values (all layers full attention, so that the types match) and is twice as wide
+    if family in ("gemma4", "gemma4_multimodal", *GEMMA4_MOE):
+        # per-layer embeddings of 8 dimensions; in the dense models the last layer reuses the
+        # first's keys and values (all layers full attention, so that the types match) and is
+        # twice as wide
+        dense = family not in GEMMA4_MOE
         config = {
             "hidden_size_per_layer_input": 8,
             "vocab_size_per_layer_input": d_vocab,
             "global_head_dim": d_model // 4,
             "layer_types": ["full_attention"] * n_layers,
-            "num_kv_shared_layers": 1,
-            "use_double_wide_mlp": True,
+            "num_kv_shared_layers": int(dense),
+            "use_double_wide_mlp": dense,
             "final_logit_softcapping": 5.0,
             **config,
         }
@@ -306,7 +325,7 @@ def make_model(
         tie_word_embeddings=tie,
         **config,
     )
-    if family in (*MULTIMODAL, "qwen3_5_moe_multimodal"):  # (the whole model's config)
+    if family in (*MULTIMODAL, "qwen3_5_moe_multimodal", "gemma4_moe_multimodal"):
         cfg = _multimodal_config(family, cfg, tie)
     torch.manual_seed(seed)
     model = model_cls(cfg)
@@ -359,7 +378,7 @@ def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
             vision_config=dict(qwen, deepstack_visual_indexes=[0], num_position_embeddings=16),
             tie_word_embeddings=tie,
         )
-    if family == "gemma4_multimodal":
+    if family in ("gemma4_multimodal", "gemma4_moe_multimodal"):
         gemma4 = dict(num_key_value_heads=2, head_dim=8, hidden_size=16, intermediate_size=32)
         return tf.Gemma4Config(
             text_config=text,
@@ -449,7 +468,7 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     model's modules (independently of flashlens's families)."""
     block = _layers(model)[layer]
     mlp = getattr(block, "mlp", block)  # (OPT: fc1 and fc2 on the layer itself)
-    experts = getattr(mlp, "experts", None)
+    experts, shared, _ = moe_parts(block)
     if experts is not None and hasattr(experts, "gate_up_proj"):
         # transformers holds a layer's experts as 3D tensors: gate_up_proj (E, 2m, d), gate's
         # rows first, and down_proj (E, d, m); or transposed, (E, d, 2m) with gate's and up's
@@ -459,11 +478,7 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
             down = experts.down_proj.detach().float()
             down = down if transposed else down.transpose(1, 2)  # (E, m, d)
             W = down.reshape(-1, down.shape[2])
-            return (
-                W
-                if _shared(mlp) is None
-                else torch.cat([W, neuron_weights_of(_shared(mlp), matrix)])
-            )
+            return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
         gate_up = experts.gate_up_proj.detach().float()
         gate_up = gate_up.transpose(1, 2) if transposed else gate_up  # (E, 2m, d)
         if getattr(experts, "is_concatenated", True):
@@ -471,10 +486,19 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
         else:
             gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
         W = (up if matrix == "up" else gate).reshape(-1, gate_up.shape[2])
-        return (
-            W if _shared(mlp) is None else torch.cat([W, neuron_weights_of(_shared(mlp), matrix)])
-        )
+        return W if shared is None else torch.cat([W, neuron_weights_of(shared, matrix)])
     return neuron_weights_of(mlp, matrix)
+
+
+def moe_parts(block: Any) -> tuple[Any, Any, Any]:
+    """A decoder layer's experts module, shared expert (or None) and the module that calls
+    them with (batch, seq, d_model): the MLP's, or Gemma 4's experts on the layer itself beside
+    its MLP, which runs on every token as a shared expert does. (None, None, mlp) in a dense
+    layer."""
+    mlp = getattr(block, "mlp", block)
+    if getattr(block, "experts", None) is not None:
+        return block.experts, mlp, block
+    return getattr(mlp, "experts", None), _shared(mlp), mlp
 
 
 def _shared(mlp: Any) -> Any:

@@ -31,6 +31,7 @@ from .helpers import (
     _layers,
     load_reference_model,
     make_model,
+    moe_parts,
     tokenizer_of,
 )
 
@@ -55,7 +56,7 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _experts(model: nn.Module, layer: int) -> Any:
-    return _layers(model)[layer].mlp.experts
+    return moe_parts(_layers(model)[layer])[0]
 
 
 def _routing(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> torch.Tensor:
@@ -71,7 +72,7 @@ def _routing(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> to
 
 
 def _n_layers(model: nn.Module) -> int:
-    return int(cast(Any, model).config.num_hidden_layers)
+    return int(cast(Any, model).config.get_text_config().num_hidden_layers)
 
 
 def _busiest(model: nn.Module, batch: dict[str, torch.Tensor], layer: int) -> int:
@@ -116,7 +117,7 @@ def _eager(
     ref = copy.deepcopy(model)
     experts = _experts(ref, layer)
     block = [1]  # the sequence length, from the MoE block's (batch, seq, d_model) input
-    _layers(ref)[layer].mlp.register_forward_pre_hook(
+    moe_parts(_layers(ref)[layer])[2].register_forward_pre_hook(
         lambda m, args: block.__setitem__(0, args[0].shape[1])
     )
     e_clamped, i = unit
@@ -276,8 +277,7 @@ def test_expert_clamps_follow_kv_cached_generation(moe: Any) -> None:
 
 def test_expert_neuron_errors(moe: Any) -> None:
     model, _, _ = moe
-    mlp = _layers(model)[1].mlp
-    shared = getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
+    shared = moe_parts(_layers(model)[1])[1]
     width = N_EXPERTS * D_EXPERT + (0 if shared is None else shared.down_proj.in_features)
     with pytest.raises(NeuronError, match=rf"index {width} is out of range.*4 experts of 24 units"):
         clamp(model, f"up:1:{width}", 1.0).__enter__()
@@ -287,7 +287,7 @@ def test_expert_neuron_errors(moe: Any) -> None:
     with pytest.raises(NeuronError, match="expert 1 unit 2, act"):
         clamp(model, ["down:1:26", Neuron(1, 26, "up")], 1.0, site="act").__enter__()
     old = copy.deepcopy(model)  # the per-expert modules of transformers 4
-    _layers(old)[L - 1].mlp.experts = nn.ModuleList([nn.Linear(2, 2)])
+    moe_parts(_layers(old)[L - 1])[2].experts = nn.ModuleList([nn.Linear(2, 2)])
     with pytest.raises(UnsupportedModelError, match="upgrade transformers"):
         clamp(old, f"up:{L - 1}:1", 1.0).__enter__()
 
@@ -316,7 +316,10 @@ def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
         assert "its expert ran on none of the" in capsys.readouterr().out
 
 
-@pytest.fixture(scope="module", params=["qwen2_moe", "deepseek_v3", "qwen3_5_moe_multimodal"])
+@pytest.fixture(
+    scope="module",
+    params=["qwen2_moe", "deepseek_v3", "qwen3_5_moe_multimodal", "gemma4_moe_multimodal"],
+)
 def shared_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A mixture with a shared expert: Qwen2-MoE's (D_SHARED wide, seeing the tokens
     flattened) or DeepSeek-V3's (one expert wide, seeing (batch, seq, d_model))."""
@@ -327,8 +330,7 @@ def shared_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 def _shared_expert(model: nn.Module, layer: int) -> Any:
-    mlp = _layers(model)[layer].mlp
-    return getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
+    return moe_parts(_layers(model)[layer])[1]
 
 
 @pytest.mark.parametrize("site", ["up", "gate", "act"])

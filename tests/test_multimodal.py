@@ -170,14 +170,12 @@ def test_qwen2_5_vl_text_settings_at_the_top_level_read_as_text_config(tmp_path:
     assert a.layer_table("up", 1).equals(b.layer_table("up", 1))
 
 
-def test_gemma4_maps_its_wide_layers_and_refuses_its_mixtures(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_gemma4_maps_its_wide_layers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Gemma 4's layers that reuse earlier layers' keys and values are twice as wide
     (use_double_wide_mlp): the atlas records each layer's width, `show` takes the wide
     layer's extra neurons and refuses them in a narrow one, and the natural activation ranges
-    count the positions such a layer runs (only the last, under logits_to_keep=1). Its
-    mixtures (enable_moe_block) are refused in one line."""
+    count the positions such a layer runs (only the last, under logits_to_keep=1). A mixture
+    (enable_moe_block) with such wide layers is refused in one line."""
     from flashlens.intervene import Neuron, activation_ranges
     from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode
 
@@ -203,8 +201,8 @@ def test_gemma4_maps_its_wide_layers_and_refuses_its_mixtures(
     assert ranges[wide].tokens == 3  # (the last position of each prompt)
 
     config = json.loads((model / "config.json").read_text())
-    config["enable_moe_block"] = True
+    config.update(enable_moe_block=True, num_experts=4)  # (the mixtures' entry, then)
     (model / "config.json").write_text(json.dumps(config))
     assert main(["map", str(model), "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "enable_moe_block=True" in err and "Traceback" not in err
+    assert "gemma4_moe config has use_double_wide_mlp=True" in err and "Traceback" not in err

@@ -7,6 +7,14 @@ from . import llama as _llama  # noqa: F401  (Llama-style families)
 from . import moe as _moe  # noqa: F401  (mixtures of experts)
 from . import multimodal as _multimodal  # noqa: F401  (Gemma 3, Mistral 3 language models)
 from .base import MATRICES, Family, Matrix
-from .registry import family_for, register, supported_architectures
+from .registry import families, family_for, register, supported_architectures
 
-__all__ = ["MATRICES", "Family", "Matrix", "family_for", "register", "supported_architectures"]
+__all__ = [
+    "MATRICES",
+    "Family",
+    "Matrix",
+    "families",
+    "family_for",
+    "register",
+    "supported_architectures",
+]

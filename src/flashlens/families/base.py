@@ -118,6 +118,10 @@ class Family:
     # a layer's experts stacked in one tensor per matrix, experts first (gpt-oss:
     # gate_up_proj (E, d_model, 2 m), down_proj (E, m, d_model)); its names hold no {expert}
     experts_stacked: bool = False
+    # config settings that select this entry among those of its architecture (Gemma 4's
+    # mixtures: enable_moe_block true), as (key, value) pairs; a key config.json leaves out
+    # reads as false. Read from config.json and, in a multimodal one, its text_config.
+    when: tuple[tuple[str, Any], ...] = ()
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
@@ -187,6 +191,12 @@ class Family:
     @property
     def matrices(self) -> tuple[Matrix, ...]:
         return tuple(m for m in MATRICES if m != "gate" or self.W_gate is not None)
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        """Whether `config` (config.json as a dict) selects this entry (`when`)."""
+        text = config.get(self.text_config or "text_config")
+        text = text if isinstance(text, Mapping) else {}
+        return all(bool(text.get(k, config.get(k, False))) == v for k, v in self.when)
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Refuse config features this family does not decode faithfully."""

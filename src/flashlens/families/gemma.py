@@ -35,12 +35,37 @@ GEMMA3 = _gemma("gemma3", "Gemma3ForCausalLM", softcap_key="final_logit_softcapp
 QWEN3_5 = llama_like("qwen3_5", "Qwen3_5ForCausalLM", norm_weight_offset=1.0)
 # Gemma 4's dense models: a plain weight on the final norm (not Gemma's 1 + weight), the
 # logit soft-cap, the head tied; the layers that reuse others' keys and values twice as wide
-# where use_double_wide_mlp. Its per-layer embeddings are off the MLP's path. The MoE models
-# (enable_moe_block: experts beside each layer's MLP) are refused.
+# where use_double_wide_mlp. Its per-layer embeddings are off the MLP's path.
 _GEMMA4: dict[str, object] = dict(
     logit_softcap_key="final_logit_softcapping",
     tie_default=True,
     wide_keys=("use_double_wide_mlp", "num_kv_shared_layers"),
-    require=(("enable_moe_block", False),),
 )
 GEMMA4 = llama_like("gemma4", "Gemma4ForCausalLM", **_GEMMA4)
+
+
+def gemma4_moe(layers: str) -> dict[str, object]:
+    """Gemma 4's mixtures (enable_moe_block, 26B-A4B), their layers at `layers` (with
+    {layer}): beside each layer's MLP, experts held in two 3D tensors (gate_up_proj (E, 2m,
+    d_model), gate's rows first; down_proj (E, d_model, m)) on the layer itself. A layer's
+    neurons are its experts' units, then its MLP's (as a shared expert's: it runs on every
+    token)."""
+    return dict(
+        W_up=f"{layers}.experts.gate_up_proj",
+        W_gate=f"{layers}.experts.gate_up_proj",
+        W_down=f"{layers}.experts.down_proj",
+        experts_keys=("num_experts",),
+        experts_stacked=True,
+        gate_up_fused=True,
+        d_mlp_key="moe_intermediate_size",
+        shared_expert=f"{layers}.mlp",
+        shared_width_keys=("intermediate_size",),
+        moe_block=layers,
+        logit_softcap_key="final_logit_softcapping",
+        tie_default=True,
+        when=(("enable_moe_block", True),),
+        require=(("use_double_wide_mlp", False),),  # (wide MLPs beside experts: not decoded)
+    )
+
+
+GEMMA4_MOE = llama_like("gemma4_moe", "Gemma4ForCausalLM", **gemma4_moe("model.layers.{layer}"))

@@ -10,7 +10,7 @@ sizes and settings come from config.json's `text_config`, as transformers resolv
 
 from __future__ import annotations
 
-from .gemma import _GEMMA4
+from .gemma import _GEMMA4, gemma4_moe
 from .llama import llama_like
 
 LM = "model.language_model"
@@ -56,4 +56,9 @@ QWEN3_5_MULTIMODAL = llama_like(
 # Gemma 4's multimodal release (its forward soft-caps the logits, as the text model's does)
 GEMMA4_MULTIMODAL = llama_like(
     "gemma4_multimodal", "Gemma4ForConditionalGeneration", **{**_LANGUAGE_MODEL, **_GEMMA4}
+)
+GEMMA4_MOE_MULTIMODAL = llama_like(
+    "gemma4_moe_multimodal",
+    "Gemma4ForConditionalGeneration",
+    **{**_LANGUAGE_MODEL, **gemma4_moe(f"{LM}.layers.{{layer}}")},
 )
