@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .base import Family
 from .llama import llama_like
+from .moe import stacked_experts
 
 
 def _gemma(
@@ -51,12 +52,8 @@ def gemma4_moe(layers: str) -> dict[str, object]:
     neurons are its experts' units, then its MLP's (as a shared expert's: it runs on every
     token)."""
     return dict(
-        W_up=f"{layers}.experts.gate_up_proj",
-        W_gate=f"{layers}.experts.gate_up_proj",
-        W_down=f"{layers}.experts.down_proj",
+        **stacked_experts(layers),
         experts_keys=("num_experts",),
-        experts_stacked=True,
-        gate_up_fused=True,
         d_mlp_key="moe_intermediate_size",
         shared_expert=f"{layers}.mlp",
         shared_width_keys=("intermediate_size",),

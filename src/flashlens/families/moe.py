@@ -94,18 +94,28 @@ _DEEPSEEK = dict(
 DEEPSEEK_V2 = llama_like("deepseek_v2", "DeepseekV2ForCausalLM", **_DEEPSEEK)
 DEEPSEEK_V3 = llama_like("deepseek_v3", "DeepseekV3ForCausalLM", **_DEEPSEEK)
 GLM4_MOE = llama_like("glm4_moe", "Glm4MoeForCausalLM", **_DEEPSEEK)
+
+
 # gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of
 # gate_up_proj, a row of down_proj) with gate's and up's units alternating; both have biases
 # (past the weight vectors the map decodes), and the experts' act is gpt-oss's clamped SwiGLU
+def stacked_experts(block: str) -> dict[str, object]:
+    """The tensors of a layer's experts held in two 3D tensors, `{block}.experts.gate_up_proj`
+    (gate's and up's units) and `{block}.experts.down_proj`, as transformers 5 holds them."""
+    return dict(
+        W_up=f"{block}.experts.gate_up_proj",
+        W_gate=f"{block}.experts.gate_up_proj",
+        W_down=f"{block}.experts.down_proj",
+        experts_stacked=True,
+        gate_up_fused=True,
+    )
+
+
 GPT_OSS = llama_like(
     "gpt_oss",
     "GptOssForCausalLM",
-    W_up=f"{MLP}.experts.gate_up_proj",
-    W_gate=f"{MLP}.experts.gate_up_proj",
-    W_down=f"{MLP}.experts.down_proj",
+    **stacked_experts(MLP),
     experts_keys=("num_local_experts",),
-    experts_stacked=True,
     conv1d=True,
-    gate_up_fused=True,
     gate_up_interleaved=True,
 )
