@@ -107,7 +107,7 @@ UNGATED = (
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
 # ... with dense first layers (layer 0 in the tiny models, 2 * d_mlp wide) and a shared expert
 # of one expert's width
-DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")
 # (Qwen3.5's: Qwen2-MoE's layout, also as the language model of a multimodal checkpoint)
 QWEN3_5_MOE = ("qwen3_5_moe", "qwen3_5_moe_multimodal")
 # (Gemma 4's: experts on the decoder layer beside its MLP, whose units come last)
@@ -121,6 +121,8 @@ MOE = (
     *DEEPSEEK,
     *QWEN3_5_MOE,
     *GEMMA4_MOE,
+    "solar_open",  # (DeepSeek's shared experts, every layer sparse)
+    "flex_olmo",
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
@@ -139,6 +141,8 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
+    "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "solar_open": {"n_routed_experts": N_EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
     **{
         family: {
@@ -245,6 +249,10 @@ def _classes(family: str) -> tuple[Any, Any]:
         "deepseek_v2": (tf.DeepseekV2Config, tf.DeepseekV2ForCausalLM),
         "deepseek_v3": (tf.DeepseekV3Config, tf.DeepseekV3ForCausalLM),
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
+        "glm4_moe_lite": (tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM),
+        "dots1": (tf.Dots1Config, tf.Dots1ForCausalLM),
+        "solar_open": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM),
+        "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),
@@ -273,7 +281,7 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family in ("qwen3_moe", "qwen2_moe", *DEEPSEEK, *QWEN3_5_MOE, *GEMMA4_MOE):  # (1 expert)
+    if family in ("qwen3_moe", "qwen2_moe", "solar_open", *DEEPSEEK, *QWEN3_5_MOE, *GEMMA4_MOE):
         config.setdefault("moe_intermediate_size", d_mlp)
     if family in DEEPSEEK:  # the dense layers' width
         d_mlp *= 2

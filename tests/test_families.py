@@ -178,13 +178,16 @@ def test_a_mixture_of_experts_maps_every_expert_and_says_which(
     [
         ("qwen3_moe", {"mlp_only_layers": [0, 2]}, [0, 2]),
         ("qwen2_moe", {"decoder_sparse_step": 2}, [0, 2]),  # every 2nd layer sparse: 1
+        ("glm4_moe_lite", {"mlp_layer_types": ["dense", "sparse", "dense"]}, [0, 2]),
     ],
 )
 def test_qwen_mixtures_map_their_dense_layers_at_their_width(
     tmp_path: Path, family: str, config: dict[str, Any], dense: list[int]
 ) -> None:
-    """Qwen-MoE layers listed in mlp_only_layers, or off decoder_sparse_step, are dense MLPs of
-    intermediate_size: decoded as the model's own modules compute, clamped on their own."""
+    """Qwen-MoE layers listed in mlp_only_layers, or off decoder_sparse_step, and GLM-4.7-Flash
+    layers that mlp_layer_types calls dense, are dense MLPs of intermediate_size (twice an
+    expert's in the tiny GLM): decoded as the model's own modules compute, clamped on their
+    own."""
     from flashlens.intervene import clamp, record
     from flashlens.intervene.loading import load_tokenizer
     from flashlens.intervene.prompts import encode
@@ -192,8 +195,9 @@ def test_qwen_mixtures_map_their_dense_layers_at_their_width(
     model = make_model(tmp_path / "m", family, n_layers=3, d_mlp=16, **config)
     map_model(model, tmp_path / "a", dtype="float32")
     atlas = Atlas.open(tmp_path / "a")
-    sparse = 4 * 16 + (16 if family == "qwen2_moe" else 0)  # (Qwen2-MoE: a shared expert)
-    assert atlas.meta.widths == [16 if layer in dense else sparse for layer in range(3)]
+    sparse = 4 * 16 + (16 if family != "qwen3_moe" else 0)  # (and a shared expert)
+    wide = 32 if family == "glm4_moe_lite" else 16
+    assert atlas.meta.widths == [wide if layer in dense else sparse for layer in range(3)]
     assert (atlas.meta.decoding or {})["dense_layers"] == dense
     assert atlas.expert_of(0, 5) is None and atlas.expert_of(1, 5) == (0, 5)
     for layer in range(3):
@@ -210,6 +214,19 @@ def test_qwen_mixtures_map_their_dense_layers_at_their_width(
         assert torch.equal(reference(**batch).logits, base)
     with torch.no_grad(), clamp(reference, neuron, natural + 5, positions="last"):
         assert (reference(**batch).logits - base).abs().max() > 1e-4
+
+
+def test_glm_4_7_flash_without_layer_kinds_has_a_dense_first_layer(tmp_path: Path) -> None:
+    """Where config.json leaves out mlp_layer_types, transformers makes the first layer dense
+    and the others sparse: so does map."""
+    from flashlens.weights import ModelSource
+
+    model = make_model(tmp_path / "m", "glm4_moe_lite", n_layers=3, d_mlp=16)
+    config = json.loads((model / "config.json").read_text())
+    assert config.pop("mlp_layer_types") == ["dense", "sparse", "sparse"]
+    (model / "config.json").write_text(json.dumps(config))
+    source = ModelSource.open(model)
+    assert source.dense_layers == [0] and source.widths == [32, 80, 80]
 
 
 def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(

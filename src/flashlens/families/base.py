@@ -106,6 +106,9 @@ class Family:
     dense_layers_key: str | None = None
     dense_list_key: str | None = None
     sparse_step_key: str | None = None
+    # or a list of each layer's kind, "dense" or "sparse" (GLM-4.7-Flash: mlp_layer_types),
+    # and how many first layers are dense when config.json omits it (transformers' default)
+    layer_kinds_key: tuple[str, int] | None = None
     dense_mlp: str = "model.layers.{layer}.mlp"
     dense_width_key: str = "intermediate_size"
     # a dense model whose last layers are twice as wide (Gemma 4: the num_kv_shared_layers
@@ -146,6 +149,10 @@ class Family:
         from `config` (False in a dense model's family)."""
         if not self.experts_keys:
             return False
+        if self.layer_kinds_key is not None:
+            key, first_dense = self.layer_kinds_key
+            kinds = config.get(key)
+            return kinds[layer] == "dense" if kinds is not None else layer < first_dense
         if self.dense_layers_key and layer < int(config.get(self.dense_layers_key) or 0):
             return True
         if self.dense_list_key and layer in (config.get(self.dense_list_key) or []):

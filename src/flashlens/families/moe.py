@@ -94,6 +94,17 @@ _DEEPSEEK = dict(
 DEEPSEEK_V2 = llama_like("deepseek_v2", "DeepseekV2ForCausalLM", **_DEEPSEEK)
 DEEPSEEK_V3 = llama_like("deepseek_v3", "DeepseekV3ForCausalLM", **_DEEPSEEK)
 GLM4_MOE = llama_like("glm4_moe", "Glm4MoeForCausalLM", **_DEEPSEEK)
+DOTS1 = llama_like("dots1", "Dots1ForCausalLM", **_DEEPSEEK)  # (dots.llm1)
+SOLAR_OPEN = llama_like("solar_open", "SolarOpenForCausalLM", **_DEEPSEEK)  # (every layer sparse)
+# GLM-4.7-Flash: DeepSeek's layout, each layer's kind listed in mlp_layer_types (the first
+# dense, the others sparse, when config.json omits it)
+GLM4_MOE_LITE = llama_like(
+    "glm4_moe_lite",
+    "Glm4MoeLiteForCausalLM",
+    **{**_DEEPSEEK, "dense_layers_key": None, "layer_kinds_key": ("mlp_layer_types", 1)},
+)
+# FlexOlmo: OLMoE's layout (routed experts only)
+FLEX_OLMO = llama_like("flex_olmo", "FlexOlmoForCausalLM", **_EXPERTS)
 
 
 # gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of
