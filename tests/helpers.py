@@ -107,7 +107,7 @@ UNGATED = (
 # ... or a mixture of gated experts (4 experts of d_mlp units each in the tiny models)
 # ... with dense first layers (layer 0 in the tiny models, 2 * d_mlp wide) and a shared expert
 # of one expert's width
-DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1")
+DEEPSEEK = ("deepseek_v2", "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "mistral4")
 # (Qwen3.5's: Qwen2-MoE's layout, also as the language model of a multimodal checkpoint)
 QWEN3_5_MOE = ("qwen3_5_moe", "qwen3_5_moe_multimodal")
 # (Gemma 4's: experts on the decoder layer beside its MLP, whose units come last)
@@ -251,6 +251,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "glm4_moe": (tf.Glm4MoeConfig, tf.Glm4MoeForCausalLM),
         "glm4_moe_lite": (tf.Glm4MoeLiteConfig, tf.Glm4MoeLiteForCausalLM),
         "dots1": (tf.Dots1Config, tf.Dots1ForCausalLM),
+        "mistral4": (tf.Mistral4Config, tf.Mistral4ForCausalLM),
         "solar_open": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM),
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
@@ -425,7 +426,7 @@ def load_reference_model(model_dir: Path) -> Any:
     if model_dir not in _MODELS:
         try:
             model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
-        except ValueError:  # (Mistral 3 runs as an image-text-to-text model only)
+        except ValueError:  # (Mistral 3 and 4 run as image-text-to-text models only)
             model = tf.AutoModelForImageTextToText.from_pretrained(model_dir)
         _MODELS[model_dir] = model.float().eval()
     return _MODELS[model_dir]

@@ -23,6 +23,20 @@ _EXPERTS = dict(
     W_down=f"{MLP}.experts.{{expert}}.down_proj.weight",
     experts_keys=("num_experts", "num_local_experts"),
 )
+
+
+def stacked_experts(block: str) -> dict[str, object]:
+    """The tensors of a layer's experts held in two 3D tensors, `{block}.experts.gate_up_proj`
+    (gate's and up's units) and `{block}.experts.down_proj`, as transformers 5 holds them."""
+    return dict(
+        W_up=f"{block}.experts.gate_up_proj",
+        W_gate=f"{block}.experts.gate_up_proj",
+        W_down=f"{block}.experts.down_proj",
+        experts_stacked=True,
+        gate_up_fused=True,
+    )
+
+
 OLMOE = llama_like("olmoe", "OlmoeForCausalLM", **_EXPERTS)
 # Qwen3-MoE: one expert's width is moe_intermediate_size; layers listed in mlp_only_layers, or
 # off decoder_sparse_step, are dense MLPs of intermediate_size
@@ -103,6 +117,13 @@ GLM4_MOE_LITE = llama_like(
     "Glm4MoeLiteForCausalLM",
     **{**_DEEPSEEK, "dense_layers_key": None, "layer_kinds_key": ("mlp_layer_types", 1)},
 )
+# Mistral 4: DeepSeek's layout, its routed experts held in two 3D tensors (as transformers
+# holds them; its files have no per-expert spelling)
+MISTRAL4 = llama_like(
+    "mistral4",
+    "Mistral4ForCausalLM",
+    **{**_DEEPSEEK, **stacked_experts(MLP), "experts_keys": ("n_routed_experts",)},
+)
 # FlexOlmo: OLMoE's layout (routed experts only)
 FLEX_OLMO = llama_like("flex_olmo", "FlexOlmoForCausalLM", **_EXPERTS)
 
@@ -110,18 +131,6 @@ FLEX_OLMO = llama_like("flex_olmo", "FlexOlmoForCausalLM", **_EXPERTS)
 # gpt-oss: a layer's experts in two 3D tensors, stored transposed (a neuron is a column of
 # gate_up_proj, a row of down_proj) with gate's and up's units alternating; both have biases
 # (past the weight vectors the map decodes), and the experts' act is gpt-oss's clamped SwiGLU
-def stacked_experts(block: str) -> dict[str, object]:
-    """The tensors of a layer's experts held in two 3D tensors, `{block}.experts.gate_up_proj`
-    (gate's and up's units) and `{block}.experts.down_proj`, as transformers 5 holds them."""
-    return dict(
-        W_up=f"{block}.experts.gate_up_proj",
-        W_gate=f"{block}.experts.gate_up_proj",
-        W_down=f"{block}.experts.down_proj",
-        experts_stacked=True,
-        gate_up_fused=True,
-    )
-
-
 GPT_OSS = llama_like(
     "gpt_oss",
     "GptOssForCausalLM",

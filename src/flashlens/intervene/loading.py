@@ -43,7 +43,6 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     device auto: CUDA when available, else CPU. dtype auto: the stored dtype where the hardware
     is fast at it (bf16/fp16 on CUDA, bf16 on CPUs with AVX512-BF16/AMX), else fp32.
     """
-    import transformers
     from transformers.utils import logging as hf_logging
 
     check_dtype(dtype)
@@ -57,12 +56,8 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         torch_dtype = fallback_dtype(torch_dtype, dev)
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
-    # a multimodal checkpoint's class (Gemma 3, Mistral 3) runs text alone too
-    auto: Any = transformers.AutoModelForCausalLM
-    if source.family.text_config is not None:
-        auto = transformers.AutoModelForImageTextToText
     try:
-        module: Any = auto.from_pretrained(
+        module: Any = _auto_class(source.folder).from_pretrained(
             source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
         )
     except (OSError, ValueError) as err:
@@ -82,6 +77,19 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         module,
         load_tokenizer(source.folder, source.d_vocab),
     )
+
+
+def _auto_class(folder: Path) -> Any:
+    """The transformers auto class that builds the folder's model: AutoModelForCausalLM, or
+    for a model transformers files as image-text-to-text (Gemma 3 4B-27B, Mistral 3, Mistral
+    4, Qwen2.5-VL), AutoModelForImageTextToText, which runs text alone too."""
+    import transformers
+
+    kind = type(transformers.AutoConfig.from_pretrained(folder))
+    text_only = kind in transformers.MODEL_FOR_CAUSAL_LM_MAPPING
+    if not text_only and kind in transformers.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
 
 
 def check_dtype(dtype: str) -> None:
