@@ -123,6 +123,7 @@ MOE = (
     *GEMMA4_MOE,
     "solar_open",  # (DeepSeek's shared experts, every layer sparse)
     "flex_olmo",
+    "phimoe",  # (Mixtral's experts, a LayerNorm and a biased head)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 N_EXPERTS = 4
@@ -142,6 +143,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "phimoe": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2, "lm_head_bias": True},
     "solar_open": {"n_routed_experts": N_EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
     **{
@@ -254,6 +256,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "mistral4": (tf.Mistral4Config, tf.Mistral4ForCausalLM),
         "solar_open": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM),
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
+        "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),

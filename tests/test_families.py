@@ -216,6 +216,19 @@ def test_qwen_mixtures_map_their_dense_layers_at_their_width(
         assert (reference(**batch).logits - base).abs().max() > 1e-4
 
 
+def test_phi_3_5_moe_reads_its_head_bias_where_lm_head_bias_says(tmp_path: Path) -> None:
+    """Phi-3.5-MoE's head has a bias only where config.json's lm_head_bias says so: without
+    one, nothing is read or added, and the map still equals the model's own forward."""
+    model = make_model(tmp_path / "m", "phimoe", n_layers=2, d_mlp=16, lm_head_bias=False)
+    map_model(model, tmp_path / "a", matrices="up", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert "logit_bias" not in (atlas.meta.decoding or {})
+    check_exact(atlas, model, "up", 1, "model")
+    biased = make_model(tmp_path / "b", "phimoe", n_layers=2, d_mlp=16)
+    map_model(biased, tmp_path / "ab", matrices="up", compile="off")
+    assert (Atlas.open(tmp_path / "ab").meta.decoding or {})["logit_bias"] is True
+
+
 def test_glm_4_7_flash_without_layer_kinds_has_a_dense_first_layer(tmp_path: Path) -> None:
     """Where config.json leaves out mlp_layer_types, transformers makes the first layer dense
     and the others sparse: so does map."""

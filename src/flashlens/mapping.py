@@ -288,7 +288,7 @@ def _map(
                     top_k,
                     source.logit_softcap,
                     device,
-                    logit_bias=source.family.W_U_bias is not None,
+                    logit_bias=source.W_U_bias_name is not None,
                 )
             decoder = decoder_job.result()
         del decoder_job  # (it would keep this decoder alive if the pilot replaces it)
@@ -416,7 +416,7 @@ def _decoding(source: ModelSource) -> dict[str, Any]:
         out["norm_kind"] = source.family.norm_kind
     if source.logit_scale != 1.0:
         out["logit_scale"] = source.logit_scale
-    if source.family.W_U_bias is not None:
+    if source.W_U_bias_name is not None:
         out["logit_bias"] = True
     if source.n_experts > 1:  # neuron e * d_expert + i is unit i of expert e
         out["experts"] = source.n_experts

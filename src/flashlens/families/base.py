@@ -37,6 +37,9 @@ class Family:
     W_U: str = "lm_head.weight"
     W_E: str = "model.embed_tokens.weight"  # the tied LM-head when tie_word_embeddings
     W_U_bias: str | None = None  # the LM-head's bias (d_vocab,), where it has one
+    # the config flag that says whether the head has that bias (Phi-3.5-MoE: lm_head_bias,
+    # false when config.json omits it); None: it always has
+    W_U_bias_key: str | None = None
     norm_kind: Literal["rms", "layer"] = "rms"  # layer: centred first, then an optional bias
     final_norm_bias: str | None = None
     norm_eps_key: str | None = "rms_norm_eps"

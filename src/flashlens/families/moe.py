@@ -16,6 +16,20 @@ MIXTRAL = llama_like(
     W_down="model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
     experts_keys=("num_local_experts",),
 )
+# Phi-3.5-MoE: Mixtral's expert names, a final LayerNorm with a bias (its eps under
+# rms_norm_eps), and a bias on the head where lm_head_bias says
+PHIMOE = llama_like(
+    "phimoe",
+    "PhimoeForCausalLM",
+    W_up=MIXTRAL.W_up,
+    W_gate=MIXTRAL.W_gate,
+    W_down=MIXTRAL.W_down,
+    experts_keys=MIXTRAL.experts_keys,
+    norm_kind="layer",
+    final_norm_bias="model.norm.bias",
+    W_U_bias="lm_head.bias",
+    W_U_bias_key="lm_head_bias",
+)
 # experts named as Llama's MLP; transformers 5 writes num_experts as num_local_experts
 _EXPERTS = dict(
     W_up=f"{MLP}.experts.{{expert}}.up_proj.weight",

@@ -260,6 +260,14 @@ class ModelSource:
             return self.name(f.W_U)
         return self.name(f.W_E)
 
+    @property
+    def W_U_bias_name(self) -> str | None:
+        """The LM-head's bias as the checkpoint names it, where the model's head has one."""
+        f = self.family
+        if f.W_U_bias is None or (f.W_U_bias_key and not self.settings.get(f.W_U_bias_key)):
+            return None
+        return self.name(f.W_U_bias)
+
     def W_U(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The LM-head / unembedding, (d_vocab, d_model), in its stored dtype or converted to
         `dtype` while read (no stored-dtype copy of the whole head beside it)."""
@@ -281,8 +289,8 @@ class ModelSource:
         if f.final_norm_bias is not None:
             bias = self.checkpoint.get(self.name(f.final_norm_bias)).float()
         head_bias = None
-        if f.W_U_bias is not None:
-            head_bias = self.checkpoint.get(self.name(f.W_U_bias)).float()
+        if self.W_U_bias_name is not None:
+            head_bias = self.checkpoint.get(self.W_U_bias_name).float()
         return Readout(
             self.norm_weight(), self.norm_eps, f.norm_kind, bias, self.logit_scale, head_bias
         )
@@ -391,8 +399,8 @@ class ModelSource:
                 f"checkpoint at {self.folder}; a shard may be missing"
             )
         expected: dict[str, tuple[int, ...]] = {self.W_U_name: (v, d)}
-        if self.family.W_U_bias is not None:
-            expected[self.name(self.family.W_U_bias)] = (v,)
+        if self.W_U_bias_name is not None:
+            expected[self.W_U_bias_name] = (v,)
         for vector in (self.family.final_norm, self.family.final_norm_bias):
             if vector is not None:
                 expected[self.name(vector)] = (d,)
