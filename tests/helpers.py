@@ -124,8 +124,11 @@ MOE = (
     "solar_open",  # (DeepSeek's shared experts, every layer sparse)
     "flex_olmo",
     "phimoe",  # (Mixtral's experts, a LayerNorm and a biased head)
+    "ernie4_5_moe",  # (layer 0 dense, of d_mlp units; a shared expert of one expert's width)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
+# the mixtures whose tiny models have a dense first layer (2 * d_mlp wide)
+DENSE_FIRST = (*DEEPSEEK, "ernie4_5_moe")
 N_EXPERTS = 4
 FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
@@ -143,6 +146,12 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "ernie4_5_moe": {
+        "moe_num_experts": N_EXPERTS,
+        "moe_k": 2,
+        "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1,
+    },
     "phimoe": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2, "lm_head_bias": True},
     "solar_open": {"n_routed_experts": N_EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": 2},
     "gpt_oss": {"num_local_experts": N_EXPERTS, "num_experts_per_tok": 2},
@@ -257,6 +266,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "solar_open": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM),
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
         "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
+        "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
         "opt": (tf.OPTConfig, tf.OPTForCausalLM),
@@ -285,9 +295,17 @@ def make_model(
     """
     config_cls, model_cls = _classes(family)
     config = {**FAMILY_CONFIG.get(family, {}), **config}
-    if family in ("qwen3_moe", "qwen2_moe", "solar_open", *DEEPSEEK, *QWEN3_5_MOE, *GEMMA4_MOE):
+    if family in (
+        "qwen3_moe",
+        "qwen2_moe",
+        "solar_open",
+        "ernie4_5_moe",
+        *DEEPSEEK,
+        *QWEN3_5_MOE,
+        *GEMMA4_MOE,
+    ):
         config.setdefault("moe_intermediate_size", d_mlp)
-    if family in DEEPSEEK:  # the dense layers' width
+    if family in DENSE_FIRST:  # the dense layers' width
         d_mlp *= 2
     if family in ("gemma4", "gemma4_multimodal", *GEMMA4_MOE):
         # per-layer embeddings of 8 dimensions; in the dense models the last layer reuses the

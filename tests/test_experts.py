@@ -25,7 +25,7 @@ from flashlens.intervene import Neuron, activation_ranges, clamp, record
 from flashlens.intervene.prompts import encode
 
 from .helpers import (
-    DEEPSEEK,
+    DENSE_FIRST,
     MOE,
     N_EXPERTS,
     _layers,
@@ -44,7 +44,7 @@ SITE_MATRIX: dict[str, Matrix] = {"up": "up", "gate": "gate", "act": "down"}
 def moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp(request.param)
     # DeepSeek-style mixtures: layer 0 dense, 1 and 2 sparse; the others: 0 and 1 sparse
-    n_layers = 3 if request.param in DEEPSEEK else 2
+    n_layers = 3 if request.param in DENSE_FIRST else 2
     path = make_model(root / "m", request.param, n_layers=n_layers, d_mlp=D_EXPERT)
     model, tok = load_reference_model(path), tokenizer_of(path)
     return model, encode(tok, PROMPTS, torch.device("cpu")), path

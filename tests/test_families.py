@@ -378,3 +378,36 @@ def test_hub_files_without_the_model_prefix_map_the_same(
     for matrix in a.meta.matrices:
         check_exact(a, model, matrix, 1, "model")
         assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
+
+
+@pytest.mark.parametrize(
+    ("family", "omitted"),
+    [
+        ("deepseek_v3", {"first_k_dense_replace": None}),  # (3 dense when omitted)
+        ("glm4_moe", {"first_k_dense_replace": None}),  # (1)
+        ("deepseek_v2", {"first_k_dense_replace": None}),  # (0)
+        ("ernie4_5_moe", {"moe_layer_start_index": None, "moe_layer_end_index": None}),
+        ("ernie4_5_moe", {"moe_layer_end_index": 2, "moe_layer_interval": 2}),
+        ("glm4_moe_lite", {"mlp_layer_types": None}),
+    ],
+)
+def test_which_layers_are_sparse_follows_transformers(
+    tmp_path: Path, family: str, omitted: dict[str, Any]
+) -> None:
+    """Which layers of a mixture are dense, where config.json leaves the settings out (their
+    defaults) or sets them: as the model transformers builds from that config.json."""
+    import transformers
+
+    from flashlens.families import family_for
+
+    from .helpers import _classes
+
+    model = make_model(tmp_path / "m", family, n_layers=5, d_mlp=16)
+    config = json.loads((model / "config.json").read_text())
+    for key, value in omitted.items():
+        config.pop(key, None)
+        if value is not None:
+            config[key] = value
+    built = _classes(family)[1](transformers.AutoConfig.for_model(**config))
+    sparse = [hasattr(layer.mlp, "experts") for layer in built.model.layers]
+    assert [not family_for(config).is_dense(config, i) for i in range(5)] == sparse

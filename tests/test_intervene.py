@@ -20,7 +20,7 @@ from flashlens.intervene.loading import load_tokenizer
 from flashlens.intervene.prompts import DEFAULT_PROMPTS, encode, read_prompts
 
 from .helpers import (
-    DEEPSEEK,
+    DENSE_FIRST,
     FAMILIES,
     MOE,
     N_EXPERTS,
@@ -107,7 +107,7 @@ def test_every_family_natural_clamp_is_a_no_op_and_a_real_one_is_not(
     base = _logits(model, batch)
     neurons = [Neuron(0, 3, "up"), Neuron(1, 5, "gate"), Neuron(1, 7, "down")]
     for first in [n for n in neurons if n.matrix in matrices_of(family)]:
-        sparse = family in MOE and not (family in DEEPSEEK and first.layer == 0)  # (dense)
+        sparse = family in MOE and not (family in DENSE_FIRST and first.layer == 0)  # (dense)
         experts = N_EXPERTS if sparse else 1
         units = [Neuron(first.layer, e * 24 + first.index, first.matrix) for e in range(experts)]
         with torch.no_grad(), record(model, units) as seen:

@@ -107,8 +107,11 @@ class Family:
     # (decoder_sparse_step). Dense layers are gated MLPs with Llama's tensor names under
     # `dense_mlp` (with {layer}), of dense_width_key units: a layer's width depends on its kind.
     dense_layers_key: str | None = None
+    dense_layers_default: int = 0  # (that count where config.json omits it, as transformers)
     dense_list_key: str | None = None
     sparse_step_key: str | None = None
+    # the last sparse layer's index (ERNIE 4.5: moe_layer_end_index; -1 or omitted: the last)
+    sparse_end_key: str | None = None
     # or a list of each layer's kind, "dense" or "sparse" (GLM-4.7-Flash: mlp_layer_types),
     # and how many first layers are dense when config.json omits it (transformers' default)
     layer_kinds_key: tuple[str, int] | None = None
@@ -156,7 +159,12 @@ class Family:
             key, first_dense = self.layer_kinds_key
             kinds = config.get(key)
             return kinds[layer] == "dense" if kinds is not None else layer < first_dense
-        if self.dense_layers_key and layer < int(config.get(self.dense_layers_key) or 0):
+        if self.dense_layers_key:
+            first = config.get(self.dense_layers_key)
+            if layer < int(self.dense_layers_default if first is None else first):
+                return True
+        end = config.get(self.sparse_end_key) if self.sparse_end_key else None
+        if end is not None and end >= 0 and layer > end:
             return True
         if self.dense_list_key and layer in (config.get(self.dense_list_key) or []):
             return True

@@ -120,8 +120,11 @@ _DEEPSEEK = dict(
     require=(("moe_layer_freq", 1),),  # every layer past the dense ones sparse
 )
 DEEPSEEK_V2 = llama_like("deepseek_v2", "DeepseekV2ForCausalLM", **_DEEPSEEK)
-DEEPSEEK_V3 = llama_like("deepseek_v3", "DeepseekV3ForCausalLM", **_DEEPSEEK)
-GLM4_MOE = llama_like("glm4_moe", "Glm4MoeForCausalLM", **_DEEPSEEK)
+# (transformers' configs make the first 3 and 1 layers dense where config.json omits the count)
+DEEPSEEK_V3 = llama_like(
+    "deepseek_v3", "DeepseekV3ForCausalLM", **{**_DEEPSEEK, "dense_layers_default": 3}
+)
+GLM4_MOE = llama_like("glm4_moe", "Glm4MoeForCausalLM", **{**_DEEPSEEK, "dense_layers_default": 1})
 DOTS1 = llama_like("dots1", "Dots1ForCausalLM", **_DEEPSEEK)  # (dots.llm1)
 SOLAR_OPEN = llama_like("solar_open", "SolarOpenForCausalLM", **_DEEPSEEK)  # (every layer sparse)
 # GLM-4.7-Flash: DeepSeek's layout, each layer's kind listed in mlp_layer_types (the first
@@ -137,6 +140,22 @@ MISTRAL4 = llama_like(
     "mistral4",
     "Mistral4ForCausalLM",
     **{**_DEEPSEEK, **stacked_experts(MLP), "experts_keys": ("n_routed_experts",)},
+)
+# ERNIE 4.5's mixtures (21B-A3B, 300B-A47B): sparse layers from moe_layer_start_index (1 when
+# omitted) to moe_layer_end_index, every moe_layer_interval-th, beside shared experts of
+# moe_num_shared_experts times an expert's width; the others dense MLPs
+ERNIE4_5_MOE = llama_like(
+    "ernie4_5_moe",
+    "Ernie4_5_MoeForCausalLM",
+    **{**_EXPERTS, "experts_keys": ("moe_num_experts", "num_experts")},
+    d_mlp_key="moe_intermediate_size",
+    shared_expert=f"{MLP}.shared_experts",
+    shared_width_keys=("moe_intermediate_size", "moe_num_shared_experts"),
+    dense_layers_key="moe_layer_start_index",
+    dense_layers_default=1,
+    sparse_step_key="moe_layer_interval",
+    sparse_end_key="moe_layer_end_index",
+    tie_default=True,
 )
 # FlexOlmo: OLMoE's layout (routed experts only)
 FLEX_OLMO = llama_like("flex_olmo", "FlexOlmoForCausalLM", **_EXPERTS)
