@@ -389,6 +389,8 @@ def test_hub_files_without_the_model_prefix_map_the_same(
         ("ernie4_5_moe", {"moe_layer_start_index": None, "moe_layer_end_index": None}),
         ("ernie4_5_moe", {"moe_layer_end_index": 2, "moe_layer_interval": 2}),
         ("glm4_moe_lite", {"mlp_layer_types": None}),
+        ("qwen2_moe", {"decoder_sparse_step": 2}),
+        ("qwen3_moe", {"mlp_only_layers": [1, 3]}),
     ],
 )
 def test_which_layers_are_sparse_follows_transformers(
