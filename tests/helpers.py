@@ -81,6 +81,7 @@ GATED = (
     "glm",
     "glm4",
     "granite",
+    "granitemoehybrid",
     "cohere",
     "cohere2",
     "stablelm",
@@ -134,6 +135,12 @@ FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
+    "granitemoehybrid": {  # (a Mamba layer first)
+        "logits_scaling": 4.0,
+        "num_local_experts": 0,
+        "mamba_n_heads": 4,
+        "mamba_d_state": 8,
+    },
     # a soft-cap that Gemma3ForConditionalGeneration's forward ignores (its text model's applies)
     "gemma3_multimodal": {"final_logit_softcapping": 5.0},
     "seed_oss": {"mlp_bias": True},  # (biases the map does not decode; clamps see them)
@@ -239,6 +246,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "glm": (tf.GlmConfig, tf.GlmForCausalLM),
         "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM),
         "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),
+        "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
         "arcee": (tf.ArceeConfig, tf.ArceeForCausalLM),
         "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM),
         "cohere": (tf.CohereConfig, tf.CohereForCausalLM),
@@ -330,6 +338,9 @@ def make_model(
             "mrope_section": [half // 2] + 2 * [half // 4],
         }
         config.setdefault("rope_parameters", mrope)
+    if family == "granitemoehybrid":  # (its MLP's width; a Mamba layer, then attention)
+        config.setdefault("shared_intermediate_size", d_mlp)
+        config.setdefault("layer_types", ["mamba"] + ["attention"] * (n_layers - 1))
     if family == "falcon":
         config.setdefault("ffn_hidden_size", d_mlp)
     if family == "opt":
@@ -489,7 +500,7 @@ def final_norm_module(model: Any) -> Any:
 _MLP_NAMES = {
     "up": ("up_proj", "c_fc", "dense_h_to_4h", "fc1", "fc_in"),
     "gate": ("gate_proj",),
-    "down": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out"),
+    "down": ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "output_linear"),
 }
 
 
@@ -497,7 +508,8 @@ def neuron_weights(model: Any, matrix: str, layer: int) -> torch.Tensor:
     """One layer's neuron vectors as rows, (d_mlp, d_model) fp32, read from the loaded
     model's modules (independently of flashlens's families)."""
     block = _layers(model)[layer]
-    mlp = getattr(block, "mlp", block)  # (OPT: fc1 and fc2 on the layer itself)
+    # (OPT: fc1 and fc2 on the layer itself; Granite 4: its shared_mlp)
+    mlp = getattr(block, "mlp", getattr(block, "shared_mlp", block))
     experts, shared, _ = moe_parts(block)
     if experts is not None and hasattr(experts, "gate_up_proj"):
         # transformers holds a layer's experts as 3D tensors: gate_up_proj (E, 2m, d), gate's
@@ -538,8 +550,9 @@ def _shared(mlp: Any) -> Any:
 
 def neuron_weights_of(mlp: Any, matrix: str) -> torch.Tensor:
     """An MLP module's neuron vectors as rows, (d_mlp, d_model) fp32."""
-    if matrix != "down" and hasattr(mlp, "gate_up_proj"):  # fused: gate rows, then up rows
-        gate, up = mlp.gate_up_proj.weight.detach().float().chunk(2, dim=0)
+    fused = getattr(mlp, "gate_up_proj", getattr(mlp, "input_linear", None))  # (Granite 4's)
+    if matrix != "down" and fused is not None:  # fused: gate rows, then up rows
+        gate, up = fused.weight.detach().float().chunk(2, dim=0)
         return up if matrix == "up" else gate
     module = getattr(mlp, next(n for n in _MLP_NAMES[matrix] if hasattr(mlp, n)))
     W = module.weight.detach().float()

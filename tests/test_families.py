@@ -325,15 +325,12 @@ def test_a_mixture_with_dense_first_layers_maps_each_layer_at_its_width(
 def test_every_registered_family_is_checked_against_its_own_model() -> None:
     """The per-family tests (test_map_reference, test_intervene) run over FAMILIES: a new
     registry entry without a tiny transformers model there would land unchecked."""
-    from flashlens.families import families, family_for, supported_architectures
+    from flashlens.families import families, supported_architectures
 
     from .helpers import FAMILIES, _classes
 
     assert {f.name for f in families()} == set(FAMILIES)
-    # (every architecture's default entry is among them)
-    assert {family_for({"architectures": [a]}).name for a in supported_architectures()} <= set(
-        FAMILIES
-    )
+    assert {a for f in families() for a in f.architectures} == set(supported_architectures())
     for family in FAMILIES:  # each built from its own transformers classes
         assert _classes(family)[1].__name__ in supported_architectures()
 
@@ -413,3 +410,21 @@ def test_which_layers_are_sparse_follows_transformers(
     built = _classes(family)[1](transformers.AutoConfig.for_model(**config))
     sparse = [hasattr(layer.mlp, "experts") for layer in built.model.layers]
     assert [not family_for(config).is_dense(config, i) for i in range(5)] == sparse
+
+
+def test_granite_4_mixtures_are_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Granite 4.0's mixtures (num_local_experts > 0; 8 where config.json omits it, as
+    transformers reads it) are refused, not mapped as their shared MLP alone."""
+    model = make_model(tmp_path / "m", "granitemoehybrid", n_layers=2, d_mlp=16)
+    config = json.loads((model / "config.json").read_text())
+    for experts in (4, None):
+        if experts is None:
+            del config["num_local_experts"]
+        else:
+            config["num_local_experts"] = experts
+        (model / "config.json").write_text(json.dumps(config))
+        assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert f"num_local_experts={experts or 8}" in err and "Traceback" not in err

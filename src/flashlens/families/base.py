@@ -89,6 +89,9 @@ class Family:
     # config settings the entry needs as given (a mixture whose every layer is sparse, OPT's
     # pre-norm layout), as (key, value) pairs checked where config.json sets the key
     require: tuple[tuple[str, Any], ...] = ()
+    # the values transformers gives `require` keys that config.json omits, where those are not
+    # the required ones (Granite 4: num_local_experts, 8)
+    require_defaults: tuple[tuple[str, Any], ...] = ()
     # the MLP sees its tokens flattened to (batch * seq, d) (OPT): clamps read (batch, seq)
     # from the input of the layer that holds it
     mlp_flat: bool = False
@@ -218,7 +221,8 @@ class Family:
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Refuse config features this family does not decode faithfully."""
-        odd = [f"{k}={config[k]!r}" for k, v in self.require if k in config and config[k] != v]
+        given = {**dict(self.require_defaults), **config}
+        odd = [f"{k}={given[k]!r}" for k, v in self.require if k in given and given[k] != v]
         if odd:
             need = ", ".join(f"{k}={v!r}" for k, v in self.require)
             raise UnsupportedModelError(

@@ -49,11 +49,23 @@ GLM = llama_like("glm", "GlmForCausalLM", **_FUSED)
 GLM4 = llama_like("glm4", "Glm4ForCausalLM", **_FUSED)
 
 # Granite divides its logits by config.logits_scaling
-GRANITE = llama_like(
-    "granite",
-    "GraniteForCausalLM",
-    logit_scale_key="logits_scaling",
-    logit_scale_divides=True,
+_GRANITE: dict[str, object] = dict(logit_scale_key="logits_scaling", logit_scale_divides=True)
+GRANITE = llama_like("granite", "GraniteForCausalLM", **_GRANITE)
+# Granite 4.0's dense models (H-Micro, Micro; its Mamba layers are off the MLP's path): each
+# layer's MLP is shared_mlp, gate's and up's rows fused in input_linear (gate's first). Its
+# mixtures (num_local_experts > 0, transformers' default when config.json omits it) are
+# refused.
+GRANITE4 = llama_like(
+    "granitemoehybrid",
+    "GraniteMoeHybridForCausalLM",
+    W_up="model.layers.{layer}.shared_mlp.input_linear.weight",
+    W_gate="model.layers.{layer}.shared_mlp.input_linear.weight",
+    W_down="model.layers.{layer}.shared_mlp.output_linear.weight",
+    gate_up_fused=True,
+    d_mlp_key="shared_intermediate_size",
+    require=(("num_local_experts", 0),),
+    require_defaults=(("num_local_experts", 8),),
+    **_GRANITE,
 )
 # ungated MLPs, down(act(up(x))): no gate matrix
 ARCEE = llama_like("arcee", "ArceeForCausalLM", W_gate=None)  # AFM (ReLU^2)
