@@ -126,6 +126,7 @@ MOE = (
     "flex_olmo",
     "phimoe",  # (Mixtral's experts, a LayerNorm and a biased head)
     "ernie4_5_moe",  # (layer 0 dense, of d_mlp units; a shared expert of one expert's width)
+    "hunyuan_v1_moe",  # (a shared MLP as wide as an expert)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 # the mixtures whose tiny models have a dense first layer (2 * d_mlp wide)
@@ -153,6 +154,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "olmoe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
+    "hunyuan_v1_moe": {"num_experts": N_EXPERTS, "moe_topk": 2},
     "ernie4_5_moe": {
         "moe_num_experts": N_EXPERTS,
         "moe_k": 2,
@@ -274,6 +276,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "solar_open": (tf.SolarOpenConfig, tf.SolarOpenForCausalLM),
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
         "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
+        "hunyuan_v1_moe": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM),
         "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
@@ -544,8 +547,12 @@ def moe_parts(block: Any) -> tuple[Any, Any, Any]:
 
 
 def _shared(mlp: Any) -> Any:
-    """A sparse layer's shared expert (Qwen2-MoE, DeepSeek), whose units come last; or None."""
-    return getattr(mlp, "shared_expert", getattr(mlp, "shared_experts", None))
+    """A sparse layer's shared expert (Qwen2-MoE, DeepSeek; HunYuan's shared_mlp), whose units
+    come last; or None."""
+    for name in ("shared_expert", "shared_experts", "shared_mlp"):
+        if getattr(mlp, name, None) is not None:
+            return getattr(mlp, name)
+    return None
 
 
 def neuron_weights_of(mlp: Any, matrix: str) -> torch.Tensor:

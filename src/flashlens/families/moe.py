@@ -157,6 +157,14 @@ ERNIE4_5_MOE = llama_like(
     sparse_end_key="moe_layer_end_index",
     tie_default=True,
 )
+# Hunyuan-A13B: experts and a shared MLP (shared_mlp) each of intermediate_size units
+HUNYUAN_MOE = llama_like(
+    "hunyuan_v1_moe",
+    "HunYuanMoEV1ForCausalLM",
+    **_EXPERTS,
+    shared_expert=f"{MLP}.shared_mlp",
+    shared_width_keys=("intermediate_size",),
+)
 # FlexOlmo: OLMoE's layout (routed experts only)
 FLEX_OLMO = llama_like("flex_olmo", "FlexOlmoForCausalLM", **_EXPERTS)
 
