@@ -67,6 +67,20 @@ GRANITE4 = llama_like(
     require_defaults=(("num_local_experts", 8),),
     **_GRANITE,
 )
+OLMO_HYBRID = llama_like(
+    "olmo_hybrid", "OlmoHybridForCausalLM"
+)  # (its linear attention: off the MLP's path)
 # ungated MLPs, down(act(up(x))): no gate matrix
 ARCEE = llama_like("arcee", "ArceeForCausalLM", W_gate=None)  # AFM (ReLU^2)
 APERTUS = llama_like("apertus", "ApertusForCausalLM", W_gate=None)  # (xIELU)
+# Jais 2: an ungated MLP (its biases, per mlp_bias, past the weight vectors) and a final
+# LayerNorm with a bias
+JAIS2 = llama_like(
+    "jais2",
+    "Jais2ForCausalLM",
+    W_gate=None,
+    norm_kind="layer",
+    final_norm_bias="model.norm.bias",
+    norm_eps_key="layer_norm_eps",
+    norm_eps_default=1e-5,
+)
