@@ -129,6 +129,7 @@ MOE = (
     "phimoe",  # (Mixtral's experts, a LayerNorm and a biased head)
     "ernie4_5_moe",  # (layer 0 dense, of d_mlp units; a shared expert of one expert's width)
     "hunyuan_v1_moe",  # (a shared MLP as wide as an expert)
+    "granitemoehybrid_moe",  # (beside a fused shared MLP, a Mamba layer first)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
 # the mixtures whose tiny models have a dense first layer (2 * d_mlp wide)
@@ -138,11 +139,15 @@ FAMILIES = GATED + UNGATED + MOE
 # config settings that make the tiny models' decoding non-trivial
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "granite": {"logits_scaling": 4.0},
-    "granitemoehybrid": {  # (a Mamba layer first)
-        "logits_scaling": 4.0,
-        "num_local_experts": 0,
-        "mamba_n_heads": 4,
-        "mamba_d_state": 8,
+    **{
+        family: {  # (a Mamba layer first)
+            "logits_scaling": 4.0,
+            "num_local_experts": N_EXPERTS if family.endswith("_moe") else 0,
+            "num_experts_per_tok": 2,
+            "mamba_n_heads": 4,
+            "mamba_d_state": 8,
+        }
+        for family in ("granitemoehybrid", "granitemoehybrid_moe")
     },
     # a soft-cap that Gemma3ForConditionalGeneration's forward ignores (its text model's applies)
     "gemma3_multimodal": {"final_logit_softcapping": 5.0},
@@ -253,6 +258,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "glm4": (tf.Glm4Config, tf.Glm4ForCausalLM),
         "granite": (tf.GraniteConfig, tf.GraniteForCausalLM),
         "granitemoehybrid": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
+        "granitemoehybrid_moe": (tf.GraniteMoeHybridConfig, tf.GraniteMoeHybridForCausalLM),
         "arcee": (tf.ArceeConfig, tf.ArceeForCausalLM),
         "apertus": (tf.ApertusConfig, tf.ApertusForCausalLM),
         "cohere": (tf.CohereConfig, tf.CohereForCausalLM),
@@ -345,7 +351,7 @@ def make_model(
             "mrope_section": [half // 2] + 2 * [half // 4],
         }
         config.setdefault("rope_parameters", mrope)
-    if family == "granitemoehybrid":  # (its MLP's width; a Mamba layer, then attention)
+    if family.startswith("granitemoehybrid"):  # (its MLP's width; a Mamba layer first)
         config.setdefault("shared_intermediate_size", d_mlp)
         config.setdefault("layer_types", ["mamba"] + ["attention"] * (n_layers - 1))
     if family == "falcon":
@@ -547,6 +553,8 @@ def moe_parts(block: Any) -> tuple[Any, Any, Any]:
     mlp = getattr(block, "mlp", block)
     if getattr(block, "experts", None) is not None:
         return block.experts, mlp, block
+    if getattr(block, "block_sparse_moe", None) is not None:  # (Granite 4: beside shared_mlp)
+        return block.block_sparse_moe.experts, block.shared_mlp, block.block_sparse_moe
     return getattr(mlp, "experts", None), _shared(mlp), mlp
 
 

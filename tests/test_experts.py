@@ -278,7 +278,7 @@ def test_expert_clamps_follow_kv_cached_generation(moe: Any) -> None:
 def test_expert_neuron_errors(moe: Any) -> None:
     model, _, _ = moe
     shared = moe_parts(_layers(model)[1])[1]
-    width = N_EXPERTS * D_EXPERT + (0 if shared is None else shared.down_proj.in_features)
+    width = N_EXPERTS * D_EXPERT + (0 if shared is None else _down_of(shared).in_features)
     with pytest.raises(NeuronError, match=rf"index {width} is out of range.*4 experts of 24 units"):
         clamp(model, f"up:1:{width}", 1.0).__enter__()
     L = _n_layers(model)
@@ -318,7 +318,13 @@ def test_clamp_and_validate_an_expert_neuron_from_the_command_line(
 
 @pytest.fixture(
     scope="module",
-    params=["qwen2_moe", "deepseek_v3", "qwen3_5_moe_multimodal", "gemma4_moe_multimodal"],
+    params=[
+        "qwen2_moe",
+        "deepseek_v3",
+        "qwen3_5_moe_multimodal",
+        "gemma4_moe_multimodal",
+        "granitemoehybrid_moe",
+    ],
 )
 def shared_moe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A mixture with a shared expert: Qwen2-MoE's (D_SHARED wide, seeing the tokens
@@ -333,6 +339,23 @@ def _shared_expert(model: nn.Module, layer: int) -> Any:
     return moe_parts(_layers(model)[layer])[1]
 
 
+def _down_of(shared: Any) -> Any:
+    """A shared expert's down projection (Granite 4's fused shared MLP: output_linear)."""
+    return getattr(shared, "down_proj", getattr(shared, "output_linear", None))
+
+
+def _scale_unit(shared: Any, site: str, j: int, s: float) -> None:
+    """Scale unit j's weights at `site` in a shared expert: its W_down column (act), or its
+    gate or up row (a fused input_linear: gate's rows, then up's)."""
+    if site == "act":
+        _down_of(shared).weight[:, j] *= s
+    elif hasattr(shared, "input_linear"):
+        W = shared.input_linear.weight
+        W[j + (W.shape[0] // 2 if site == "up" else 0)] *= s
+    else:
+        (shared.up_proj if site == "up" else shared.gate_proj).weight[j] *= s
+
+
 @pytest.mark.parametrize("site", ["up", "gate", "act"])
 def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(shared_moe: Any, site: str) -> None:
     """Neuron E * d_expert + j is unit j of the shared expert, which runs on every token: a
@@ -342,10 +365,7 @@ def test_a_shared_expert_unit_is_clamped_in_the_shared_expert(shared_moe: Any, s
     ref = copy.deepcopy(model)
     shared = _shared_expert(ref, layer)
     with torch.no_grad():
-        if site == "act":
-            shared.down_proj.weight[:, j] *= s
-        else:
-            (shared.up_proj if site == "up" else shared.gate_proj).weight[j] *= s
+        _scale_unit(shared, site, j, s)
     neuron = Neuron(layer, N_EXPERTS * D_EXPERT + j, SITE_MATRIX[site])
     with clamp(model, neuron, value=s, mode="scale"):
         hooked = _logits(model, batch)
@@ -376,7 +396,7 @@ def test_show_names_the_shared_expert(
     model, _, _, path = shared_moe
     assert main(["map", str(path), "-o", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    d_shared = _shared_expert(model, 1).down_proj.in_features
+    d_shared = _down_of(_shared_expert(model, 1)).in_features
     last = N_EXPERTS * D_EXPERT + d_shared - 1
     assert main(["show", str(tmp_path / "a"), f"up:1:{last}", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)

@@ -412,19 +412,18 @@ def test_which_layers_are_sparse_follows_transformers(
     assert [not family_for(config).is_dense(config, i) for i in range(5)] == sparse
 
 
-def test_granite_4_mixtures_are_refused_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Granite 4.0's mixtures (num_local_experts > 0; 8 where config.json omits it, as
-    transformers reads it) are refused, not mapped as their shared MLP alone."""
-    model = make_model(tmp_path / "m", "granitemoehybrid", n_layers=2, d_mlp=16)
-    config = json.loads((model / "config.json").read_text())
-    for experts in (4, None):
-        if experts is None:
-            del config["num_local_experts"]
-        else:
-            config["num_local_experts"] = experts
-        (model / "config.json").write_text(json.dumps(config))
-        assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
-        err = capsys.readouterr().err
-        assert f"num_local_experts={experts or 8}" in err and "Traceback" not in err
+def test_granite_4_picks_its_mixture_entry_as_transformers_builds_it(tmp_path: Path) -> None:
+    """Granite 4.0's config.json says whether its layers have experts (num_local_experts; 8
+    where omitted, as transformers reads it): a dense model maps its shared MLP alone, a
+    mixture its experts and then the shared MLP."""
+    from flashlens.families import family_for
+
+    dense = make_model(tmp_path / "d", "granitemoehybrid", n_layers=2, d_mlp=16)
+    config = json.loads((dense / "config.json").read_text())
+    assert family_for(config).name == "granitemoehybrid"
+    del config["num_local_experts"]
+    assert family_for(config).name == "granitemoehybrid_moe"
+    moe = make_model(tmp_path / "m", "granitemoehybrid_moe", n_layers=2, d_mlp=16)
+    map_model(moe, tmp_path / "a", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.d_mlp == 4 * 16 + 16 and atlas.expert_of(1, 64) == ("shared", 0)

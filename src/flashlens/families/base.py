@@ -89,9 +89,9 @@ class Family:
     # config settings the entry needs as given (a mixture whose every layer is sparse, OPT's
     # pre-norm layout), as (key, value) pairs checked where config.json sets the key
     require: tuple[tuple[str, Any], ...] = ()
-    # the values transformers gives `require` keys that config.json omits, where those are not
-    # the required ones (Granite 4: num_local_experts, 8)
-    require_defaults: tuple[tuple[str, Any], ...] = ()
+    # the values transformers gives keys of `when` and `require` that config.json omits, where
+    # they matter (Granite 4: num_local_experts, 8)
+    defaults: tuple[tuple[str, Any], ...] = ()
     # the MLP sees its tokens flattened to (batch * seq, d) (OPT): clamps read (batch, seq)
     # from the input of the layer that holds it
     mlp_flat: bool = False
@@ -104,6 +104,9 @@ class Family:
     # product of these config keys (one expert's width times a count, or a width of its own).
     shared_expert: str | None = None
     shared_width_keys: tuple[str, ...] = ()
+    # the shared expert's gate and up rows fused in one tensor, gate's first, and its tensors
+    # named (gate and up, down) under shared_expert (Granite 4: input_linear, output_linear)
+    shared_fused: tuple[str, str] | None = None
     # A mixture with dense MLP layers among the sparse ones: the config keys that say which,
     # the count of dense first layers (DeepSeek-V2/V3, GLM-4.5: first_k_dense_replace), a
     # list of dense layers (Qwen-MoE: mlp_only_layers) and a step, every step-th layer sparse
@@ -151,7 +154,15 @@ class Family:
         """Checkpoint name of the shared expert's weight matrix in a layer."""
         if self.shared_expert is None:
             raise UnsupportedModelError(f"architecture family {self.name!r} has no shared expert")
+        if self.shared_fused is not None:
+            proj = self.shared_fused[matrix == "down"]
+            return f"{self.shared_expert.format(layer=layer)}.{proj}.weight"
         return _mlp_tensor(self.shared_expert, matrix, layer)
+
+    def shared_offset(self, matrix: Matrix, d_shared: int) -> int:
+        """The first row of `matrix`'s units in the shared expert's tensor: d_shared for up in
+        a fused one, else 0."""
+        return d_shared if self.shared_fused is not None and matrix == "up" else 0
 
     def is_dense(self, config: Mapping[str, Any], layer: int) -> bool:
         """Whether `layer` of a mixture of experts is a dense MLP, as transformers builds it
@@ -216,12 +227,12 @@ class Family:
     def matches(self, config: Mapping[str, Any]) -> bool:
         """Whether `config` (config.json as a dict) selects this entry (`when`)."""
         text = config.get(self.text_config or "text_config")
-        text = text if isinstance(text, Mapping) else {}
-        return all(bool(text.get(k, config.get(k, False))) == v for k, v in self.when)
+        given = {**dict(self.defaults), **config, **(text if isinstance(text, Mapping) else {})}
+        return all(bool(given.get(k, False)) == v for k, v in self.when)
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Refuse config features this family does not decode faithfully."""
-        given = {**dict(self.require_defaults), **config}
+        given = {**dict(self.defaults), **config}
         odd = [f"{k}={given[k]!r}" for k, v in self.require if k in given and given[k] != v]
         if odd:
             need = ", ".join(f"{k}={v!r}" for k, v in self.require)

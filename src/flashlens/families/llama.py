@@ -51,20 +51,38 @@ GLM4 = llama_like("glm4", "Glm4ForCausalLM", **_FUSED)
 # Granite divides its logits by config.logits_scaling
 _GRANITE: dict[str, object] = dict(logit_scale_key="logits_scaling", logit_scale_divides=True)
 GRANITE = llama_like("granite", "GraniteForCausalLM", **_GRANITE)
-# Granite 4.0's dense models (H-Micro, Micro; its Mamba layers are off the MLP's path): each
-# layer's MLP is shared_mlp, gate's and up's rows fused in input_linear (gate's first). Its
-# mixtures (num_local_experts > 0, transformers' default when config.json omits it) are
-# refused.
+# Granite 4.0 (its Mamba layers are off the MLP's path): each layer's MLP is shared_mlp, gate's
+# and up's rows fused in input_linear (gate's first), beside, in its mixtures (H-Small,
+# H-Tiny: num_local_experts > 0, 8 when config.json omits it), experts in 3D tensors
+# (block_sparse_moe's input_linear and output_linear), whose units come first. The dense
+# models (H-Micro, Micro) have num_local_experts 0.
+_SHARED_MLP = "model.layers.{layer}.shared_mlp"
 GRANITE4 = llama_like(
     "granitemoehybrid",
     "GraniteMoeHybridForCausalLM",
-    W_up="model.layers.{layer}.shared_mlp.input_linear.weight",
-    W_gate="model.layers.{layer}.shared_mlp.input_linear.weight",
-    W_down="model.layers.{layer}.shared_mlp.output_linear.weight",
+    W_up=f"{_SHARED_MLP}.input_linear.weight",
+    W_gate=f"{_SHARED_MLP}.input_linear.weight",
+    W_down=f"{_SHARED_MLP}.output_linear.weight",
     gate_up_fused=True,
     d_mlp_key="shared_intermediate_size",
-    require=(("num_local_experts", 0),),
-    require_defaults=(("num_local_experts", 8),),
+    **_GRANITE,
+)
+_GRANITE_MOE = "model.layers.{layer}.block_sparse_moe"
+GRANITE4_MOE = llama_like(
+    "granitemoehybrid_moe",
+    "GraniteMoeHybridForCausalLM",
+    W_up=f"{_GRANITE_MOE}.input_linear.weight",
+    W_gate=f"{_GRANITE_MOE}.input_linear.weight",
+    W_down=f"{_GRANITE_MOE}.output_linear.weight",
+    experts_stacked=True,
+    gate_up_fused=True,
+    experts_keys=("num_local_experts",),
+    moe_block=_GRANITE_MOE,
+    shared_expert=_SHARED_MLP,
+    shared_width_keys=("shared_intermediate_size",),
+    shared_fused=("input_linear", "output_linear"),
+    when=(("num_local_experts", True),),
+    defaults=(("num_local_experts", 8),),
     **_GRANITE,
 )
 OLMO_HYBRID = llama_like(

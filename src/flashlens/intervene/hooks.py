@@ -140,7 +140,8 @@ def resolve_site(
         routed = routed_width(model.get_submodule(f"{moe}.experts"))
         mlp = model.get_submodule(moe)  # (the shared expert may see (T, d))
         module = model.get_submodule(name)
-        return SiteRef(module, name, site == "act", shared, -routed, False, mlp)
+        offset = family.shared_offset(matrix, shared) - routed  # (past gate's in a fused one)
+        return SiteRef(module, name, site == "act", shared, offset, False, mlp)
     try:  # (a dense layer of a mixture of experts: a Llama-style MLP)
         tensor = family.dense_tensor if dense else family.tensor
         name = tensor(matrix, neuron.layer).removesuffix(".weight")

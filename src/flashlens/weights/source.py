@@ -316,7 +316,11 @@ class ModelSource:
 
     def _shared(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """The shared expert's neuron vectors as rows, (d_shared, d_model)."""
-        return self._mlp(self.family.shared_tensor(matrix, layer), matrix)
+        name = self.family.shared_tensor(matrix, layer)
+        if self.family.shared_fused is not None and matrix != "down":  # its half, read alone
+            lo = self.family.shared_offset(matrix, self.d_shared)
+            return self.checkpoint.get(self.name(name), rows=(lo, lo + self.d_shared))
+        return self._mlp(name, matrix)
 
     def _mlp(self, name: str, matrix: Matrix) -> torch.Tensor:
         """A Llama-style MLP's neuron vectors as rows (a shared expert's, a dense layer's)."""
@@ -362,7 +366,8 @@ class ModelSource:
         shared = (index >= routed).nonzero().squeeze(1)
         if len(shared):  # the shared expert's units
             name = self.family.shared_tensor(matrix, layer)
-            out[shared] = self._mlp_rows(name, matrix, index[shared] - routed)
+            at = index[shared] - routed + self.family.shared_offset(matrix, self.d_shared)
+            out[shared] = self._mlp_rows(name, matrix, at)
         return out
 
     def _mlp_rows(self, name: str, matrix: Matrix, index: torch.Tensor) -> torch.Tensor:
@@ -423,7 +428,8 @@ class ModelSource:
                     expected[self.name(f.tensor(matrix, layer, e))] = stacked + shape
                 if self.d_shared:
                     s = self.d_shared
-                    shared = (d, s) if matrix == "down" else (s, d)
+                    fused = f.shared_fused is not None and matrix != "down"
+                    shared = (d, s) if matrix == "down" else (2 * s if fused else s, d)
                     expected[self.name(f.shared_tensor(matrix, layer))] = shared
         for name, shape in expected.items():
             if name not in self.checkpoint:
