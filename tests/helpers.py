@@ -129,6 +129,7 @@ MOE = (
     "phimoe",  # (Mixtral's experts, a LayerNorm and a biased head)
     "ernie4_5_moe",  # (layer 0 dense, of d_mlp units; a shared expert of one expert's width)
     "hunyuan_v1_moe",  # (a shared MLP as wide as an expert)
+    "qwen3_next",  # (Qwen2-MoE's layout)
     "granitemoehybrid_moe",  # (beside a fused shared MLP, a Mamba layer first)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
@@ -162,6 +163,13 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "hunyuan_v1_moe": {"num_experts": N_EXPERTS, "moe_topk": 2},
+    "qwen3_next": {
+        "num_experts": N_EXPERTS,
+        "num_experts_per_tok": 2,
+        "mlp_only_layers": [],
+        "shared_expert_intermediate_size": D_SHARED,
+        "full_attention_interval": 2,
+    },
     "ernie4_5_moe": {
         "moe_num_experts": N_EXPERTS,
         "moe_k": 2,
@@ -287,6 +295,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "flex_olmo": (tf.FlexOlmoConfig, tf.FlexOlmoForCausalLM),
         "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
         "hunyuan_v1_moe": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM),
+        "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM),
         "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
@@ -319,6 +328,7 @@ def make_model(
     if family in (
         "qwen3_moe",
         "qwen2_moe",
+        "qwen3_next",
         "solar_open",
         "ernie4_5_moe",
         *DEEPSEEK,

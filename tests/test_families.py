@@ -388,6 +388,7 @@ def test_hub_files_without_the_model_prefix_map_the_same(
         ("glm4_moe_lite", {"mlp_layer_types": None}),
         ("qwen2_moe", {"decoder_sparse_step": 2}),
         ("qwen3_moe", {"mlp_only_layers": [1, 3]}),
+        ("qwen3_next", {"decoder_sparse_step": 2}),
     ],
 )
 def test_which_layers_are_sparse_follows_transformers(

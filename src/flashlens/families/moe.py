@@ -73,6 +73,18 @@ QWEN2_MOE = llama_like(
     **_QWEN_DENSE,
     **_EXPERTS,
 )
+# Qwen3-Next: Qwen2-MoE's layout (dense layers where mlp_only_layers or decoder_sparse_step
+# say) with Gemma's (1 + weight) final norm; its hybrid linear attention is off the MLP's path
+QWEN3_NEXT = llama_like(
+    "qwen3_next",
+    "Qwen3NextForCausalLM",
+    d_mlp_key="moe_intermediate_size",
+    shared_expert=f"{MLP}.shared_expert",
+    shared_width_keys=("shared_expert_intermediate_size",),
+    norm_weight_offset=1.0,
+    **_QWEN_DENSE,
+    **_EXPERTS,
+)
 # Qwen3.5's mixtures (35B-A3B and larger): Qwen2-MoE's layout (every layer sparse) with Gemma's
 # (1 + weight) final norm, and their multimodal release, whose language model transformers
 # builds under model.language_model (its files use that name too)
