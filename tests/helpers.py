@@ -130,6 +130,7 @@ MOE = (
     "ernie4_5_moe",  # (layer 0 dense, of d_mlp units; a shared expert of one expert's width)
     "hunyuan_v1_moe",  # (a shared MLP as wide as an expert)
     "qwen3_next",  # (Qwen2-MoE's layout)
+    "qwen3_vl_moe",  # (experts stored transposed, in a multimodal checkpoint)
     "granitemoehybrid_moe",  # (beside a fused shared MLP, a Mamba layer first)
 )
 D_SHARED = 16  # the width of Qwen2-MoE's shared expert in the tiny models
@@ -163,6 +164,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "qwen3_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "flex_olmo": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2},
     "hunyuan_v1_moe": {"num_experts": N_EXPERTS, "moe_topk": 2},
+    "qwen3_vl_moe": {"num_experts": N_EXPERTS, "num_experts_per_tok": 2, "mlp_only_layers": []},
     "qwen3_next": {
         "num_experts": N_EXPERTS,
         "num_experts_per_tok": 2,
@@ -296,6 +298,7 @@ def _classes(family: str) -> tuple[Any, Any]:
         "phimoe": (tf.PhimoeConfig, tf.PhimoeForCausalLM),
         "hunyuan_v1_moe": (tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM),
         "qwen3_next": (tf.Qwen3NextConfig, tf.Qwen3NextForCausalLM),
+        "qwen3_vl_moe": (tf.Qwen3VLMoeTextConfig, tf.Qwen3VLMoeForConditionalGeneration),
         "ernie4_5_moe": (tf.Ernie4_5_MoeConfig, tf.Ernie4_5_MoeForCausalLM),
         "falcon": (tf.FalconConfig, tf.FalconForCausalLM),
         "bloom": (tf.BloomConfig, tf.BloomForCausalLM),
@@ -329,6 +332,7 @@ def make_model(
         "qwen3_moe",
         "qwen2_moe",
         "qwen3_next",
+        "qwen3_vl_moe",
         "solar_open",
         "ernie4_5_moe",
         *DEEPSEEK,
@@ -353,7 +357,11 @@ def make_model(
             "final_logit_softcapping": 5.0,
             **config,
         }
-    if family in ("qwen2_vl", "qwen3_vl"):  # rotary sections (time, height, width) of head_dim / 2
+    if family in (
+        "qwen2_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+    ):  # rotary sections (time, height, width) of head_dim / 2
         half = d_model // 8
         mrope = {
             "rope_type": "default",
@@ -389,7 +397,7 @@ def make_model(
         tie_word_embeddings=tie,
         **config,
     )
-    if family in (*MULTIMODAL, "qwen3_5_moe_multimodal", "gemma4_moe_multimodal"):
+    if family in (*MULTIMODAL, "qwen3_5_moe_multimodal", "gemma4_moe_multimodal", "qwen3_vl_moe"):
         cfg = _multimodal_config(family, cfg, tie)
     torch.manual_seed(seed)
     model = model_cls(cfg)
@@ -435,6 +443,12 @@ def _multimodal_config(family: str, text: Any, tie: bool) -> Any:
     if family == "qwen3_5_moe_multimodal":
         return tf.Qwen3_5MoeConfig(
             text_config=text, vision_config=dict(qwen), tie_word_embeddings=tie
+        )
+    if family == "qwen3_vl_moe":
+        return tf.Qwen3VLMoeConfig(
+            text_config=text,
+            vision_config=dict(qwen, deepstack_visual_indexes=[0], num_position_embeddings=16),
+            tie_word_embeddings=tie,
         )
     if family == "qwen3_vl":
         return tf.Qwen3VLConfig(

@@ -206,3 +206,30 @@ def test_gemma4_maps_its_wide_layers(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["map", str(model), "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "gemma4_moe config has use_double_wide_mlp=True" in err and "Traceback" not in err
+
+
+def test_qwen3_vl_moe_experts_read_either_way_round(tmp_path: Path) -> None:
+    """Qwen3-VL's mixtures: the hub's files hold each layer's experts transposed, (E, d_model,
+    2 m) and (E, m, d_model), transformers 5's saves as its modules hold them: both map to the
+    same atlas, exactly as the model decodes (transformers loads either)."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(tmp_path / "m", "qwen3_vl_moe", n_layers=2, d_mlp=24)
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            (hub / f.name).write_bytes(f.read_bytes())
+    state = load_file(model / "model.safetensors")
+    stacked = [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(stacked) == 4 and state[stacked[0]].shape[1] != state[stacked[0]].shape[2]
+    save_file(
+        {n: t.transpose(1, 2).contiguous() if n in stacked else t for n, t in state.items()},
+        hub / "model.safetensors",
+    )
+    for folder, out in ((model, "a"), (hub, "b")):
+        map_model(folder, tmp_path / out, compile="off")
+    a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")
+    for matrix in ("up", "gate", "down"):
+        assert a.layer_table(matrix, 1).equals(b.layer_table(matrix, 1))
+        check_exact(b, hub, matrix, 1, "model")

@@ -133,6 +133,9 @@ class Family:
     # a layer's experts stacked in one tensor per matrix, experts first (gpt-oss:
     # gate_up_proj (E, d_model, 2 m), down_proj (E, m, d_model)); its names hold no {expert}
     experts_stacked: bool = False
+    # stacked experts that checkpoints hold either way round (Qwen3-VL's: the hub's files
+    # transposed, as `conv1d` says, transformers 5's saves not): their shape decides
+    experts_either_way: bool = False
     # config settings that select this entry among those of its architecture (Gemma 4's
     # mixtures: enable_moe_block true), as (key, value) pairs; a key config.json leaves out
     # reads as false. Read from config.json and, in a multimodal one, its text_config.

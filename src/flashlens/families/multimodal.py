@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .gemma import _GEMMA4, gemma4_moe
 from .llama import llama_like
+from .moe import stacked_experts
 
 LM = "model.language_model"
 _LANGUAGE_MODEL: dict[str, object] = dict(
@@ -61,4 +62,26 @@ GEMMA4_MOE_MULTIMODAL = llama_like(
     "gemma4_moe_multimodal",
     "Gemma4ForConditionalGeneration",
     **{**_LANGUAGE_MODEL, **gemma4_moe(f"{LM}.layers.{{layer}}")},
+)
+# Qwen3-VL's mixtures (30B-A3B, 235B-A22B): each layer's experts in two 3D tensors, which the
+# hub's files hold transposed (gate_up_proj (E, d_model, 2 m), gate's units first; down_proj
+# (E, m, d_model)) and transformers 5's saves do not; dense layers where mlp_only_layers or
+# decoder_sparse_step say
+_LM_MLP = f"{LM}.layers.{{layer}}.mlp"
+QWEN3_VL_MOE = llama_like(
+    "qwen3_vl_moe",
+    "Qwen3VLMoeForConditionalGeneration",
+    **{
+        **_LANGUAGE_MODEL,
+        **stacked_experts(_LM_MLP),
+        "conv1d": True,
+        "experts_either_way": True,
+        "experts_keys": ("num_experts", "num_local_experts"),
+        "d_mlp_key": "moe_intermediate_size",
+        "moe_block": _LM_MLP,
+        "dense_mlp": _LM_MLP,
+        "dense_list_key": "mlp_only_layers",
+        "sparse_step_key": "decoder_sparse_step",
+        "tie_default": False,
+    },
 )

@@ -158,7 +158,8 @@ def resolve_site(
             f"neuron {neuron}: site {site!r} does not exist in this model (no module {name})"
         ) from None
     weight = cast(torch.Tensor, module.weight)  # (out, in); Conv1D (GPT-2): (in, out)
-    width = int(weight.shape[1 if (site == "act") != family.conv1d else 0])
+    conv1d = family.conv1d and not dense  # (a mixture's dense layers are nn.Linear)
+    width = int(weight.shape[1 if (site == "act") != conv1d else 0])
     offset = 0
     if family.gate_up_fused and site != "act":  # (2 * d_mlp) outputs: gate's, then up's
         width //= 2
@@ -169,7 +170,7 @@ def resolve_site(
             f"{width} neurons (0-{width - 1})"
         )
     block = model.get_submodule(name.rsplit(".", 1)[0]) if family.mlp_flat else None
-    return SiteRef(module, name, site == "act", width, offset, family.conv1d, block)
+    return SiteRef(module, name, site == "act", width, offset, conv1d, block)
 
 
 def _shared_width(model: nn.Module, family: Family, layer: int) -> int:

@@ -339,10 +339,10 @@ class ModelSource:
         name = self.name(f.tensor(matrix, layer, expert))
         if f.experts_stacked:  # the expert's slice of the layer's tensor, read alone
             W = self.checkpoint.get(name, rows=(expert, expert + 1))[0]
-            if f.neuron_is_column(matrix):
+            if self._column(matrix):
                 return W[:, f.units(matrix, m)].T
             return W[f.units(matrix, m)]
-        if f.neuron_is_column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
+        if self._column(matrix):  # W_down (d_model, d_mlp); Conv1D's W_up
             return self.checkpoint.get(name).T
         if f.gate_up_fused:  # its half of the fused tensor, read alone
             lo = f.row_offset(matrix, m)
@@ -385,9 +385,36 @@ class ModelSource:
         name = self.name(f.tensor(matrix, layer, expert))
         if f.experts_stacked:
             return self._expert(matrix, layer, expert)[index].contiguous()
-        if f.neuron_is_column(matrix):
+        if self._column(matrix):
             return self.checkpoint.gather(name, index, dim=1).T.contiguous()
         return self.checkpoint.gather(name, index + f.row_offset(matrix, self.d_expert))
+
+    def _column(self, matrix: Matrix) -> bool:
+        """Whether a neuron of `matrix` is a column of its stored tensor (an expert's, or a
+        dense model's): `Family.neuron_is_column`, with the orientation this checkpoint's
+        experts are stored in."""
+        return (matrix == "down") != self._transposed
+
+    @functools.cached_property
+    def _transposed(self) -> bool:
+        """Whether the MLP tensors are stored transposed: the family's layout (`conv1d`), or
+        where its checkpoints come either way (`experts_either_way`), what the first sparse
+        layer's gate_up tensor says, (E, d_model, 2 m) or (E, 2 m, d_model) (the family's
+        layout where 2 m == d_model leaves it open)."""
+        f = self.family
+        sparse = [layer for layer in range(self.n_layers) if not self.is_dense(layer)]
+        if not f.experts_either_way or not sparse:
+            return f.conv1d
+        name = self.name(f.tensor("up", sparse[0]))
+        if name not in self.checkpoint:
+            return f.conv1d  # (the shape check names the missing tensor)
+        shape = self.checkpoint.shape(name)
+        d, m2 = self.d_model, f.tensor_rows("up", self.d_expert)
+        if tuple(shape[-2:]) == (d, m2) and tuple(shape[-2:]) != (m2, d):
+            return True
+        if tuple(shape[-2:]) == (m2, d) and (d, m2) != (m2, d):
+            return False
+        return f.conv1d
 
     def check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.n_layers:
@@ -423,7 +450,7 @@ class ModelSource:
                 m = self.width(layer)
             for matrix in f.matrices:
                 rows = f.tensor_rows(matrix, m)  # (2 m for a fused gate_up)
-                shape: tuple[int, ...] = (d, rows) if f.neuron_is_column(matrix) else (rows, d)
+                shape: tuple[int, ...] = (d, rows) if self._column(matrix) else (rows, d)
                 for e in range(1 if f.experts_stacked else self.n_experts):
                     expected[self.name(f.tensor(matrix, layer, e))] = stacked + shape
                 if self.d_shared:
