@@ -179,6 +179,8 @@ def test_a_mixture_of_experts_maps_every_expert_and_says_which(
         ("qwen3_moe", {"mlp_only_layers": [0, 2]}, [0, 2]),
         ("qwen2_moe", {"decoder_sparse_step": 2}, [0, 2]),  # every 2nd layer sparse: 1
         ("glm4_moe_lite", {"mlp_layer_types": ["dense", "sparse", "dense"]}, [0, 2]),
+        # (its experts stored transposed, its dense layers not)
+        ("qwen3_vl_moe", {"mlp_only_layers": [0, 2]}, [0, 2]),
     ],
 )
 def test_qwen_mixtures_map_their_dense_layers_at_their_width(
@@ -195,7 +197,8 @@ def test_qwen_mixtures_map_their_dense_layers_at_their_width(
     model = make_model(tmp_path / "m", family, n_layers=3, d_mlp=16, **config)
     map_model(model, tmp_path / "a", dtype="float32")
     atlas = Atlas.open(tmp_path / "a")
-    sparse = 4 * 16 + (16 if family != "qwen3_moe" else 0)  # (and a shared expert)
+    shared = family not in ("qwen3_moe", "qwen3_vl_moe")
+    sparse = 4 * 16 + (16 if shared else 0)  # (and a shared expert)
     wide = 32 if family == "glm4_moe_lite" else 16
     assert atlas.meta.widths == [wide if layer in dense else sparse for layer in range(3)]
     assert (atlas.meta.decoding or {})["dense_layers"] == dense

@@ -399,21 +399,21 @@ class ModelSource:
     def _transposed(self) -> bool:
         """Whether the MLP tensors are stored transposed: the family's layout (`conv1d`), or
         where its checkpoints come either way (`experts_either_way`), what the first sparse
-        layer's gate_up tensor says, (E, d_model, 2 m) or (E, 2 m, d_model) (the family's
-        layout where 2 m == d_model leaves it open)."""
+        layer's tensors say: gate_up (E, d_model, 2 m) or (E, 2 m, d_model), down (E, m,
+        d_model) or (E, d_model, m) (the family's layout where both are square)."""
         f = self.family
         sparse = [layer for layer in range(self.n_layers) if not self.is_dense(layer)]
         if not f.experts_either_way or not sparse:
             return f.conv1d
-        name = self.name(f.tensor("up", sparse[0]))
-        if name not in self.checkpoint:
-            return f.conv1d  # (the shape check names the missing tensor)
-        shape = self.checkpoint.shape(name)
-        d, m2 = self.d_model, f.tensor_rows("up", self.d_expert)
-        if tuple(shape[-2:]) == (d, m2) and tuple(shape[-2:]) != (m2, d):
-            return True
-        if tuple(shape[-2:]) == (m2, d) and (d, m2) != (m2, d):
-            return False
+        d = self.d_model
+        for matrix in ("up", "down"):
+            name = self.name(f.tensor(matrix, sparse[0]))
+            rows = f.tensor_rows(matrix, self.d_expert)  # (2 m for gate_up)
+            if name not in self.checkpoint or rows == d:
+                continue  # (missing: the shape check says so; square: says nothing)
+            stored = tuple(self.checkpoint.shape(name)[-2:])
+            if stored in ((d, rows), (rows, d)):
+                return stored == ((d, rows) if matrix == "up" else (rows, d))
         return f.conv1d
 
     def check_layer(self, layer: int) -> None:
