@@ -37,12 +37,12 @@ QWEN3_5 = llama_like("qwen3_5", "Qwen3_5ForCausalLM", norm_weight_offset=1.0)
 # Gemma 4's dense models: a plain weight on the final norm (not Gemma's 1 + weight), the
 # logit soft-cap, the head tied; the layers that reuse others' keys and values twice as wide
 # where use_double_wide_mlp. Its per-layer embeddings are off the MLP's path.
-_GEMMA4: dict[str, object] = dict(
+GEMMA4_LAYOUT: dict[str, object] = dict(
     logit_softcap_key="final_logit_softcapping",
     tie_default=True,
     wide_keys=("use_double_wide_mlp", "num_kv_shared_layers"),
 )
-GEMMA4 = llama_like("gemma4", "Gemma4ForCausalLM", **_GEMMA4)
+GEMMA4 = llama_like("gemma4", "Gemma4ForCausalLM", **GEMMA4_LAYOUT)
 
 
 def gemma4_moe(layers: str) -> dict[str, object]:

@@ -1,16 +1,17 @@
 """Multimodal checkpoints whose language model is a Llama-style decoder (Gemma 3 4B-27B,
-Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4): flashlens maps the language model's MLP neurons
-through its own final norm and LM-head, and leaves the vision tower and projector alone.
+Gemma 4, Mistral Small 3.1 and 3.2, Ministral 3, Qwen2.5-VL, Qwen3-VL, Qwen3.5): flashlens maps
+the language model's MLP neurons through its own final norm and LM-head, and leaves the vision
+tower and projector alone.
 
 transformers 5 builds the language model at `model.language_model` and the head at `lm_head`;
 the hub's files (and transformers 5's `save_pretrained`, which writes the original layout)
 may name them otherwise (Gemma 3: `language_model.model` and `language_model.lm_head`;
-Qwen2.5-VL: `model`): either spelling reads. The
-sizes and settings come from config.json's `text_config`, as transformers resolves it."""
+Qwen2.5-VL: `model`): either spelling reads. The sizes and settings come from config.json's
+`text_config`, as transformers resolves it."""
 
 from __future__ import annotations
 
-from .gemma import _GEMMA4, gemma4_moe
+from .gemma import GEMMA4_LAYOUT, gemma4_moe
 from .llama import llama_like
 from .moe import stacked_experts
 
@@ -56,7 +57,7 @@ QWEN3_5_MULTIMODAL = llama_like(
 )
 # Gemma 4's multimodal release (its forward soft-caps the logits, as the text model's does)
 GEMMA4_MULTIMODAL = llama_like(
-    "gemma4_multimodal", "Gemma4ForConditionalGeneration", **{**_LANGUAGE_MODEL, **_GEMMA4}
+    "gemma4_multimodal", "Gemma4ForConditionalGeneration", **{**_LANGUAGE_MODEL, **GEMMA4_LAYOUT}
 )
 GEMMA4_MOE_MULTIMODAL = llama_like(
     "gemma4_moe_multimodal",
