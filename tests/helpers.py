@@ -649,6 +649,19 @@ def reference_logits(model_dir: Path, matrix: str, layer: int, norm: str = "mode
     return logits.float()
 
 
+def rewrite_weights(model: Path, out: Path, rewrite: Any) -> Path:
+    """A copy of the folder `model` (model.safetensors and the rest) at `out` whose weights are
+    `rewrite(state)` ({name: tensor} -> {name: tensor}): another spelling or layout of them."""
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in model.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    save_file(rewrite(load_file(model / "model.safetensors")), out / "model.safetensors")
+    return out
+
+
 def other_weights(model: Path, out: Path, flip: bool = False, part: str = ".layers.4.mlp.") -> Path:
     """A copy of `model` (stories260K) with other weights in the tensors whose names hold
     `part` (default: layer 4's MLP) and the same config.json: noise added, or (`flip`) every

@@ -14,7 +14,13 @@ import torch
 from flashlens import Atlas, map_model
 from flashlens.cli import main
 
-from .helpers import load_reference_model, make_model, neuron_weights, reference_logits
+from .helpers import (
+    load_reference_model,
+    make_model,
+    neuron_weights,
+    reference_logits,
+    rewrite_weights,
+)
 from .test_map_reference import check_exact
 
 
@@ -360,17 +366,13 @@ def test_hub_files_without_the_model_prefix_map_the_same(
     """GPT-2's, BLOOM's and OPT's hub files name their tensors without the prefix
     transformers' classes put on them ("h.0...", "decoder.layers.0..."): either spelling maps
     to the same atlas."""
-    from safetensors.torch import load_file, save_file
-
     model = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24, tie=True)
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for f in model.iterdir():
-        if f.name != "model.safetensors":
-            (bare / f.name).write_bytes(f.read_bytes())
-    state = load_file(model / "model.safetensors")
-    assert all(k.startswith(prefix) for k in state)
-    save_file({k.removeprefix(prefix): v for k, v in state.items()}, bare / "model.safetensors")
+
+    def strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert all(k.startswith(prefix) for k in state)
+        return {k.removeprefix(prefix): v for k, v in state.items()}
+
+    bare = rewrite_weights(model, tmp_path / "bare", strip)
     for folder, out in ((model, "a"), (bare, "b")):
         map_model(folder, tmp_path / out, compile="off")
     a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")

@@ -15,7 +15,7 @@ from flashlens import Atlas, map_model
 from flashlens.cli import main
 from flashlens.weights import ModelSource
 
-from .helpers import MULTIMODAL, make_model
+from .helpers import MULTIMODAL, make_model, rewrite_weights
 from .test_map_reference import check_exact
 
 # how transformers 5 names the language model and head, against the original layout its
@@ -35,23 +35,16 @@ MODULE_NAMES["mistral3"] = MODULE_NAMES["gemma3_multimodal"]
 
 def _respell(model: Path, out: Path, spelling: dict[str, str]) -> Path:
     """A copy of `model` whose tensors carry transformers' module names."""
-    from safetensors.torch import load_file, save_file
 
-    out.mkdir()
-    for f in model.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    state = load_file(model / "model.safetensors")
-    renamed = {}
-    for name, tensor in state.items():
-        for old, new in spelling.items():
-            if name.startswith(old):
-                name = new + name.removeprefix(old)
-                break
-        renamed[name] = tensor
-    assert renamed.keys() != state.keys()
-    save_file(renamed, out / "model.safetensors")
-    return out
+    def rename(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        renamed = {}
+        for name, tensor in state.items():
+            old = next((o for o in spelling if name.startswith(o)), None)
+            renamed[name if old is None else spelling[old] + name.removeprefix(old)] = tensor
+        assert renamed.keys() != state.keys()
+        return renamed
+
+    return rewrite_weights(model, out, rename)
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)
@@ -212,21 +205,15 @@ def test_qwen3_vl_moe_experts_read_either_way_round(tmp_path: Path) -> None:
     """Qwen3-VL's mixtures: the hub's files hold each layer's experts transposed, (E, d_model,
     2 m) and (E, m, d_model), transformers 5's saves as its modules hold them: both map to the
     same atlas, exactly as the model decodes (transformers loads either)."""
-    from safetensors.torch import load_file, save_file
-
     model = make_model(tmp_path / "m", "qwen3_vl_moe", n_layers=2, d_mlp=24)
-    hub = tmp_path / "hub"
-    hub.mkdir()
-    for f in model.iterdir():
-        if f.name != "model.safetensors":
-            (hub / f.name).write_bytes(f.read_bytes())
-    state = load_file(model / "model.safetensors")
-    stacked = [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    assert len(stacked) == 4 and state[stacked[0]].shape[1] != state[stacked[0]].shape[2]
-    save_file(
-        {n: t.transpose(1, 2).contiguous() if n in stacked else t for n, t in state.items()},
-        hub / "model.safetensors",
-    )
+    experts = ("experts.gate_up_proj", "experts.down_proj")
+
+    def transpose(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stacked = [n for n in state if n.endswith(experts)]
+        assert len(stacked) == 4 and state[stacked[0]].shape[1] != state[stacked[0]].shape[2]
+        return {n: t.transpose(1, 2).contiguous() if n in stacked else t for n, t in state.items()}
+
+    hub = rewrite_weights(model, tmp_path / "hub", transpose)
     for folder, out in ((model, "a"), (hub, "b")):
         map_model(folder, tmp_path / out, compile="off")
     a, b = Atlas.open(tmp_path / "a"), Atlas.open(tmp_path / "b")

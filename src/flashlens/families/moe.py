@@ -64,27 +64,17 @@ QWEN3_MOE = llama_like(
 )
 # Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B): Qwen3-MoE's routed experts plus a shared expert
 # of shared_expert_intermediate_size units, whose output a sigmoid gate scales per token
-QWEN2_MOE = llama_like(
-    "qwen2_moe",
-    "Qwen2MoeForCausalLM",
+_QWEN2_MOE: dict[str, object] = dict(
     d_mlp_key="moe_intermediate_size",
     shared_expert=f"{MLP}.shared_expert",
     shared_width_keys=("shared_expert_intermediate_size",),
     **_QWEN_DENSE,
     **_EXPERTS,
 )
+QWEN2_MOE = llama_like("qwen2_moe", "Qwen2MoeForCausalLM", **_QWEN2_MOE)
 # Qwen3-Next: Qwen2-MoE's layout (dense layers where mlp_only_layers or decoder_sparse_step
 # say) with Gemma's (1 + weight) final norm; its hybrid linear attention is off the MLP's path
-QWEN3_NEXT = llama_like(
-    "qwen3_next",
-    "Qwen3NextForCausalLM",
-    d_mlp_key="moe_intermediate_size",
-    shared_expert=f"{MLP}.shared_expert",
-    shared_width_keys=("shared_expert_intermediate_size",),
-    norm_weight_offset=1.0,
-    **_QWEN_DENSE,
-    **_EXPERTS,
-)
+QWEN3_NEXT = llama_like("qwen3_next", "Qwen3NextForCausalLM", norm_weight_offset=1.0, **_QWEN2_MOE)
 # Qwen3.5's mixtures (35B-A3B and larger): Qwen2-MoE's layout (every layer sparse) with Gemma's
 # (1 + weight) final norm, and their multimodal release, whose language model transformers
 # builds under model.language_model (its files use that name too)
