@@ -138,7 +138,8 @@ class Family:
     experts_either_way: bool = False
     # config settings that select this entry among those of its architecture (Gemma 4's
     # mixtures: enable_moe_block true), as (key, value) pairs; a key config.json leaves out
-    # reads as false. Read from config.json and, in a multimodal one, its text_config.
+    # reads as its `defaults` value, else false. Read from config.json and, in a multimodal
+    # one, its text_config.
     when: tuple[tuple[str, Any], ...] = ()
     # Config keys this family cannot decode faithfully when set (truthy).
     refuse_keys: tuple[str, ...] = ("quantization_config",)
