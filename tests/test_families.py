@@ -15,6 +15,7 @@ from flashlens import Atlas, map_model
 from flashlens.cli import main
 
 from .helpers import (
+    _layers,
     load_reference_model,
     make_model,
     neuron_weights,
@@ -215,10 +216,21 @@ def test_qwen_mixtures_map_their_dense_layers_at_their_width(
     reference = load_reference_model(model)
     batch = encode(load_tokenizer(model), ["Once upon a time"], torch.device("cpu"))
     base = reference(**batch).logits
-    neuron = f"down:{dense[0]}:9"  # a dense layer's neuron: its down_proj's input
-    with torch.no_grad(), record(reference, neuron) as seen:
+    # a dense layer's neurons are its own modules' units, at up and at act (down_proj's input)
+    mlp = _layers(reference)[dense[0]].mlp
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        mlp.up_proj.register_forward_hook(lambda m, a, out: outputs.update(up=out)),
+        mlp.down_proj.register_forward_hook(lambda m, a, out: outputs.update(act=a[0])),
+    ]
+    with torch.no_grad(), record(reference, [f"up:{dense[0]}:9", f"down:{dense[0]}:9"]) as seen:
         reference(**batch)
-    natural = float(seen[next(iter(seen))][0][0, -1])
+    for handle in handles:
+        handle.remove()
+    up, act = (seen[n][0] for n in sorted(seen, key=lambda n: n.matrix != "up"))
+    assert torch.equal(up, outputs["up"][..., 9]) and torch.equal(act, outputs["act"][..., 9])
+    neuron = f"down:{dense[0]}:9"
+    natural = float(act[0, -1])
     with torch.no_grad(), clamp(reference, neuron, natural, positions="last"):
         assert torch.equal(reference(**batch).logits, base)
     with torch.no_grad(), clamp(reference, neuron, natural + 5, positions="last"):

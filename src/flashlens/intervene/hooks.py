@@ -158,10 +158,11 @@ def resolve_site(
             f"neuron {neuron}: site {site!r} does not exist in this model (no module {name})"
         ) from None
     weight = cast(torch.Tensor, module.weight)  # (out, in); Conv1D (GPT-2): (in, out)
-    conv1d = family.conv1d and not dense  # (a mixture's dense layers are nn.Linear)
+    # (a mixture's dense layers are Llama-style nn.Linear, whatever its experts' layout)
+    conv1d = family.conv1d and not dense
     width = int(weight.shape[1 if (site == "act") != conv1d else 0])
     offset = 0
-    if family.gate_up_fused and site != "act":  # (2 * d_mlp) outputs: gate's, then up's
+    if family.gate_up_fused and not dense and site != "act":  # (2 d_mlp) outputs: gate's, up's
         width //= 2
         offset = family.row_offset(matrix, width)  # type: ignore[arg-type]
     if neuron.index >= width:
