@@ -24,9 +24,11 @@ from .helpers import (
     FAMILIES,
     MOE,
     N_EXPERTS,
+    _layers,
     load_reference_model,
     make_model,
     matrices_of,
+    neuron_weights,
 )
 
 PROMPTS = ["My favourite animal is", "Once upon a time, there was a little", "She"]
@@ -410,3 +412,38 @@ def test_loading_a_model_keeps_the_callers_progress_bar_setting(stories: Path) -
         load_model(stories, dtype="float32")
         assert hf_logging.is_progress_bar_enabled() is enabled
     hf_logging.enable_progress_bar()
+
+
+# (the families with a dense layer: every layer of the other mixtures is sparse, and
+# tests/test_experts.py checks their units against the experts' own tensors)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in MOE or f in DENSE_FIRST])
+def test_every_family_records_the_unit_its_address_names(tmp_path: Path, family: str) -> None:
+    """An up or gate neuron's recorded value is that unit of the model's own projection: its
+    input times the neuron's weight row as the model holds it (read independently of
+    flashlens's families), plus the unit's bias. Checked in a dense layer (a mixture's first
+    layer where it is dense)."""
+    path = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
+    model, tok = load_reference_model(path), load_tokenizer(path)
+    batch = _batch(tok, ["Once upon a time"])
+    block = _layers(model)[0]
+    mlp = getattr(block, "mlp", getattr(block, "shared_mlp", block))
+    for matrix in [m for m in ("up", "gate") if m in matrices_of(family)]:
+        fused = getattr(mlp, "gate_up_proj", getattr(mlp, "input_linear", None))
+        names = {"up": ("up_proj", "c_fc", "dense_h_to_4h", "fc1", "fc_in"), "gate": ("gate_proj",)}
+        module = fused or getattr(mlp, next(n for n in names[matrix] if hasattr(mlp, n)))
+        seen_in: list[torch.Tensor] = []
+        handle = module.register_forward_pre_hook(lambda m, a, out=seen_in: out.append(a[0]))
+        neuron = Neuron(0, 7, matrix)
+        try:
+            with torch.no_grad(), record(model, neuron) as seen:
+                model(**batch, use_cache=False)
+        finally:
+            handle.remove()
+        row = neuron_weights(model, matrix, 0)[7]  # (d_model,)
+        bias = getattr(module, "bias", None)
+        at = 7
+        if fused is not None and matrix == "up":
+            at += int(module.weight.shape[0]) // 2
+        want = seen_in[0].float() @ row + (0.0 if bias is None else float(bias[at]))
+        got = seen[neuron][0]
+        torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-5, atol=1e-5)
