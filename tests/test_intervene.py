@@ -420,8 +420,9 @@ def test_loading_a_model_keeps_the_callers_progress_bar_setting(stories: Path) -
 def test_every_family_records_the_unit_its_address_names(tmp_path: Path, family: str) -> None:
     """An up or gate neuron's recorded value is that unit of the model's own projection: its
     input times the neuron's weight row as the model holds it (read independently of
-    flashlens's families), plus the unit's bias. Checked in a dense layer (a mixture's first
-    layer where it is dense)."""
+    flashlens's families), plus the unit's bias; a down neuron's is that unit of its down
+    projection's input. Checked in a dense layer (a mixture's first layer where it is
+    dense)."""
     path = make_model(tmp_path / "m", family, n_layers=2, d_mlp=24)
     model, tok = load_reference_model(path), load_tokenizer(path)
     batch = _batch(tok, ["Once upon a time"])
@@ -447,3 +448,16 @@ def test_every_family_records_the_unit_its_address_names(tmp_path: Path, family:
         want = seen_in[0].float() @ row + (0.0 if bias is None else float(bias[at]))
         got = seen[neuron][0]
         torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-5, atol=1e-5)
+    # and a down neuron's value (site act) is that unit of its down projection's input
+    down = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "output_linear")
+    module = getattr(mlp, next(n for n in down if hasattr(mlp, n)))
+    seen_in = []
+    handle = module.register_forward_pre_hook(lambda m, a, out=seen_in: out.append(a[0]))
+    neuron = Neuron(0, 7, "down")
+    try:
+        with torch.no_grad(), record(model, neuron) as seen:
+            model(**batch, use_cache=False)
+    finally:
+        handle.remove()
+    got = seen[neuron][0]
+    torch.testing.assert_close(got, seen_in[0][..., 7].reshape(got.shape), rtol=0, atol=0)
