@@ -445,7 +445,7 @@ def test_every_family_records_the_unit_its_address_names(tmp_path: Path, family:
         at = 7
         if fused is not None and matrix == "up":
             at += int(module.weight.shape[0]) // 2
-        want = seen_in[0].float() @ row + (0.0 if bias is None else float(bias[at]))
+        want = seen_in[0].float() @ row + (0.0 if bias is None else float(bias.detach()[at]))
         got = seen[neuron][0]
         torch.testing.assert_close(got, want.reshape(got.shape), rtol=1e-5, atol=1e-5)
     # and a down neuron's value (site act) is that unit of its down projection's input
