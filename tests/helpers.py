@@ -36,9 +36,26 @@ U7_ONLY = pytest.mark.skipif(
     not _has_u7(),
     reason="oneDNN's u8 x s8 kernel needs an x86 CPU with AVX2 or AVX512 and torch with oneDNN",
 )
-# Both int8 kernels, whatever this CPU's fast one is: _int_mm runs everywhere (a reference loop
-# without VNNI: small shapes only), "u7" wherever oneDNN has it.
-INT8_KERNELS = ["int_mm", pytest.param("u7", marks=U7_ONLY)]
+
+
+def _has_amx() -> bool:
+    from flashlens.decode import int8
+
+    return int8._has_amx()
+
+
+AMX_ONLY = pytest.mark.skipif(
+    not _has_amx(),
+    reason="oneDNN runs its s8 x s8 product on AMX tiles only (this CPU has none, or oneDNN"
+    " does not use them); elsewhere it is a reference loop or saturates in 16 bits",
+)
+# The int8 kernels, whatever this CPU's fast one is: _int_mm runs everywhere (a reference loop
+# without VNNI: small shapes only), "u7" wherever oneDNN has it, "amx" on AMX CPUs.
+INT8_KERNELS = [
+    "int_mm",
+    pytest.param("u7", marks=U7_ONLY),
+    pytest.param("amx", marks=AMX_ONLY),
+]
 
 
 def use_int8_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:

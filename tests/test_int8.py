@@ -1,8 +1,12 @@
-"""The int8 GEMM's two CPU kernels (decode.int8): exact integer products, including inputs that
+"""The int8 GEMM's CPU kernels (decode.int8): exact integer products, including inputs that
 would saturate the "u7" kernel's int16 pair sums with 8-bit activations; which kernel a CPU
-gets; and a Decoder on each of them against the fp64 reference."""
+gets, and the probe that keeps "amx" off CPUs where oneDNN does not run it on the tiles; and a
+Decoder on each of them against the fp64 reference."""
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,7 +16,7 @@ from flashlens.decode.engine import Decoder
 from flashlens.decode.logits import quantize_head
 from flashlens.decode.norm import Readout
 
-from .helpers import INT8_KERNELS, use_int8_kernel
+from .helpers import AMX_ONLY, INT8_KERNELS, use_int8_kernel
 
 
 def _exact_products(q_x: torch.Tensor, q_T: torch.Tensor) -> torch.Tensor:
@@ -70,23 +74,68 @@ def test_released_head_refuses_to_multiply(kernel: str) -> None:
 
 
 def test_each_cpu_gets_its_fast_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """VNNI -> _int_mm; AVX2 or AVX512 without it -> oneDNN's u7; neither -> no fast int8, and
-    auto maps in fp32 (or bf16 where that is fast)."""
+    """AMX (where oneDNN runs on it) -> "amx"; VNNI -> _int_mm; AVX2 or AVX512 without it ->
+    oneDNN's u7; none -> no fast int8, and auto maps in fp32 (or bf16 where that is fast)."""
     cases = [
-        (True, "AVX512", "int_mm"),
-        (False, "AVX2", "u7"),
-        (False, "AVX512", "u7"),
-        (False, "DEFAULT", None),
+        (True, True, "AVX512", "amx"),
+        (False, True, "AVX512", "int_mm"),
+        (False, False, "AVX2", "u7"),
+        (False, False, "AVX512", "u7"),
+        (False, False, "DEFAULT", None),
     ]
     monkeypatch.setattr(policy, "cpu_has_fast_bf16", lambda: False)
     try:
-        for vnni, capability, want in cases:
+        for amx, vnni, capability, want in cases:
+            monkeypatch.setattr(int8, "_has_amx", lambda a=amx: a)
             monkeypatch.setattr(int8, "_has_vnni", lambda v=vnni: v)
             monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
             int8.fast_kernel.cache_clear()
             assert int8.fast_kernel() == want
             assert int8.kernel() == (want or "int_mm")
             assert policy.fastest_cpu_dtype() == (torch.int8 if want else torch.float32)
+    finally:
+        int8.fast_kernel.cache_clear()
+
+
+def _wrong(mm: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def product(self: int8.Int8Head, q_x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        mm(self, q_x, out)
+        out[0, 0] += 1  # one product off by one (as a saturating kernel's would be)
+        return out
+
+    return product
+
+
+def _slow(mm: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def product(self: int8.Int8Head, q_x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        time.sleep(int8.AMX_PROBE_SECONDS)  # (as oneDNN's reference loop: exact, slow)
+        return mm(self, q_x, out)
+
+    return product
+
+
+def _failing(mm: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def product(self: int8.Int8Head, q_x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("could not create a primitive")
+
+    return product
+
+
+@AMX_ONLY
+@pytest.mark.parametrize("fault", [_wrong, _slow, _failing])
+def test_amx_probe_keeps_the_kernel_off_where_onednn_misses_the_tiles(
+    fault: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On this AMX CPU the probe passes; the same probe refuses a product with one wrong entry,
+    one slower than the tiles, or one oneDNN cannot run: "amx" is chosen only where oneDNN
+    runs s8 x s8 on the tiles, exactly."""
+    assert int8._amx_runs()
+    monkeypatch.setattr(int8.Int8Head, "mm", fault(int8.Int8Head.mm))
+    assert not int8._amx_runs()
+    int8.fast_kernel.cache_clear()
+    try:
+        assert int8.fast_kernel() != "amx"
     finally:
         int8.fast_kernel.cache_clear()
 

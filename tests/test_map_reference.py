@@ -10,6 +10,7 @@ import torch
 from flashlens import Atlas, map_model
 
 from .helpers import (
+    AMX_ONLY,
     FAMILIES,
     U7_ONLY,
     make_model,
@@ -205,6 +206,7 @@ def test_an_fp32_map_of_a_bf16_head_reads_it_once_into_fp32(
         ("bfloat16", 128, "bfloat16", "int_mm"),
         ("int8", 1024, "int8", "int_mm"),
         pytest.param("int8", 1024, "int8", "u7", marks=U7_ONLY),
+        pytest.param("int8", 1024, "int8", "amx", marks=AMX_ONLY),
         ("auto", 128, "bfloat16", "int_mm"),
     ],
 )

@@ -55,9 +55,9 @@ def cpu_has_fast_fp16() -> bool:
 
 
 def cpu_has_fast_int8() -> bool:
-    """A fast int8 product (decode.int8): VNNI (AVX512-VNNI, AVX-VNNI or AMX), about twice the
-    bf16 rate; or, without VNNI, oneDNN's AVX2/AVX512 u8 x s8 kernel with 7-bit activations,
-    2.1-2.4x the fp32 rate on a 2-core AVX2 CPU."""
+    """A fast int8 product (decode.int8): oneDNN's on AMX tiles, or `_int_mm` with VNNI
+    (AVX512-VNNI, AVX-VNNI), about twice the bf16 rate; or, without VNNI, oneDNN's AVX2/AVX512
+    u8 x s8 kernel with 7-bit activations, 2.1-2.4x the fp32 rate on a 2-core AVX2 CPU."""
     return int8.fast_kernel() is not None
 
 
@@ -104,7 +104,7 @@ def fastest_cpu_dtype() -> torch.dtype:
 # (bench/RESULTS.md, runs 21-22); in int8, 1 GFLOP/s through torch._int_mm and 240-310
 # through oneDNN's u8 x s8 kernel (decode.int8, which needs AVX2 or AVX512).
 _CPU_KERNELS = {
-    torch.int8: (lambda: cpu_has_fast_int8(), "VNNI, or AVX2/AVX512 with oneDNN"),
+    torch.int8: (lambda: cpu_has_fast_int8(), "AMX or VNNI, or AVX2/AVX512 with oneDNN"),
     torch.bfloat16: (lambda: cpu_has_fast_bf16(), "AVX512-BF16 or AMX"),
     torch.float16: (lambda: cpu_has_fast_fp16(), "AVX512-FP16 or AMX"),
 }
