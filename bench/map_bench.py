@@ -178,21 +178,25 @@ def gemm_rates(
     and out= buffer, over `reps` timed products after a warm-up, for the faster of the right
     operand's two layouts (a transposed view of (V, d_model) rows, or contiguous (d_model, V);
     timed alternately), whichever of them the engine uses: the machine's peak for the product.
-    int8 on CPUs without VNNI: oneDNN's u8 x s8 kernel on its packed head (decode.int8)."""
+    int8 on CPUs without VNNI: oneDNN's u8 x s8 kernel on its packed head (decode.int8); on
+    AMX CPUs the faster of `_int_mm` and oneDNN's s8 x s8 product on the tiles."""
     from flashlens import pages  # the engine's allocations: huge pages where the OS has them
     from flashlens.decode import int8
 
     g = torch.Generator().manual_seed(1)
-    products: list[Any]  # the product on each layout, as a call
-    if dtype == torch.int8 and int8.kernel() == "u7":
-        # oneDNN's u8 x s8 product on its packed head (one layout only), as the engine calls
-        # it: the head quantised and packed, 7-bit activations, into the reused fp32 buffer
-        head = int8.Int8Head(torch.randn(D_VOCAB, D_MODEL, generator=g), "u7")
+    products: list[Any] = []  # the product on each layout, as a call
+    kernel = int8.kernel() if dtype == torch.int8 else None
+    if kernel in ("u7", "amx"):
+        # oneDNN's product on its packed head (one layout only), as the engine calls it: the
+        # head quantised and packed, the activations quantised (7 bits for u7), into the
+        # reused fp32 buffer
+        head = int8.Int8Head(torch.randn(D_VOCAB, D_MODEL, generator=g), kernel)
         q_x, _ = head.quantize(torch.randn(block, D_MODEL, generator=g))
-        out_u7 = pages.empty((block, D_VOCAB), head.out_dtype)
-        products = [lambda: head.mm(q_x, out_u7)]
-    else:
-        if dtype == torch.int8:  # the engine's int8 GEMM: int8 operands, exact int32 products
+        out_onednn = pages.empty((block, D_VOCAB), head.out_dtype)
+        products.append(lambda: head.mm(q_x, out_onednn))
+    if kernel != "u7":  # (u7: _int_mm is a reference loop on its CPUs)
+        if dtype == torch.int8:  # _int_mm: int8 operands, exact int32 products (on AMX CPUs,
+            # beside oneDNN's tiles: the peak is the faster of the two)
             W_U = torch.randint(-127, 128, (D_VOCAB, D_MODEL), generator=g, dtype=torch.int8)
             x = torch.randint(-127, 128, (block, D_MODEL), generator=g, dtype=torch.int8)
             out = pages.empty((block, D_VOCAB), torch.int32)
@@ -210,7 +214,7 @@ def gemm_rates(
         rows.copy_(W_U)
         cols.copy_(W_U.T)
         del W_U
-        products = [lambda: mm(x, rows.T, out=out), lambda: mm(x, cols, out=out)]
+        products += [lambda: mm(x, rows.T, out=out), lambda: mm(x, cols, out=out)]
     times: list[list[float]] = [[] for _ in products]
     for i in range(reps + 1):
         for k in range(len(products)) if i % 2 else reversed(range(len(products))):
@@ -385,6 +389,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
+    from flashlens.decode import int8
     from flashlens.decode.policy import block_size, resolve_dtype
 
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -404,7 +409,8 @@ def main() -> None:
     B = block_size(D_VOCAB, D_MLP, dev, None)
     best0, median0 = gemm_rates(B, dev, dtype)
     print(
-        f"GEMM ({B} x {D_MODEL} @ {D_MODEL} x {D_VOCAB}, {dtype}) before the map runs: best "
+        f"GEMM ({B} x {D_MODEL} @ {D_MODEL} x {D_VOCAB}, {dtype}"
+        f"{', kernel ' + int8.kernel() if dtype == torch.int8 else ''}) before the map runs: best "
         f"{best0 / 1e9:.0f}, median {median0 / 1e9:.0f} GFLOP/s",
         flush=True,
     )
@@ -418,6 +424,7 @@ def main() -> None:
     peak = max(best0, best1)
     res["peak"] = {
         "dtype": str(dtype),
+        "int8_kernel": int8.kernel() if dtype == torch.int8 else None,
         "block": B,
         "flops": peak,
         "best_before": best0,
