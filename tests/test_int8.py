@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -16,7 +18,7 @@ from flashlens.decode.engine import Decoder
 from flashlens.decode.logits import quantize_head
 from flashlens.decode.norm import Readout
 
-from .helpers import AMX_ONLY, INT8_KERNELS, use_int8_kernel
+from .helpers import AMX_ONLY, INT8_KERNELS, make_model, use_int8_kernel
 
 
 def _exact_products(q_x: torch.Tensor, q_T: torch.Tensor) -> torch.Tensor:
@@ -165,3 +167,29 @@ def test_decoder_on_each_kernel_matches_the_reference(
     assert r.bottom_ids.tolist() == ref.topk(5, 1, largest=False).indices.tolist()
     torch.testing.assert_close(r.top_logits.double(), ref.topk(5, 1).values, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(r.logsumexp.double(), torch.logsumexp(ref, 1), rtol=0, atol=5e-3)
+
+
+@AMX_ONLY
+def test_amx_maps_the_same_atlas_as_int_mm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "amx" kernel is `_int_mm` on other silicon: the same 8-bit operands and the same
+    integer products (fp32 holds them exactly at these sizes), so an int8 map on either kernel
+    writes the same atlas, value for value: top and bottom tokens, probabilities, statistics
+    and reverse index."""
+    from flashlens import map_model
+
+    model = make_model(
+        tmp_path / "m", d_vocab=4096, d_model=256, d_mlp=64, n_layers=2, dtype=torch.bfloat16
+    )
+    atlases = {}
+    for kernel in ("int_mm", "amx"):
+        use_int8_kernel(monkeypatch, kernel)
+        out = tmp_path / kernel
+        summary = map_model(model, out, matrices="up,down", dtype="int8", block=32)
+        assert summary.compute_dtype == "int8"
+        atlases[kernel] = {
+            p.relative_to(out): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))
+        }
+    assert len(atlases["amx"]) >= 5  # (2 layers x 2 matrices, the reverse index, ...)
+    assert atlases["amx"].keys() == atlases["int_mm"].keys()
+    for rel, table in atlases["amx"].items():
+        assert table.equals(atlases["int_mm"][rel]), rel
