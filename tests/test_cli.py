@@ -114,6 +114,7 @@ def test_map_json_summary(
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["neurons_mapped"] == 172 and s["neurons_skipped"] == 0 and s["neurons_per_second"] > 0
+    assert (s["compute_dtype"], s["int8_kernel"]) == ("float32", None)
     assert main(argv) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["neurons_mapped"] == 0 and s["neurons_skipped"] == 172

@@ -5,6 +5,7 @@ Decoder on each of them against the fp64 reference."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -185,7 +186,7 @@ def test_amx_maps_the_same_atlas_as_int_mm(tmp_path: Path, monkeypatch: pytest.M
         use_int8_kernel(monkeypatch, kernel)
         out = tmp_path / kernel
         summary = map_model(model, out, matrices="up,down", dtype="int8", block=32)
-        assert summary.compute_dtype == "int8"
+        assert (summary.compute_dtype, summary.int8_kernel) == ("int8", kernel)
         atlases[kernel] = {
             p.relative_to(out): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))
         }
@@ -193,3 +194,17 @@ def test_amx_maps_the_same_atlas_as_int_mm(tmp_path: Path, monkeypatch: pytest.M
     assert atlases["amx"].keys() == atlases["int_mm"].keys()
     for rel, table in atlases["amx"].items():
         assert table.equals(atlases["int_mm"][rel]), rel
+
+
+def test_cli_map_names_the_int8_kernel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An int8 map says which of this CPU's kernels computed it, in its summary line and in
+    --json ("u7" rounds the neuron vectors to 7 bits, the others to 8)."""
+    from flashlens.cli import main
+
+    model = make_model(tmp_path / "m", n_layers=1, dtype=torch.bfloat16)
+    argv = ["map", str(model), "-o", str(tmp_path / "a"), "--dtype", "int8", "--compile", "off"]
+    assert main(argv) == 0
+    assert f"int8 ({int8.kernel()})" in " ".join(capsys.readouterr().err.split())
+    assert main([*argv[:3], str(tmp_path / "b"), *argv[4:], "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert (s["compute_dtype"], s["int8_kernel"]) == ("int8", int8.kernel())

@@ -66,7 +66,7 @@ def test_u7_int8_on_stories_steps_down(
     s = map_model(stories_bf16, tmp_path / "a", compile="off", audit=0)
     assert s.pilot is not None and (s.pilot["dtype"], s.pilot["decision"]) == ("int8", "bfloat16")
     assert s.pilot["over"] > 0 and s.pilot["check_over"] is not None and s.pilot["check_over"] > 0
-    assert s.compute_dtype == "bfloat16"
+    assert s.compute_dtype == "bfloat16" and s.int8_kernel is None  # (the int8 GEMM is gone)
     assert independent_check(Atlas.open(tmp_path / "a"), stories_bf16)[0] == 0
 
 

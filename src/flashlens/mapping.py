@@ -59,6 +59,9 @@ class MapSummary:
     audit: dict[str, Any] | None = None  # decode.audit.Audit of this run's sample
     pilot: dict[str, Any] | None = None  # decode.pilot.PilotReport (low precision only)
     warnings: list[str] = field(default_factory=list)  # one line each, for the user
+    # the CPU's int8 kernel when this run computed in int8 (decode.int8: "amx", "int_mm" or
+    # "u7"; "u7" rounds the neuron vectors to 7 bits), else None
+    int8_kernel: str | None = None
 
     @property
     def neurons_per_second(self) -> float:
@@ -73,6 +76,7 @@ class MapSummary:
             "neurons_per_second": round(self.neurons_per_second, 1),
             "device": self.device,
             "compute_dtype": self.compute_dtype,
+            "int8_kernel": self.int8_kernel,
             "block_size": self.block_size,
             "compiled": self.compiled,
             "audit": self.audit,
@@ -316,6 +320,7 @@ def _map(
             summary.pilot = meta.pilot = _chain(reports)
             writer.save_meta()
             heap.trim()
+        summary.int8_kernel = decoder.head8.kernel if decoder.head8 is not None else None
         # low precision: spare entries per token, cut to the best reverse_n once made exact
         reverse = ReverseIndex(source.d_vocab, reverse_n + decoder.reverse_spare, device)
         writer.load_reverse(reverse)

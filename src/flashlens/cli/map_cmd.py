@@ -101,9 +101,10 @@ def map_command(
         _print_warnings(s.warnings)
         return
     resumed = f", {s.neurons_skipped:,} resumed" if s.neurons_skipped else ""
+    kernel = f" ({s.int8_kernel})" if s.int8_kernel else ""
     err_console.print(
         f"[green]mapped {s.neurons_mapped:,} neurons[/]{resumed} in {s.seconds:.1f} s "
-        f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}) -> {out}"
+        f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}{kernel}) -> {out}"
     )
     if s.pilot is not None:
         _print_pilot(s.pilot)
