@@ -377,14 +377,42 @@ def test_reverse_index_with_a_vocabulary_smaller_than_a_chunk() -> None:
     _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(refs))
 
 
-def test_reverse_index_refuses_a_saved_table_of_another_width() -> None:
-    """A resume state from a run that kept another number of entries per token (another N,
-    or a low-precision run's spares) is refused with the way out, not silently misread."""
+@pytest.mark.parametrize(("n_saved", "n"), [(4, 12), (12, 4)])
+def test_reverse_index_resumes_a_saved_table_of_another_width(n_saved: int, n: int) -> None:
+    """A resume state that kept another number of entries per token (a run interrupted on
+    another CPU's int8 kernel: "u7" keeps twice the spares) is cut to each token's best
+    entries, or padded with empty slots that later blocks fill; either way the table's best
+    min(n_saved, n) entries are then the exact top ones over every row offered."""
     from flashlens.errors import FlashlensError
 
-    saved = ReverseIndex(100, 4, torch.device("cpu")).state()
+    V, B = 136, 8
+    g = torch.Generator().manual_seed(11)
+    rev = ReverseIndex(V, n_saved, torch.device("cpu"))
+    logps, logits, refs_seen = [], [], []
+    for blk in range(6):
+        if blk == 3:  # interrupted: the next run keeps n entries per token
+            state = rev.state()
+            rev = ReverseIndex(V, n, torch.device("cpu"))
+            rev.load(state)
+            assert rev.filling == (n > n_saved)  # padded slots are empty (-inf) until filled
+        L = torch.randn(B, V, generator=g)
+        refs = torch.arange(blk * B, (blk + 1) * B)
+        lse = _offer(rev, L, refs, torch.zeros(B))
+        logps.append(L - lse[:, None])
+        logits.append(L)
+        refs_seen.append(refs)
+    k = min(n_saved, n)
+    logp, logit, ref = torch.cat(logps), torch.cat(logits), torch.cat(refs_seen)
+    top, rows = logp.topk(k, dim=0)  # (k, V) the exact best k per token
+    state = rev.state()
+    assert state["logp"].shape == (n, V)
+    got = state["logp"].sort(0, descending=True)
+    torch.testing.assert_close(got.values[:k], top)
+    assert state["ref"].gather(0, got.indices[:k]).tolist() == ref[rows].tolist()
+    torch.testing.assert_close(state["logit"].gather(0, got.indices[:k]), logit.gather(0, rows))
+    # a table of another vocabulary is another model's: refused, with the way out
     with pytest.raises(FlashlensError, match="rerun with --overwrite"):
-        ReverseIndex(100, 12, torch.device("cpu")).load(saved)
+        ReverseIndex(V + 1, n, torch.device("cpu")).load(state)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from flashlens import Atlas, map_model
+from flashlens.atlas.format import read_meta
 from flashlens.atlas.writer import AtlasWriter
 from flashlens.cli import main
+from flashlens.decode import int8
 from flashlens.errors import AtlasError
 
-from .helpers import make_model
+from .helpers import U7_ONLY, make_model, use_int8_kernel
 
 MAP_ARGS = ["--compile", "off", "--block", "64"]
 
@@ -278,7 +280,34 @@ def test_a_resumed_run_keeps_the_interrupted_runs_dtype(
     summary = map_model(big_model, out, compile="off", block=64, layers="0-5")
     assert summary.neurons_skipped == 2 * 256 and summary.compute_dtype == "int8"
     assert Atlas.open(out).meta.compute_dtype == "int8"
+    # the same kernel throughout: recorded once, no warning
+    assert Atlas.open(out).meta.int8_kernel == summary.int8_kernel == int8.kernel()
+    assert not [w for w in summary.warnings if "int8 kernel" in w]
     assert_same_atlas(out, whole)
+
+
+@U7_ONLY
+def test_a_run_resumed_on_another_int8_kernel_records_both_and_warns(
+    big_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An atlas begun with 8-bit int8 operands (_int_mm) and resumed where the CPU's kernel is
+    "u7" (7-bit neuron vectors) is finished, but atlas.json names both kernels and the run
+    warns that its layers differ in rounding; a fresh fp32 map records none."""
+    out = tmp_path / "resumed"
+    use_int8_kernel(monkeypatch, "int_mm")
+    fail_write(monkeypatch, 3)
+    with pytest.raises(OSError, match="No space left"):
+        map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    monkeypatch.undo()
+    assert read_meta(out / "atlas.json").int8_kernel == "int_mm"  # (incomplete: no Atlas)
+    use_int8_kernel(monkeypatch, "u7")
+    summary = map_model(big_model, out, compile="off", block=64, dtype="int8", layers="0-5")
+    assert summary.neurons_skipped == 2 * 256 and summary.int8_kernel == "u7"
+    assert Atlas.open(out).meta.int8_kernel == "int_mm, u7"
+    (warning,) = [w for w in summary.warnings if "int8 kernel" in w]
+    assert "begun with the int8 kernel int_mm and continued with u7" in warning
+    fp32 = map_model(big_model, tmp_path / "fp32", compile="off", dtype="float32", layers="0")
+    assert fp32.int8_kernel is None and Atlas.open(tmp_path / "fp32").meta.int8_kernel is None
 
 
 def test_another_checkpoint_of_the_same_config_is_refused_a_moved_folder_is_not(

@@ -85,6 +85,25 @@ class MapSummary:
         }
 
 
+def _record_int8_kernel(meta: AtlasMeta, summary: MapSummary, resumed: bool) -> None:
+    """atlas.json records the int8 kernel that computed the atlas; a resumed run on another
+    CPU's kernel adds its own, and warns where the two round the neuron vectors differently
+    ("u7": 7 bits; "amx" and "int_mm": 8, the same products)."""
+    old, new = meta.int8_kernel, summary.int8_kernel
+    if not resumed or old is None:
+        meta.int8_kernel = new
+        return
+    if new is None or new in old.split(", "):
+        return
+    meta.int8_kernel = f"{old}, {new}"
+    if ("u7" in old.split(", ")) != (new == "u7"):
+        summary.warnings.append(
+            f"this atlas was begun with the int8 kernel {old} and continued with {new}, which "
+            "rounds the neuron vectors to a different number of bits (u7: 7, the others: 8), "
+            "so its layers differ in rounding; pass --overwrite to map it on one kernel"
+        )
+
+
 def parse_matrices(spec: str | list[str], available: tuple[str, ...]) -> list[Matrix]:
     """The matrices asked for ("all": every one the family has), in the family's order (up,
     gate, down) whatever order they were given in: a run maps, samples and records them the
@@ -321,6 +340,8 @@ def _map(
             writer.save_meta()
             heap.trim()
         summary.int8_kernel = decoder.head8.kernel if decoder.head8 is not None else None
+        _record_int8_kernel(meta, summary, resumed)
+        writer.save_meta()
         # low precision: spare entries per token, cut to the best reverse_n once made exact
         reverse = ReverseIndex(source.d_vocab, reverse_n + decoder.reverse_spare, device)
         writer.load_reverse(reverse)

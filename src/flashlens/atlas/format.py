@@ -183,6 +183,10 @@ class AtlasMeta:
     # Neurons per matrix of each of the model's layers, where they differ (a mixture of experts
     # with dense layers); None: d_mlp in every layer. d_mlp is then the widest layer's.
     widths: list[int] | None = None
+    # The CPU int8 kernel that computed it (decode.int8: "amx", "int_mm" or "u7", whose neuron
+    # vectors are rounded to 7 bits, not 8); "a, b" when a resumed run continued on another
+    # CPU's kernel. None: not int8 on a CPU, or an atlas from before it was recorded.
+    int8_kernel: str | None = None
 
     def width(self, layer: int) -> int:
         """Layer `layer`'s neurons per matrix."""

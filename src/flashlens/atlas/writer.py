@@ -105,6 +105,7 @@ class AtlasWriter:
                     "auto) to resume it, or pass --overwrite to start again"
                 )
             meta.compute_dtype, meta.pilot = old.compute_dtype, old.pilot
+            meta.int8_kernel = old.int8_kernel  # (the run records its own beside it: _map)
         if not self.already_complete:
             write_json(root / META, meta.to_dict())
 

@@ -261,15 +261,26 @@ class ReverseIndex:
         }
 
     def load(self, state: dict[str, Tensor]) -> None:
-        """Restore a table saved by `state()`."""
-        if state["logp"].shape != (self.n, self.d_vocab):
+        """Restore a table saved by `state()`. One saved with another number of spare entries
+        per token (an interrupted run on another CPU's int8 kernel: "u7" keeps twice the
+        spares) is cut to this table's best entries, or padded with empty slots, which the
+        next blocks fill."""
+        n_saved, d_vocab = state["logp"].shape
+        if d_vocab != self.d_vocab:
             raise FlashlensError(
-                f"the saved reverse index is {tuple(state['logp'].shape)}, this run keeps "
-                f"{(self.n, self.d_vocab)} (N x vocabulary): it was started by another version "
-                "or with other settings; rerun with --overwrite"
+                f"the saved reverse index covers {d_vocab} tokens, this model has "
+                f"{self.d_vocab}: it was started by another version or with other settings; "
+                "rerun with --overwrite"
             )
         dev = self.device
-        self.logp = state["logp"].to(dev).T.contiguous()
-        self.logit = state["logit"].to(dev).T.contiguous()
-        self.ref = state["ref"].to(dev).T.contiguous()
+        logp, logit, ref = (state[k].to(dev).T for k in ("logp", "logit", "ref"))  # (V, n)
+        if n_saved > self.n:  # the best n of each token's entries
+            keep = logp.topk(self.n, dim=1).indices
+            logp, logit, ref = (t.gather(1, keep) for t in (logp, logit, ref))
+        elif n_saved < self.n:  # empty slots (as a new table's) after the saved entries
+            pad = self.n - n_saved
+            logp = torch.cat([logp, logp.new_full((d_vocab, pad), float("-inf"))], 1)
+            logit = torch.cat([logit, logit.new_zeros((d_vocab, pad))], 1)
+            ref = torch.cat([ref, ref.new_full((d_vocab, pad), -1)], 1)
+        self.logp, self.logit, self.ref = (t.contiguous() for t in (logp, logit, ref))
         self.threshold = self.logp.amin(1)
