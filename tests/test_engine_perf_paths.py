@@ -204,16 +204,32 @@ def _as_int8_products(L: torch.Tensor, g: torch.Generator) -> tuple[Logits, torc
 
 
 def _assert_brute_force(
-    rev: ReverseIndex, logp: torch.Tensor, logit: torch.Tensor, ref: torch.Tensor
+    rev: ReverseIndex,
+    logp: torch.Tensor,
+    logit: torch.Tensor,
+    ref: torch.Tensor,
+    k: int | None = None,
 ) -> None:
-    """The table equals the exact top-n per token of every valid row offered: logp (R, V)."""
-    top, rows = logp.topk(rev.n, dim=0)  # (n, V)
+    """The table's best k entries per token (all n by default) are the exact top k of every
+    valid row offered: logp (R, V)."""
+    k = rev.n if k is None else k
+    top, rows = logp.topk(k, dim=0)  # (k, V)
     state = rev.state()
     assert state["logp"].shape == (rev.n, logp.shape[1])
-    got = state["logp"].sort(0, descending=True)
-    torch.testing.assert_close(got.values, top)
-    assert state["ref"].gather(0, got.indices).tolist() == ref[rows].tolist()
-    torch.testing.assert_close(state["logit"].gather(0, got.indices), logit.gather(0, rows))
+    got = state["logp"].sort(0, descending=True).indices[:k]
+    torch.testing.assert_close(state["logp"].gather(0, got), top)
+    assert state["ref"].gather(0, got).tolist() == ref[rows].tolist()
+    torch.testing.assert_close(state["logit"].gather(0, got), logit.gather(0, rows))
+
+
+def _offer_random(
+    rev: ReverseIndex, g: torch.Generator, blk: int, B: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Offer block `blk` of B random rows (refs blk * B ...); returns logp, L (B, V), refs."""
+    L = torch.randn(B, rev.d_vocab, generator=g)
+    refs = torch.arange(blk * B, (blk + 1) * B)
+    lse = _offer(rev, L, refs, torch.zeros(B))
+    return L - lse[:, None], L, refs
 
 
 @pytest.mark.parametrize("int8", [False, True])  # fp32 logits; int32 products with scales
@@ -280,12 +296,8 @@ def test_reverse_index_fills_across_blocks_with_few_valid_rows() -> None:
     assert (rev.state()["ref"] == -1).sum() == 2 * V  # 3 of 5 slots filled
     logps, logits, all_refs = [(L - lse[:, None])[:3]], [L[:3]], [refs[:3]]
     for blk in range(1, 6):
-        L = torch.randn(B, V, generator=g)
-        refs = torch.arange(blk * B, (blk + 1) * B)
-        lse = _offer(rev, L, refs, torch.zeros(B))
-        logps.append(L - lse[:, None])
-        logits.append(L)
-        all_refs.append(refs)
+        for seen, new in zip((logps, logits, all_refs), _offer_random(rev, g, blk, B), strict=True):
+            seen.append(new)
     assert not rev.filling
     _assert_brute_force(rev, torch.cat(logps), torch.cat(logits), torch.cat(all_refs))
 
@@ -388,31 +400,20 @@ def test_reverse_index_resumes_a_saved_table_of_another_width(n_saved: int, n: i
     V, B = 136, 8
     g = torch.Generator().manual_seed(11)
     rev = ReverseIndex(V, n_saved, torch.device("cpu"))
-    logps, logits, refs_seen = [], [], []
+    seen: tuple[list[torch.Tensor], ...] = ([], [], [])  # logp, logits, refs of every block
     for blk in range(6):
         if blk == 3:  # interrupted: the next run keeps n entries per token
             state = rev.state()
             rev = ReverseIndex(V, n, torch.device("cpu"))
             rev.load(state)
             assert rev.filling == (n > n_saved)  # padded slots are empty (-inf) until filled
-        L = torch.randn(B, V, generator=g)
-        refs = torch.arange(blk * B, (blk + 1) * B)
-        lse = _offer(rev, L, refs, torch.zeros(B))
-        logps.append(L - lse[:, None])
-        logits.append(L)
-        refs_seen.append(refs)
-    k = min(n_saved, n)
-    logp, logit, ref = torch.cat(logps), torch.cat(logits), torch.cat(refs_seen)
-    top, rows = logp.topk(k, dim=0)  # (k, V) the exact best k per token
-    state = rev.state()
-    assert state["logp"].shape == (n, V)
-    got = state["logp"].sort(0, descending=True)
-    torch.testing.assert_close(got.values[:k], top)
-    assert state["ref"].gather(0, got.indices[:k]).tolist() == ref[rows].tolist()
-    torch.testing.assert_close(state["logit"].gather(0, got.indices[:k]), logit.gather(0, rows))
+        for so_far, new in zip(seen, _offer_random(rev, g, blk, B), strict=True):
+            so_far.append(new)
+    logp, logit, ref = (torch.cat(t) for t in seen)
+    _assert_brute_force(rev, logp, logit, ref, k=min(n_saved, n))
     # a table of another vocabulary is another model's: refused, with the way out
     with pytest.raises(FlashlensError, match="rerun with --overwrite"):
-        ReverseIndex(V + 1, n, torch.device("cpu")).load(state)
+        ReverseIndex(V + 1, n, torch.device("cpu")).load(rev.state())
 
 
 @pytest.mark.parametrize("compiled", [False, True])
