@@ -93,10 +93,11 @@ def _record_int8_kernel(meta: AtlasMeta, summary: MapSummary, resumed: bool) -> 
     if not resumed or old is None:
         meta.int8_kernel = new
         return
-    if new is None or new in old.split(", "):
+    kernels = old.split(", ")
+    if new is None or new in kernels:
         return
     meta.int8_kernel = f"{old}, {new}"
-    if ("u7" in old.split(", ")) != (new == "u7"):
+    if ("u7" in kernels) != (new == "u7"):
         summary.warnings.append(
             f"this atlas was begun with the int8 kernel {old} and continued with {new}, which "
             "rounds the neuron vectors to a different number of bits (u7: 7, the others: 8), "
@@ -337,11 +338,12 @@ def _map(
                 if compute_dtype == torch.float32:
                     break
             summary.pilot = meta.pilot = _chain(reports)
-            writer.save_meta()
             heap.trim()
+        recorded = meta.int8_kernel
         summary.int8_kernel = decoder.head8.kernel if decoder.head8 is not None else None
         _record_int8_kernel(meta, summary, resumed)
-        writer.save_meta()
+        if summary.pilot is not None or meta.int8_kernel != recorded:
+            writer.save_meta()  # (once, for the pilot's decision and the kernel alike)
         # low precision: spare entries per token, cut to the best reverse_n once made exact
         reverse = ReverseIndex(source.d_vocab, reverse_n + decoder.reverse_spare, device)
         writer.load_reverse(reverse)
