@@ -214,14 +214,13 @@ def _map(
     start = time.perf_counter()
     commit_every = commit_interval()  # (a bad setting fails before any work)
     device = resolve_device(device_name)
-    weight_dtype = source.dtype
     if top_k > source.d_vocab:
         raise FlashlensError(f"--top-k {top_k} exceeds the vocabulary size {source.d_vocab}")
     # GEMM work of the whole job (a resumed run decides as the first run did)
     widths = source.widths  # each layer's neurons per matrix
     neurons = len(matrices) * sum(widths[layer] for layer in layers)
     flops = 2.0 * neurons * source.d_vocab * source.d_model
-    compute_dtype = resolve_dtype(dtype_name, weight_dtype, device, flops)
+    compute_dtype = resolve_dtype(dtype_name, source.run_dtype, device, flops)
     if dtype_name != "auto":
         check_gemm_dtype(compute_dtype, device, flops)
     fingerprint = source.fingerprint()
@@ -239,7 +238,8 @@ def _map(
         norm=norm,
         top_k=top_k,
         reverse_n=reverse_n,
-        weight_dtype=dtype_label(weight_dtype),
+        weight_dtype=dtype_label(source.dtype),
+        quantization=source.quantization,
         compute_dtype=dtype_label(compute_dtype),
         flashlens_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -187,6 +187,9 @@ class AtlasMeta:
     # vectors are rounded to 7 bits, not 8); "a, b" when a resumed run continued on another
     # CPU's kernel. None: not int8 on a CPU, or an atlas from before it was recorded.
     int8_kernel: str | None = None
+    # How the checkpoint's weights were quantised, e.g. "fp8 e4m3, 128 x 128 blocks": the map
+    # decoded them dequantized, in fp32 (weight_dtype). None: stored unquantised.
+    quantization: str | None = None
 
     def width(self, layer: int) -> int:
         """Layer `layer`'s neurons per matrix."""

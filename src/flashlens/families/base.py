@@ -141,7 +141,8 @@ class Family:
     # reads as its `defaults` value, else false. Read from config.json and, in a multimodal
     # one, its text_config.
     when: tuple[tuple[str, Any], ...] = ()
-    # Config keys this family cannot decode faithfully when set (truthy).
+    # Config keys this family cannot decode faithfully when set (truthy); of quantisations,
+    # FP8 with block scales is read (weights.fp8)
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
     def tensor(self, matrix: Matrix, layer: int, expert: int = 0) -> str:
@@ -244,13 +245,24 @@ class Family:
                 f"{self.name} config has {'; '.join(odd)}: flashlens decodes this family's "
                 f"standard layout only ({need})"
             )
-        bad = [k for k in self.refuse_keys if config.get(k)]
+        named = (_setting(k, config[k]) for k in self.refuse_keys if config.get(k))
+        bad = [b for b in named if b is not None]
         if bad:
             raise UnsupportedModelError(
                 f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
                 "flashlens decodes unquantised floating-point checkpoints of the standard "
-                "layout: map the model's bf16, fp16 or fp32 release instead"
+                'layout, and FP8 ones (quant_method "fp8"): map the model\'s bf16, fp16 or '
+                "fp32 release instead"
             )
+
+
+def _setting(key: str, value: Any) -> str | None:
+    """A refused config setting as the error names it; None for the one kind of quantisation
+    flashlens reads (FP8 with block scales: weights.fp8 checks the rest of its settings)."""
+    if key != "quantization_config":
+        return key
+    method = value.get("quant_method") if isinstance(value, Mapping) else None
+    return None if method == "fp8" else f"quantization_config (quant_method {method!r})"
 
 
 def _mlp_tensor(prefix: str, matrix: Matrix, layer: int) -> str:

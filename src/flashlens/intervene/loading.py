@@ -49,7 +49,8 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     source = ModelSource.open(model)  # resolves, checks the family and the checkpoint
     try:
         dev = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, source.dtype, dev)
+        torch_dtype = resolve_dtype(dtype, source.run_dtype, dev)
+        quantized = source.quantization is not None
     finally:
         source.close()
     if torch_dtype == torch.int8:  # auto on a CPU with fast int8: map's kernel, not a run dtype
@@ -58,7 +59,10 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
     try:
         module: Any = _auto_class(source.folder).from_pretrained(
-            source.folder, dtype=torch_dtype, device_map=str(dev) if dev.type != "cpu" else None
+            source.folder,
+            dtype=torch_dtype,
+            device_map=str(dev) if dev.type != "cpu" else None,
+            **_dequantized(source.config) if quantized else {},
         )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"transformers cannot load {model} ({err})") from None
@@ -77,6 +81,24 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
         module,
         load_tokenizer(source.folder, source.d_vocab),
     )
+
+
+def _dequantized(config: dict[str, Any]) -> dict[str, Any]:
+    """from_pretrained's arguments that load an FP8 checkpoint dequantized into the model's
+    dtype, on any device (transformers otherwise keeps FP8 layers on GPUs that run them): the
+    model that runs is then the one `map` decoded, with plain modules for the clamps' hooks."""
+    qc = config["quantization_config"]
+    skip = qc.get("modules_to_not_convert") or qc.get("ignored_layers")
+    try:
+        from transformers import FineGrainedFP8Config
+
+        fp8 = FineGrainedFP8Config(dequantize=True, modules_to_not_convert=skip)
+    except (ImportError, TypeError):  # (older versions: no such class, or no dequantize)
+        raise FlashlensError(
+            "running an FP8 checkpoint needs a transformers that dequantizes it on load "
+            "(FineGrainedFP8Config(dequantize=True)): pip install -U transformers"
+        ) from None
+    return {"quantization_config": fp8}
 
 
 def _auto_class(folder: Path) -> Any:

@@ -247,6 +247,7 @@ def overview_page(data: dict[str, Any]) -> str:
             "top_k",
             "reverse_n",
             "weight_dtype",
+            "quantization",
             "compute_dtype",
             "config_hash",
             "weights_fingerprint",

@@ -4,7 +4,8 @@ Safetensors files (single or sharded through `model.safetensors.index.json`) are
 the safetensors library and read through a memory map of their data: each tensor is copied out
 and its pages are then released from this process (madvise DONTNEED), so resident memory does
 not grow with the number of tensors read. `pytorch_model.bin` (single or sharded) is the
-fallback, loaded with `mmap=True`. The transformers model is never built here.
+fallback, loaded with `mmap=True`. The transformers model is never built here. In an FP8
+checkpoint (weights.fp8) the float8 weights are read dequantized, in fp32.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from .. import pages
 from ..errors import CheckpointError
+from .fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Blocks
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -37,7 +39,11 @@ _DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):  # (FP8 checkpoints' power-of-two scales; torch >= 2.7)
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 # The fingerprint reads this many windows of this many values from every tensor.
 FINGERPRINT_WINDOWS, FINGERPRINT_VALUES = 16, 64
 # A tensor is copied out of the memory map in slices of this many bytes of the file.
@@ -47,10 +53,14 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 
 class Checkpoint:
-    """Tensor name -> lazily loaded tensor, over every weight file of a model folder."""
+    """Tensor name -> lazily loaded tensor, over every weight file of a model folder.
 
-    def __init__(self, folder: Path) -> None:
+    fp8: how an FP8 checkpoint's float8 weights are scaled (weights.fp8.scheme of its
+    config.json); they are then read dequantized, in fp32. None: every tensor as stored."""
+
+    def __init__(self, folder: Path, fp8: Fp8Blocks | None = None) -> None:
         self.folder = folder
+        self.fp8 = fp8
         self._stack = ExitStack()
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._st: dict[Path, Any] = {}  # open safetensors handles
@@ -64,6 +74,10 @@ class Checkpoint:
         if not self._where:
             for file in files:
                 self._open_bin(file)
+        if fp8 is not None:  # every float8 weight's scales, before any is read
+            for name in self._where:
+                if self.quantized(name):
+                    self._scale_of(name)
 
     def _weight_files(self) -> list[Path]:
         for index_name in (ST_INDEX, BIN_INDEX):
@@ -135,21 +149,65 @@ class Checkpoint:
         return tuple(self._bin[file][name].shape)
 
     def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype, from the header where there is one (no data read)."""
+        """The dtype `get` returns: the stored one, from the header where there is one (no
+        data read); fp32 for a float8 weight read dequantized."""
+        stored = self._stored_dtype(name)
+        return torch.float32 if self.quantized(name, stored) else stored
+
+    def _stored_dtype(self, name: str) -> torch.dtype:
         file = self._file(name)
         if file in self._layout:
             code = self._layout[file][1][name]["dtype"]
             if code in _DTYPES:
                 return _DTYPES[code]
-        return self.get(name).dtype
+        return self._read(name, None, None).dtype
+
+    def quantized(self, name: str, stored: torch.dtype | None = None) -> bool:
+        """Whether tensor `name` is a float8 weight that reads dequantize (an FP8 checkpoint)."""
+        if self.fp8 is None or name.endswith(SCALE_SUFFIX):
+            return False
+        return (stored or self._stored_dtype(name)) in FP8_DTYPES
 
     def get(
         self, name: str, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """The tensor as a fresh copy (safetensors: out of the memory map), in its stored dtype
-        or converted to `dtype` as it is copied (no copy in the stored dtype beside it).
+        or converted to `dtype` as it is copied (no copy in the stored dtype beside it); a
+        float8 weight of an FP8 checkpoint dequantized, in fp32 unless `dtype` says otherwise.
         rows (lo, hi): only those rows along the first dimension (half of a fused tensor),
         read without the rest."""
+        if not self.quantized(name):
+            return self._read(name, dtype, rows)
+        q = self._read(name, None, rows)
+        s = self._scales(name)
+        stacked = len(self.shape(name)) > 2  # (experts first: rows are experts)
+        if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
+            s = s[rows[0] : rows[1]]
+        assert self.fp8 is not None
+        W = self.fp8.dequantize(q, s, row0=rows[0] if rows is not None and not stacked else 0)
+        return W if dtype in (None, torch.float32) else W.to(dtype)
+
+    def _scales(self, name: str) -> torch.Tensor:
+        """The block scales of float8 weight `name`."""
+        return self._read(self._scale_of(name), None, None)
+
+    def _scale_of(self, name: str) -> str:
+        """The name of float8 weight `name`'s scales, checked against its shape."""
+        scale = name + SCALE_SUFFIX
+        if scale not in self._where:
+            raise CheckpointError(
+                f"tensor {name} is stored in float8, but the checkpoint at {self.folder} has no "
+                f"{scale} (its scales) beside it: a shard may be missing or damaged; download "
+                "the model again"
+            )
+        assert self.fp8 is not None
+        self.fp8.check(name, self.shape(name), self.shape(scale))
+        return scale
+
+    def _read(
+        self, name: str, dtype: torch.dtype | None, rows: tuple[int, int] | None
+    ) -> torch.Tensor:
+        """`get` of the tensor as stored."""
         file = self._file(name)
         try:
             if file in self._maps:
@@ -168,10 +226,13 @@ class Checkpoint:
         try:
             view = self._view(file, name) if file in self._maps else None
             if view is None:
-                view = self.get(name)
+                view = self._read(name, None, None)
             out = view.index_select(dim, index)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
+        if self.quantized(name, out.dtype):
+            assert self.fp8 is not None
+            return self.fp8.dequantize_index(out, self._scales(name), index, dim)
         return out
 
     def fingerprint(self, skip: Callable[[str], bool] = lambda name: False) -> str:
@@ -217,7 +278,7 @@ class Checkpoint:
                     for lo in _window_starts(n, w, k)
                 ]
             else:
-                flat = self.get(name).reshape(-1)
+                flat = self._read(name, None, None).reshape(-1)
                 parts = [flat[lo : lo + w] for lo in _window_starts(flat.numel(), w, k)]
             values = [p.float() if p.is_floating_point() else p.long() for p in parts]
         except (SafetensorError, OSError, RuntimeError) as err:

@@ -16,6 +16,7 @@ import torch
 from ..decode.norm import Readout
 from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
+from . import fp8
 from .checkpoint import Checkpoint
 from .resolve import resolve_model
 
@@ -78,7 +79,8 @@ class ModelSource:
         name = str(model)
         if Path(model).expanduser().is_dir():  # a local folder: usable from any directory
             name = os.path.abspath(Path(model).expanduser())
-        source = cls(name, folder, config, family, Checkpoint(folder), settings)
+        checkpoint = Checkpoint(folder, fp8.scheme(config))
+        source = cls(name, folder, config, family, checkpoint, settings)
         source._check_shapes()
         return source
 
@@ -221,8 +223,30 @@ class ModelSource:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The stored dtype of the MLP weights."""
+        """The dtype the MLP weights are read in: the stored one; fp32 for FP8 weights, which
+        are read dequantized."""
         return self.checkpoint.dtype(self.name(self._tensor("up", self.n_layers - 1)))
+
+    @property
+    def run_dtype(self) -> torch.dtype:
+        """The dtype transformers gives the MLP weights when it loads the model, which the
+        dtype policy reads: the stored one; for FP8 weights, which transformers dequantizes
+        into the model's dtype, config.json's `dtype` (`torch_dtype` in older files), or
+        bfloat16 where it names none."""
+        if self.quantization is None:
+            return self.dtype
+        for where in (self.settings, self.config):
+            name = where.get("dtype") or where.get("torch_dtype")
+            if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)  # type: ignore[no-any-return]
+        return torch.bfloat16
+
+    @property
+    def quantization(self) -> str | None:
+        """How the stored weights are quantised ("fp8 e4m3, 128 x 128 blocks"); None: not."""
+        fp8 = self.checkpoint.fp8
+        up = self.name(self._tensor("up", self.n_layers - 1))
+        return fp8.describe() if fp8 is not None and self.checkpoint.quantized(up) else None
 
     @property
     def config_hash(self) -> str:
@@ -470,3 +494,9 @@ class ModelSource:
 
     def close(self) -> None:
         self.checkpoint.close()
+
+    def __enter__(self) -> ModelSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
