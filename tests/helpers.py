@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -508,12 +509,18 @@ _MODELS: dict[Path, Any] = {}
 
 def load_reference_model(model_dir: Path) -> Any:
     import transformers as tf
+    from transformers.utils.quantization_config import FineGrainedFP8Config, Mxfp4Config
 
     if model_dir not in _MODELS:
+        # a quantised checkpoint (FP8, MXFP4) dequantized by transformers itself
+        qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
+        method = str((qc or {}).get("quant_method"))
+        kind = {"fp8": FineGrainedFP8Config, "mxfp4": Mxfp4Config}.get(method)
+        kwargs = {"quantization_config": kind(dequantize=True)} if kind else {}
         try:
-            model = tf.AutoModelForCausalLM.from_pretrained(model_dir)
+            model = tf.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         except ValueError:  # (Mistral 3 and 4 run as image-text-to-text models only)
-            model = tf.AutoModelForImageTextToText.from_pretrained(model_dir)
+            model = tf.AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
         _MODELS[model_dir] = model.float().eval()
     return _MODELS[model_dir]
 

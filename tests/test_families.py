@@ -263,12 +263,13 @@ def test_glm_4_7_flash_without_layer_kinds_has_a_dense_first_layer(tmp_path: Pat
     assert source.dense_layers == [0] and source.widths == [32, 80, 80]
 
 
-def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(
+def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_awq_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """gpt-oss holds a layer's experts in two 3D tensors, transposed, gate's and up's units
     alternating: single neurons read alone are the layer's rows; a wrong expert count is a
-    clear error; the MXFP4 release (quantization_config) is refused with what to map."""
+    clear error; a quantisation flashlens does not read (AWQ) is refused with what to map (its
+    MXFP4 release: tests/test_mxfp4.py)."""
     from flashlens.weights import ModelSource
 
     model = make_model(tmp_path / "m", "gpt_oss", n_layers=1, d_mlp=24)
@@ -284,8 +285,8 @@ def test_gpt_oss_experts_are_read_from_its_stacked_tensors_and_mxfp4_is_refused(
     assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "experts.gate_up_proj has shape (4, 32, 48), config implies (5, 32, 48)" in err
-    mxfp4 = {**config, "quantization_config": {"quant_method": "mxfp4"}}
-    (model / "config.json").write_text(json.dumps(mxfp4))
+    awq = {**config, "quantization_config": {"quant_method": "awq"}}
+    (model / "config.json").write_text(json.dumps(awq))
     assert main(["map", str(model), "-o", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "quantization_config" in err and "bf16" in err and "Traceback" not in err

@@ -142,7 +142,7 @@ class Family:
     # one, its text_config.
     when: tuple[tuple[str, Any], ...] = ()
     # Config keys this family cannot decode faithfully when set (truthy); of quantisations,
-    # FP8 with block scales is read (weights.fp8)
+    # FP8 with block scales and MXFP4 experts are read (weights.quant)
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
     def tensor(self, matrix: Matrix, layer: int, expert: int = 0) -> str:
@@ -251,18 +251,18 @@ class Family:
             raise UnsupportedModelError(
                 f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
                 "flashlens decodes unquantised floating-point checkpoints of the standard "
-                'layout, and FP8 ones (quant_method "fp8"): map the model\'s bf16, fp16 or '
-                "fp32 release instead"
+                'layout, FP8 ("fp8") and MXFP4 ("mxfp4") ones: map the model\'s bf16, fp16 '
+                "or fp32 release instead"
             )
 
 
 def _setting(key: str, value: Any) -> str | None:
-    """A refused config setting as the error names it; None for the one kind of quantisation
-    flashlens reads (FP8 with block scales: weights.fp8 checks the rest of its settings)."""
+    """A refused config setting as the error names it; None for the kinds of quantisation
+    flashlens reads (FP8 with block scales, MXFP4 experts: weights.quant checks the rest)."""
     if key != "quantization_config":
         return key
     method = value.get("quant_method") if isinstance(value, Mapping) else None
-    return None if method == "fp8" else f"quantization_config (quant_method {method!r})"
+    return None if method in ("fp8", "mxfp4") else f"quantization_config (quant_method {method!r})"
 
 
 def _mlp_tensor(prefix: str, matrix: Matrix, layer: int) -> str:

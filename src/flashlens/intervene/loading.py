@@ -84,21 +84,23 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
 
 
 def _dequantized(config: dict[str, Any]) -> dict[str, Any]:
-    """from_pretrained's arguments that load an FP8 checkpoint dequantized into the model's
-    dtype, on any device (transformers otherwise keeps FP8 layers on GPUs that run them): the
-    model that runs is then the one `map` decoded, with plain modules for the clamps' hooks."""
+    """from_pretrained's arguments that load a quantised checkpoint (FP8, MXFP4) dequantized
+    into the model's dtype, on any device (transformers otherwise keeps quantised layers on
+    GPUs that run them): the model that runs is then the one `map` decoded, with plain modules
+    for the clamps' hooks."""
     qc = config["quantization_config"]
     skip = qc.get("modules_to_not_convert") or qc.get("ignored_layers")
     try:
-        from transformers import FineGrainedFP8Config
+        from transformers.utils.quantization_config import FineGrainedFP8Config, Mxfp4Config
 
-        fp8 = FineGrainedFP8Config(dequantize=True, modules_to_not_convert=skip)
+        kind = Mxfp4Config if qc.get("quant_method") == "mxfp4" else FineGrainedFP8Config
+        quant = kind(dequantize=True, modules_to_not_convert=skip)
     except (ImportError, TypeError):  # (older versions: no such class, or no dequantize)
         raise FlashlensError(
-            "running an FP8 checkpoint needs a transformers that dequantizes it on load "
-            "(FineGrainedFP8Config(dequantize=True)): pip install -U transformers"
+            f"running a {qc.get('quant_method')} checkpoint needs a transformers that "
+            "dequantizes it on load: pip install -U transformers"
         ) from None
-    return {"quantization_config": fp8}
+    return {"quantization_config": quant}
 
 
 def _auto_class(folder: Path) -> Any:

@@ -4,8 +4,9 @@ Safetensors files (single or sharded through `model.safetensors.index.json`) are
 the safetensors library and read through a memory map of their data: each tensor is copied out
 and its pages are then released from this process (madvise DONTNEED), so resident memory does
 not grow with the number of tensors read. `pytorch_model.bin` (single or sharded) is the
-fallback, loaded with `mmap=True`. The transformers model is never built here. In an FP8
-checkpoint (weights.fp8) the float8 weights are read dequantized, in fp32.
+fallback, loaded with `mmap=True`. The transformers model is never built here. In a quantised
+checkpoint (weights.quant) the quantised tensors are read dequantized: an FP8 one's float8
+weights in fp32, and an MXFP4 one's packed experts in bf16 (exact), under their unpacked names.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from .. import pages
 from ..errors import CheckpointError
 from .fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Blocks
+from .mxfp4 import BLOCKS, SCALES, Mxfp4Experts
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -55,12 +57,16 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 class Checkpoint:
     """Tensor name -> lazily loaded tensor, over every weight file of a model folder.
 
-    fp8: how an FP8 checkpoint's float8 weights are scaled (weights.fp8.scheme of its
-    config.json); they are then read dequantized, in fp32. None: every tensor as stored."""
+    quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): FP8's
+    float8 weights are then read dequantized, in fp32, and MXFP4's packed experts X_blocks and
+    X_scales read as one tensor X, unpacked, in bf16 (which holds them exactly). None: every
+    tensor as stored."""
 
-    def __init__(self, folder: Path, fp8: Fp8Blocks | None = None) -> None:
+    def __init__(self, folder: Path, quant: Fp8Blocks | Mxfp4Experts | None = None) -> None:
         self.folder = folder
-        self.fp8 = fp8
+        self.quant = quant
+        self._fp8 = quant if isinstance(quant, Fp8Blocks) else None
+        self._packed: dict[str, tuple[int, ...]] = {}  # MXFP4: unpacked name -> its shape
         self._stack = ExitStack()
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._st: dict[Path, Any] = {}  # open safetensors handles
@@ -74,10 +80,20 @@ class Checkpoint:
         if not self._where:
             for file in files:
                 self._open_bin(file)
-        if fp8 is not None:  # every float8 weight's scales, before any is read
+        if self._fp8 is not None:  # every float8 weight's scales, before any is read
             for name in self._where:
                 if self.quantized(name):
                     self._scale_of(name)
+        if isinstance(quant, Mxfp4Experts):  # every packed tensor's blocks and scales
+            for name in [n for n in self._where if n.endswith(BLOCKS)]:
+                X = name.removesuffix(BLOCKS)
+                if X + SCALES not in self._where:
+                    raise CheckpointError(
+                        f"tensor {name} has no {X + SCALES} beside it in the checkpoint at "
+                        f"{self.folder}: a shard may be missing or damaged; download the model "
+                        "again"
+                    )
+                self._packed[X] = quant.shape(X, self.shape(name), self.shape(X + SCALES))
 
     def _weight_files(self) -> list[Path]:
         for index_name in (ST_INDEX, BIN_INDEX):
@@ -137,12 +153,14 @@ class Checkpoint:
             self._where[name] = file
 
     def __contains__(self, name: object) -> bool:
-        return name in self._where
+        return name in self._where or name in self._packed
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._packed:
+            return self._packed[name]
         file = self._file(name)
         if file in self._st:
             return tuple(self._st[file].get_slice(name).get_shape())
@@ -150,7 +168,10 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `get` returns: the stored one, from the header where there is one (no
-        data read); fp32 for a float8 weight read dequantized."""
+        data read); fp32 for a float8 weight read dequantized, bf16 for MXFP4's packed
+        experts."""
+        if name in self._packed:
+            return torch.bfloat16
         stored = self._stored_dtype(name)
         return torch.float32 if self.quantized(name, stored) else stored
 
@@ -163,8 +184,11 @@ class Checkpoint:
         return self._read(name, None, None).dtype
 
     def quantized(self, name: str, stored: torch.dtype | None = None) -> bool:
-        """Whether tensor `name` is a float8 weight that reads dequantize (an FP8 checkpoint)."""
-        if self.fp8 is None or name.endswith(SCALE_SUFFIX):
+        """Whether tensor `name` reads dequantized: a float8 weight of an FP8 checkpoint, or
+        an MXFP4 checkpoint's packed experts."""
+        if name in self._packed:
+            return True
+        if self._fp8 is None or name.endswith(SCALE_SUFFIX):
             return False
         return (stored or self._stored_dtype(name)) in FP8_DTYPES
 
@@ -173,18 +197,21 @@ class Checkpoint:
     ) -> torch.Tensor:
         """The tensor as a fresh copy (safetensors: out of the memory map), in its stored dtype
         or converted to `dtype` as it is copied (no copy in the stored dtype beside it); a
-        float8 weight of an FP8 checkpoint dequantized, in fp32 unless `dtype` says otherwise.
-        rows (lo, hi): only those rows along the first dimension (half of a fused tensor),
-        read without the rest."""
-        if not self.quantized(name):
+        quantised tensor dequantized (as `self.dtype` says) unless `dtype` says otherwise.
+        rows (lo, hi): only those rows along the first dimension (half of a fused tensor; an
+        expert of stacked ones), read without the rest."""
+        if name in self._packed and isinstance(self.quant, Mxfp4Experts):
+            blocks, scales = (self._read(name + x, None, rows) for x in (BLOCKS, SCALES))
+            W = self.quant.unpack(blocks, scales)
+            return W if dtype in (None, torch.bfloat16) else W.to(dtype)
+        if self._fp8 is None or not self.quantized(name):
             return self._read(name, dtype, rows)
         q = self._read(name, None, rows)
         s = self._scales(name)
         stacked = len(self.shape(name)) > 2  # (experts first: rows are experts)
         if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
             s = s[rows[0] : rows[1]]
-        assert self.fp8 is not None
-        W = self.fp8.dequantize(q, s, row0=rows[0] if rows is not None and not stacked else 0)
+        W = self._fp8.dequantize(q, s, row0=rows[0] if rows is not None and not stacked else 0)
         return W if dtype in (None, torch.float32) else W.to(dtype)
 
     def _scales(self, name: str) -> torch.Tensor:
@@ -200,8 +227,8 @@ class Checkpoint:
                 f"{scale} (its scales) beside it: a shard may be missing or damaged; download "
                 "the model again"
             )
-        assert self.fp8 is not None
-        self.fp8.check(name, self.shape(name), self.shape(scale))
+        if self._fp8 is not None:
+            self._fp8.check(name, self.shape(name), self.shape(scale))
         return scale
 
     def _read(
@@ -221,7 +248,10 @@ class Checkpoint:
 
     def gather(self, name: str, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
         """Slices `index` of tensor `name` along `dim` (0 or 1 of a matrix), copied out of the
-        memory map without reading the rest of the tensor (other formats: from the whole)."""
+        memory map without reading the rest of the tensor (other formats, and MXFP4's packed
+        experts: from the whole)."""
+        if name in self._packed:
+            return self.get(name).index_select(dim, index)
         file = self._file(name)
         try:
             view = self._view(file, name) if file in self._maps else None
@@ -230,9 +260,8 @@ class Checkpoint:
             out = view.index_select(dim, index)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
-        if self.quantized(name, out.dtype):
-            assert self.fp8 is not None
-            return self.fp8.dequantize_index(out, self._scales(name), index, dim)
+        if self._fp8 is not None and self.quantized(name, out.dtype):
+            return self._fp8.dequantize_index(out, self._scales(name), index, dim)
         return out
 
     def fingerprint(self, skip: Callable[[str], bool] = lambda name: False) -> str:

@@ -17,14 +17,12 @@ as they are.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import CheckpointError, UnsupportedModelError
+from ..errors import CheckpointError
 
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -95,42 +93,6 @@ class Fp8Blocks:
         else:
             grid = s.index_select(0, torch.arange(R) // bm).index_select(1, index // bn)
         return q.float() * grid
-
-
-def scheme(config: Mapping[str, Any]) -> Fp8Blocks | None:
-    """The FP8 scheme of config.json's `quantization_config`; None when there is none. Any
-    other quantisation is refused, with what to map instead."""
-    qc = config.get("quantization_config")
-    if not qc:
-        return None
-    method = qc.get("quant_method") if isinstance(qc, Mapping) else None
-    if method != "fp8":  # (Family.check_config refuses these first, with the family's name)
-        raise UnsupportedModelError(
-            f"quantization_config has quant_method {method!r}: flashlens reads unquantised "
-            'checkpoints and FP8 ones ("fp8"); map the model\'s bf16 release instead'
-        )
-    assert isinstance(qc, Mapping)
-    if qc.get("expert_dtype", "fp8") != "fp8":
-        raise UnsupportedModelError(
-            f"quantization_config has expert_dtype {qc['expert_dtype']!r}: flashlens reads "
-            "float8 experts only, not FP4-packed ones; map the model's bf16 release instead"
-        )
-    fmt = qc.get("fmt", "e4m3")
-    if fmt != "e4m3":
-        raise UnsupportedModelError(
-            f'quantization_config has fmt {fmt!r}: flashlens reads FP8 weights in "e4m3" only; '
-            "map the model's bf16 release instead"
-        )
-    block = qc.get("weight_block_size")
-    if block is None:
-        return Fp8Blocks(None)
-    ok = isinstance(block, list | tuple) and len(block) == 2
-    if not ok or not all(isinstance(b, int) and b > 0 for b in block):
-        raise UnsupportedModelError(
-            f"quantization_config has weight_block_size {block!r}: expected two positive "
-            "integers, e.g. [128, 128]; config.json may be damaged"
-        )
-    return Fp8Blocks((int(block[0]), int(block[1])))
 
 
 def _as_fp32(s: Tensor) -> Tensor:

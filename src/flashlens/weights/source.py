@@ -16,7 +16,7 @@ import torch
 from ..decode.norm import Readout
 from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
-from . import fp8
+from . import quant
 from .checkpoint import Checkpoint
 from .resolve import resolve_model
 
@@ -79,7 +79,7 @@ class ModelSource:
         name = str(model)
         if Path(model).expanduser().is_dir():  # a local folder: usable from any directory
             name = os.path.abspath(Path(model).expanduser())
-        checkpoint = Checkpoint(folder, fp8.scheme(config))
+        checkpoint = Checkpoint(folder, quant.scheme(config))
         source = cls(name, folder, config, family, checkpoint, settings)
         source._check_shapes()
         return source
@@ -223,15 +223,15 @@ class ModelSource:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the MLP weights are read in: the stored one; fp32 for FP8 weights, which
-        are read dequantized."""
+        """The dtype the MLP weights are read in: the stored one; for quantised weights, read
+        dequantized, fp32 (FP8) or bf16 (MXFP4, which it holds exactly)."""
         return self.checkpoint.dtype(self.name(self._tensor("up", self.n_layers - 1)))
 
     @property
     def run_dtype(self) -> torch.dtype:
         """The dtype transformers gives the MLP weights when it loads the model, which the
-        dtype policy reads: the stored one; for FP8 weights, which transformers dequantizes
-        into the model's dtype, config.json's `dtype` (`torch_dtype` in older files), or
+        dtype policy reads: the stored one; for quantised weights, which transformers
+        dequantizes into the model's dtype, config.json's `dtype` (`torch_dtype` in older files), or
         bfloat16 where it names none."""
         if self.quantization is None:
             return self.dtype
@@ -243,10 +243,10 @@ class ModelSource:
 
     @property
     def quantization(self) -> str | None:
-        """How the stored weights are quantised ("fp8 e4m3, 128 x 128 blocks"); None: not."""
-        fp8 = self.checkpoint.fp8
+        """How the MLP weights are quantised ("fp8 e4m3, 128 x 128 blocks"); None: not."""
+        scheme = self.checkpoint.quant
         up = self.name(self._tensor("up", self.n_layers - 1))
-        return fp8.describe() if fp8 is not None and self.checkpoint.quantized(up) else None
+        return scheme.describe() if scheme is not None and self.checkpoint.quantized(up) else None
 
     @property
     def config_hash(self) -> str:
