@@ -73,6 +73,11 @@ def map_command(
     bfloat16 -> float32) and checks again. At the end, --audit N neurons
     (default 32) are decoded again exactly in fp32 and compared: the summary says
     how close the atlas is, with a warning when it is outside tolerance.
+
+    FP8 (block-scaled float8) and MXFP4 (gpt-oss) checkpoints are read dequantized,
+    as transformers loads them:
+
+        flashlens map deepseek-ai/DeepSeek-V3 -o atlas/dsv3 --matrices up --layers 3
     """
     summary = map_model(
         model,
