@@ -512,11 +512,14 @@ def load_reference_model(model_dir: Path) -> Any:
     from transformers.utils.quantization_config import FineGrainedFP8Config, Mxfp4Config
 
     if model_dir not in _MODELS:
-        # a quantised checkpoint (FP8, MXFP4) dequantized by transformers itself
+        # a quantised checkpoint (FP8, MXFP4) dequantized by transformers itself, into fp32
+        # (into a bf16 model's own dtype the values would be rounded to bf16 first)
         qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
         method = str((qc or {}).get("quant_method"))
         kind = {"fp8": FineGrainedFP8Config, "mxfp4": Mxfp4Config}.get(method)
-        kwargs = {"quantization_config": kind(dequantize=True)} if kind else {}
+        kwargs: dict[str, Any] = {}
+        if kind:
+            kwargs = {"quantization_config": kind(dequantize=True), "dtype": torch.float32}
         try:
             model = tf.AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
         except ValueError:  # (Mistral 3 and 4 run as image-text-to-text models only)

@@ -59,10 +59,17 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int] | None) 
     return q.float() * s.float()[..., rows, :][..., cols]
 
 
-def fp8_copy(model: Path, out: Path, block: tuple[int, int] | None = (16, 16), **qc: Any) -> Path:
-    """A copy of `model` whose decoder-layer matrices (attention, MLP, experts) are stored in
-    FP8 with their `_scale_inv` tensors, and whose config.json says so (the embedding, the
-    norms and the LM-head stay as they were, as in the hub's FP8 releases)."""
+def fp8_copy(
+    model: Path,
+    out: Path,
+    block: tuple[int, int] | None = (16, 16),
+    only: str = ".layers.",
+    **qc: Any,
+) -> Path:
+    """A copy of `model` whose decoder-layer matrices (attention, MLP, experts; those whose
+    names hold `only`) are stored in FP8 with their `_scale_inv` tensors, and whose
+    config.json says so (the embedding, the norms and the LM-head stay as they were, as in
+    the hub's FP8 releases)."""
     from safetensors.torch import load_file, save_file
 
     out.mkdir()
@@ -71,7 +78,7 @@ def fp8_copy(model: Path, out: Path, block: tuple[int, int] | None = (16, 16), *
             (out / f.name).write_bytes(f.read_bytes())
     tensors: dict[str, torch.Tensor] = {}
     for name, t in load_file(model / "model.safetensors").items():
-        matrix = ".layers." in name and t.ndim >= 2 and t.is_floating_point()
+        matrix = ".layers." in name and only in name and t.ndim >= 2 and t.is_floating_point()
         if matrix and (block is None or (t.shape[-2] % block[0] == 0 == t.shape[-1] % block[1])):
             tensors[name], tensors[name + "_scale_inv"] = quantize(t, block)
         else:
@@ -110,6 +117,24 @@ def test_an_fp8_map_decodes_the_weights_transformers_dequantizes(
     W0 = neuron_weights(load_reference_model(model), "up", 1)
     assert not torch.equal(W, W0)
     assert float((W - W0).abs().max()) <= float(W0.abs().max()) / 8  # (3 mantissa bits)
+
+
+def test_a_mixture_whose_shared_expert_alone_is_fp8_keeps_its_precision(tmp_path: Path) -> None:
+    """A bf16 mixture whose shared expert is stored in FP8 and its routed experts not: a
+    layer's neurons, and single ones, are held in the wider dtype (fp32), so the shared
+    expert's dequantized values are not rounded to bf16; the map is exact."""
+    model = make_model(
+        tmp_path / "m", "qwen2_moe", n_layers=2, d_model=32, d_mlp=48, dtype=torch.bfloat16
+    )
+    fp8 = fp8_copy(model, tmp_path / "fp8", only=".shared_expert.")
+    with ModelSource.open(fp8) as source:
+        W = source.neurons("up", 1)
+        assert W.dtype == torch.float32
+        index = torch.tensor([W.shape[0] - 1, 3, W.shape[0] - 16])  # shared, routed, shared
+        assert torch.equal(source.neuron_rows("up", 1, index), W[index])
+    map_model(fp8, tmp_path / "a", dtype="float32", compile="off")
+    for matrix in ("up", "down"):
+        check_exact(Atlas.open(tmp_path / "a"), fp8, matrix, 1, "model")
 
 
 def test_an_int8_map_of_fp8_weights_and_the_policy(tmp_path: Path) -> None:

@@ -230,9 +230,9 @@ class ModelSource:
     @property
     def run_dtype(self) -> torch.dtype:
         """The dtype transformers gives the MLP weights when it loads the model, which the
-        dtype policy reads: the stored one; for quantised weights, which transformers
-        dequantizes into the model's dtype, config.json's `dtype` (`torch_dtype` in older files), or
-        bfloat16 where it names none."""
+        dtype policy reads: the stored one; in a quantised checkpoint, whose weights
+        transformers dequantizes into the model's dtype, config.json's `dtype` (`torch_dtype`
+        in older files), or bfloat16 where it names none."""
         if self.quantization is None:
             return self.dtype
         for where in (self.settings, self.config):
@@ -243,10 +243,10 @@ class ModelSource:
 
     @property
     def quantization(self) -> str | None:
-        """How the MLP weights are quantised ("fp8 e4m3, 128 x 128 blocks"); None: not."""
+        """How the checkpoint is quantised, as config.json's quantization_config says and
+        flashlens reads it ("fp8 e4m3, 128 x 128 blocks"); None: it is not."""
         scheme = self.checkpoint.quant
-        up = self.name(self._tensor("up", self.n_layers - 1))
-        return scheme.describe() if scheme is not None and self.checkpoint.quantized(up) else None
+        return None if scheme is None else scheme.describe()
 
     @property
     def config_hash(self) -> str:
@@ -320,8 +320,9 @@ class ModelSource:
         )
 
     def neurons(self, matrix: Matrix, layer: int) -> torch.Tensor:
-        """One layer's neuron vectors as rows, (d_mlp, d_model), stored dtype (a mixture of
-        experts: each expert's copied in turn into one tensor)."""
+        """One layer's neuron vectors as rows, (d_mlp, d_model), in the dtype they read in
+        (quantised weights dequantized; a mixture of experts: each expert's copied in turn into
+        one tensor, of the wider dtype where its shared expert's differs)."""
         self.check_layer(layer)
         if self.n_experts == 1:
             return self._expert(matrix, layer, 0)
@@ -332,11 +333,21 @@ class ModelSource:
         for e in range(self.n_experts):
             W = self._expert(matrix, layer, e)  # (d_expert, d_model)
             if e == 0:
-                out = torch.empty((self.d_mlp, W.shape[1]), dtype=W.dtype)
+                out = torch.empty((self.d_mlp, W.shape[1]), dtype=self._layer_dtype(matrix, layer))
             out[e * m : (e + 1) * m] = W
         if self.d_shared:
             out[self.n_experts * m :] = self._shared(matrix, layer)
         return out
+
+    def _layer_dtype(self, matrix: Matrix, layer: int) -> torch.dtype:
+        """The dtype that holds a mixture layer's neurons as read: its experts' and its shared
+        expert's, the wider where they differ (a quantised checkpoint may leave one of them
+        unquantised)."""
+        dtype = self.checkpoint.dtype(self.name(self.family.tensor(matrix, layer)))
+        if self.d_shared:
+            shared = self.checkpoint.dtype(self.name(self.family.shared_tensor(matrix, layer)))
+            dtype = torch.promote_types(dtype, shared)
+        return dtype
 
     def _shared(self, matrix: Matrix, layer: int) -> torch.Tensor:
         """The shared expert's neuron vectors as rows, (d_shared, d_model)."""
@@ -374,8 +385,8 @@ class ModelSource:
         return self.checkpoint.get(name)
 
     def neuron_rows(self, matrix: Matrix, layer: int, index: torch.Tensor) -> torch.Tensor:
-        """Neurons `index` (n,) of one layer as rows, (n, d_model), stored dtype, read without
-        the rest of the layer."""
+        """Neurons `index` (n,) of one layer as rows, (n, d_model), in the dtype they read in
+        (`neurons`'), read without the rest of the layer."""
         self.check_layer(layer)
         if self.n_experts == 1:
             return self._expert_rows(matrix, layer, 0, index)
@@ -383,15 +394,15 @@ class ModelSource:
             return self._mlp_rows(self.family.dense_tensor(matrix, layer), matrix, index)
         routed = self.n_experts * self.d_expert
         experts, units = index // self.d_expert, index % self.d_expert
-        out = torch.empty((len(index), self.d_model), dtype=self.dtype)
+        out = torch.empty((len(index), self.d_model), dtype=self._layer_dtype(matrix, layer))
         for e in experts[index < routed].unique().tolist():
             at = (experts == e).nonzero().squeeze(1)
-            out[at] = self._expert_rows(matrix, layer, e, units[at])
+            out[at] = self._expert_rows(matrix, layer, e, units[at]).to(out.dtype)
         shared = (index >= routed).nonzero().squeeze(1)
         if len(shared):  # the shared expert's units
             name = self.family.shared_tensor(matrix, layer)
             at = index[shared] - routed + self.family.shared_offset(matrix, self.d_shared)
-            out[shared] = self._mlp_rows(name, matrix, at)
+            out[shared] = self._mlp_rows(name, matrix, at).to(out.dtype)
         return out
 
     def _mlp_rows(self, name: str, matrix: Matrix, index: torch.Tensor) -> torch.Tensor:
