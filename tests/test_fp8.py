@@ -168,13 +168,18 @@ def test_an_int8_map_of_fp8_weights_and_the_policy(tmp_path: Path) -> None:
     [((16, 16), "fp32"), ((16, 20), "fp32"), ((32, 16), "bf16"), ((16, 16), "e8m0"), (None, "")],
 )
 def test_the_reader_dequantizes_rows_columns_and_grids(
-    tmp_path: Path, block: tuple[int, int] | None, scales: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: tuple[int, int] | None, scales: str
 ) -> None:
     """Checkpoint.get (whole, or a range of rows) and gather (rows, columns) of a float8
     weight equal the reference dequantization, for a grid that divides the weight, one that
     does not (ceil blocks, as DeepSeek's), scales stored in bf16 or as e8m0 powers of two, and
-    one scale per tensor; the scale tensors themselves read as stored."""
+    one scale per tensor; the scale tensors themselves read as stored. Rows are dequantized in
+    slices (of a few rows here) that need not align with the blocks."""
     from safetensors.torch import save_file
+
+    from flashlens.weights import fp8
+
+    monkeypatch.setattr(fp8, "SLICE_ENTRIES", 7 * 40)  # 7 rows of a matrix, 3 of two
 
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(48, 40, generator=gen)
@@ -200,6 +205,7 @@ def test_the_reader_dequantizes_rows_columns_and_grids(
         assert torch.equal(ck.gather("w", index[index < 40], dim=1), want[:, index[index < 40]])
         assert torch.equal(ck.get("w_scale_inv"), s) and not ck.quantized("w_scale_inv")
         assert torch.equal(ck.get("e", rows=(1, 2))[0], dequantize(q.flip(0), s1, block))
+        assert torch.equal(ck.get("e"), torch.stack([want, dequantize(q.flip(0), s1, block)]))
     with Checkpoint(tmp_path) as ck:  # no FP8 scheme: as stored
         assert ck.dtype("w") == torch.float8_e4m3fn and torch.equal(ck.get("w").float(), q.float())
 

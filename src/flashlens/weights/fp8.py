@@ -62,18 +62,18 @@ class Fp8Blocks:
                 "checkpoint and its config.json do not match (download them again)"
             )
 
-    def dequantize(self, q: Tensor, s: Tensor, row0: int = 0, col0: int = 0) -> Tensor:
+    def dequantize(self, q: Tensor, s: Tensor, row0: int = 0) -> Tensor:
         """fp32 weights from float8 values q (..., r, c) and the scales s of the whole
         tensor's blocks (leading dims matching q's), for q's entries at rows row0 .. row0 + r
-        and columns col0 .. col0 + c of each matrix."""
+        of each matrix."""
         out = torch.empty(q.shape, dtype=torch.float32)
         s = _as_fp32(s)
         if self.block is None:
             return out.copy_(q).mul_(s.reshape(()))
         bm, bn = self.block
         r, c = q.shape[-2:]
-        cols = torch.arange(col0, col0 + c) // bn  # (c,) each column's block
-        step = max(1, SLICE_ENTRIES // max(1, c))
+        cols = torch.arange(c) // bn  # (c,) each column's block
+        step = max(1, SLICE_ENTRIES // max(1, q[..., :1, :].numel()))  # (all leading dims)
         for lo in range(0, r, step):
             rows = torch.arange(row0 + lo, row0 + min(lo + step, r)) // bm  # (r',)
             grid = s.index_select(-2, rows).index_select(-1, cols)  # (..., r', c)
