@@ -269,14 +269,16 @@ def _edit(path: Path, edit: Any) -> None:
         ("fp4 experts", "expert_dtype 'fp4'"),
         ("e5m2", "fmt 'e5m2'"),
         ("bad block", "weight_block_size [16]"),
+        ("no config", "is stored in float8, but config.json has no FP8 quantization_config"),
     ],
 )
 def test_bad_fp8_checkpoints_are_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
 ) -> None:
     """A missing or mis-shaped scale tensor, another quantisation, FP4 experts, another FP8
-    format or a malformed block size: exit 2, one line saying what is wrong and what to do,
-    no traceback, and no atlas left behind."""
+    format, a malformed block size, or float8 weights under a config.json that does not say
+    how to scale them: exit 2, one line saying what is wrong and what to do, no traceback,
+    and no atlas left behind."""
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     fp8 = fp8_copy(model, tmp_path / "fp8")
     config = json.loads((fp8 / "config.json").read_text())
@@ -286,6 +288,9 @@ def test_bad_fp8_checkpoints_are_refused_in_one_line(
         _edit(fp8, lambda t: t.pop(name))
     elif case == "other grid":
         _edit(fp8, lambda t: t.update({name: t[name][:, :1].contiguous()}))
+    elif case == "no config":
+        del config["quantization_config"]
+        (fp8 / "config.json").write_text(json.dumps(config))
     else:
         qc.update(
             {

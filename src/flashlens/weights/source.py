@@ -18,6 +18,7 @@ from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
 from . import quant
 from .checkpoint import Checkpoint
+from .fp8 import FP8_DTYPES
 from .resolve import resolve_model
 
 
@@ -502,6 +503,12 @@ class ModelSource:
             got = self.checkpoint.shape(name)
             if got != shape:
                 raise CheckpointError(f"tensor {name} has shape {got}, config implies {shape}")
+            if self.checkpoint.dtype(name) in FP8_DTYPES:  # (read as stored: no scheme)
+                raise CheckpointError(
+                    f"tensor {name} is stored in float8, but config.json has no FP8 "
+                    "quantization_config saying how it is scaled: restore the model's own "
+                    "config.json, or map its bf16 release"
+                )
 
     def close(self) -> None:
         self.checkpoint.close()
