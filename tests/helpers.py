@@ -708,3 +708,39 @@ def other_weights(model: Path, out: Path, flip: bool = False, part: str = ".laye
             tensors[name] = -t if flip else t + 0.05 * torch.randn(t.shape, generator=gen)
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     return out
+
+
+def edit_weights(model: Path, edit: Any) -> None:
+    """Apply `edit` ({name: tensor} -> None, in place) to the tensors of model.safetensors."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def check_runs_as_mapped(model: Path, candidates: list[Any], moved_above: float) -> None:
+    """flashlens's own load_model (fp32) of `model` holds the MLP weights `map` reads (layer
+    1, every matrix); a clamp of the first of `candidates` (flashlens Neurons) that the last
+    token reaches (in a mixture: an expert it is routed to) to its natural value leaves the
+    logits as they were, and the clamp moved by 5 changes them by more than `moved_above`."""
+    from flashlens import clamp, load_model
+    from flashlens.intervene import record
+    from flashlens.weights import ModelSource
+
+    loaded = load_model(model, dtype="float32")
+    with ModelSource.open(model) as source:
+        for matrix in ("up", "gate", "down"):
+            W = neuron_weights(loaded.model, matrix, 1)  # (d_mlp, d_model), as the map's rows
+            assert torch.equal(W, source.neurons(matrix, 1))  # type: ignore[arg-type]
+    ids = loaded.tokenizer("Once upon a time", return_tensors="pt")
+    with torch.no_grad():
+        base = loaded.model(**ids).logits
+        with record(loaded.model, candidates) as seen:
+            loaded.model(**ids)
+    neuron = next(n for n in candidates if not seen[n][0][0, -1].isnan())
+    natural = float(seen[neuron][0][0, -1])
+    with torch.no_grad(), clamp(loaded.model, neuron, value=natural, positions="last"):
+        torch.testing.assert_close(loaded.model(**ids).logits, base, rtol=0, atol=1e-6)
+    with torch.no_grad(), clamp(loaded.model, neuron, value=natural + 5, positions="last"):
+        assert float((loaded.model(**ids).logits - base).abs().max()) > moved_above

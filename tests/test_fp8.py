@@ -19,11 +19,14 @@ from flashlens.weights.checkpoint import Checkpoint
 from flashlens.weights.fp8 import Fp8Blocks
 
 from .helpers import (
+    check_runs_as_mapped,
+    edit_weights,
     load_reference_model,
     make_model,
     matrices_of,
     neuron_weights,
     reference_logits,
+    rewrite_weights,
 )
 from .test_map_reference import check_exact, check_tolerance
 
@@ -59,6 +62,10 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int] | None) 
     return q.float() * s.float()[..., rows, :][..., cols]
 
 
+def _divides(shape: torch.Size, block: tuple[int, int]) -> bool:
+    return shape[-2] % block[0] == 0 == shape[-1] % block[1]
+
+
 def fp8_copy(
     model: Path,
     out: Path,
@@ -70,20 +77,18 @@ def fp8_copy(
     names hold `only`) are stored in FP8 with their `_scale_inv` tensors, and whose
     config.json says so (the embedding, the norms and the LM-head stay as they were, as in
     the hub's FP8 releases)."""
-    from safetensors.torch import load_file, save_file
 
-    out.mkdir()
-    for f in model.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in load_file(model / "model.safetensors").items():
-        matrix = ".layers." in name and only in name and t.ndim >= 2 and t.is_floating_point()
-        if matrix and (block is None or (t.shape[-2] % block[0] == 0 == t.shape[-1] % block[1])):
-            tensors[name], tensors[name + "_scale_inv"] = quantize(t, block)
-        else:
-            tensors[name] = t
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            matrix = ".layers." in name and only in name and t.ndim >= 2 and t.is_floating_point()
+            if matrix and (block is None or _divides(t.shape, block)):
+                tensors[name], tensors[name + "_scale_inv"] = quantize(t, block)
+            else:
+                tensors[name] = t
+        return tensors
+
+    rewrite_weights(model, out, quantized)
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": "fp8",
@@ -216,27 +221,11 @@ def test_an_fp8_model_runs_the_weights_map_decoded_and_clamps_exactly(
     """flashlens loads an FP8 checkpoint dequantized, whatever the device: its MLP weights
     are the ones `map` decoded, a clamp to a neuron's natural value leaves the logits as they
     were and a moved one does not; `prob` through the CLI gives the model's own logit."""
-    from flashlens import Neuron, clamp, load_model
-    from flashlens.intervene import record
+    from flashlens import Neuron
 
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     fp8 = fp8_copy(model, tmp_path / "fp8")
-    loaded = load_model(fp8, dtype="float32")
-    with ModelSource.open(fp8) as source:
-        for matrix in ("up", "gate", "down"):
-            W = neuron_weights(loaded.model, matrix, 1)  # (d_mlp, d_model), as the map's rows
-            assert torch.equal(W, source.neurons(matrix, 1))  # type: ignore[arg-type]
-    ids = loaded.tokenizer("Once upon a time", return_tensors="pt")
-    with torch.no_grad():
-        base = loaded.model(**ids).logits
-    neuron = Neuron(1, 5, "up")
-    with torch.no_grad(), record(loaded.model, [neuron]) as seen:
-        loaded.model(**ids)
-    natural = float(seen[neuron][0][0, -1])
-    with torch.no_grad(), clamp(loaded.model, neuron, value=natural, positions="last"):
-        torch.testing.assert_close(loaded.model(**ids).logits, base, rtol=0, atol=1e-6)
-    with torch.no_grad(), clamp(loaded.model, neuron, value=natural + 5, positions="last"):
-        assert float((loaded.model(**ids).logits - base).abs().max()) > 1e-3
+    check_runs_as_mapped(fp8, [Neuron(1, 5, "up")], moved_above=1e-3)
     assert main(["map", str(fp8), "-o", str(tmp_path / "a"), "--dtype", "float32"]) == 0
     capsys.readouterr()
     argv = ["prob", str(tmp_path / "a"), "up:1:5", " the", "--model", str(fp8), "--json"]
@@ -250,14 +239,6 @@ def test_an_fp8_model_runs_the_weights_map_decoded_and_clamps_exactly(
 
     page = TestClient(make_app(Atlas.open(tmp_path / "a"))).get("/").text
     assert "quantization" in page and "fp8 e4m3, 16 x 16 blocks" in page
-
-
-def _edit(path: Path, edit: Any) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize(
@@ -285,9 +266,9 @@ def test_bad_fp8_checkpoints_are_refused_in_one_line(
     qc = config["quantization_config"]
     name = "model.layers.1.mlp.up_proj.weight_scale_inv"
     if case == "no scales":
-        _edit(fp8, lambda t: t.pop(name))
+        edit_weights(fp8, lambda t: t.pop(name))
     elif case == "other grid":
-        _edit(fp8, lambda t: t.update({name: t[name][:, :1].contiguous()}))
+        edit_weights(fp8, lambda t: t.update({name: t[name][:, :1].contiguous()}))
     elif case == "no config":
         del config["quantization_config"]
         (fp8 / "config.json").write_text(json.dumps(config))

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from flashlens import Atlas, Neuron, clamp, load_model, map_model
+from flashlens import Atlas, Neuron, map_model
 from flashlens.cli import main
-from flashlens.intervene import record
-from flashlens.weights import ModelSource
 from flashlens.weights.checkpoint import Checkpoint
 from flashlens.weights.mxfp4 import Mxfp4Experts
 
-from .helpers import load_reference_model, make_model, neuron_weights
+from .helpers import (
+    check_runs_as_mapped,
+    edit_weights,
+    load_reference_model,
+    make_model,
+    neuron_weights,
+    rewrite_weights,
+)
 from .test_map_reference import check_exact
 
 # e2m1's 16 values by nibble, written out here independently of flashlens's table
@@ -51,19 +55,17 @@ def unpack(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def mxfp4_copy(model: Path, out: Path) -> Path:
     """A copy of gpt-oss `model` whose experts' tensors are packed, with config.json saying so
     as the hub's release does (attention, router, embedding and head unquantised)."""
-    from safetensors.torch import load_file, save_file
 
-    out.mkdir()
-    for f in model.iterdir():
-        if f.name != "model.safetensors":
-            (out / f.name).write_bytes(f.read_bytes())
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in load_file(model / "model.safetensors").items():
-        if name.endswith(PACKED):
-            tensors[name + "_blocks"], tensors[name + "_scales"] = pack(t)
-        else:
-            tensors[name] = t
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    def packed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            if name.endswith(PACKED):
+                tensors[name + "_blocks"], tensors[name + "_scales"] = pack(t)
+            else:
+                tensors[name] = t
+        return tensors
+
+    rewrite_weights(model, out, packed)
     config = json.loads((out / "config.json").read_text())
     skip = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens"]
     skip.append("lm_head")
@@ -129,31 +131,8 @@ def test_an_mxfp4_model_runs_the_weights_map_decoded_and_clamps_exactly(
     reads; a clamp of an expert's unit to its natural value leaves the logits as they were,
     and a moved one does not."""
     _, mx = models
-    loaded = load_model(mx, dtype="float32")
-    with ModelSource.open(mx) as source:
-        for matrix in ("up", "gate", "down"):
-            W = neuron_weights(loaded.model, matrix, 1)
-            assert torch.equal(W, source.neurons(matrix, 1))  # type: ignore[arg-type]
-    ids = loaded.tokenizer("Once upon a time", return_tensors="pt")
-    with torch.no_grad():
-        base = loaded.model(**ids).logits
     units = [Neuron(1, e * 32 + 5, "up") for e in range(4)]  # unit 5 of every expert
-    with torch.no_grad(), record(loaded.model, units) as seen:
-        loaded.model(**ids)
-    neuron = next(n for n in units if not seen[n][0][0, -1].isnan())  # (one routed to)
-    natural = float(seen[neuron][0][0, -1])
-    with torch.no_grad(), clamp(loaded.model, neuron, value=natural, positions="last"):
-        torch.testing.assert_close(loaded.model(**ids).logits, base, rtol=0, atol=1e-6)
-    with torch.no_grad(), clamp(loaded.model, neuron, value=natural + 5, positions="last"):
-        assert float((loaded.model(**ids).logits - base).abs().max()) > 1e-4
-
-
-def _rewrite(path: Path, edit: Any) -> None:
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(path / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    check_runs_as_mapped(mx, units, moved_above=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -170,9 +149,9 @@ def test_a_damaged_mxfp4_pack_is_refused_in_one_line(
     mx = mxfp4_copy(model, tmp_path / "mx")
     name = "model.layers.0.mlp.experts.down_proj_scales"
     if case == "no scales":
-        _rewrite(mx, lambda t: t.pop(name))
+        edit_weights(mx, lambda t: t.pop(name))
     else:
-        _rewrite(mx, lambda t: t.update({name: t[name][:, :1].contiguous()}))
+        edit_weights(mx, lambda t: t.update({name: t[name][:, :1].contiguous()}))
     capsys.readouterr()  # (the model's set-up)
     assert main(["map", str(mx), "-o", str(tmp_path / "a"), "--dtype", "float32"]) == 2
     err = capsys.readouterr().err
