@@ -259,10 +259,12 @@ class Family:
 def _setting(key: str, value: Any) -> str | None:
     """A refused config setting as the error names it; None for the kinds of quantisation
     flashlens reads (FP8 with block scales, MXFP4 experts: weights.quant checks the rest)."""
+    from ..weights.quant import READ  # (here: flashlens.weights imports the families)
+
     if key != "quantization_config":
         return key
     method = value.get("quant_method") if isinstance(value, Mapping) else None
-    return None if method in ("fp8", "mxfp4") else f"quantization_config (quant_method {method!r})"
+    return None if method in READ else f"quantization_config (quant_method {method!r})"
 
 
 def _mlp_tensor(prefix: str, matrix: Matrix, layer: int) -> str:
