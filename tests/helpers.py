@@ -509,14 +509,19 @@ _MODELS: dict[Path, Any] = {}
 
 def load_reference_model(model_dir: Path) -> Any:
     import transformers as tf
-    from transformers.utils.quantization_config import FineGrainedFP8Config, Mxfp4Config
+    from transformers.utils import quantization_config as qcs
 
     if model_dir not in _MODELS:
-        # a quantised checkpoint (FP8, MXFP4) dequantized by transformers itself, into fp32
-        # (into a bf16 model's own dtype the values would be rounded to bf16 first)
+        # a quantised checkpoint (FP8, compressed-tensors, MXFP4) dequantized by transformers
+        # itself, into fp32 (into a bf16 model's own dtype the values would be rounded to bf16
+        # first)
         qc = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
         method = str((qc or {}).get("quant_method"))
-        kind = {"fp8": FineGrainedFP8Config, "mxfp4": Mxfp4Config}.get(method)
+        kind = {
+            "fp8": qcs.FineGrainedFP8Config,
+            "compressed-tensors": qcs.CompressedTensorsConfig,
+            "mxfp4": qcs.Mxfp4Config,
+        }.get(method)
         kwargs: dict[str, Any] = {}
         if kind:
             kwargs = {"quantization_config": kind(dequantize=True), "dtype": torch.float32}

@@ -16,7 +16,7 @@ from flashlens import Atlas, map_model
 from flashlens.cli import main
 from flashlens.weights import ModelSource
 from flashlens.weights.checkpoint import Checkpoint
-from flashlens.weights.fp8 import Fp8Blocks
+from flashlens.weights.scaled import BlockScales
 
 from .helpers import (
     check_runs_as_mapped,
@@ -182,9 +182,9 @@ def test_the_reader_dequantizes_rows_columns_and_grids(
     slices (of a few rows here) that need not align with the blocks."""
     from safetensors.torch import save_file
 
-    from flashlens.weights import fp8
+    from flashlens.weights import scaled
 
-    monkeypatch.setattr(fp8, "SLICE_ENTRIES", 7 * 40)  # 7 rows of a matrix, 3 of two
+    monkeypatch.setattr(scaled, "SLICE_ENTRIES", 7 * 40)  # 7 rows of a matrix, 3 of two
 
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(48, 40, generator=gen)
@@ -200,7 +200,7 @@ def test_the_reader_dequantizes_rows_columns_and_grids(
     tensors = {"w": q, "w_scale_inv": s, "e": stacked_q, "e_scale_inv": stacked_s}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     want = dequantize(q, s, block)
-    with Checkpoint(tmp_path, Fp8Blocks(block)) as ck:
+    with Checkpoint(tmp_path, BlockScales((block or (None, None),))) as ck:
         assert ck.dtype("w") == torch.float32 and ck.quantized("w")
         assert torch.equal(ck.get("w"), want)
         assert torch.equal(ck.get("w", rows=(13, 37)), want[13:37])
@@ -244,13 +244,13 @@ def test_an_fp8_model_runs_the_weights_map_decoded_and_clamps_exactly(
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("no scales", "model.layers.1.mlp.up_proj.weight is stored in float8, but the checkpoint"),
-        ("other grid", "config.json's weight_block_size [16, 16] needs [3, 2]"),
+        ("no scales", "up_proj.weight is stored in float8_e4m3fn, but the checkpoint"),
+        ("other grid", "quantization_config (fp8 e4m3, 16 x 16 blocks) needs [3, 2]"),
         ("awq", "quantization_config (quant_method 'awq')"),
         ("fp4 experts", "expert_dtype 'fp4'"),
         ("e5m2", "fmt 'e5m2'"),
         ("bad block", "weight_block_size [16]"),
-        ("no config", "is stored in float8, but config.json has no FP8 quantization_config"),
+        ("no config", "is stored in float8_e4m3fn, but config.json has no quantization_config"),
     ],
 )
 def test_bad_fp8_checkpoints_are_refused_in_one_line(

@@ -142,7 +142,7 @@ class Family:
     # one, its text_config.
     when: tuple[tuple[str, Any], ...] = ()
     # Config keys this family cannot decode faithfully when set (truthy); of quantisations,
-    # FP8 with block scales and MXFP4 experts are read (weights.quant)
+    # 8-bit weights with scales and MXFP4 experts are read (weights.quant)
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
     def tensor(self, matrix: Matrix, layer: int, expert: int = 0) -> str:
@@ -251,14 +251,14 @@ class Family:
             raise UnsupportedModelError(
                 f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
                 "flashlens decodes unquantised floating-point checkpoints of the standard "
-                'layout, FP8 ("fp8") and MXFP4 ("mxfp4") ones: map the model\'s bf16, fp16 '
-                "or fp32 release instead"
+                'layout, FP8 ("fp8"), 8-bit compressed-tensors and MXFP4 ("mxfp4") ones: map '
+                "the model's bf16, fp16 or fp32 release instead"
             )
 
 
 def _setting(key: str, value: Any) -> str | None:
     """A refused config setting as the error names it; None for the kinds of quantisation
-    flashlens reads (FP8 with block scales, MXFP4 experts: weights.quant checks the rest)."""
+    flashlens reads (8-bit weights with scales, MXFP4 experts: weights.quant checks the rest)."""
     from ..weights.quant import READ  # (here: flashlens.weights imports the families)
 
     if key != "quantization_config":

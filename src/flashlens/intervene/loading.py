@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,15 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # flashlens draws its own; one line on errors
     try:
-        module: Any = _auto_class(source.folder).from_pretrained(
-            source.folder,
-            dtype=torch_dtype,
-            device_map=str(dev) if dev.type != "cpu" else None,
-            **_dequantized(source.config) if quantized else {},
-        )
+        with warnings.catch_warnings():  # (transformers warns that it merges our dequantize
+            # setting into the checkpoint's own quantization_config, as intended)
+            warnings.filterwarnings("ignore", "You passed `quantization_config`")
+            module: Any = _auto_class(source.folder).from_pretrained(
+                source.folder,
+                dtype=torch_dtype,
+                device_map=str(dev) if dev.type != "cpu" else None,
+                **_dequantized(source.config) if quantized else {},
+            )
     except (OSError, ValueError) as err:
         raise CheckpointError(f"transformers cannot load {model} ({err})") from None
     finally:
@@ -84,21 +88,30 @@ def load_model(model: str | Path, device: str = "auto", dtype: str = "auto") -> 
 
 
 def _dequantized(config: dict[str, Any]) -> dict[str, Any]:
-    """from_pretrained's arguments that load a quantised checkpoint (FP8, MXFP4) dequantized
-    into the model's dtype, on any device (transformers otherwise keeps quantised layers on
-    GPUs that run them): the model that runs is then the one `map` decoded, with plain modules
-    for the clamps' hooks."""
+    """from_pretrained's arguments that load a quantised checkpoint (FP8, compressed-tensors,
+    MXFP4) dequantized into the model's dtype, on any device (transformers otherwise keeps
+    quantised layers on GPUs that run them): the model that runs is then the one `map`
+    decoded, with plain modules for the clamps' hooks."""
     qc = config["quantization_config"]
+    method = qc.get("quant_method")
     skip = qc.get("modules_to_not_convert") or qc.get("ignored_layers")
     try:
-        from transformers.utils.quantization_config import FineGrainedFP8Config, Mxfp4Config
+        from transformers.utils import quantization_config as configs
 
-        kind = Mxfp4Config if qc.get("quant_method") == "mxfp4" else FineGrainedFP8Config
-        quant = kind(dequantize=True, modules_to_not_convert=skip)
-    except (ImportError, TypeError):  # (older versions: no such class, or no dequantize)
+        if method == "compressed-tensors":  # (its `ignore` list stays the checkpoint's)
+            import compressed_tensors  # noqa: F401  (transformers needs it to dequantize)
+
+            quant: Any = configs.CompressedTensorsConfig(dequantize=True)
+        else:
+            kind = configs.Mxfp4Config if method == "mxfp4" else configs.FineGrainedFP8Config
+            quant = kind(dequantize=True, modules_to_not_convert=skip)
+    except (ImportError, TypeError, AttributeError):  # (older versions: no such class, or no
+        # dequantize; compressed-tensors not installed)
+        ct = method == "compressed-tensors"
+        package = "transformers compressed-tensors" if ct else "transformers"
         raise FlashlensError(
-            f"running a {qc.get('quant_method')} checkpoint needs a transformers that "
-            "dequantizes it on load: pip install -U transformers"
+            f"running a {method} checkpoint needs a transformers that dequantizes it on load: "
+            f"pip install -U {package}"
         ) from None
     return {"quantization_config": quant}
 

@@ -5,8 +5,9 @@ the safetensors library and read through a memory map of their data: each tensor
 and its pages are then released from this process (madvise DONTNEED), so resident memory does
 not grow with the number of tensors read. `pytorch_model.bin` (single or sharded) is the
 fallback, loaded with `mmap=True`. The transformers model is never built here. In a quantised
-checkpoint (weights.quant) the quantised tensors are read dequantized: an FP8 one's float8
-weights in fp32, and an MXFP4 one's packed experts in bf16 (exact), under their unpacked names.
+checkpoint (weights.quant) the quantised tensors are read dequantized: 8-bit weights with
+scales (FP8, compressed-tensors) in fp32, and an MXFP4 one's packed experts in bf16 (exact),
+under their unpacked names.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 
 from .. import pages
 from ..errors import CheckpointError
-from .fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Blocks
 from .mxfp4 import BLOCKS, SCALES, Mxfp4Experts
+from .scaled import BlockScales
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -57,15 +58,17 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 class Checkpoint:
     """Tensor name -> lazily loaded tensor, over every weight file of a model folder.
 
-    quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): FP8's
-    float8 weights are then read dequantized, in fp32, and MXFP4's packed experts X_blocks and
+    quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): 8-bit
+    weights with scales (FP8, compressed-tensors) are then read dequantized, in fp32, and
+    MXFP4's packed experts X_blocks and
     X_scales read as one tensor X, unpacked, in bf16 (which holds them exactly). None: every
     tensor as stored."""
 
-    def __init__(self, folder: Path, quant: Fp8Blocks | Mxfp4Experts | None = None) -> None:
+    def __init__(self, folder: Path, quant: BlockScales | Mxfp4Experts | None = None) -> None:
         self.folder = folder
         self.quant = quant
-        self._fp8 = quant if isinstance(quant, Fp8Blocks) else None
+        self._fp8 = quant if isinstance(quant, BlockScales) else None
+        self._blocks: dict[str, tuple[int, int]] = {}  # quantized weight -> its scales' block
         self._packed: dict[str, tuple[int, ...]] = {}  # MXFP4: unpacked name -> its shape
         self._stack = ExitStack()
         self._where: dict[str, Path] = {}  # tensor name -> file
@@ -80,7 +83,7 @@ class Checkpoint:
         if not self._where:
             for file in files:
                 self._open_bin(file)
-        if self._fp8 is not None:  # every float8 weight's scales, before any is read
+        if self._fp8 is not None:  # every quantized weight's scales, before any is read
             for name in self._where:
                 if self.quantized(name):
                     self._scale_of(name)
@@ -168,7 +171,7 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `get` returns: the stored one, from the header where there is one (no
-        data read); fp32 for a float8 weight read dequantized, bf16 for MXFP4's packed
+        data read); fp32 for an 8-bit weight read dequantized, bf16 for MXFP4's packed
         experts."""
         if name in self._packed:
             return torch.bfloat16
@@ -184,13 +187,13 @@ class Checkpoint:
         return self._read(name, None, None).dtype
 
     def quantized(self, name: str, stored: torch.dtype | None = None) -> bool:
-        """Whether tensor `name` reads dequantized: a float8 weight of an FP8 checkpoint, or
-        an MXFP4 checkpoint's packed experts."""
+        """Whether tensor `name` reads dequantized: an 8-bit weight of a checkpoint with
+        scales (FP8, compressed-tensors), or an MXFP4 checkpoint's packed experts."""
         if name in self._packed:
             return True
-        if self._fp8 is None or name.endswith(SCALE_SUFFIX):
+        if self._fp8 is None or name.endswith(self._fp8.suffix):
             return False
-        return (stored or self._stored_dtype(name)) in FP8_DTYPES
+        return (stored or self._stored_dtype(name)) in self._fp8.values
 
     def get(
         self, name: str, dtype: torch.dtype | None = None, rows: tuple[int, int] | None = None
@@ -211,24 +214,30 @@ class Checkpoint:
         stacked = len(self.shape(name)) > 2  # (experts first: rows are experts)
         if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
             s = s[rows[0] : rows[1]]
-        W = self._fp8.dequantize(q, s, row0=rows[0] if rows is not None and not stacked else 0)
+        row0 = rows[0] if rows is not None and not stacked else 0
+        W = self._fp8.dequantize(q, s, self._blocks[name], row0, self._fp8.rounds(name))
         return W if dtype in (None, torch.float32) else W.to(dtype)
 
     def _scales(self, name: str) -> torch.Tensor:
-        """The block scales of float8 weight `name`."""
+        """The scales of quantized weight `name`."""
         return self._read(self._scale_of(name), None, None)
 
     def _scale_of(self, name: str) -> str:
-        """The name of float8 weight `name`'s scales, checked against its shape."""
-        scale = name + SCALE_SUFFIX
+        """The name of quantized weight `name`'s scales, checked against its shape."""
+        assert self._fp8 is not None
+        scale = name + self._fp8.suffix
         if scale not in self._where:
+            stored = str(self._stored_dtype(name)).removeprefix("torch.")
             raise CheckpointError(
-                f"tensor {name} is stored in float8, but the checkpoint at {self.folder} has no "
-                f"{scale} (its scales) beside it: a shard may be missing or damaged; download "
-                "the model again"
+                f"tensor {name} is stored in {stored}, but the checkpoint at {self.folder} "
+                f"has no {scale} (its scales) beside it: a shard may be missing or damaged; "
+                "download the model again"
             )
-        if self._fp8 is not None:
-            self._fp8.check(name, self.shape(name), self.shape(scale))
+        if name not in self._blocks:
+            shape = self.shape(name)
+            block = self._fp8.block(name, shape, self.shape(scale))
+            self._fp8.check_experts(name, shape, self._stored_dtype(name), block)
+            self._blocks[name] = block
         return scale
 
     def _read(
@@ -261,7 +270,9 @@ class Checkpoint:
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
         if self._fp8 is not None and self.quantized(name, out.dtype):
-            return self._fp8.dequantize_index(out, self._scales(name), index, dim)
+            s = self._scales(name)
+            block, rounded = self._blocks[name], self._fp8.rounds(name)
+            return self._fp8.dequantize_index(out, s, block, index, dim, rounded)
         return out
 
     def fingerprint(self, skip: Callable[[str], bool] = lambda name: False) -> str:

@@ -18,8 +18,8 @@ from ..errors import CheckpointError, NeuronError, UnsupportedModelError
 from ..families import Family, Matrix, family_for
 from . import quant
 from .checkpoint import Checkpoint
-from .fp8 import FP8_DTYPES
 from .resolve import resolve_model
+from .scaled import FP8_DTYPES
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -503,11 +503,13 @@ class ModelSource:
             got = self.checkpoint.shape(name)
             if got != shape:
                 raise CheckpointError(f"tensor {name} has shape {got}, config implies {shape}")
-            if self.checkpoint.dtype(name) in FP8_DTYPES:  # (read as stored: no scheme)
+            stored = self.checkpoint.dtype(name)  # (as read: 8-bit only where no scheme reads it)
+            if stored in (*FP8_DTYPES, torch.int8, torch.uint8):
                 raise CheckpointError(
-                    f"tensor {name} is stored in float8, but config.json has no FP8 "
-                    "quantization_config saying how it is scaled: restore the model's own "
-                    "config.json, or map its bf16 release"
+                    f"tensor {name} is stored in {str(stored).removeprefix('torch.')}, but "
+                    "config.json has no quantization_config saying how it is scaled (or one "
+                    "that does not cover it): restore the model's own config.json, or map its "
+                    "bf16 release"
                 )
 
     def close(self) -> None:

@@ -1,0 +1,309 @@
+"""compressed-tensors checkpoints (quantization_config quant_method "compressed-tensors",
+llm-compressor's 8-bit formats: float8 e4m3 or int8 weights with one scale per tensor, output
+channel, group or block, as Red Hat AI's FP8 and W8A8 releases ship): `map` decodes the
+dequantized weights the model runs with, checked against transformers' own loading of the same
+files (which calls the compressed-tensors library); `clamp` runs that model; what is not read is
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from flashlens import Atlas, Neuron, map_model
+from flashlens.cli import main
+from flashlens.weights import ModelSource
+from flashlens.weights.checkpoint import Checkpoint
+from flashlens.weights.quant import scheme
+
+from .helpers import (
+    check_runs_as_mapped,
+    edit_weights,
+    load_reference_model,
+    make_model,
+    matrices_of,
+    neuron_weights,
+    rewrite_weights,
+)
+from .test_map_reference import check_exact
+
+Q_MAX = {"float": 448.0, "int": 127.0}  # the largest float8 e4m3 and int8 magnitudes
+
+
+def scale_shape(shape: tuple[int, ...], strategy: str, size: Any) -> tuple[int, ...]:
+    """The scale tensor compressed-tensors stores for a weight (R, C) in `strategy`."""
+    R, C = shape
+    if strategy == "tensor":
+        return (1,)
+    if strategy == "channel":
+        return (R, 1)
+    if strategy == "group":
+        return (R, -(-C // size))
+    return (-(-R // size[0]), -(-C // size[1]))
+
+
+def quantize(
+    W: torch.Tensor, kind: str, strategy: str, size: Any, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (R, C) as 8-bit values and scales in `scale_dtype`, one per `strategy` block (the
+    largest magnitude of each block maps to the format's largest value), computed as
+    compressed-tensors' own quantize() computes them."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+    R, C = W.shape
+    grid = scale_shape((R, C), strategy, size)
+    bm, bn = (
+        (R, C)
+        if strategy == "tensor"
+        else (1, C)
+        if strategy == "channel"
+        else ((1, size) if strategy == "group" else tuple(size))
+    )
+    rows, cols = torch.arange(R) // bm, torch.arange(C) // bn
+    amax = torch.zeros(grid if len(grid) == 2 else (1, 1))
+    for i in range(amax.shape[0]):
+        for j in range(amax.shape[1]):
+            amax[i, j] = W[rows == i][:, cols == j].abs().amax()
+    s = (amax.clamp(min=1e-12) / Q_MAX[kind]).to(scale_dtype).reshape(grid)
+    args = QuantizationArgs(
+        num_bits=8,
+        type=kind,
+        strategy=strategy,
+        symmetric=True,
+        group_size=size if strategy == "group" else None,
+        block_structure=list(size) if strategy == "block" else None,
+    )
+    q = ct_quantize(W.to(scale_dtype), s, None, args, dtype=args.pytorch_dtype())
+    return q, s
+
+
+def ct_copy(
+    model: Path,
+    out: Path,
+    kind: str = "float",
+    strategy: str = "channel",
+    size: Any = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    **weights: Any,
+) -> Path:
+    """A copy of `model` whose decoder-layer Linear weights (attention, MLP, experts) are
+    stored as compressed-tensors does, `name` 8-bit beside `name_scale`, with the
+    quantization_config llm-compressor writes (the embedding, norms and LM-head stay)."""
+
+    def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in state.items():
+            if ".layers." in name and t.ndim == 2 and "norm" not in name:
+                q, s = quantize(t.float(), kind, strategy, size, scale_dtype)
+                tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, s
+            else:
+                tensors[name] = t
+        return tensors
+
+    rewrite_weights(model, out, quantized)
+    config = json.loads((out / "config.json").read_text())
+    w = {
+        "num_bits": 8,
+        "type": kind,
+        "strategy": strategy,
+        "symmetric": True,
+        "dynamic": False,
+        "group_size": size if strategy == "group" else None,
+        "block_structure": list(size) if strategy == "block" else None,
+        "observer": "minmax",
+        **weights,
+    }
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized" if kind == "float" else "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": w,
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": kind,
+                    "strategy": "token",
+                    "dynamic": True,
+                    "symmetric": True,
+                },
+                "output_activations": None,
+            }
+        },
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+CHANNEL = "fp8 e4m3, one scale per output channel"
+CASES = [  # (family, kind, strategy, size, scale dtype, as atlas.json describes it)
+    ("llama", "float", "channel", None, torch.bfloat16, CHANNEL),
+    ("llama", "int", "channel", None, torch.float32, "int8, one scale per output channel"),
+    ("llama", "float", "tensor", None, torch.float32, "fp8 e4m3, one scale per tensor"),
+    ("llama", "int", "group", 16, torch.bfloat16, "int8, one scale per 16 columns of a row"),
+    ("llama", "float", "block", (16, 16), torch.float16, "fp8 e4m3, 16 x 16 blocks"),
+    ("qwen3_moe", "float", "channel", None, torch.bfloat16, CHANNEL),
+    # (a shared expert's products rounded to bf16, the routed experts' not, as transformers)
+    ("qwen2_moe", "float", "channel", None, torch.bfloat16, CHANNEL),
+    ("mixtral", "float", "tensor", None, torch.float32, "fp8 e4m3, one scale per tensor"),
+]
+
+
+@pytest.mark.parametrize(("family", "kind", "strategy", "size", "scale_dtype", "described"), CASES)
+def test_a_compressed_tensors_map_decodes_the_weights_transformers_dequantizes(
+    tmp_path: Path,
+    family: str,
+    kind: str,
+    strategy: str,
+    size: Any,
+    scale_dtype: torch.dtype,
+    described: str,
+) -> None:
+    """Every decoded neuron of every matrix and layer equals softmax(lm_head(norm(w))) with w
+    the weight of transformers' own model loaded from the compressed-tensors files
+    (dequantized on this CPU by the compressed-tensors library), to 1e-5, for float8 and int8
+    values, each strategy, and scales in bf16, fp16 (products rounded to them, as the library
+    does) and fp32; the atlas says how the weights were stored. The weights are really
+    quantised: near the original model's, and not equal to them."""
+    model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct", kind, strategy, size, scale_dtype)
+    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.quantization == described
+    for matrix in matrices_of(family):
+        for layer in (0, 1):
+            check_exact(atlas, ct, matrix, layer, "model")
+    W = neuron_weights(load_reference_model(ct), "up", 1)
+    W0 = neuron_weights(load_reference_model(model), "up", 1)
+    assert not torch.equal(W, W0)
+    assert float((W - W0).abs().max()) <= float(W0.abs().max()) / 8
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_reader_rounds_products_to_the_scales_dtype(
+    tmp_path: Path, scale_dtype: torch.dtype
+) -> None:
+    """Checkpoint.get (whole, a range of rows) and gather (rows, columns) of an int8 weight
+    with one scale per group of 8 columns equal compressed-tensors' formula written here on
+    its own, q.to(s.dtype) * s in the scale's dtype, read back in fp32; with bf16 scales that
+    differs from the fp32 product (so the rounding is really done)."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)
+    s = (torch.rand(24, 5, generator=gen) * 1e-2 + 1e-3).to(scale_dtype)
+    save_file({"w": q, "w_scale": s}, str(tmp_path / "model.safetensors"))
+    want = (q.to(s.dtype) * s.repeat_interleave(8, dim=1)).float()
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "config_groups": {
+            "g": {"weights": {"num_bits": 8, "type": "int", "strategy": "group", "group_size": 8}}
+        },
+    }
+    with Checkpoint(tmp_path, scheme({"quantization_config": qc})) as ck:
+        assert ck.dtype("w") == torch.float32 and ck.quantized("w")
+        assert torch.equal(ck.get("w"), want)
+        assert torch.equal(ck.get("w", rows=(5, 19)), want[5:19])
+        index = torch.tensor([23, 0, 9, 8])
+        assert torch.equal(ck.gather("w", index), want[index])
+        assert torch.equal(ck.gather("w", index, dim=1), want[:, index])
+    exact = q.float() * s.float().repeat_interleave(8, dim=1)
+    assert torch.equal(want, exact) == (scale_dtype == torch.float32)
+
+
+def test_a_compressed_tensors_model_runs_the_weights_map_decoded_and_clamps_exactly(
+    tmp_path: Path,
+) -> None:
+    """flashlens loads a compressed-tensors (W8A8 int8) checkpoint dequantized: its MLP
+    weights are the ones `map` decoded, a clamp to a neuron's natural value leaves the logits
+    as they were and a moved one does not; the run dtype comes from config.json."""
+    model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct", "int", "channel")
+    check_runs_as_mapped(ct, [Neuron(1, 5, "up")], moved_above=1e-3)
+    with ModelSource.open(ct) as source:
+        assert source.dtype == torch.float32
+        assert source.quantization == "int8, one scale per output channel"
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("4-bit", "compressed-tensors weights (int 4-bit, format 'pack-quantized')"),
+        ("asymmetric", "asymmetric compressed-tensors weights (float 8-bit"),
+        ("tensor_group", "with strategy 'tensor_group'"),
+        ("sparse", "has a sparsity_config"),
+        ("no scales", "up_proj.weight is stored in float8_e4m3fn, but the checkpoint"),
+        ("other grid", "(fp8 e4m3, one scale per output channel) needs [48, 1]"),
+    ],
+)
+def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    """Packed 4-bit weights, zero points, a strategy not read, sparse formats, a missing or
+    mis-shaped scale tensor: exit 2, one line saying what is wrong and what to do, no
+    traceback, and no atlas left behind."""
+    model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct")
+    config = json.loads((ct / "config.json").read_text())
+    qc = config["quantization_config"]
+    w = qc["config_groups"]["group_0"]["weights"]
+    name = "model.layers.1.mlp.up_proj.weight_scale"
+    if case == "no scales":
+        edit_weights(ct, lambda t: t.pop(name))
+    elif case == "other grid":
+        edit_weights(ct, lambda t: t.update({name: t[name][:-1].contiguous()}))
+    else:
+        if case == "4-bit":
+            qc["format"], w["num_bits"], w["type"] = "pack-quantized", 4, "int"
+        elif case == "asymmetric":
+            w["symmetric"] = False
+        elif case == "tensor_group":
+            w["strategy"] = "tensor_group"
+        else:
+            qc["sparsity_config"] = {"format": "sparse-24-bitmask"}
+        (ct / "config.json").write_text(json.dumps(config))
+    argv = ["map", str(ct), "-o", str(tmp_path / "a"), "--dtype", "float32"]
+    capsys.readouterr()  # (the model's set-up)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a" / "atlas.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "strategy", "size", "message"),
+    [
+        ("qwen3_moe", "int", "channel", None, "routed expert stored in int8 with 1 x"),
+        ("deepseek_v3", "float", "block", (16, 16), "stored in float8_e4m3fn with 16 x 16 scale"),
+    ],
+)
+def test_experts_transformers_cannot_load_are_refused(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    family: str,
+    kind: str,
+    strategy: str,
+    size: Any,
+    message: str,
+) -> None:
+    """Routed experts in int8, or with block scales, which transformers (5.25) fails to load
+    dequantized (so no model would run the weights a map decoded): refused in one line before
+    any work, naming the tensor (float8 experts with channel or tensor scales map, above)."""
+    model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct", kind, strategy, size)
+    capsys.readouterr()
+    assert main(["map", str(ct), "-o", str(tmp_path / "a"), "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and ".experts." in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a" / "atlas.json").exists()
