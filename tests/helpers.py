@@ -749,3 +749,17 @@ def check_runs_as_mapped(model: Path, candidates: list[Any], moved_above: float)
         torch.testing.assert_close(loaded.model(**ids).logits, base, rtol=0, atol=1e-6)
     with torch.no_grad(), clamp(loaded.model, neuron, value=natural + 5, positions="last"):
         assert float((loaded.model(**ids).logits - base).abs().max()) > moved_above
+
+
+def check_map_refused(model: Path, out: Path, capsys: Any, message: str) -> str:
+    """`flashlens map model -o out` exits 2 with one line holding `message`, no traceback,
+    and leaves no atlas at `out`; returns that line."""
+    from flashlens.cli import main
+
+    capsys.readouterr()  # (the model's set-up)
+    assert main(["map", str(model), "-o", str(out), "--dtype", "float32"]) == 2
+    err: str = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "atlas.json").exists()
+    return err

@@ -466,3 +466,20 @@ def test_a_stored_probability_that_underflowed_to_zero_is_not_a_mismatch() -> No
     flipped = Stored(np.array([1.0]), np.array([[3, 1, 2]]), np.array([[1.0, 0.0, 0.0]]))
     with pytest.raises(AtlasError, match="neuron 0 decodes to other probabilities"):
         _check_probs(source, "up", 0, 0, lp, flipped)
+
+
+def check_compare_exact(a: Path, b: Path, out: Path) -> float:
+    """`compare` of model folders a and b (3 matrices, 2 layers) equals brute force over the
+    two models' own distributions, neuron by neuron; returns the overall divergence."""
+    result = compare(a, b, out=out, compile="off")
+    assert result.exact
+    for matrix in ("up", "gate", "down"):
+        for layer in (0, 1):
+            P, Q = reference_probs(a, matrix, layer), reference_probs(b, matrix, layer)
+            bf = brute_force(P, Q, result.top_k)
+            sel = rows(result, matrix, layer)
+            assert np.array_equal(result.neurons.same_top1[sel], bf["same_top1"])
+            np.testing.assert_allclose(result.neurons.jsd[sel], bf["jsd"], atol=2e-6)
+    overall = result.figures()
+    assert overall.jsd is not None
+    return float(overall.jsd)

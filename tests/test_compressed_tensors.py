@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from flashlens import Atlas, Neuron, map_model
-from flashlens.cli import main
 from flashlens.weights import ModelSource
 from flashlens.weights.checkpoint import Checkpoint
 from flashlens.weights.quant import scheme
 
 from .helpers import (
+    check_map_refused,
     check_runs_as_mapped,
     edit_weights,
     load_reference_model,
@@ -31,7 +31,8 @@ from .helpers import (
 )
 from .test_map_reference import check_exact
 
-Q_MAX = {"float": 448.0, "int": 127.0}  # the largest float8 e4m3 and int8 magnitudes
+# the largest float8 e4m3, int8 and int4 magnitudes ("int4": pack-quantized, W4A16)
+Q_MAX = {"float": 448.0, "int": 127.0, "int4": 7.0}
 
 
 def scale_shape(shape: tuple[int, ...], strategy: str, size: Any) -> tuple[int, ...]:
@@ -49,9 +50,9 @@ def scale_shape(shape: tuple[int, ...], strategy: str, size: Any) -> tuple[int, 
 def quantize(
     W: torch.Tensor, kind: str, strategy: str, size: Any, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (R, C) as 8-bit values and scales in `scale_dtype`, one per `strategy` block (the
-    largest magnitude of each block maps to the format's largest value), computed as
-    compressed-tensors' own quantize() computes them."""
+    """W (R, C) as 8-bit (kind "int4": 4-bit) values and scales in `scale_dtype`, one per
+    `strategy` block (the largest magnitude of each block maps to the format's largest value),
+    computed as compressed-tensors' own quantize() computes them."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
@@ -71,8 +72,8 @@ def quantize(
             amax[i, j] = W[rows == i][:, cols == j].abs().amax()
     s = (amax.clamp(min=1e-12) / Q_MAX[kind]).to(scale_dtype).reshape(grid)
     args = QuantizationArgs(
-        num_bits=8,
-        type=kind,
+        num_bits=4 if kind == "int4" else 8,
+        type="float" if kind == "float" else "int",
         strategy=strategy,
         symmetric=True,
         group_size=size if strategy == "group" else None,
@@ -92,15 +93,23 @@ def ct_copy(
     **weights: Any,
 ) -> Path:
     """A copy of `model` whose decoder-layer Linear weights (attention, MLP, experts) are
-    stored as compressed-tensors does, `name` 8-bit beside `name_scale`, with the
-    quantization_config llm-compressor writes (the embedding, norms and LM-head stay)."""
+    stored as compressed-tensors does, `name` 8-bit beside `name_scale` (kind "int4":
+    `name_packed`, 4-bit values packed in int32 words by compressed-tensors' own
+    pack_to_int32, and `name_shape`), with the quantization_config llm-compressor writes (the
+    embedding, norms and LM-head stay)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name, t in state.items():
             if ".layers." in name and t.ndim == 2 and "norm" not in name:
                 q, s = quantize(t.float(), kind, strategy, size, scale_dtype)
-                tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, s
+                tensors[name.replace(".weight", ".weight_scale")] = s
+                if kind == "int4":
+                    tensors[name + "_packed"] = pack_to_int32(q, 4)
+                    tensors[name + "_shape"] = torch.tensor(list(t.shape))
+                else:
+                    tensors[name] = q
             else:
                 tensors[name] = t
         return tensors
@@ -108,8 +117,8 @@ def ct_copy(
     rewrite_weights(model, out, quantized)
     config = json.loads((out / "config.json").read_text())
     w = {
-        "num_bits": 8,
-        "type": kind,
+        "num_bits": 4 if kind == "int4" else 8,
+        "type": "float" if kind == "float" else "int",
         "strategy": strategy,
         "symmetric": True,
         "dynamic": False,
@@ -120,13 +129,15 @@ def ct_copy(
     }
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
-        "format": "float-quantized" if kind == "float" else "int-quantized",
+        "format": {"float": "float-quantized", "int": "int-quantized"}.get(kind, "pack-quantized"),
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
                 "weights": w,
-                "input_activations": {
+                "input_activations": None
+                if kind == "int4"  # (W4A16)
+                else {
                     "num_bits": 8,
                     "type": kind,
                     "strategy": "token",
@@ -154,6 +165,11 @@ CASES = [  # (family, kind, strategy, size, scale dtype, as atlas.json describes
     # (a shared expert's products rounded to bf16, the routed experts' not, as transformers)
     ("qwen2_moe", "float", "channel", None, torch.bfloat16, CHANNEL),
     ("mixtral", "float", "tensor", None, torch.float32, "fp8 e4m3, one scale per tensor"),
+    # W4A16: int4 values packed in int32 words, a scale per group of a row's columns
+    ("llama", "int4", "group", 16, torch.bfloat16, "int4, one scale per 16 columns of a row"),
+    ("qwen2", "int4", "channel", None, torch.float16, "int4, one scale per output channel"),
+    # (packed experts: dequantized by the library, rounded to the scales' dtype)
+    ("deepseek_v3", "int4", "group", 16, torch.bfloat16, "int4, one scale per 16 columns of a row"),
 ]
 
 
@@ -220,50 +236,103 @@ def test_the_reader_rounds_products_to_the_scales_dtype(
     assert torch.equal(want, exact) == (scale_dtype == torch.float32)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int) -> None:
+    """A pack-quantized weight (int4 or int8 values in int32 words, packed by compressed-
+    tensors' own pack_to_int32, 37 columns so the last word is padded) reads as the library's
+    own unpack_from_int32 times its group scales: whole, a range of rows, gathered rows (from
+    their words alone) and columns; its shape is the stored X_shape."""
+    from compressed_tensors.compressors.pack_quantized.helpers import (
+        pack_to_int32,
+        unpack_from_int32,
+    )
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.randint(lo, hi, (24, 37), generator=gen, dtype=torch.int8)
+    s = (torch.rand(24, 5, generator=gen) * 1e-2 + 1e-3).bfloat16()  # groups of 8 columns
+    words = pack_to_int32(q, bits)
+    assert torch.equal(unpack_from_int32(words, bits, q.shape), q)
+    tensors = {"w_packed": words, "w_shape": torch.tensor([24, 37]), "w_scale": s}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    want = (q.to(s.dtype) * s.repeat_interleave(8, dim=1)[:, :37]).float()
+    weights = {"num_bits": bits, "type": "int", "strategy": "group", "group_size": 8}
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"g": {"weights": weights}},
+    }
+    with Checkpoint(tmp_path, scheme({"quantization_config": qc})) as ck:
+        assert "w" in ck and ck.shape("w") == (24, 37) and ck.dtype("w") == torch.float32
+        assert torch.equal(ck.get("w"), want)
+        assert torch.equal(ck.get("w", rows=(5, 19)), want[5:19])
+        index = torch.tensor([23, 0, 9, 8])
+        assert torch.equal(ck.gather("w", index), want[index])
+        assert torch.equal(ck.gather("w", index, dim=1), want[:, index])
+
+
+@pytest.mark.parametrize("kind", ["int", "int4"])
 def test_a_compressed_tensors_model_runs_the_weights_map_decoded_and_clamps_exactly(
-    tmp_path: Path,
+    tmp_path: Path, kind: str
 ) -> None:
-    """flashlens loads a compressed-tensors (W8A8 int8) checkpoint dequantized: its MLP
-    weights are the ones `map` decoded, a clamp to a neuron's natural value leaves the logits
-    as they were and a moved one does not; the run dtype comes from config.json."""
+    """flashlens loads a compressed-tensors (W8A8 int8, W4A16 packed int4) checkpoint
+    dequantized: its MLP weights are the ones `map` decoded, a clamp to a neuron's natural
+    value leaves the logits as they were and a moved one does not."""
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
-    ct = ct_copy(model, tmp_path / "ct", "int", "channel")
+    ct = ct_copy(model, tmp_path / "ct", kind, "channel")
     check_runs_as_mapped(ct, [Neuron(1, 5, "up")], moved_above=1e-3)
     with ModelSource.open(ct) as source:
         assert source.dtype == torch.float32
-        assert source.quantization == "int8, one scale per output channel"
+        label = {"int": "int8", "int4": "int4"}[kind]
+        assert source.quantization == f"{label}, one scale per output channel"
 
 
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("4-bit", "compressed-tensors weights (int 4-bit, format 'pack-quantized')"),
+        ("nvfp4", "compressed-tensors weights (float 4-bit, format 'nvfp4-pack-quantized')"),
+        ("actorder", "with actorder 'group' (groups in activation order"),
         ("asymmetric", "asymmetric compressed-tensors weights (float 8-bit"),
         ("tensor_group", "with strategy 'tensor_group'"),
         ("sparse", "has a sparsity_config"),
         ("no scales", "up_proj.weight is stored in float8_e4m3fn, but the checkpoint"),
         ("other grid", "(fp8 e4m3, one scale per output channel) needs [48, 1]"),
+        ("no shape", "up_proj.weight_packed has no model.layers.1.mlp.up_proj.weight_shape"),
+        ("other words", "up_proj.weight_packed [48, 3] does not hold a weight of shape [48, 32]"),
+        ("g_idx", "up_proj.weight_g_idx: groups in activation order (a g_idx) are not read"),
     ],
 )
 def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
 ) -> None:
-    """Packed 4-bit weights, zero points, a strategy not read, sparse formats, a missing or
-    mis-shaped scale tensor: exit 2, one line saying what is wrong and what to do, no
-    traceback, and no atlas left behind."""
+    """FP4 weights, groups in activation order, zero points, a strategy not read, sparse
+    formats, a missing or mis-shaped scale tensor, a packed weight without its shape or whose
+    words do not hold it, a g_idx tensor: exit 2, one line saying what is wrong and what to
+    do, no traceback, and no atlas left behind."""
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
-    ct = ct_copy(model, tmp_path / "ct")
+    packed = case in ("no shape", "other words", "g_idx")
+    ct = ct_copy(model, tmp_path / "ct", "int4" if packed else "float", "channel")
     config = json.loads((ct / "config.json").read_text())
     qc = config["quantization_config"]
     w = qc["config_groups"]["group_0"]["weights"]
     name = "model.layers.1.mlp.up_proj.weight_scale"
-    if case == "no scales":
+    X = "model.layers.1.mlp.up_proj.weight"
+    if case == "no shape":
+        edit_weights(ct, lambda t: t.pop(X + "_shape"))
+    elif case == "other words":
+        edit_weights(ct, lambda t: t.update({X + "_packed": t[X + "_packed"][:, :3].clone()}))
+    elif case == "g_idx":
+        edit_weights(ct, lambda t: t.update({X + "_g_idx": torch.arange(32) // 16}))
+    elif case == "no scales":
         edit_weights(ct, lambda t: t.pop(name))
     elif case == "other grid":
         edit_weights(ct, lambda t: t.update({name: t[name][:-1].contiguous()}))
     else:
-        if case == "4-bit":
-            qc["format"], w["num_bits"], w["type"] = "pack-quantized", 4, "int"
+        if case == "nvfp4":
+            qc["format"], w["num_bits"] = "nvfp4-pack-quantized", 4
+        elif case == "actorder":
+            w["actorder"] = "group"
         elif case == "asymmetric":
             w["symmetric"] = False
         elif case == "tensor_group":
@@ -271,13 +340,7 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
         else:
             qc["sparsity_config"] = {"format": "sparse-24-bitmask"}
         (ct / "config.json").write_text(json.dumps(config))
-    argv = ["map", str(ct), "-o", str(tmp_path / "a"), "--dtype", "float32"]
-    capsys.readouterr()  # (the model's set-up)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "a" / "atlas.json").exists()
+    check_map_refused(ct, tmp_path / "a", capsys, message)
 
 
 @pytest.mark.parametrize(
@@ -296,14 +359,21 @@ def test_experts_transformers_cannot_load_are_refused(
     size: Any,
     message: str,
 ) -> None:
-    """Routed experts in int8, or with block scales, which transformers (5.25) fails to load
-    dequantized (so no model would run the weights a map decoded): refused in one line before
-    any work, naming the tensor (float8 experts with channel or tensor scales map, above)."""
+    """Routed experts in int8 (unpacked), or in float8 with block scales, which transformers
+    (5.25) fails to load dequantized (so no model would run the weights a map decoded):
+    refused in one line before any work, naming the tensor (float8 experts with channel or
+    tensor scales, and packed ones, map: above)."""
     model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
     ct = ct_copy(model, tmp_path / "ct", kind, strategy, size)
-    capsys.readouterr()
-    assert main(["map", str(ct), "-o", str(tmp_path / "a"), "--dtype", "float32"]) == 2
-    err = capsys.readouterr().err
-    assert message in err and ".experts." in err, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "a" / "atlas.json").exists()
+    assert ".experts." in check_map_refused(ct, tmp_path / "a", capsys, message)
+
+
+def test_a_model_compares_with_its_w4a16_release(tmp_path: Path) -> None:
+    """`compare` takes a model and its W4A16 copy: each neuron's figures equal brute force
+    over the two models' own distributions (transformers' dequantized one for the copy), and
+    int4's rounding shows as a nonzero divergence."""
+    from .test_compare import check_compare_exact
+
+    model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
+    w4 = ct_copy(model, tmp_path / "w4", "int4", "group", 16)
+    assert check_compare_exact(model, w4, tmp_path / "cmp") > 1e-4

@@ -19,6 +19,7 @@ from flashlens.weights.checkpoint import Checkpoint
 from flashlens.weights.scaled import BlockScales
 
 from .helpers import (
+    check_map_refused,
     check_runs_as_mapped,
     edit_weights,
     load_reference_model,
@@ -282,36 +283,15 @@ def test_bad_fp8_checkpoints_are_refused_in_one_line(
             }[case]
         )
         (fp8 / "config.json").write_text(json.dumps(config))
-    argv = ["map", str(fp8), "-o", str(tmp_path / "a"), "--dtype", "float32"]
-    capsys.readouterr()  # (the model's set-up)
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err, err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "a" / "atlas.json").exists()
+    check_map_refused(fp8, tmp_path / "a", capsys, message)
 
 
 def test_a_model_compares_with_its_fp8_release(tmp_path: Path) -> None:
     """`compare` takes a model and its FP8 copy (the same architecture, other weights): each
     neuron's figures equal brute force over the two models' own distributions, and the FP8
     rounding shows as a nonzero divergence."""
-    import numpy as np
-
-    from flashlens import compare
-
-    from .helpers import reference_probs
-    from .test_compare import brute_force, rows
+    from .test_compare import check_compare_exact
 
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     fp8 = fp8_copy(model, tmp_path / "fp8")
-    result = compare(model, fp8, out=tmp_path / "cmp", compile="off")
-    assert result.exact
-    for matrix in ("up", "gate", "down"):
-        for layer in (0, 1):
-            P, Q = reference_probs(model, matrix, layer), reference_probs(fp8, matrix, layer)
-            bf = brute_force(P, Q, result.top_k)
-            sel = rows(result, matrix, layer)
-            assert np.array_equal(result.neurons.same_top1[sel], bf["same_top1"])
-            np.testing.assert_allclose(result.neurons.jsd[sel], bf["jsd"], atol=2e-6)
-    overall = result.figures()
-    assert overall.jsd is not None and overall.jsd > 1e-6
+    assert check_compare_exact(model, fp8, tmp_path / "cmp") > 1e-6

@@ -251,7 +251,7 @@ class Family:
             raise UnsupportedModelError(
                 f"{self.name} config has unsupported settings: {'; '.join(bad)}. "
                 "flashlens decodes unquantised floating-point checkpoints of the standard "
-                'layout, FP8 ("fp8"), 8-bit compressed-tensors and MXFP4 ("mxfp4") ones: map '
+                'layout, FP8 ("fp8"), compressed-tensors and MXFP4 ("mxfp4") ones: map '
                 "the model's bf16, fp16 or fp32 release instead"
             )
 

@@ -27,9 +27,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .. import pages
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from .mxfp4 import BLOCKS, SCALES, Mxfp4Experts
-from .scaled import BlockScales
+from .scaled import G_IDX, PACKED, SHAPE, BlockScales, unpack
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -58,18 +58,19 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 class Checkpoint:
     """Tensor name -> lazily loaded tensor, over every weight file of a model folder.
 
-    quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): 8-bit
-    weights with scales (FP8, compressed-tensors) are then read dequantized, in fp32, and
-    MXFP4's packed experts X_blocks and
-    X_scales read as one tensor X, unpacked, in bf16 (which holds them exactly). None: every
-    tensor as stored."""
+    quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): weights
+    with scales (FP8, compressed-tensors) are then read dequantized, in fp32 (compressed-tensors'
+    packed X_packed and X_shape as one tensor X), and MXFP4's packed experts X_blocks and
+    X_scales as one tensor X, unpacked, in bf16 (which holds them exactly). None: every tensor
+    as stored."""
 
     def __init__(self, folder: Path, quant: BlockScales | Mxfp4Experts | None = None) -> None:
         self.folder = folder
         self.quant = quant
         self._fp8 = quant if isinstance(quant, BlockScales) else None
         self._blocks: dict[str, tuple[int, int]] = {}  # quantized weight -> its scales' block
-        self._packed: dict[str, tuple[int, ...]] = {}  # MXFP4: unpacked name -> its shape
+        self._packed: dict[str, tuple[int, ...]] = {}  # unpacked name -> its shape
+        self._bits: dict[str, int] = {}  # compressed-tensors' packed weights: bits a value
         self._stack = ExitStack()
         self._where: dict[str, Path] = {}  # tensor name -> file
         self._st: dict[Path, Any] = {}  # open safetensors handles
@@ -83,20 +84,36 @@ class Checkpoint:
         if not self._where:
             for file in files:
                 self._open_bin(file)
+        if self._fp8 is not None and self._fp8.packed_bits:  # every packed weight's shape
+            for name, X in self._companions(PACKED, SHAPE):
+                shape = tuple(int(n) for n in self._read(X + SHAPE, None, None).tolist())
+                R, C, self._bits[X] = self._fp8.packing(X, self.shape(name), shape)
+                self._packed[X] = (R, C)
         if self._fp8 is not None:  # every quantized weight's scales, before any is read
-            for name in self._where:
+            for name in [*self._where, *self._packed]:
+                if name.endswith(G_IDX):
+                    raise UnsupportedModelError(
+                        f"tensor {name}: groups in activation order (a g_idx) are not read; "
+                        "map the model's bf16 release instead"
+                    )
                 if self.quantized(name):
                     self._scale_of(name)
         if isinstance(quant, Mxfp4Experts):  # every packed tensor's blocks and scales
-            for name in [n for n in self._where if n.endswith(BLOCKS)]:
-                X = name.removesuffix(BLOCKS)
-                if X + SCALES not in self._where:
-                    raise CheckpointError(
-                        f"tensor {name} has no {X + SCALES} beside it in the checkpoint at "
-                        f"{self.folder}: a shard may be missing or damaged; download the model "
-                        "again"
-                    )
+            for name, X in self._companions(BLOCKS, SCALES):
                 self._packed[X] = quant.shape(X, self.shape(name), self.shape(X + SCALES))
+
+    def _companions(self, suffix: str, beside: str) -> list[tuple[str, str]]:
+        """(name, X) of every tensor named X + suffix, each checked to have X + beside."""
+        out = []
+        for name in [n for n in self._where if n.endswith(suffix)]:
+            X = name.removesuffix(suffix)
+            if X + beside not in self._where:
+                raise CheckpointError(
+                    f"tensor {name} has no {X + beside} beside it in the checkpoint at "
+                    f"{self.folder}: a shard may be missing or damaged; download the model again"
+                )
+            out.append((name, X))
+        return out
 
     def _weight_files(self) -> list[Path]:
         for index_name in (ST_INDEX, BIN_INDEX):
@@ -174,7 +191,7 @@ class Checkpoint:
         data read); fp32 for an 8-bit weight read dequantized, bf16 for MXFP4's packed
         experts."""
         if name in self._packed:
-            return torch.bfloat16
+            return torch.bfloat16 if isinstance(self.quant, Mxfp4Experts) else torch.float32
         stored = self._stored_dtype(name)
         return torch.float32 if self.quantized(name, stored) else stored
 
@@ -209,14 +226,31 @@ class Checkpoint:
             return W if dtype in (None, torch.bfloat16) else W.to(dtype)
         if self._fp8 is None or not self.quantized(name):
             return self._read(name, dtype, rows)
-        q = self._read(name, None, rows)
+        q = self._values(name, rows)
         s = self._scales(name)
         stacked = len(self.shape(name)) > 2  # (experts first: rows are experts)
         if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
             s = s[rows[0] : rows[1]]
         row0 = rows[0] if rows is not None and not stacked else 0
-        W = self._fp8.dequantize(q, s, self._blocks[name], row0, self._fp8.rounds(name))
+        W = self._fp8.dequantize(
+            q, s, self._blocks[name], row0, self._fp8.rounds(name, name in self._bits)
+        )
         return W if dtype in (None, torch.float32) else W.to(dtype)
+
+    def _values(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        """The quantized values of weight `name` as stored (float8, int8), or unpacked to int8
+        from compressed-tensors' int32 words; rows (lo, hi): only those."""
+        if name in self._bits:
+            words = self._read(name + PACKED, None, rows)
+            return unpack(words, self._bits[name], self._packed[name][1])
+        return self._read(name, None, rows)
+
+    def stored_as(self, name: str) -> str:
+        """How weight `name`'s values are stored, as errors name it: "float8_e4m3fn", "int4
+        (packed)"."""
+        if name in self._bits:
+            return f"int{self._bits[name]} (packed)"
+        return str(self._stored_dtype(name)).removeprefix("torch.")
 
     def _scales(self, name: str) -> torch.Tensor:
         """The scales of quantized weight `name`."""
@@ -227,16 +261,15 @@ class Checkpoint:
         assert self._fp8 is not None
         scale = name + self._fp8.suffix
         if scale not in self._where:
-            stored = str(self._stored_dtype(name)).removeprefix("torch.")
             raise CheckpointError(
-                f"tensor {name} is stored in {stored}, but the checkpoint at {self.folder} "
-                f"has no {scale} (its scales) beside it: a shard may be missing or damaged; "
-                "download the model again"
+                f"tensor {name} is stored in {self.stored_as(name)}, but the checkpoint at "
+                f"{self.folder} has no {scale} (its scales) beside it: a shard may be missing "
+                "or damaged; download the model again"
             )
         if name not in self._blocks:
             shape = self.shape(name)
             block = self._fp8.block(name, shape, self.shape(scale))
-            self._fp8.check_experts(name, shape, self._stored_dtype(name), block)
+            self._fp8.check_experts(name, shape, self.stored_as(name), block)
             self._blocks[name] = block
         return scale
 
@@ -259,8 +292,21 @@ class Checkpoint:
         """Slices `index` of tensor `name` along `dim` (0 or 1 of a matrix), copied out of the
         memory map without reading the rest of the tensor (other formats, and MXFP4's packed
         experts: from the whole)."""
+        if name in self._bits and self._fp8 is not None and dim == 0:  # (their words alone)
+            q = unpack(self._gather(name + PACKED, index, 0), self._bits[name], self.shape(name)[1])
+            block, rounded = self._blocks[name], self._fp8.rounds(name, name in self._bits)
+            return self._fp8.dequantize_index(q, self._scales(name), block, index, 0, rounded)
         if name in self._packed:
             return self.get(name).index_select(dim, index)
+        out = self._gather(name, index, dim)
+        if self._fp8 is not None and self.quantized(name, out.dtype):
+            s = self._scales(name)
+            block, rounded = self._blocks[name], self._fp8.rounds(name, name in self._bits)
+            return self._fp8.dequantize_index(out, s, block, index, dim, rounded)
+        return out
+
+    def _gather(self, name: str, index: torch.Tensor, dim: int) -> torch.Tensor:
+        """`gather` of stored tensor `name`, as stored."""
         file = self._file(name)
         try:
             view = self._view(file, name) if file in self._maps else None
@@ -269,10 +315,6 @@ class Checkpoint:
             out = view.index_select(dim, index)
         except (SafetensorError, OSError, RuntimeError) as err:
             raise CheckpointError(f"cannot read tensor {name} from {file.name}: {err}") from None
-        if self._fp8 is not None and self.quantized(name, out.dtype):
-            s = self._scales(name)
-            block, rounded = self._blocks[name], self._fp8.rounds(name)
-            return self._fp8.dequantize_index(out, s, block, index, dim, rounded)
         return out
 
     def fingerprint(self, skip: Callable[[str], bool] = lambda name: False) -> str:

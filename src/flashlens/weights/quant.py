@@ -3,9 +3,9 @@
 Three kinds, all read into the very values transformers' dequantized model holds:
   "fp8"                 float8 e4m3 weights with block scales (DeepSeek-V3/R1, Qwen3's FP8
                         releases; scaled.py)
-  "compressed-tensors"  llm-compressor's 8-bit formats: float8 e4m3 or int8 weights with one
-                        scale per tensor, output channel, group or block (Red Hat AI's FP8 and
-                        W8A8 releases; scaled.py)
+  "compressed-tensors"  llm-compressor's formats of float8 e4m3, int8 or packed int4 weights
+                        with one scale per tensor, output channel, group or block (Red Hat AI's
+                        FP8, W8A8 and W4A16 releases; scaled.py)
   "mxfp4"               stacked experts packed as 4-bit e2m1 values with power-of-two scales
                         (gpt-oss; mxfp4.py)
 Any other quantisation is refused with what to map instead.
@@ -27,6 +27,7 @@ Scheme = BlockScales | Mxfp4Experts
 # compressed-tensors' formats whose weights are 8-bit values beside their scales (naive:
 # the fallback format, which stores them the same way)
 CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
+PACK_FORMAT = "pack-quantized"  # its int4 or int8 values packed in int32 words
 BF16_RELEASE = "map the model's bf16 release instead"
 
 
@@ -39,8 +40,7 @@ def scheme(config: Mapping[str, Any]) -> Scheme | None:
     if method not in READ:  # (Family.check_config refuses these first, with the family's name)
         raise UnsupportedModelError(
             f"quantization_config has quant_method {method!r}: flashlens reads unquantised "
-            'checkpoints, FP8 ("fp8"), 8-bit compressed-tensors and MXFP4 ("mxfp4") ones; '
-            + BF16_RELEASE
+            'checkpoints, FP8 ("fp8"), compressed-tensors and MXFP4 ("mxfp4") ones; ' + BF16_RELEASE
         )
     assert isinstance(qc, Mapping)
     if method == "mxfp4":
@@ -85,49 +85,63 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
     if qc.get("sparsity_config"):
         raise UnsupportedModelError(
             "quantization_config (compressed-tensors) has a sparsity_config: flashlens reads "
-            "dense 8-bit compressed-tensors checkpoints only; " + BF16_RELEASE
+            "dense compressed-tensors checkpoints only; " + BF16_RELEASE
         )
-    blocks: list[tuple[Side, Side]] = []
-    types: set[str] = set()
+    schemes: dict[tuple[str, tuple[Side, Side]], None] = {}  # (kind, block), in order, once
+    values: set[torch.dtype] = set()
+    bits: set[int] = set()
     for fmt, w in weights:
-        what = (
-            f"compressed-tensors weights ({w.get('type')} {w.get('num_bits')}-bit, format {fmt!r})"
-        )
-        if fmt not in CT_FORMATS or w.get("num_bits") != 8 or w.get("type") not in ("float", "int"):
+        n_bits, kind = w.get("num_bits"), w.get("type")
+        what = f"compressed-tensors weights ({kind} {n_bits}-bit, format {fmt!r})"
+        packed = fmt == PACK_FORMAT and kind == "int" and n_bits in (4, 8)
+        if not packed and (fmt not in CT_FORMATS or n_bits != 8 or kind not in ("float", "int")):
             raise UnsupportedModelError(
                 f"quantization_config has {what}: flashlens reads compressed-tensors' 8-bit "
-                f"formats ({', '.join(CT_FORMATS)}), not packed 4-bit ones; " + BF16_RELEASE
+                f"formats ({', '.join(CT_FORMATS)}) and {PACK_FORMAT!r} int4 and int8; "
+                + BF16_RELEASE
             )
         if w.get("symmetric") is False:
             raise UnsupportedModelError(
                 f"quantization_config has asymmetric {what} (zero points): flashlens reads "
                 "symmetric ones only; " + BF16_RELEASE
             )
-        strategy = w.get("strategy")
-        if strategy == "tensor":
-            blocks.append((None, None))
-        elif strategy == "channel":
-            blocks.append((1, None))
-        elif strategy == "group" and isinstance(w.get("group_size"), int) and w["group_size"] > 0:
-            blocks.append((1, w["group_size"]))
-        elif strategy == "block":
-            blocks.append(_pair(w.get("block_structure"), "block_structure"))
-        else:
+        if w.get("actorder") not in (None, "weight"):
             raise UnsupportedModelError(
-                f"quantization_config has {what} with strategy {strategy!r}"
-                f"{' and group_size ' + repr(w.get('group_size')) if strategy == 'group' else ''}"
-                ': flashlens reads the "tensor", "channel", "group" and "block" strategies; '
-                + BF16_RELEASE
+                f"quantization_config has {what} with actorder {w['actorder']!r} (groups in "
+                "activation order, through a g_idx): flashlens reads groups in column order "
+                "only; " + BF16_RELEASE
             )
-        types.add(w["type"])
-    values = tuple(torch.float8_e4m3fn if t == "float" else torch.int8 for t in sorted(types))
+        schemes[f"int{n_bits}" if kind == "int" else "fp8 e4m3", _strategy(w, what)] = None
+        if packed:
+            bits.add(int(n_bits))
+        else:
+            values.add(torch.float8_e4m3fn if kind == "float" else torch.int8)
     return BlockScales(
-        tuple(dict.fromkeys(blocks)),  # (in order, once each)
-        values=values,
+        tuple(block for _, block in schemes),
+        values=tuple(sorted(values, key=str)),
         suffix="_scale",
         in_scale_dtype=True,
-        label=" / ".join("fp8 e4m3" if t == "float" else "int8" for t in sorted(types)),
+        kinds=tuple(kind for kind, _ in schemes),
         method="compressed-tensors",
+        packed_bits=tuple(sorted(bits)),
+    )
+
+
+def _strategy(w: Mapping[str, Any], what: str) -> tuple[Side, Side]:
+    """The block of entries per scale of compressed-tensors weights `w` (a config group's)."""
+    strategy = w.get("strategy")
+    if strategy == "tensor":
+        return None, None
+    if strategy == "channel":
+        return 1, None
+    if strategy == "group" and isinstance(w.get("group_size"), int) and w["group_size"] > 0:
+        return 1, w["group_size"]
+    if strategy == "block":
+        return _pair(w.get("block_structure"), "block_structure")
+    raise UnsupportedModelError(
+        f"quantization_config has {what} with strategy {strategy!r}"
+        f"{' and group_size ' + repr(w.get('group_size')) if strategy == 'group' else ''}"
+        ': flashlens reads the "tensor", "channel", "group" and "block" strategies; ' + BF16_RELEASE
     )
 
 

@@ -20,8 +20,8 @@ The weight is
 computed in fp32, as transformers' `Fp8Dequantize` does; compressed-tensors computes the
 product in the scale's dtype (`q.to(s.dtype) * s`), so with bf16 or fp16 scales each weight
 is that product rounded to the scale's dtype, as here, except in a mixture's routed experts
-(names holding EXPERTS), which transformers fuses into one module as it loads them and
-dequantizes itself, in fp32, as FP8's. q converts to fp32 exactly (float8 and
+(names holding EXPERTS) stored unpacked, which transformers fuses into one module as it loads
+them and dequantizes itself, in fp32, as FP8's. q converts to fp32 exactly (float8 and
 int8 alike), and the product of a float8 or int8 value and a bf16 or fp16 scale is exact in
 fp32 before that rounding: flashlens decodes the very values the dequantized model runs with.
 Tensors stored in another dtype (the embedding, norms, usually the LM-head) are read as they
@@ -31,6 +31,7 @@ are.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,9 @@ from torch import Tensor
 from ..errors import CheckpointError, UnsupportedModelError
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# compressed-tensors' pack-quantized weight X: its words X_packed and shape X_shape; X_g_idx:
+# its columns' groups in activation order (not read)
+PACKED, SHAPE, G_IDX = "_packed", "_shape", "_g_idx"
 EXPERTS = ".experts."  # in the names of a mixture's routed experts' weights (not shared ones')
 # Rows dequantized at once, in entries: bounds the fp32 scale grid expanded beside them.
 SLICE_ENTRIES = 1 << 24
@@ -56,12 +60,31 @@ class BlockScales:
     values: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)  # the dtypes of quantized weights
     suffix: str = "_scale_inv"  # a weight's scales are stored under its name + suffix
     in_scale_dtype: bool = False  # the product is rounded to the scale's dtype
-    label: str = "fp8 e4m3"  # the values, as describe() names them
+    kinds: tuple[str, ...] = ("fp8 e4m3",)  # each block's values, as describe() names them
     method: str = "fp8"  # config.json's quant_method
+    # compressed-tensors' pack-quantized groups: their bits per value (4 or 8), packed in int32
+    # words as X + PACKED, with X + SHAPE the weight's shape
+    packed_bits: tuple[int, ...] = ()
 
     def describe(self) -> str:
         """As atlas.json records it: "fp8 e4m3, 128 x 128 blocks"."""
-        return "; ".join(f"{self.label}, {_describe_block(b)}" for b in self.blocks)
+        named = (f"{k}, {_describe_block(b)}" for k, b in zip(self.kinds, self.blocks, strict=True))
+        return "; ".join(dict.fromkeys(named))
+
+    def packing(
+        self, name: str, words: tuple[int, ...], shape: tuple[int, ...]
+    ) -> tuple[int, int, int]:
+        """(R, C, bits) of packed weight `name` of `shape` (its X + SHAPE) stored as int32 words
+        of shape `words`; refused unless they are a matrix packed in one of the config's widths."""
+        if len(shape) == 2 and len(words) == 2 and words[0] == shape[0]:
+            for bits in self.packed_bits:
+                if words[1] == math.ceil(shape[1] * bits / 32):
+                    return shape[0], shape[1], bits
+        raise CheckpointError(
+            f"tensor {name + PACKED} {list(words)} does not hold a weight of shape {list(shape)} "
+            f"({name + SHAPE}) packed {' or '.join(map(str, self.packed_bits))} bits a value: "
+            "the checkpoint and its config.json do not match (download them again)"
+        )
 
     def block(
         self, name: str, shape: tuple[int, ...], scale_shape: tuple[int, ...]
@@ -92,26 +115,30 @@ class BlockScales:
         return " or ".join(str(list(grid(shape, side))) for side in sides)
 
     def check_experts(
-        self, name: str, shape: tuple[int, ...], stored: torch.dtype, block: tuple[int, int]
+        self, name: str, shape: tuple[int, ...], stored: str, block: tuple[int, int]
     ) -> None:
         """Refuse a compressed-tensors routed expert that transformers cannot load dequantized
-        (it dequantizes float8 experts with one scale per tensor or output channel only), so
-        that no atlas holds weights no model runs with."""
-        if not self.in_scale_dtype or EXPERTS not in name:
+        (it dequantizes packed experts, and float8 ones with one scale per tensor or output
+        channel, not others), so that no atlas holds weights no model runs with. stored: how
+        its values are stored, as Checkpoint.stored_as names it ("float8_e4m3fn", "int4
+        (packed)")."""
+        if not self.in_scale_dtype or EXPERTS not in name or stored.endswith("(packed)"):
             return
         R, C = shape[-2:]
-        if stored != torch.float8_e4m3fn or block not in ((R, C), (1, C)):
+        if stored != "float8_e4m3fn" or block not in ((R, C), (1, C)):
             raise UnsupportedModelError(
-                f"tensor {name} is a routed expert stored in {str(stored).removeprefix('torch.')}"
+                f"tensor {name} is a routed expert stored in {stored}"
                 f" with {block[0]} x {block[1]} scale blocks: transformers loads "
-                "compressed-tensors experts dequantized only in float8 with a scale per tensor "
-                "or output channel, and flashlens maps no weights the model cannot run with; "
-                "map the model's bf16 release instead"
+                "compressed-tensors experts dequantized only packed, or in float8 with a scale "
+                "per tensor or output channel, and flashlens maps no weights the model cannot "
+                "run with; map the model's bf16 release instead"
             )
 
-    def rounds(self, name: str) -> bool:
-        """Whether weight `name`'s products are rounded to its scales' dtype."""
-        return self.in_scale_dtype and EXPERTS not in name
+    def rounds(self, name: str, packed: bool) -> bool:
+        """Whether weight `name` (`packed`: stored packed) has its products rounded to its
+        scales' dtype: in compressed-tensors, except in routed experts that are not packed
+        (transformers dequantizes those itself, in fp32; packed ones through the library)."""
+        return self.in_scale_dtype and (packed or EXPERTS not in name)
 
     def dequantize(
         self, q: Tensor, s: Tensor, block: tuple[int, int], row0: int = 0, rounded: bool = False
@@ -168,6 +195,18 @@ def _round(W: Tensor, scale_dtype: torch.dtype) -> Tensor:
     if scale_dtype in (torch.bfloat16, torch.float16):
         W.copy_(W.to(scale_dtype))
     return W
+
+
+def unpack(words: Tensor, bits: int, cols: int) -> Tensor:
+    """int8 values (r, cols) from compressed-tensors' int32 words (r, w): `bits` (4 or 8) bits a
+    value, the lowest bits first, each value stored plus 2 ** (bits - 1)."""
+    r, w = words.shape
+    b = words.contiguous().view(torch.uint8)  # (r, 4 w): the words' bytes, low byte first
+    if sys.byteorder == "big":
+        b = b.view(r, w, 4).flip(-1).reshape(r, 4 * w)
+    if bits == 4:
+        b = torch.stack((b & 0xF, b >> 4), dim=-1).view(r, 8 * w)  # the low nibble first
+    return (b[:, :cols].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
 
 
 def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
