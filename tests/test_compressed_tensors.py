@@ -209,15 +209,16 @@ def test_the_reader_rounds_products_to_the_scales_dtype(
 ) -> None:
     """Checkpoint.get (whole, a range of rows) and gather (rows, columns) of an int8 weight
     with one scale per group of 8 columns equal compressed-tensors' formula written here on
-    its own, q.to(s.dtype) * s in the scale's dtype, read back in fp32; with bf16 scales that
-    differs from the fp32 product (so the rounding is really done)."""
+    its own, q.to(s.dtype) * s in the scale's dtype, and are held in that dtype (exact, in half
+    of fp32's memory for bf16 and fp16 scales); with bf16 scales that differs from the fp32
+    product (so the rounding is really done)."""
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randint(-127, 128, (24, 40), generator=gen, dtype=torch.int8)
     s = (torch.rand(24, 5, generator=gen) * 1e-2 + 1e-3).to(scale_dtype)
     save_file({"w": q, "w_scale": s}, str(tmp_path / "model.safetensors"))
-    want = (q.to(s.dtype) * s.repeat_interleave(8, dim=1)).float()
+    want = q.to(s.dtype) * s.repeat_interleave(8, dim=1)
     qc = {
         "quant_method": "compressed-tensors",
         "format": "int-quantized",
@@ -226,14 +227,14 @@ def test_the_reader_rounds_products_to_the_scales_dtype(
         },
     }
     with Checkpoint(tmp_path, scheme({"quantization_config": qc})) as ck:
-        assert ck.dtype("w") == torch.float32 and ck.quantized("w")
+        assert ck.dtype("w") == scale_dtype and ck.quantized("w")
         assert torch.equal(ck.get("w"), want)
         assert torch.equal(ck.get("w", rows=(5, 19)), want[5:19])
         index = torch.tensor([23, 0, 9, 8])
         assert torch.equal(ck.gather("w", index), want[index])
         assert torch.equal(ck.gather("w", index, dim=1), want[:, index])
     exact = q.float() * s.float().repeat_interleave(8, dim=1)
-    assert torch.equal(want, exact) == (scale_dtype == torch.float32)
+    assert torch.equal(want.float(), exact) == (scale_dtype == torch.float32)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -256,7 +257,7 @@ def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int) ->
     assert torch.equal(unpack_from_int32(words, bits, q.shape), q)
     tensors = {"w_packed": words, "w_shape": torch.tensor([24, 37]), "w_scale": s}
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    want = (q.to(s.dtype) * s.repeat_interleave(8, dim=1)[:, :37]).float()
+    want = q.to(s.dtype) * s.repeat_interleave(8, dim=1)[:, :37]  # (bf16, held so)
     weights = {"num_bits": bits, "type": "int", "strategy": "group", "group_size": 8}
     qc = {
         "quant_method": "compressed-tensors",
@@ -264,7 +265,7 @@ def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int) ->
         "config_groups": {"g": {"weights": weights}},
     }
     with Checkpoint(tmp_path, scheme({"quantization_config": qc})) as ck:
-        assert "w" in ck and ck.shape("w") == (24, 37) and ck.dtype("w") == torch.float32
+        assert "w" in ck and ck.shape("w") == (24, 37) and ck.dtype("w") == torch.bfloat16
         assert torch.equal(ck.get("w"), want)
         assert torch.equal(ck.get("w", rows=(5, 19)), want[5:19])
         index = torch.tensor([23, 0, 9, 8])
@@ -283,7 +284,7 @@ def test_a_compressed_tensors_model_runs_the_weights_map_decoded_and_clamps_exac
     ct = ct_copy(model, tmp_path / "ct", kind, "channel")
     check_runs_as_mapped(ct, [Neuron(1, 5, "up")], moved_above=1e-3)
     with ModelSource.open(ct) as source:
-        assert source.dtype == torch.float32
+        assert source.dtype == torch.bfloat16  # (bf16 scales: the products held exactly)
         label = {"int": "int8", "int4": "int4"}[kind]
         assert source.quantization == f"{label}, one scale per output channel"
 

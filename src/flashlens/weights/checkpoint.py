@@ -188,12 +188,20 @@ class Checkpoint:
 
     def dtype(self, name: str) -> torch.dtype:
         """The dtype `get` returns: the stored one, from the header where there is one (no
-        data read); fp32 for an 8-bit weight read dequantized, bf16 for MXFP4's packed
-        experts."""
-        if name in self._packed:
-            return torch.bfloat16 if isinstance(self.quant, Mxfp4Experts) else torch.float32
-        stored = self._stored_dtype(name)
-        return torch.float32 if self.quantized(name, stored) else stored
+        data read); for a weight read dequantized, fp32 or, where each weight is a product
+        rounded to its scales' dtype (compressed-tensors), that dtype (BlockScales.into); bf16
+        for MXFP4's packed experts."""
+        if name in self._packed and isinstance(self.quant, Mxfp4Experts):
+            return torch.bfloat16
+        if name in self._packed or self.quantized(name):
+            return self._into(name)
+        return self._stored_dtype(name)
+
+    def _into(self, name: str) -> torch.dtype:
+        """The dtype quantized weight `name` is dequantized into (BlockScales.into)."""
+        assert self._fp8 is not None
+        scale_dtype = self._stored_dtype(name + self._fp8.suffix)
+        return self._fp8.into(name, name in self._bits, scale_dtype)
 
     def _stored_dtype(self, name: str) -> torch.dtype:
         file = self._file(name)
@@ -232,10 +240,8 @@ class Checkpoint:
         if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
             s = s[rows[0] : rows[1]]
         row0 = rows[0] if rows is not None and not stacked else 0
-        W = self._fp8.dequantize(
-            q, s, self._blocks[name], row0, self._fp8.rounds(name, name in self._bits)
-        )
-        return W if dtype in (None, torch.float32) else W.to(dtype)
+        W = self._fp8.dequantize(q, s, self._blocks[name], row0, self._into(name))
+        return W if dtype in (None, W.dtype) else W.to(dtype)
 
     def _values(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
         """The quantized values of weight `name` as stored (float8, int8), or unpacked to int8
@@ -294,15 +300,15 @@ class Checkpoint:
         experts: from the whole)."""
         if name in self._bits and self._fp8 is not None and dim == 0:  # (their words alone)
             q = unpack(self._gather(name + PACKED, index, 0), self._bits[name], self.shape(name)[1])
-            block, rounded = self._blocks[name], self._fp8.rounds(name, name in self._bits)
-            return self._fp8.dequantize_index(q, self._scales(name), block, index, 0, rounded)
+            block, into = self._blocks[name], self._into(name)
+            return self._fp8.dequantize_index(q, self._scales(name), block, index, 0, into)
         if name in self._packed:
             return self.get(name).index_select(dim, index)
         out = self._gather(name, index, dim)
         if self._fp8 is not None and self.quantized(name, out.dtype):
             s = self._scales(name)
-            block, rounded = self._blocks[name], self._fp8.rounds(name, name in self._bits)
-            return self._fp8.dequantize_index(out, s, block, index, dim, rounded)
+            block, into = self._blocks[name], self._into(name)
+            return self._fp8.dequantize_index(out, s, block, index, dim, into)
         return out
 
     def _gather(self, name: str, index: torch.Tensor, dim: int) -> torch.Tensor:

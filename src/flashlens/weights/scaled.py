@@ -19,13 +19,13 @@ The weight is
 
 computed in fp32, as transformers' `Fp8Dequantize` does; compressed-tensors computes the
 product in the scale's dtype (`q.to(s.dtype) * s`), so with bf16 or fp16 scales each weight
-is that product rounded to the scale's dtype, as here, except in a mixture's routed experts
-(names holding EXPERTS) stored unpacked, which transformers fuses into one module as it loads
-them and dequantizes itself, in fp32, as FP8's. q converts to fp32 exactly (float8 and
-int8 alike), and the product of a float8 or int8 value and a bf16 or fp16 scale is exact in
-fp32 before that rounding: flashlens decodes the very values the dequantized model runs with.
-Tensors stored in another dtype (the embedding, norms, usually the LM-head) are read as they
-are.
+is that product rounded to the scale's dtype, as here (and held in that dtype, which holds it
+exactly), except in a mixture's routed experts (names holding EXPERTS) stored unpacked, which
+transformers fuses into one module as it loads them and dequantizes itself, in fp32, as
+FP8's. q converts to fp32 exactly (float8 and int8 alike), and the product of a float8 or int8
+value and a bf16 or fp16 scale is exact in fp32 before that rounding: flashlens decodes the
+very values the dequantized model runs with. Tensors stored in another dtype (the embedding,
+norms, usually the LM-head) are read as they are.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 PACKED, SHAPE, G_IDX = "_packed", "_shape", "_g_idx"
 EXPERTS = ".experts."  # in the names of a mixture's routed experts' weights (not shared ones')
 # Rows dequantized at once, in entries: bounds the fp32 scale grid expanded beside them.
-SLICE_ENTRIES = 1 << 24
+SLICE_ENTRIES = 1 << 22
 # A block's side: entries of W per scale along a dimension; None: the whole dimension.
 Side = int | None
 
@@ -134,34 +134,46 @@ class BlockScales:
                 "run with; map the model's bf16 release instead"
             )
 
-    def rounds(self, name: str, packed: bool) -> bool:
-        """Whether weight `name` (`packed`: stored packed) has its products rounded to its
-        scales' dtype: in compressed-tensors, except in routed experts that are not packed
-        (transformers dequantizes those itself, in fp32; packed ones through the library)."""
-        return self.in_scale_dtype and (packed or EXPERTS not in name)
+    def into(self, name: str, packed: bool, scale_dtype: torch.dtype) -> torch.dtype:
+        """The dtype weight `name` (`packed`: stored packed; scales in `scale_dtype`) is
+        dequantized into. compressed-tensors computes each product in the scales' dtype, so
+        with bf16 or fp16 scales the weights are the products rounded to it, which that dtype
+        holds exactly, in half of fp32's memory; routed experts stored unpacked are the
+        exception (transformers dequantizes those itself, in fp32; packed ones through the
+        library). Otherwise fp32."""
+        narrow = scale_dtype in (torch.bfloat16, torch.float16)
+        if self.in_scale_dtype and narrow and (packed or EXPERTS not in name):
+            return scale_dtype
+        return torch.float32
 
     def dequantize(
-        self, q: Tensor, s: Tensor, block: tuple[int, int], row0: int = 0, rounded: bool = False
+        self,
+        q: Tensor,
+        s: Tensor,
+        block: tuple[int, int],
+        row0: int = 0,
+        into: torch.dtype = torch.float32,
     ) -> Tensor:
-        """fp32 weights from 8-bit values q (..., r, c) and the scales s of the whole tensor's
+        """Weights from 8-bit values q (..., r, c) and the scales s of the whole tensor's
         blocks (leading dims matching q's) of `block` entries, for q's entries at rows row0 ..
-        row0 + r of each matrix; `rounded`: each product rounded to the scales' dtype."""
-        out = torch.empty(q.shape, dtype=torch.float32)
+        row0 + r of each matrix: each product computed in fp32, then rounded `into` that
+        dtype (`into`: as BlockScales.into says)."""
+        out = torch.empty(q.shape, dtype=into)
         s32 = _as_fp32(s)
         bm, bn = block
         r, c = q.shape[-2:]
         if s.numel() == 1:
-            out.copy_(q).mul_(s32.reshape(()))
-            return _round(out, s.dtype) if rounded else out
+            return out.copy_(q.float().mul_(s32.reshape(())))
         cols = torch.arange(c) // bn  # (c,) each column's block
         step = max(1, SLICE_ENTRIES // max(1, q[..., :1, :].numel()))  # (all leading dims)
         for lo in range(0, r, step):
             rows = torch.arange(row0 + lo, row0 + min(lo + step, r)) // bm  # (r',)
             scale = s32.index_select(-2, rows).index_select(-1, cols)  # (..., r', c)
             part = out[..., lo : lo + step, :]
-            part.copy_(q[..., lo : lo + step, :]).mul_(scale)
-            if rounded:
-                _round(part, s.dtype)
+            if into == torch.float32:
+                part.copy_(q[..., lo : lo + step, :]).mul_(scale)
+            else:  # (an fp32 slice, rounded as it is copied)
+                part.copy_(q[..., lo : lo + step, :].float().mul_(scale))
         return out
 
     def dequantize_index(
@@ -171,30 +183,21 @@ class BlockScales:
         block: tuple[int, int],
         index: Tensor,
         dim: int,
-        rounded: bool = False,
+        into: torch.dtype = torch.float32,
     ) -> Tensor:
-        """fp32 weights from 8-bit values q (R', C) or (R, C'): the rows (dim 0) or columns
-        (dim 1) `index` of a matrix whose scales, of `block` entries each, are s."""
+        """Weights (in `into`, as dequantize) from 8-bit values q (R', C) or (R, C'): the rows
+        (dim 0) or columns (dim 1) `index` of a matrix whose scales, of `block` entries each,
+        are s."""
         s32 = _as_fp32(s)
         if s.numel() == 1:
-            W = q.float() * s32.reshape(())
-            return _round(W, s.dtype) if rounded else W
+            return (q.float() * s32.reshape(())).to(into)
         bm, bn = block
         R, C = q.shape
         if dim == 0:
             scale = s32.index_select(0, index // bm).index_select(1, torch.arange(C) // bn)
         else:
             scale = s32.index_select(0, torch.arange(R) // bm).index_select(1, index // bn)
-        W = q.float() * scale
-        return _round(W, s.dtype) if rounded else W
-
-
-def _round(W: Tensor, scale_dtype: torch.dtype) -> Tensor:
-    """W (fp32, in place) rounded to the scales' dtype where that is narrower (bf16, fp16):
-    the product compressed-tensors computes in it."""
-    if scale_dtype in (torch.bfloat16, torch.float16):
-        W.copy_(W.to(scale_dtype))
-    return W
+        return (q.float() * scale).to(into)
 
 
 def unpack(words: Tensor, bits: int, cols: int) -> Tensor:
@@ -204,9 +207,10 @@ def unpack(words: Tensor, bits: int, cols: int) -> Tensor:
     b = words.contiguous().view(torch.uint8)  # (r, 4 w): the words' bytes, low byte first
     if sys.byteorder == "big":
         b = b.view(r, w, 4).flip(-1).reshape(r, 4 * w)
-    if bits == 4:
-        b = torch.stack((b & 0xF, b >> 4), dim=-1).view(r, 8 * w)  # the low nibble first
-    return (b[:, :cols].to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    if bits == 4:  # the low nibble first; 0..15 less 8, in int8
+        b = torch.stack((b & 0xF, b >> 4), dim=-1).view(r, 8 * w)
+        return b[:, :cols].contiguous().view(torch.int8).sub_(8)
+    return (b[:, :cols] ^ 0x80).view(torch.int8)  # (0..255 less 128: the top bit flipped)
 
 
 def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
