@@ -74,10 +74,11 @@ def map_command(
     (default 32) are decoded again exactly in fp32 and compared: the summary says
     how close the atlas is, with a warning when it is outside tolerance.
 
-    FP8 (block-scaled float8) and MXFP4 (gpt-oss) checkpoints are read dequantized,
-    as transformers loads them:
+    FP8 (block-scaled float8), compressed-tensors (FP8, W8A8, W4A16) and MXFP4
+    (gpt-oss) checkpoints are read dequantized, as transformers loads them:
 
         flashlens map deepseek-ai/DeepSeek-V3 -o atlas/dsv3 --matrices up --layers 3
+        flashlens map RedHatAI/Meta-Llama-3.1-70B-Instruct-quantized.w4a16 -o atlas/70b
     """
     summary = map_model(
         model,
