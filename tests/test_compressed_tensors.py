@@ -90,22 +90,25 @@ def ct_copy(
     strategy: str = "channel",
     size: Any = None,
     scale_dtype: torch.dtype = torch.bfloat16,
+    experts: tuple[str, str, Any] | None = None,
     **weights: Any,
 ) -> Path:
     """A copy of `model` whose decoder-layer Linear weights (attention, MLP, experts) are
     stored as compressed-tensors does, `name` 8-bit beside `name_scale` (kind "int4":
     `name_packed`, 4-bit values packed in int32 words by compressed-tensors' own
     pack_to_int32, and `name_shape`), with the quantization_config llm-compressor writes (the
-    embedding, norms and LM-head stay)."""
+    embedding, norms and LM-head stay). experts (kind, strategy, size): the routed experts in
+    a scheme of their own, in a second config group targeting them (as Kimi's checkpoints)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
     def quantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for name, t in state.items():
             if ".layers." in name and t.ndim == 2 and "norm" not in name:
-                q, s = quantize(t.float(), kind, strategy, size, scale_dtype)
+                k, st, sz = experts if experts and ".experts." in name else (kind, strategy, size)
+                q, s = quantize(t.float(), k, st, sz, scale_dtype)
                 tensors[name.replace(".weight", ".weight_scale")] = s
-                if kind == "int4":
+                if k == "int4":
                     tensors[name + "_packed"] = pack_to_int32(q, 4)
                     tensors[name + "_shape"] = torch.tensor(list(t.shape))
                 else:
@@ -116,6 +119,28 @@ def ct_copy(
 
     rewrite_weights(model, out, quantized)
     config = json.loads((out / "config.json").read_text())
+    groups = {"group_0": ct_group(kind, strategy, size, ["Linear"], **weights)}
+    if experts:
+        groups = {
+            "group_0": ct_group(*experts, ["re:.*mlp.experts.*"], **weights),
+            "group_1": ct_group(kind, strategy, size, ["Linear"], **weights),
+        }
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "mixed-precision" if experts else groups["group_0"]["format"],
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def ct_group(
+    kind: str, strategy: str, size: Any, targets: list[str], **weights: Any
+) -> dict[str, Any]:
+    """A compressed-tensors config group, as llm-compressor writes it."""
     w = {
         "num_bits": 4 if kind == "int4" else 8,
         "type": "float" if kind == "float" else "int",
@@ -127,31 +152,14 @@ def ct_copy(
         "observer": "minmax",
         **weights,
     }
-    config["quantization_config"] = {
-        "quant_method": "compressed-tensors",
+    activations = {"num_bits": 8, "type": kind, "strategy": "token", "dynamic": True}
+    return {
+        "targets": targets,
+        "weights": w,
         "format": {"float": "float-quantized", "int": "int-quantized"}.get(kind, "pack-quantized"),
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": w,
-                "input_activations": None
-                if kind == "int4"  # (W4A16)
-                else {
-                    "num_bits": 8,
-                    "type": kind,
-                    "strategy": "token",
-                    "dynamic": True,
-                    "symmetric": True,
-                },
-                "output_activations": None,
-            }
-        },
-        "ignore": ["lm_head"],
-        "kv_cache_scheme": None,
+        "input_activations": None if kind == "int4" else activations,  # (W4A16)
+        "output_activations": None,
     }
-    (out / "config.json").write_text(json.dumps(config))
-    return out
 
 
 CHANNEL = "fp8 e4m3, one scale per output channel"
@@ -201,6 +209,21 @@ def test_a_compressed_tensors_map_decodes_the_weights_transformers_dequantizes(
     W0 = neuron_weights(load_reference_model(model), "up", 1)
     assert not torch.equal(W, W0)
     assert float((W - W0).abs().max()) <= float(W0.abs().max()) / 8
+
+
+def test_mixed_schemes_fp8_layers_and_int4_experts(tmp_path: Path) -> None:
+    """Two config groups, as Kimi's checkpoints: the dense layers (attention, the shared
+    expert) in float8 with channel scales and the routed experts in packed int4 with group
+    scales; each weight reads in its own scheme (told apart by its scales' shape and its
+    packing), every neuron exact against transformers' own loading, and the atlas names both."""
+    model = make_model(tmp_path / "m", "qwen2_moe", n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct", experts=("int4", "group", 16))
+    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.quantization == "int4, one scale per 16 columns of a row; " + CHANNEL
+    for matrix in matrices_of("qwen2_moe"):
+        for layer in (0, 1):
+            check_exact(atlas, ct, matrix, layer, "model")
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -331,7 +354,8 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
         edit_weights(ct, lambda t: t.update({name: t[name][:-1].contiguous()}))
     else:
         if case == "nvfp4":
-            qc["format"], w["num_bits"] = "nvfp4-pack-quantized", 4
+            qc["config_groups"]["group_0"]["format"] = "nvfp4-pack-quantized"
+            w["num_bits"] = 4
         elif case == "actorder":
             w["actorder"] = "group"
         elif case == "asymmetric":
