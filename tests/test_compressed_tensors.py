@@ -48,11 +48,17 @@ def scale_shape(shape: tuple[int, ...], strategy: str, size: Any) -> tuple[int, 
 
 
 def quantize(
-    W: torch.Tensor, kind: str, strategy: str, size: Any, scale_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (R, C) as 8-bit (kind "int4": 4-bit) values and scales in `scale_dtype`, one per
-    `strategy` block (the largest magnitude of each block maps to the format's largest value),
-    computed as compressed-tensors' own quantize() computes them."""
+    W: torch.Tensor,
+    kind: str,
+    strategy: str,
+    size: Any,
+    scale_dtype: torch.dtype,
+    symmetric: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """W (R, C) as 8-bit (kind "int4": 4-bit) values, scales in `scale_dtype`, one per
+    `strategy` block (the largest magnitude of each block maps to the format's largest value;
+    asymmetric: the block's range to the format's), and int8 zero points (None: symmetric),
+    the values computed by compressed-tensors' own quantize()."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
@@ -66,21 +72,31 @@ def quantize(
         else ((1, size) if strategy == "group" else tuple(size))
     )
     rows, cols = torch.arange(R) // bm, torch.arange(C) // bn
-    amax = torch.zeros(grid if len(grid) == 2 else (1, 1))
-    for i in range(amax.shape[0]):
-        for j in range(amax.shape[1]):
-            amax[i, j] = W[rows == i][:, cols == j].abs().amax()
-    s = (amax.clamp(min=1e-12) / Q_MAX[kind]).to(scale_dtype).reshape(grid)
+    lo = torch.zeros(grid if len(grid) == 2 else (1, 1))
+    hi = torch.zeros_like(lo)
+    for i in range(lo.shape[0]):
+        for j in range(lo.shape[1]):
+            part = W[rows == i][:, cols == j]
+            lo[i, j], hi[i, j] = part.amin(), part.amax()
+    zp = None
+    if symmetric:
+        s = (torch.maximum(-lo, hi).clamp(min=1e-12) / Q_MAX[kind]).to(scale_dtype)
+    else:  # the block's range onto q_min .. q_max, its minimum at q_min
+        q_max = Q_MAX[kind]
+        s = ((hi - lo).clamp(min=1e-12) / (2 * q_max + 1)).to(scale_dtype)
+        zp = (-q_max - 1 - lo / s.float()).round().clamp(-q_max - 1, q_max).to(torch.int8)
+        zp = zp.reshape(grid)
+    s = s.reshape(grid)
     args = QuantizationArgs(
         num_bits=4 if kind == "int4" else 8,
         type="float" if kind == "float" else "int",
         strategy=strategy,
-        symmetric=True,
+        symmetric=symmetric,
         group_size=size if strategy == "group" else None,
         block_structure=list(size) if strategy == "block" else None,
     )
-    q = ct_quantize(W.to(scale_dtype), s, None, args, dtype=args.pytorch_dtype())
-    return q, s
+    q = ct_quantize(W.to(scale_dtype), s, zp, args, dtype=args.pytorch_dtype())
+    return q, s, zp
 
 
 def ct_copy(
@@ -106,8 +122,12 @@ def ct_copy(
         for name, t in state.items():
             if ".layers." in name and t.ndim == 2 and "norm" not in name:
                 k, st, sz = experts if experts and ".experts." in name else (kind, strategy, size)
-                q, s = quantize(t.float(), k, st, sz, scale_dtype)
+                symmetric = weights.get("symmetric", True)
+                q, s, zp = quantize(t.float(), k, st, sz, scale_dtype, symmetric)
                 tensors[name.replace(".weight", ".weight_scale")] = s
+                if zp is not None:  # (packed along the rows where the values are packed)
+                    packed = pack_to_int32(zp, 4, packed_dim=0) if k == "int4" else zp
+                    tensors[name + "_zero_point"] = packed
                 if k == "int4":
                     tensors[name + "_packed"] = pack_to_int32(q, 4)
                     tensors[name + "_shape"] = torch.tensor(list(t.shape))
@@ -209,6 +229,35 @@ def test_a_compressed_tensors_map_decodes_the_weights_transformers_dequantizes(
     W0 = neuron_weights(load_reference_model(model), "up", 1)
     assert not torch.equal(W, W0)
     assert float((W - W0).abs().max()) <= float(W0.abs().max()) / 8
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "strategy", "size", "described"),
+    [
+        ("llama", "int4", "group", 16, "int4 with zero points, one scale per 16 columns of a row"),
+        ("llama", "int", "channel", None, "int8 with zero points, one scale per output channel"),
+        ("qwen2", "int4", "channel", None, "int4 with zero points, one scale per output channel"),
+    ],
+)
+def test_asymmetric_int_weights_read_with_their_zero_points(
+    tmp_path: Path, family: str, kind: str, strategy: str, size: Any, described: str
+) -> None:
+    """Asymmetric int weights (llm-compressor's W4A16_ASYM, as its AWQ recipes write them;
+    W8A8 asym): (q - z) * s with the integer zero points stored beside the scales (packed
+    along the rows where the values are packed), every neuron exact against transformers' own
+    loading; the zero points are really used (not all zero)."""
+    from safetensors.torch import load_file
+
+    model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
+    ct = ct_copy(model, tmp_path / "ct", kind, strategy, size, symmetric=False)
+    zps = [t for n, t in load_file(ct / "model.safetensors").items() if n.endswith("zero_point")]
+    assert zps and any(bool(t.any()) for t in zps)
+    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
+    atlas = Atlas.open(tmp_path / "a")
+    assert atlas.meta.quantization == described
+    for matrix in matrices_of(family):
+        for layer in (0, 1):
+            check_exact(atlas, ct, matrix, layer, "model")
 
 
 def test_mixed_schemes_fp8_layers_and_int4_experts(tmp_path: Path) -> None:
@@ -325,18 +374,21 @@ def test_a_compressed_tensors_model_runs_the_weights_map_decoded_and_clamps_exac
         ("no shape", "up_proj.weight_packed has no model.layers.1.mlp.up_proj.weight_shape"),
         ("other words", "up_proj.weight_packed [48, 3] does not hold a weight of shape [48, 32]"),
         ("g_idx", "up_proj.weight_g_idx: groups in activation order (a g_idx) are not read"),
+        ("zero points", "does not give one integer zero point per scale of model.layers.1"),
     ],
 )
 def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
 ) -> None:
-    """FP4 weights, groups in activation order, zero points, a strategy not read, sparse
-    formats, a missing or mis-shaped scale tensor, a packed weight without its shape or whose
-    words do not hold it, a g_idx tensor: exit 2, one line saying what is wrong and what to
+    """FP4 weights, groups in activation order, zero points of float weights, a strategy not
+    read, sparse formats, a missing or mis-shaped scale tensor, a packed weight without its
+    shape or whose words do not hold it, a g_idx tensor, zero points that do not match the
+    scales: exit 2, one line saying what is wrong and what to
     do, no traceback, and no atlas left behind."""
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     packed = case in ("no shape", "other words", "g_idx")
-    ct = ct_copy(model, tmp_path / "ct", "int4" if packed else "float", "channel")
+    kind = "int4" if packed else "int" if case == "zero points" else "float"
+    ct = ct_copy(model, tmp_path / "ct", kind, "channel", symmetric=case != "zero points")
     config = json.loads((ct / "config.json").read_text())
     qc = config["quantization_config"]
     w = qc["config_groups"]["group_0"]["weights"]
@@ -348,6 +400,9 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
         edit_weights(ct, lambda t: t.update({X + "_packed": t[X + "_packed"][:, :3].clone()}))
     elif case == "g_idx":
         edit_weights(ct, lambda t: t.update({X + "_g_idx": torch.arange(32) // 16}))
+    elif case == "zero points":
+        zp = X + "_zero_point"
+        edit_weights(ct, lambda t: t.update({zp: t[zp][:-1].contiguous()}))
     elif case == "no scales":
         edit_weights(ct, lambda t: t.pop(name))
     elif case == "other grid":
@@ -373,6 +428,7 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
     [
         ("qwen3_moe", "int", "channel", None, "routed expert stored in int8 with 1 x"),
         ("deepseek_v3", "float", "block", (16, 16), "stored in float8_e4m3fn with 16 x 16 scale"),
+        ("qwen3_moe", "int4", "group", 16, "int4 (packed) with 1 x 16 scale blocks and zero"),
     ],
 )
 def test_experts_transformers_cannot_load_are_refused(
@@ -384,12 +440,13 @@ def test_experts_transformers_cannot_load_are_refused(
     size: Any,
     message: str,
 ) -> None:
-    """Routed experts in int8 (unpacked), or in float8 with block scales, which transformers
-    (5.25) fails to load dequantized (so no model would run the weights a map decoded):
-    refused in one line before any work, naming the tensor (float8 experts with channel or
-    tensor scales, and packed ones, map: above)."""
+    """Routed experts in int8 (unpacked), in float8 with block scales, or packed with zero
+    points, which transformers (5.25) fails to load dequantized (so no model would run the
+    weights a map decoded): refused in one line before any work, naming the tensor (float8
+    experts with channel or tensor scales, and packed ones without zero points, map: above)."""
     model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
-    ct = ct_copy(model, tmp_path / "ct", kind, strategy, size)
+    symmetric = kind != "int4"  # (the packed experts: with zero points)
+    ct = ct_copy(model, tmp_path / "ct", kind, strategy, size, symmetric=symmetric)
     assert ".experts." in check_map_refused(ct, tmp_path / "a", capsys, message)
 
 

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from .. import pages
 from ..errors import CheckpointError, UnsupportedModelError
 from .mxfp4 import BLOCKS, SCALES, Mxfp4Experts
-from .scaled import G_IDX, PACKED, SHAPE, BlockScales, unpack
+from .scaled import G_IDX, PACKED, SHAPE, ZERO, BlockScales, unpack
 
 _DTYPES = {
     "BF16": torch.bfloat16,
@@ -98,6 +98,8 @@ class Checkpoint:
                     )
                 if self.quantized(name):
                     self._scale_of(name)
+                    if name + ZERO in self._where:
+                        self._scales(name)  # (its zero points checked: a small read)
         if isinstance(quant, Mxfp4Experts):  # every packed tensor's blocks and scales
             for name, X in self._companions(BLOCKS, SCALES):
                 self._packed[X] = quant.shape(X, self.shape(name), self.shape(X + SCALES))
@@ -216,7 +218,7 @@ class Checkpoint:
         scales (FP8, compressed-tensors), or an MXFP4 checkpoint's packed experts."""
         if name in self._packed:
             return True
-        if self._fp8 is None or name.endswith(self._fp8.suffix):
+        if self._fp8 is None or name.endswith((self._fp8.suffix, ZERO)):
             return False
         return (stored or self._stored_dtype(name)) in self._fp8.values
 
@@ -235,12 +237,13 @@ class Checkpoint:
         if self._fp8 is None or not self.quantized(name):
             return self._read(name, dtype, rows)
         q = self._values(name, rows)
-        s = self._scales(name)
+        s, z = self._scales(name)
         stacked = len(self.shape(name)) > 2  # (experts first: rows are experts)
         if rows is not None and stacked and s.ndim > 0:  # (not one scale for the tensor)
             s = s[rows[0] : rows[1]]
+            z = None if z is None else z[rows[0] : rows[1]]
         row0 = rows[0] if rows is not None and not stacked else 0
-        W = self._fp8.dequantize(q, s, self._blocks[name], row0, self._into(name))
+        W = self._fp8.dequantize(q, s, self._blocks[name], row0, self._into(name), z)
         return W if dtype in (None, W.dtype) else W.to(dtype)
 
     def _values(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -258,9 +261,22 @@ class Checkpoint:
             return f"int{self._bits[name]} (packed)"
         return str(self._stored_dtype(name)).removeprefix("torch.")
 
-    def _scales(self, name: str) -> torch.Tensor:
-        """The scales of quantized weight `name`."""
-        return self._read(self._scale_of(name), None, None)
+    def _scales(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scales of quantized weight `name`, and its zero points (int8, one per scale;
+        None where it has none)."""
+        s = self._read(self._scale_of(name), None, None)
+        if name + ZERO not in self._where:
+            return s, None
+        z = self._read(name + ZERO, None, None)
+        if z.dtype == torch.int32 and name in self._bits:  # packed along the rows
+            z = unpack(z.T.contiguous(), self._bits[name], s.shape[0]).T
+        if z.shape != s.shape or z.is_floating_point():
+            raise CheckpointError(
+                f"tensor {name + ZERO} {list(z.shape)} {str(z.dtype).removeprefix('torch.')} "
+                f"does not give one integer zero point per scale of {name} "
+                f"({list(s.shape)}): the checkpoint is damaged; download the model again"
+            )
+        return s, z
 
     def _scale_of(self, name: str) -> str:
         """The name of quantized weight `name`'s scales, checked against its shape."""
@@ -275,7 +291,8 @@ class Checkpoint:
         if name not in self._blocks:
             shape = self.shape(name)
             block = self._fp8.block(name, shape, self.shape(scale))
-            self._fp8.check_experts(name, shape, self.stored_as(name), block)
+            zeros = name + ZERO in self._where
+            self._fp8.check_experts(name, shape, self.stored_as(name), block, zeros)
             self._blocks[name] = block
         return scale
 
@@ -301,14 +318,15 @@ class Checkpoint:
         if name in self._bits and self._fp8 is not None and dim == 0:  # (their words alone)
             q = unpack(self._gather(name + PACKED, index, 0), self._bits[name], self.shape(name)[1])
             block, into = self._blocks[name], self._into(name)
-            return self._fp8.dequantize_index(q, self._scales(name), block, index, 0, into)
+            s, z = self._scales(name)
+            return self._fp8.dequantize_index(q, s, block, index, 0, into, z)
         if name in self._packed:
             return self.get(name).index_select(dim, index)
         out = self._gather(name, index, dim)
         if self._fp8 is not None and self.quantized(name, out.dtype):
-            s = self._scales(name)
+            s, z = self._scales(name)
             block, into = self._blocks[name], self._into(name)
-            return self._fp8.dequantize_index(out, s, block, index, dim, into)
+            return self._fp8.dequantize_index(out, s, block, index, dim, into, z)
         return out
 
     def _gather(self, name: str, index: torch.Tensor, dim: int) -> torch.Tensor:

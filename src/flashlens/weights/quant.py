@@ -100,10 +100,11 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
                 f"formats ({', '.join(CT_FORMATS)}) and {PACK_FORMAT!r} int4 and int8; "
                 + BF16_RELEASE
             )
-        if w.get("symmetric") is False:
+        asymmetric = w.get("symmetric") is False
+        if asymmetric and kind != "int":
             raise UnsupportedModelError(
                 f"quantization_config has asymmetric {what} (zero points): flashlens reads "
-                "symmetric ones only; " + BF16_RELEASE
+                "zero points of int weights only; " + BF16_RELEASE
             )
         if w.get("actorder") not in (None, "weight"):
             raise UnsupportedModelError(
@@ -111,7 +112,8 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
                 "activation order, through a g_idx): flashlens reads groups in column order "
                 "only; " + BF16_RELEASE
             )
-        schemes[f"int{n_bits}" if kind == "int" else "fp8 e4m3", _strategy(w, what)] = None
+        label = f"int{n_bits}" if kind == "int" else "fp8 e4m3"
+        schemes[label + (" with zero points" if asymmetric else ""), _strategy(w, what)] = None
         if packed:
             bits.add(int(n_bits))
         else:

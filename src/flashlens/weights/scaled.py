@@ -1,31 +1,34 @@
-"""Weights stored as 8-bit values with scales, dequantized as transformers does.
+"""Weights stored as 8- or 4-bit values with scales, dequantized as transformers does.
 
-Two kinds of checkpoint store a quantized matrix W (..., R, C) as 8-bit values q of the same
-shape and, beside it, one scale per block of (bm, bn) entries, s (..., ceil(R / bm),
+Two kinds of checkpoint store a quantized matrix W (..., R, C) as 8- or 4-bit values q of the
+same shape and, beside it, one scale per block of (bm, bn) entries, s (..., ceil(R / bm),
 ceil(C / bn)):
 
   "fp8"                 transformers' FineGrainedFP8 (DeepSeek-V3/R1, Qwen3's and GLM's FP8
                         releases): float8 e4m3 values, scales under name + "_scale_inv", one
                         block size (`weight_block_size`) or one scale per tensor
-  "compressed-tensors"  llm-compressor's 8-bit formats ("float-quantized": float8 e4m3;
-                        "int-quantized", "naive-quantized": int8; the FP8 and W8A8 releases of
-                        Red Hat AI and others): scales under name + "_scale", one per tensor
-                        ("tensor"), per output channel ("channel": blocks of 1 x C), per group
-                        of a row's columns ("group": 1 x g) or per block ("block": bm x bn)
+  "compressed-tensors"  llm-compressor's formats ("float-quantized": float8 e4m3;
+                        "int-quantized", "naive-quantized": int8; "pack-quantized": int4 or
+                        int8 packed in int32 words, X_packed beside X_shape; the FP8, W8A8 and
+                        W4A16 releases of Red Hat AI and others): scales under name +
+                        "_scale", one per tensor ("tensor"), per output channel ("channel":
+                        blocks of 1 x C), per group of a row's columns ("group": 1 x g) or per
+                        block ("block": bm x bn); asymmetric int weights also store integer
+                        zero points z under name + "_zero_point", one per scale
 
 The weight is
 
-    W[..., i, j] = q[..., i, j] * s[..., i // bm, j // bn]
+    W[..., i, j] = (q[..., i, j] - z[..., i // bm, j // bn]) * s[..., i // bm, j // bn]
 
-computed in fp32, as transformers' `Fp8Dequantize` does; compressed-tensors computes the
-product in the scale's dtype (`q.to(s.dtype) * s`), so with bf16 or fp16 scales each weight
-is that product rounded to the scale's dtype, as here (and held in that dtype, which holds it
-exactly), except in a mixture's routed experts (names holding EXPERTS) stored unpacked, which
-transformers fuses into one module as it loads them and dequantizes itself, in fp32, as
-FP8's. q converts to fp32 exactly (float8 and int8 alike), and the product of a float8 or int8
-value and a bf16 or fp16 scale is exact in fp32 before that rounding: flashlens decodes the
-very values the dequantized model runs with. Tensors stored in another dtype (the embedding,
-norms, usually the LM-head) are read as they are.
+(z = 0 where there are no zero points) computed in fp32, as transformers' `Fp8Dequantize`
+does. compressed-tensors computes it in the scale's dtype (`(q - z).to(s.dtype) * s`), so
+with bf16 or fp16 scales each weight is that product rounded to the scale's dtype, as here
+(and held in that dtype, which holds it exactly), except in a mixture's routed experts (names
+holding EXPERTS) stored unpacked, which transformers fuses into one module as it loads them
+and dequantizes itself, in fp32, as FP8's. q - z is exact in fp32 (and in bf16: at most 255
+in magnitude), and its product with a bf16 or fp16 scale is exact in fp32 before that
+rounding: flashlens decodes the very values the dequantized model runs with. Tensors stored
+in another dtype (the embedding, norms, usually the LM-head) are read as they are.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # compressed-tensors' pack-quantized weight X: its words X_packed and shape X_shape; X_g_idx:
 # its columns' groups in activation order (not read)
 PACKED, SHAPE, G_IDX = "_packed", "_shape", "_g_idx"
+ZERO = "_zero_point"  # X_zero_point: compressed-tensors' asymmetric int weights' zero points
 EXPERTS = ".experts."  # in the names of a mixture's routed experts' weights (not shared ones')
 # Rows dequantized at once, in entries: bounds the fp32 scale grid expanded beside them.
 SLICE_ENTRIES = 1 << 22
@@ -115,23 +119,29 @@ class BlockScales:
         return " or ".join(str(list(grid(shape, side))) for side in sides)
 
     def check_experts(
-        self, name: str, shape: tuple[int, ...], stored: str, block: tuple[int, int]
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        stored: str,
+        block: tuple[int, int],
+        zeros: bool = False,
     ) -> None:
         """Refuse a compressed-tensors routed expert that transformers cannot load dequantized
-        (it dequantizes packed experts, and float8 ones with one scale per tensor or output
-        channel, not others), so that no atlas holds weights no model runs with. stored: how
-        its values are stored, as Checkpoint.stored_as names it ("float8_e4m3fn", "int4
-        (packed)")."""
-        if not self.in_scale_dtype or EXPERTS not in name or stored.endswith("(packed)"):
+        (it dequantizes packed experts without zero points, and float8 ones with one scale
+        per tensor or output channel, not others), so that no atlas holds weights no model
+        runs with. stored: how its values are stored, as Checkpoint.stored_as names it
+        ("float8_e4m3fn", "int4 (packed)"); zeros: it has zero points."""
+        if not self.in_scale_dtype or EXPERTS not in name:
             return
         R, C = shape[-2:]
-        if stored != "float8_e4m3fn" or block not in ((R, C), (1, C)):
+        fp8_rows = stored == "float8_e4m3fn" and block in ((R, C), (1, C))
+        if zeros or not (stored.endswith("(packed)") or fp8_rows):
             raise UnsupportedModelError(
-                f"tensor {name} is a routed expert stored in {stored}"
-                f" with {block[0]} x {block[1]} scale blocks: transformers loads "
-                "compressed-tensors experts dequantized only packed, or in float8 with a scale "
-                "per tensor or output channel, and flashlens maps no weights the model cannot "
-                "run with; map the model's bf16 release instead"
+                f"tensor {name} is a routed expert stored in {stored} with {block[0]} x "
+                f"{block[1]} scale blocks{' and zero points' if zeros else ''}: transformers "
+                "loads compressed-tensors experts dequantized only packed without zero points, "
+                "or in float8 with a scale per tensor or output channel, and flashlens maps no "
+                "weights the model cannot run with; map the model's bf16 release instead"
             )
 
     def into(self, name: str, packed: bool, scale_dtype: torch.dtype) -> torch.dtype:
@@ -153,27 +163,29 @@ class BlockScales:
         block: tuple[int, int],
         row0: int = 0,
         into: torch.dtype = torch.float32,
+        z: Tensor | None = None,
     ) -> Tensor:
         """Weights from 8-bit values q (..., r, c) and the scales s of the whole tensor's
         blocks (leading dims matching q's) of `block` entries, for q's entries at rows row0 ..
-        row0 + r of each matrix: each product computed in fp32, then rounded `into` that
-        dtype (`into`: as BlockScales.into says)."""
+        row0 + r of each matrix: each (q - z) * s computed in fp32, then rounded `into` that
+        dtype (`into`: as BlockScales.into says). z: integer zero points, one per scale (as
+        s), or None (symmetric)."""
         out = torch.empty(q.shape, dtype=into)
-        s32 = _as_fp32(s)
+        s32, z32 = _as_fp32(s), None if z is None else z.float()
         bm, bn = block
         r, c = q.shape[-2:]
         if s.numel() == 1:
-            return out.copy_(q.float().mul_(s32.reshape(())))
+            W = q.float() if z32 is None else q.float().sub_(z32.reshape(()))
+            return out.copy_(W.mul_(s32.reshape(())))
         cols = torch.arange(c) // bn  # (c,) each column's block
         step = max(1, SLICE_ENTRIES // max(1, q[..., :1, :].numel()))  # (all leading dims)
         for lo in range(0, r, step):
             rows = torch.arange(row0 + lo, row0 + min(lo + step, r)) // bm  # (r',)
-            scale = s32.index_select(-2, rows).index_select(-1, cols)  # (..., r', c)
-            part = out[..., lo : lo + step, :]
-            if into == torch.float32:
-                part.copy_(q[..., lo : lo + step, :]).mul_(scale)
-            else:  # (an fp32 slice, rounded as it is copied)
-                part.copy_(q[..., lo : lo + step, :].float().mul_(scale))
+            W = q[..., lo : lo + step, :].float()  # (..., r', c): exact
+            if z32 is not None:
+                W.sub_(z32.index_select(-2, rows).index_select(-1, cols))  # (exact)
+            W.mul_(s32.index_select(-2, rows).index_select(-1, cols))
+            out[..., lo : lo + step, :].copy_(W)  # (rounded into `into`)
         return out
 
     def dequantize_index(
@@ -184,20 +196,25 @@ class BlockScales:
         index: Tensor,
         dim: int,
         into: torch.dtype = torch.float32,
+        z: Tensor | None = None,
     ) -> Tensor:
         """Weights (in `into`, as dequantize) from 8-bit values q (R', C) or (R, C'): the rows
         (dim 0) or columns (dim 1) `index` of a matrix whose scales, of `block` entries each,
-        are s."""
-        s32 = _as_fp32(s)
-        if s.numel() == 1:
-            return (q.float() * s32.reshape(())).to(into)
+        are s (and zero points z, or None)."""
         bm, bn = block
         R, C = q.shape
-        if dim == 0:
-            scale = s32.index_select(0, index // bm).index_select(1, torch.arange(C) // bn)
-        else:
-            scale = s32.index_select(0, torch.arange(R) // bm).index_select(1, index // bn)
-        return (q.float() * scale).to(into)
+        W = q.float()
+        for grid_of, t in ((W.sub_, z), (W.mul_, s)):
+            if t is None:
+                continue
+            t32 = _as_fp32(t)
+            if t.numel() == 1:
+                grid_of(t32.reshape(()))
+            elif dim == 0:
+                grid_of(t32.index_select(0, index // bm).index_select(1, torch.arange(C) // bn))
+            else:
+                grid_of(t32.index_select(0, torch.arange(R) // bm).index_select(1, index // bn))
+        return W.to(into)
 
 
 def unpack(words: Tensor, bits: int, cols: int) -> Tensor:
