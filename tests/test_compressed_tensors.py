@@ -182,6 +182,18 @@ def ct_group(
     }
 
 
+def check_map_exact(ct: Path, family: str, out: Path, described: str) -> None:
+    """`map` of `ct` in fp32 at `out`: the atlas names the quantisation `described`, and
+    every neuron of every matrix and layer equals softmax(lm_head(norm(w))) with w the weight
+    of transformers' own model loaded from the files (check_exact, 1e-5)."""
+    map_model(ct, out, dtype="float32", compile="off")
+    atlas = Atlas.open(out)
+    assert atlas.meta.quantization == described
+    for matrix in matrices_of(family):
+        for layer in (0, 1):
+            check_exact(atlas, ct, matrix, layer, "model")
+
+
 CHANNEL = "fp8 e4m3, one scale per output channel"
 CASES = [  # (family, kind, strategy, size, scale dtype, as atlas.json describes it)
     ("llama", "float", "channel", None, torch.bfloat16, CHANNEL),
@@ -219,12 +231,7 @@ def test_a_compressed_tensors_map_decodes_the_weights_transformers_dequantizes(
     quantised: near the original model's, and not equal to them."""
     model = make_model(tmp_path / "m", family, n_layers=2, d_model=32, d_mlp=48)
     ct = ct_copy(model, tmp_path / "ct", kind, strategy, size, scale_dtype)
-    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
-    atlas = Atlas.open(tmp_path / "a")
-    assert atlas.meta.quantization == described
-    for matrix in matrices_of(family):
-        for layer in (0, 1):
-            check_exact(atlas, ct, matrix, layer, "model")
+    check_map_exact(ct, family, tmp_path / "a", described)
     W = neuron_weights(load_reference_model(ct), "up", 1)
     W0 = neuron_weights(load_reference_model(model), "up", 1)
     assert not torch.equal(W, W0)
@@ -252,12 +259,7 @@ def test_asymmetric_int_weights_read_with_their_zero_points(
     ct = ct_copy(model, tmp_path / "ct", kind, strategy, size, symmetric=False)
     zps = [t for n, t in load_file(ct / "model.safetensors").items() if n.endswith("zero_point")]
     assert zps and any(bool(t.any()) for t in zps)
-    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
-    atlas = Atlas.open(tmp_path / "a")
-    assert atlas.meta.quantization == described
-    for matrix in matrices_of(family):
-        for layer in (0, 1):
-            check_exact(atlas, ct, matrix, layer, "model")
+    check_map_exact(ct, family, tmp_path / "a", described)
 
 
 def test_mixed_schemes_fp8_layers_and_int4_experts(tmp_path: Path) -> None:
@@ -267,12 +269,9 @@ def test_mixed_schemes_fp8_layers_and_int4_experts(tmp_path: Path) -> None:
     packing), every neuron exact against transformers' own loading, and the atlas names both."""
     model = make_model(tmp_path / "m", "qwen2_moe", n_layers=2, d_model=32, d_mlp=48)
     ct = ct_copy(model, tmp_path / "ct", experts=("int4", "group", 16))
-    map_model(ct, tmp_path / "a", dtype="float32", compile="off")
-    atlas = Atlas.open(tmp_path / "a")
-    assert atlas.meta.quantization == "int4, one scale per 16 columns of a row; " + CHANNEL
-    for matrix in matrices_of("qwen2_moe"):
-        for layer in (0, 1):
-            check_exact(atlas, ct, matrix, layer, "model")
+    check_map_exact(
+        ct, "qwen2_moe", tmp_path / "a", "int4, one scale per 16 columns of a row; " + CHANNEL
+    )
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
