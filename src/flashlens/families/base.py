@@ -142,7 +142,7 @@ class Family:
     # one, its text_config.
     when: tuple[tuple[str, Any], ...] = ()
     # Config keys this family cannot decode faithfully when set (truthy); of quantisations,
-    # 8-bit weights with scales and MXFP4 experts are read (weights.quant)
+    # weights with scales (FP8, compressed-tensors) and MXFP4 experts are read (weights.quant)
     refuse_keys: tuple[str, ...] = ("quantization_config",)
 
     def tensor(self, matrix: Matrix, layer: int, expert: int = 0) -> str:
@@ -258,7 +258,7 @@ class Family:
 
 def _setting(key: str, value: Any) -> str | None:
     """A refused config setting as the error names it; None for the kinds of quantisation
-    flashlens reads (8-bit weights with scales, MXFP4 experts: weights.quant checks the rest)."""
+    flashlens reads (weights with scales, MXFP4 experts: weights.quant checks the rest)."""
     from ..weights.quant import READ  # (here: flashlens.weights imports the families)
 
     if key != "quantization_config":

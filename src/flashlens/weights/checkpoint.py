@@ -5,8 +5,9 @@ the safetensors library and read through a memory map of their data: each tensor
 and its pages are then released from this process (madvise DONTNEED), so resident memory does
 not grow with the number of tensors read. `pytorch_model.bin` (single or sharded) is the
 fallback, loaded with `mmap=True`. The transformers model is never built here. In a quantised
-checkpoint (weights.quant) the quantised tensors are read dequantized: 8-bit weights with
-scales (FP8, compressed-tensors) in fp32, and an MXFP4 one's packed experts in bf16 (exact),
+checkpoint (weights.quant) the quantised tensors are read dequantized: weights with scales
+(FP8, compressed-tensors; scaled.py) in fp32 or, where each is a product rounded to its scales'
+dtype, in that dtype (exact), and packed ones (compressed-tensors' int4 words, MXFP4's experts)
 under their unpacked names.
 """
 
@@ -59,10 +60,10 @@ class Checkpoint:
     """Tensor name -> lazily loaded tensor, over every weight file of a model folder.
 
     quant: how the checkpoint is quantised (weights.quant.scheme of its config.json): weights
-    with scales (FP8, compressed-tensors) are then read dequantized, in fp32 (compressed-tensors'
-    packed X_packed and X_shape as one tensor X), and MXFP4's packed experts X_blocks and
-    X_scales as one tensor X, unpacked, in bf16 (which holds them exactly). None: every tensor
-    as stored."""
+    with scales (FP8, compressed-tensors) are then read dequantized, in the dtype
+    BlockScales.into says (compressed-tensors' packed X_packed and X_shape as one tensor X),
+    and MXFP4's packed experts X_blocks and X_scales as one tensor X, unpacked, in bf16 (which
+    holds them exactly). None: every tensor as stored."""
 
     def __init__(self, folder: Path, quant: BlockScales | Mxfp4Experts | None = None) -> None:
         self.folder = folder

@@ -70,7 +70,7 @@ def _fp8(qc: Mapping[str, Any]) -> BlockScales:
 
 
 def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
-    """llm-compressor's 8-bit formats: each config group's weights, as their scales tile them."""
+    """llm-compressor's formats: each config group's weights, as their scales tile them."""
     groups = qc.get("config_groups") or {}
     weights = [
         (g.get("format") or qc.get("format"), g["weights"])
