@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flashlens import Atlas, Neuron, map_model
+from flashlens.cli import main
 from flashlens.weights import ModelSource
 from flashlens.weights.checkpoint import Checkpoint
 from flashlens.weights.quant import scheme
@@ -458,3 +459,19 @@ def test_a_model_compares_with_its_w4a16_release(tmp_path: Path) -> None:
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     w4 = ct_copy(model, tmp_path / "w4", "int4", "group", 16)
     assert check_compare_exact(model, w4, tmp_path / "cmp") > 1e-4
+
+
+def test_the_map_command_says_how_the_weights_were_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flashlens map` of a W4A16 checkpoint says, in its summary and in --json, which
+    quantisation it read; of an unquantised one, nothing (null)."""
+    model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
+    w4 = ct_copy(model, tmp_path / "w4", "int4", "group", 16)
+    described = "int4, one scale per 16 columns of a row"
+    assert main(["map", str(w4), "-o", str(tmp_path / "a"), "--dtype", "float32"]) == 0
+    assert f"weights read dequantized from {described}" in capsys.readouterr().err
+    for folder, want in ((w4, described), (model, None)):
+        out = tmp_path / f"json-{folder.name}"
+        assert main(["map", str(folder), "-o", str(out), "--dtype", "float32", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["quantization"] == want

@@ -62,6 +62,9 @@ class MapSummary:
     # the CPU's int8 kernel when this run computed in int8 (decode.int8: "amx", "int_mm" or
     # "u7"; "u7" rounds the neuron vectors to 7 bits), else None
     int8_kernel: str | None = None
+    # how the checkpoint's weights were quantised, as atlas.json records it (None: they were
+    # not): "int4, one scale per 128 columns of a row"
+    quantization: str | None = None
 
     @property
     def neurons_per_second(self) -> float:
@@ -77,6 +80,7 @@ class MapSummary:
             "device": self.device,
             "compute_dtype": self.compute_dtype,
             "int8_kernel": self.int8_kernel,
+            "quantization": self.quantization,
             "block_size": self.block_size,
             "compiled": self.compiled,
             "audit": self.audit,
@@ -260,6 +264,7 @@ def _map(
     todo = sum(widths[layer] for _, layer in jobs)
     compiled = use_compile(compile_mode, device, todo * source.d_vocab)
     summary = MapSummary(out, 0, total - todo, 0.0, str(device), meta.compute_dtype, B, compiled)
+    summary.quantization = source.quantization
     if writer.already_complete:
         summary.neurons_skipped = total
         summary.seconds = time.perf_counter() - start

@@ -112,6 +112,8 @@ def map_command(
         f"[green]mapped {s.neurons_mapped:,} neurons[/]{resumed} in {s.seconds:.1f} s "
         f"({s.neurons_per_second:,.0f} neurons/s, {s.device}, {s.compute_dtype}{kernel}) -> {out}"
     )
+    if s.quantization:
+        err_console.print(f"weights read dequantized from {escape(s.quantization)}")
     if s.pilot is not None:
         _print_pilot(s.pilot)
     if s.audit is not None:
