@@ -309,12 +309,13 @@ def test_the_reader_rounds_products_to_the_scales_dtype(
     assert torch.equal(want.float(), exact) == (scale_dtype == torch.float32)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int) -> None:
+@pytest.mark.parametrize(("bits", "zeros"), [(4, False), (8, False), (4, True), (8, True)])
+def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int, zeros: bool) -> None:
     """A pack-quantized weight (int4 or int8 values in int32 words, packed by compressed-
     tensors' own pack_to_int32, 37 columns so the last word is padded) reads as the library's
-    own unpack_from_int32 times its group scales: whole, a range of rows, gathered rows (from
-    their words alone) and columns; its shape is the stored X_shape."""
+    own unpack_from_int32, less its zero points (packed along the rows, where it has them),
+    times its group scales: whole, a range of rows, gathered rows (from their words alone) and
+    columns; its shape is the stored X_shape."""
     from compressed_tensors.compressors.pack_quantized.helpers import (
         pack_to_int32,
         unpack_from_int32,
@@ -325,12 +326,18 @@ def test_the_reader_unpacks_words_rows_and_columns(tmp_path: Path, bits: int) ->
     lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
     q = torch.randint(lo, hi, (24, 37), generator=gen, dtype=torch.int8)
     s = (torch.rand(24, 5, generator=gen) * 1e-2 + 1e-3).bfloat16()  # groups of 8 columns
+    zp = torch.randint(lo, hi, (24, 5), generator=gen, dtype=torch.int8) if zeros else None
     words = pack_to_int32(q, bits)
     assert torch.equal(unpack_from_int32(words, bits, q.shape), q)
     tensors = {"w_packed": words, "w_shape": torch.tensor([24, 37]), "w_scale": s}
+    if zp is not None:
+        tensors["w_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    want = q.to(s.dtype) * s.repeat_interleave(8, dim=1)[:, :37]  # (bf16, held so)
+    grid = lambda t: t.repeat_interleave(8, dim=1)[:, :37]  # noqa: E731
+    centred = q.to(s.dtype) if zp is None else q.to(s.dtype) - grid(zp).to(s.dtype)
+    want = centred * grid(s)  # (bf16, held so)
     weights = {"num_bits": bits, "type": "int", "strategy": "group", "group_size": 8}
+    weights["symmetric"] = not zeros
     qc = {
         "quant_method": "compressed-tensors",
         "format": "pack-quantized",

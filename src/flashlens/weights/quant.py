@@ -124,7 +124,6 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
         suffix="_scale",
         in_scale_dtype=True,
         kinds=tuple(kind for kind, _ in schemes),
-        method="compressed-tensors",
         packed_bits=tuple(sorted(bits)),
     )
 

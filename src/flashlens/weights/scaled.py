@@ -65,7 +65,6 @@ class BlockScales:
     suffix: str = "_scale_inv"  # a weight's scales are stored under its name + suffix
     in_scale_dtype: bool = False  # the product is rounded to the scale's dtype
     kinds: tuple[str, ...] = ("fp8 e4m3",)  # each block's values, as describe() names them
-    method: str = "fp8"  # config.json's quant_method
     # compressed-tensors' pack-quantized groups: their bits per value (4 or 8), packed in int32
     # words as X + PACKED, with X + SHAPE the weight's shape
     packed_bits: tuple[int, ...] = ()
@@ -204,16 +203,16 @@ class BlockScales:
         bm, bn = block
         R, C = q.shape
         W = q.float()
-        for grid_of, t in ((W.sub_, z), (W.mul_, s)):
-            if t is None:
+        # (zero points are integers, converted as they are; scales as _as_fp32 reads them)
+        for apply, t32 in ((W.sub_, None if z is None else z.float()), (W.mul_, _as_fp32(s))):
+            if t32 is None:
                 continue
-            t32 = _as_fp32(t)
-            if t.numel() == 1:
-                grid_of(t32.reshape(()))
+            if t32.numel() == 1:
+                apply(t32.reshape(()))
             elif dim == 0:
-                grid_of(t32.index_select(0, index // bm).index_select(1, torch.arange(C) // bn))
+                apply(t32.index_select(0, index // bm).index_select(1, torch.arange(C) // bn))
             else:
-                grid_of(t32.index_select(0, torch.arange(R) // bm).index_select(1, index // bn))
+                apply(t32.index_select(0, torch.arange(R) // bm).index_select(1, index // bn))
         return W.to(into)
 
 
