@@ -1,9 +1,11 @@
 """compressed-tensors checkpoints (quantization_config quant_method "compressed-tensors",
-llm-compressor's 8-bit formats: float8 e4m3 or int8 weights with one scale per tensor, output
-channel, group or block, as Red Hat AI's FP8 and W8A8 releases ship): `map` decodes the
+llm-compressor's formats: float8 e4m3 or int8 weights, or int4/int8 values packed in int32
+words, with one scale per tensor, output channel, group or block and, for asymmetric int
+weights, zero points, as Red Hat AI's FP8, W8A8 and W4A16 releases ship): `map` decodes the
 dequantized weights the model runs with, checked against transformers' own loading of the same
 files (which calls the compressed-tensors library); `clamp` runs that model; what is not read is
-refused in one line."""
+refused in one line. The test checkpoints are written with the library's own quantize and
+pack functions."""
 
 from __future__ import annotations
 
