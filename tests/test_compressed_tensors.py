@@ -384,6 +384,7 @@ def test_a_compressed_tensors_model_runs_the_weights_map_decoded_and_clamps_exac
         ("other words", "up_proj.weight_packed [48, 3] does not hold a weight of shape [48, 32]"),
         ("g_idx", "up_proj.weight_g_idx: groups in activation order (a g_idx) are not read"),
         ("zero points", "does not give one integer zero point per scale of model.layers.1"),
+        ("damaged", "quantization_config (compressed-tensors) quantises no weights"),
     ],
 )
 def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
@@ -392,7 +393,7 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
     """FP4 weights, groups in activation order, zero points of float weights, a strategy not
     read, sparse formats, a missing or mis-shaped scale tensor, a packed weight without its
     shape or whose words do not hold it, a g_idx tensor, zero points that do not match the
-    scales: exit 2, one line saying what is wrong and what to
+    scales, a damaged config_groups: exit 2, one line saying what is wrong and what to
     do, no traceback, and no atlas left behind."""
     model = make_model(tmp_path / "m", "llama", n_layers=2, d_model=32, d_mlp=48)
     packed = case in ("no shape", "other words", "g_idx")
@@ -426,6 +427,8 @@ def test_compressed_tensors_checkpoints_not_read_are_refused_in_one_line(
             w["symmetric"] = False
         elif case == "tensor_group":
             w["strategy"] = "tensor_group"
+        elif case == "damaged":
+            qc["config_groups"] = "group_0"
         else:
             qc["sparsity_config"] = {"format": "sparse-24-bitmask"}
         (ct / "config.json").write_text(json.dumps(config))

@@ -71,11 +71,12 @@ def _fp8(qc: Mapping[str, Any]) -> BlockScales:
 
 def _compressed_tensors(qc: Mapping[str, Any]) -> BlockScales:
     """llm-compressor's formats: each config group's weights, as their scales tile them."""
-    groups = qc.get("config_groups") or {}
+    groups = qc.get("config_groups")
+    groups = groups if isinstance(groups, Mapping) else {}  # (damaged: quantises nothing)
     weights = [
         (g.get("format") or qc.get("format"), g["weights"])
         for g in groups.values()
-        if isinstance(g, Mapping) and g.get("weights")
+        if isinstance(g, Mapping) and isinstance(g.get("weights"), Mapping)
     ]
     if not weights:
         raise UnsupportedModelError(
