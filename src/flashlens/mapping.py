@@ -44,6 +44,11 @@ from .weights import ModelSource
 # How often a map saves its resume state: a save costs ~0.3 s of a core at Llama-3.1-8B shapes
 # (the reverse table, fsynced), against ~14 s per layer on a 2-core CPU and milliseconds on a GPU
 COMMIT_SECONDS = 30.0
+# The next layer is read while one maps, so two layers' matrices are held at once, unless a
+# matrix is larger than this share of the machine's memory: then one at a time, losing the
+# read's overlap (a few per cent) so that the largest mixtures fit (DeepSeek-V3's up matrix:
+# 526,336 neurons x 7,168, 7.5 GB in bf16 and 15 GB read from its FP8 release in fp32).
+READ_AHEAD_SHARE = 0.25
 
 
 @dataclass
@@ -359,9 +364,14 @@ def _map(
         writing: Future[None] | None = None
         last_commit = time.perf_counter()
         with progress_bar(progress, total, "mapping", done=total - todo, unit="neurons") as advance:
-            layers_read = _prefetched(pool, load, jobs, first_layer)
+            ahead = read_ahead(source, jobs, device)
+            layers_read = _prefetched(pool, load, jobs, first_layer, ahead)
             del first_layer  # (its future holds the first layer: the generator alone keeps it)
-            for i, ((matrix, layer), W) in enumerate(layers_read):
+            # (a counter of its own: enumerate's and zip's reused result tuples would keep the
+            # last layer alive while the next one is read)
+            i = -1
+            for (matrix, layer), W in layers_read:
+                i += 1
                 base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
                 width = widths[layer]
                 results: list[BlockResult] = []
@@ -382,6 +392,7 @@ def _map(
                 job = (matrix, layer, results, state, time.perf_counter() - start)
                 writing = write_pool.submit(_write_layer, writer, *job)
                 del job, state, results  # the writer holds them until written, no longer
+                del W  # (read one at a time: this layer goes before the next is read)
                 summary.neurons_mapped += width
         if writing is not None:
             writing.result()
@@ -395,10 +406,11 @@ def _map(
                 decoder.compile_pairs()
             what = "computing the reverse index's entries exactly in fp32"
             with status(progress, what):
-                for (matrix, layer), W in _prefetched(pool, load, every):
+                for (matrix, layer), W in _prefetched(pool, load, every, None, ahead):
                     base = neuron_ref(matrix, layer, source.n_layers, source.d_mlp)
                     rescore = functools.partial(decoder.exact_pairs, W)
                     reverse.rescore(base, widths[layer], rescore)
+                    del rescore, W
         # The tokens table (Python-heavy, ~0.2 GiB while built) is made during the audit, not
         # while the map runs: it would add to the peak memory.
         tokens_job = None
@@ -535,21 +547,40 @@ def _degenerate_neurons(atlas: Atlas) -> list[str]:
     ]
 
 
+def read_ahead(source: ModelSource, jobs: list[tuple[Matrix, int]], device: torch.device) -> bool:
+    """Whether the next layer is read while one maps (two layers' matrices held at once): on
+    the CPU, unless the largest matrix of the jobs, as read, exceeds READ_AHEAD_SHARE of the
+    machine's physical memory (where the OS says how much there is)."""
+    if device.type != "cpu" or not jobs:
+        return True
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # (no sysconf, or no such value)
+        return True
+    width = max(source.width(layer) for _, layer in jobs)
+    return width * source.d_model * source.dtype.itemsize <= READ_AHEAD_SHARE * memory
+
+
 def _prefetched(
     pool: ThreadPoolExecutor,
     load: Callable[[tuple[Matrix, int]], torch.Tensor],
     jobs: list[tuple[Matrix, int]],
     first: Future[torch.Tensor] | None = None,
+    ahead: bool = True,
 ) -> Iterator[tuple[tuple[Matrix, int], torch.Tensor]]:
     """Each job with its layer (d_mlp, d_model), in order, each read on `pool` while the
-    previous one is used. `first`: the first job's read, if already submitted."""
+    previous one is used (ahead), or once the previous one is done with (not ahead: the
+    consumer drops its reference before asking for the next, so one layer is held at a
+    time). `first`: the first job's read, if already submitted."""
     pending = first if first is not None or not jobs else pool.submit(load, jobs[0])
     del first  # a layer's weights are freed once it is mapped and the next one is asked for
     for i, job in enumerate(jobs):
-        assert pending is not None
+        if pending is None:  # (not read ahead)
+            pending = pool.submit(load, job)
         W = pending.result()
-        pending = pool.submit(load, jobs[i + 1]) if i + 1 < len(jobs) else None
+        pending = pool.submit(load, jobs[i + 1]) if ahead and i + 1 < len(jobs) else None
         yield job, W
+        del W
 
 
 def _pilot_rows(
