@@ -188,8 +188,8 @@ class AtlasMeta:
     # CPU's kernel. None: not int8 on a CPU, or an atlas from before it was recorded.
     int8_kernel: str | None = None
     # How the checkpoint's weights were quantised, e.g. "fp8 e4m3, 128 x 128 blocks": the map
-    # decoded them dequantized, in weight_dtype (fp32 for FP8, bf16 for MXFP4). None: stored
-    # unquantised.
+    # decoded them dequantized, in weight_dtype (fp32 for FP8, the scales' dtype or fp32 for
+    # compressed-tensors, bf16 for MXFP4). None: stored unquantised.
     quantization: str | None = None
 
     def width(self, layer: int) -> int:

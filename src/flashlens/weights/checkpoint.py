@@ -194,11 +194,10 @@ class Checkpoint:
         data read); for a weight read dequantized, fp32 or, where each weight is a product
         rounded to its scales' dtype (compressed-tensors), that dtype (BlockScales.into); bf16
         for MXFP4's packed experts."""
-        if name in self._packed and isinstance(self.quant, Mxfp4Experts):
-            return torch.bfloat16
-        if name in self._packed or self.quantized(name):
-            return self._into(name)
-        return self._stored_dtype(name)
+        if name in self._packed:
+            return torch.bfloat16 if isinstance(self.quant, Mxfp4Experts) else self._into(name)
+        stored = self._stored_dtype(name)
+        return self._into(name) if self.quantized(name, stored) else stored
 
     def _into(self, name: str) -> torch.dtype:
         """The dtype quantized weight `name` is dequantized into (BlockScales.into)."""
@@ -316,19 +315,18 @@ class Checkpoint:
         """Slices `index` of tensor `name` along `dim` (0 or 1 of a matrix), copied out of the
         memory map without reading the rest of the tensor (other formats, and MXFP4's packed
         experts: from the whole)."""
-        if name in self._bits and self._fp8 is not None and dim == 0:  # (their words alone)
+        if name in self._bits and dim == 0:  # (rows: their words alone)
             q = unpack(self._gather(name + PACKED, index, 0), self._bits[name], self.shape(name)[1])
-            block, into = self._blocks[name], self._into(name)
-            s, z = self._scales(name)
-            return self._fp8.dequantize_index(q, s, block, index, 0, into, z)
-        if name in self._packed:
+        elif name in self._packed:
             return self.get(name).index_select(dim, index)
-        out = self._gather(name, index, dim)
-        if self._fp8 is not None and self.quantized(name, out.dtype):
-            s, z = self._scales(name)
-            block, into = self._blocks[name], self._into(name)
-            return self._fp8.dequantize_index(out, s, block, index, dim, into, z)
-        return out
+        else:
+            q = self._gather(name, index, dim)
+            if self._fp8 is None or not self.quantized(name, q.dtype):
+                return q
+        assert self._fp8 is not None  # (packed words: a scheme with scales read them)
+        s, z = self._scales(name)
+        into = self._into(name)
+        return self._fp8.dequantize_index(q, s, self._blocks[name], index, dim, into, z)
 
     def _gather(self, name: str, index: torch.Tensor, dim: int) -> torch.Tensor:
         """`gather` of stored tensor `name`, as stored."""

@@ -225,7 +225,8 @@ class ModelSource:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the MLP weights are read in: the stored one; for quantised weights, read
-        dequantized, fp32 (FP8) or bf16 (MXFP4, which it holds exactly)."""
+        dequantized, fp32 (FP8, as transformers computes it), the scales' dtype or fp32
+        (compressed-tensors: BlockScales.into) or bf16 (MXFP4, which holds it exactly)."""
         return self.checkpoint.dtype(self.name(self._tensor("up", self.n_layers - 1)))
 
     @property
